@@ -1,0 +1,47 @@
+# relaygen-sgl: everything a newcomer runs. `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+RELAYGEN := $(VENV)/bin/relaygen
+STAMP := $(VENV)/.setup-done
+SGLANG_VERSION := 0.5.23
+DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep are left? Explain step by step.
+DEMO_MAX_TOKENS ?= 256
+
+.PHONY: setup models demo test test-unit test-integration lint clean
+
+setup: $(STAMP)
+
+# sglang goes in with --no-deps: its metadata pulls CUDA-only wheels that cannot start
+# on a CPU machine; requirements/cpu-server.txt holds the rest of its runtime.
+$(STAMP): requirements/cpu-server.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -r requirements/cpu-server.txt
+	$(PY) -m pip install --quiet --no-deps sglang==$(SGLANG_VERSION)
+	$(PY) -m pip install --quiet -e '.[dev,convert]'
+	touch $(STAMP)
+
+models: setup
+	$(RELAYGEN) models fetch --preset cpu-tiny
+
+demo: models
+	$(RELAYGEN) up --preset cpu-tiny
+	$(RELAYGEN) run "$(DEMO_QUESTION)" --preset cpu-tiny --max-tokens $(DEMO_MAX_TOKENS) --seed 0; \
+	  rc=$$?; $(RELAYGEN) down; exit $$rc
+
+test: models
+	$(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not integration"
+
+test-integration: models
+	$(PY) -m pytest -q -m integration
+
+lint: setup
+	$(VENV)/bin/ruff check relaygen_sgl programs tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Start ONE real SGLang server for ROLE (large|small) of PRESET, in the foreground.
+# Usable by hand on a GPU box:  launch/serve.sh large qwen3-32b-1.7b
+# The command line comes from launch/presets.toml (the same code path as `relaygen up`).
+set -euo pipefail
+if [ $# -ne 2 ]; then
+  echo "usage: launch/serve.sh ROLE PRESET   (ROLE: large|small)" >&2
+  exit 2
+fi
+here=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-}
+if [ -z "$py" ]; then
+  if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
+fi
+# Prints "export K=V" lines and then the argv, one item per line, NUL-free.
+plan=$("$py" -m relaygen_sgl.serve_cmd "$1" "$2") || exit $?
+mapfile -t lines <<<"$plan"
+argv=()
+for line in "${lines[@]}"; do
+  case "$line" in
+    "export "*) export "${line#export }" ;;
+    *) argv+=("$line") ;;
+  esac
+done
+echo "+ ${argv[*]}" >&2
+exec "${argv[@]}"

@@ -1,0 +1,99 @@
+"""The routing runtime: an SGLang frontend backend that sends each gen to one of two servers.
+
+The program picks the role (`s["route"] = {"role": ...}`) before each `sgl.gen`; this
+backend keeps each program's trajectory as token ids, tokenizes only the text the
+program itself adds, and hands the receiving server exactly the ids the models wrote,
+so its radix cache already holds the whole shared prefix.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from sglang.lang.backend.base_backend import BaseBackend
+from sglang.lang.chat_template import ChatTemplate, ChatTemplateStyle
+from sglang.lang.interpreter import StreamExecutor
+from sglang.lang.ir import SglSamplingParams
+
+from .engine import EngineClient
+from .errors import ConfigError, RelayGenError
+from .tokenizer import Tokenizer
+from .turn import TurnSpec, run_turn
+
+# The program writes the model's chat template itself; the interpreter must add nothing
+# (its own templates would also append their stop strings to every gen).
+_RAW = ChatTemplate(name="raw", default_system_prompt=None,
+                    role_prefix_and_suffix={"system": ("", ""), "user": ("", ""), "assistant": ("", "")},
+                    stop_str=(), style=ChatTemplateStyle.PLAIN)
+
+
+@dataclass
+class _Ledger:
+    ids: list[int] = field(default_factory=list)
+    consumed: int = 0  # characters of s.text_ already in `ids`
+
+
+class RelayBackend(BaseBackend):
+    def __init__(self, engines: dict[str, EngineClient], tokenizer: Tokenizer) -> None:
+        super().__init__()
+        self.engines = engines
+        self.tokenizer = tokenizer
+        self.chat_template = _RAW
+        self._ledgers: dict[str, _Ledger] = {}
+        self._lock = threading.Lock()
+
+    def get_chat_template(self) -> ChatTemplate:
+        return _RAW
+
+    def get_model_name(self) -> str:
+        return "relaygen"
+
+    def begin_program(self, s: StreamExecutor) -> None:
+        with self._lock:
+            self._ledgers[s.sid] = _Ledger()
+
+    def end_program(self, s: StreamExecutor | list[StreamExecutor]) -> None:
+        with self._lock:
+            for one in s if isinstance(s, list) else [s]:
+                self._ledgers.pop(one.sid, None)
+
+    def _ledger(self, s: StreamExecutor) -> _Ledger:
+        with self._lock:
+            return self._ledgers.setdefault(s.sid, _Ledger())
+
+    def generate(self, s: StreamExecutor, sampling_params: SglSamplingParams, spec_var_name: str | None = None):
+        """Run one turn. Errors come back inside meta_info: raised here they would only be
+        printed by the interpreter's worker thread, and the program could not attach the
+        partial trajectory to them."""
+        try:
+            return self._generate(s, sampling_params)
+        except RelayGenError as e:
+            return "", {"error": e}
+
+    def _generate(self, s: StreamExecutor, sp: SglSamplingParams) -> tuple[str, dict[str, Any]]:
+        route = s.variables.get("route") or {}
+        role = route.get("role")
+        if role not in self.engines:
+            raise ConfigError(f"the program routed a gen to unknown role {role!r}")
+        ledger = self._ledger(s)
+        text = s.text_
+        added = text[ledger.consumed:]
+        inserted = self.tokenizer.encode(added) if added else []
+        ledger.ids.extend(inserted)
+        ledger.consumed = len(text)
+
+        sampling: dict[str, Any] = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k}
+        if route.get("seed") is not None:
+            sampling["sampling_seed"] = int(route["seed"])
+        stop = tuple([sp.stop] if isinstance(sp.stop, str) else (sp.stop or ()))
+        regex = tuple([sp.stop_regex] if isinstance(sp.stop_regex, str) else (sp.stop_regex or ()))
+        spec = TurnSpec(role=role, max_tokens=int(sp.max_new_tokens), stop=stop, cue_patterns=regex,
+                        min_tokens=int(sp.min_new_tokens or 0), sampling=sampling)
+        prefix_len = len(ledger.ids)
+        turn = run_turn(self.engines[role], self.tokenizer, ledger.ids, text, spec,
+                        sink=s.arguments.get("on_delta"))
+        ledger.ids.extend(turn.ids)
+        ledger.consumed = len(text) + len(turn.text)
+        return turn.text, {"turn": turn, "inserted_ids": inserted, "prefix_len": prefix_len}

@@ -1,0 +1,91 @@
+"""Switch cues as words.
+
+SGLang's stop strings match substrings ("now" inside "know"), so cues go to the server
+as stop_regex patterns instead: `\\b(now)\\W` needs a word boundary before the cue and,
+for a cue ending in a letter, one non-word character after it ("Other" never fires in
+"Otherwise"). The pattern's group 1 is the cue; the character after it is the only text
+the large model writes past the cue, and that token is cut from the segment.
+
+The patterns use no look-around on purpose: SGLang sizes its stop window from the
+pattern, and treats look-around as unbounded (it would decode the whole output on every
+step). `\\b` at the start of that window cannot see the text before it, so every server
+match is verified here against the trajectory text before it is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+MAX_STOP_STRINGS = 32  # SGLang's MAX_STOP_COUNT
+MAX_STOP_REGEXES = 32  # SGLang's MAX_STOP_REGEX_COUNT
+MAX_REGEX_BYTES = 256  # SGLang's MAX_STOP_REGEX_LEN
+CONTEXT_CHARS = 64  # trajectory text kept before a segment to check the left boundary
+
+
+def _is_word(ch: str) -> bool:
+    return bool(re.match(r"\w", ch))
+
+
+def cue_pattern(cue: str) -> str:
+    """The stop_regex for one cue. 'So ' keeps its space as the required follower."""
+    if not cue or not cue.strip() or cue != cue.lstrip():
+        raise ConfigError(f"invalid cue {cue!r}: must be non-empty and not start with whitespace")
+    core = cue.rstrip()
+    tail = cue[len(core):]
+    head = r"\b" if _is_word(core[0]) else ""
+    if tail:
+        follow = re.escape(tail)
+    elif _is_word(core[-1]):
+        follow = r"\W"
+    else:
+        follow = ""
+    pattern = f"{head}({re.escape(core)}){follow}"
+    if len(pattern.encode()) > MAX_REGEX_BYTES:
+        raise ConfigError(f"cue {cue!r} is too long for an SGLang stop_regex ({MAX_REGEX_BYTES} bytes)")
+    return pattern
+
+
+@dataclass(frozen=True)
+class CueMatch:
+    cue: str
+    start: int  # character offsets in the searched text
+    end: int  # end of the cue itself (the cut point), before any follower
+
+
+def find_cue(text: str, patterns: Iterable[str], *, after: int = 0) -> CueMatch | None:
+    """Earliest cue (by the position where the match completes) whose cue ends past `after`.
+
+    `text` must include the trajectory text before the new output, so `\\b` sees it.
+    """
+    best: tuple[tuple[int, int], CueMatch] | None = None
+    for pattern in patterns:
+        for m in re.finditer(pattern, text):
+            cut = m.end(1) if m.re.groups else m.end()
+            if cut <= after:
+                continue
+            # Earliest completion first (that is where the server stopped); on a tie the longer
+            # cue wins, so "Thus," keeps its comma in the large model's segment.
+            key = (m.end(), -cut)
+            if best is None or key < best[0]:
+                best = (key, CueMatch(m.group(1) if m.re.groups else m.group(), m.start(), cut))
+            break
+    return best[1] if best else None
+
+
+def cue_patterns(cues: Sequence[str]) -> tuple[str, ...]:
+    if len(cues) > MAX_STOP_REGEXES:
+        raise ConfigError(f"{len(cues)} cues, but SGLang takes at most {MAX_STOP_REGEXES} stop_regex patterns")
+    return tuple(cue_pattern(c) for c in cues)
+
+
+def word_occurrences(text: str, cue: str) -> list[tuple[int, int]]:
+    """(start, cut) of every word occurrence of `cue` in a finished text (end of text counts
+    as a boundary here, unlike during generation)."""
+    pattern = cue_pattern(cue)
+    if pattern.endswith(r"\W"):
+        pattern = pattern[: -len(r"\W")] + r"(?:\W|$)"
+    return [(m.start(), m.end(1)) for m in re.finditer(pattern, text)]

@@ -1,0 +1,84 @@
+"""One SGLang server process: its command line, its environment, and health probing."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from .errors import LaunchError
+from .presets import Preset
+from .resources import cpu_shim_dir
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    argv: tuple[str, ...]
+    env: dict[str, str]  # additions to the parent's environment
+
+
+def server_command(preset: Preset, role: str, settings: Settings, host: str = "127.0.0.1",
+                   python: str = sys.executable) -> ServerCommand:
+    spec = preset.roles[role]
+    argv = (python, "-m", "sglang.launch_server", "--model-path", spec.model_path(settings),
+            "--host", host, "--port", str(spec.port), *spec.args)
+    env = dict(spec.env)
+    if preset.device == "cpu":
+        # The stand-in for sgl-kernel's missing CPU ops: on CPU server processes only.
+        shim = str(cpu_shim_dir())
+        env["PYTHONPATH"] = shim + os.pathsep + os.environ.get("PYTHONPATH", "") if os.environ.get("PYTHONPATH") else shim
+    return ServerCommand(argv=argv, env=env)
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def start_server(cmd: ServerCommand, log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("ab")
+    try:
+        # A session of its own, so `down` can stop the server with all its children.
+        return subprocess.Popen(cmd.argv, env={**os.environ, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        log.close()
+
+
+def answers_generation(url: str, timeout_s: float = 30.0) -> bool:
+    """True once the server completes a real one-token generation."""
+    try:
+        r = httpx.post(f"{url}/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}},
+                       timeout=timeout_s)
+        return r.status_code == 200 and "meta_info" in r.json()
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, role: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LaunchError(f"the {role} server exited with code {proc.returncode} during start-up; "
+                              f"last lines of {log_path}:\n{tail(log_path)}")
+        if answers_generation(url, timeout_s=10):
+            return
+        time.sleep(2)
+    raise LaunchError(f"the {role} server at {url} did not answer a generation within {timeout_s:.0f}s; "
+                      f"last lines of {log_path}:\n{tail(log_path)}")

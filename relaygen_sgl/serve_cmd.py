@@ -1,0 +1,31 @@
+"""Print the environment and argv that start one server of a preset (for launch/serve.sh)."""
+
+from __future__ import annotations
+
+import sys
+
+from .errors import RelayGenError
+from .launcher import server_command
+from .presets import load_preset
+from .result import ROLES
+from .settings import load_settings
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ROLES:
+        sys.stderr.write("usage: launch/serve.sh ROLE PRESET   (ROLE: large|small)\n")
+        return 2
+    try:
+        cmd = server_command(load_preset(argv[1]), argv[0], load_settings())
+    except RelayGenError as e:
+        sys.stderr.write(f"relaygen: {e}\n")
+        return 2
+    for key, value in cmd.env.items():
+        print(f"export {key}={value}")
+    for item in cmd.argv:
+        print(item)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,140 @@
+"""`relaygen up/status/down`: the two servers of a preset, started in the background and
+recorded in a state file so that `down` stops exactly what `up` started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LaunchError, StackError
+from .launcher import answers_generation, port_in_use, server_command, start_server, wait_healthy
+from .presets import Preset, check_models
+from .result import ROLES
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    role: str
+    url: str
+    pid: int
+    log: str
+    port: int
+
+
+def read_state(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return json.loads(settings.state_file.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise StackError(f"the state file {settings.state_file} is corrupt: {e}") from e
+
+
+def _write_state(settings: Settings, state: dict[str, Any]) -> None:
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = settings.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(settings.state_file)
+
+
+def _is_our_server(pid: int, port: int) -> bool:
+    """The pid is alive and still the SGLang server we started on that port."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"sglang.launch_server" in cmdline and str(port).encode() in cmdline
+
+
+def _stop(pid: int, timeout_s: float = 30.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        try:  # reap it if it is our child (up failed part way)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def live_servers(settings: Settings) -> list[ServerRecord]:
+    state = read_state(settings)
+    if not state:
+        return []
+    return [ServerRecord(**rec) for rec in state["servers"] if _is_our_server(rec["pid"], rec["port"])]
+
+
+def up(preset: Preset, settings: Settings, host: str = "127.0.0.1", timeout_s: float | None = None) -> dict[str, Any]:
+    if live_servers(settings):
+        state = read_state(settings) or {}
+        raise StackError(f"servers of preset {state.get('preset')!r} are already up; run `relaygen down` first")
+    check_models(preset, settings)
+    for role in ROLES:
+        port = preset.roles[role].port
+        if port_in_use(port):
+            raise LaunchError(f"port {port} for the {role} server is already in use")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    started: list[tuple[ServerRecord, Any]] = []
+    try:
+        for role in ROLES:
+            cmd = server_command(preset, role, settings, host=host)
+            log = settings.run_dir / "logs" / f"{preset.name}-{role}-{stamp}.log"
+            proc = start_server(cmd, log)
+            rec = ServerRecord(role=role, url=preset.url(role, host), pid=proc.pid, log=str(log),
+                               port=preset.roles[role].port)
+            started.append((rec, proc))
+            # Recorded at once, so `down` can clean up even if this process dies mid-start.
+            _write_state(settings, {"preset": preset.name, "started": stamp,
+                                    "servers": [r.__dict__ for r, _ in started]})
+        for rec, proc in started:
+            wait_healthy(rec.url, proc, Path(rec.log), timeout_s or preset.startup_timeout_s, rec.role)
+    except BaseException:
+        for rec, _ in started:
+            _stop(rec.pid)
+        settings.state_file.unlink(missing_ok=True)
+        raise
+    return status(settings)
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    state = read_state(settings)
+    if not state:
+        raise StackError("nothing is up (no servers recorded); start them with `relaygen up --preset P`")
+    out: dict[str, Any] = {}
+    for rec in state["servers"]:
+        alive = _is_our_server(rec["pid"], rec["port"])
+        out[rec["role"]] = {"url": rec["url"], "pid": rec["pid"],
+                            "healthy": alive and answers_generation(rec["url"], timeout_s=10), "log": rec["log"]}
+    out["preset"] = state["preset"]
+    return out
+
+
+def down(settings: Settings) -> list[int]:
+    state = read_state(settings)
+    if not state:
+        raise StackError("nothing is up: no servers recorded by `relaygen up`")
+    stopped = []
+    for rec in state["servers"]:
+        if _is_our_server(rec["pid"], rec["port"]):
+            _stop(rec["pid"])
+            stopped.append(rec["pid"])
+    settings.state_file.unlink(missing_ok=True)
+    return stopped

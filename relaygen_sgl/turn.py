@@ -1,0 +1,134 @@
+"""One turn of one role: generate until a stop, a verified cue, EOS or the budget.
+
+A turn is usually one /generate call. It takes more only when the server's cue match
+is not a word match once the text before it is seen, or when a cue fires before the
+turn's `min_tokens`: then the same role simply continues from every token it wrote,
+so nothing is lost and its radix cache holds the whole prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cues import CONTEXT_CHARS, find_cue
+from .engine import EngineClient, Finish, Generation
+from .tokenizer import Tokenizer
+
+DeltaSink = Callable[[str, str], None]  # (role, text delta)
+
+
+@dataclass(frozen=True)
+class TurnSpec:
+    role: str
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    cue_patterns: tuple[str, ...] = ()
+    min_tokens: int = 0  # a cue may not end the turn before this many tokens
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TurnResult:
+    role: str
+    ids: list[int]
+    text: str
+    finish: Finish  # kind "cue" when a verified cue ended the turn
+    prompt_tokens: int  # of the turn's first request: the handoff
+    cached_tokens: int
+    latency_s: float  # client-side, all requests of the turn
+    server_latency_s: float
+    ttft_s: float
+    requests: int
+    discarded_tokens: int  # the follower token after a cue, generated and cut
+
+
+class _Streamer:
+    """Turns output_ids as they arrive into text deltas, holding back the last token while
+    a cue may still cut it. Decodes a short window, not the whole prefix, per token."""
+
+    WINDOW = 8
+
+    def __init__(self, tok: Tokenizer, role: str, sink: DeltaSink | None, holdback: int) -> None:
+        self.tok, self.role, self.sink, self.holdback = tok, role, sink, holdback
+        self.sent = 0  # tokens whose text was sent
+
+    def update(self, ids: Sequence[int], final: bool = False) -> None:
+        if self.sink is None:
+            return
+        upto = len(ids) if final else max(0, len(ids) - self.holdback)
+        if upto <= self.sent:
+            return
+        w = max(0, self.sent - self.WINDOW)
+        prev = self.tok.decode(ids[w:self.sent])
+        cur = self.tok.decode(ids[w:upto])
+        if not final and cur.endswith("\ufffd"):  # half a multi-byte character: wait
+            return
+        if cur.startswith(prev) and len(cur) > len(prev):
+            self.sink(self.role, cur[len(prev):])
+        self.sent = upto
+
+
+def run_turn(
+    engine: EngineClient,
+    tok: Tokenizer,
+    prefix_ids: Sequence[int],
+    context_text: str,
+    spec: TurnSpec,
+    sink: DeltaSink | None = None,
+) -> TurnResult:
+    kept: list[int] = []
+    first: Generation | None = None
+    latency = server_latency = 0.0
+    requests = 0
+    discarded = 0
+    # Always streamed: it costs little and gives an honest time to first token.
+    streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0)
+    ctx = context_text[-CONTEXT_CHARS:]
+    while True:
+        remaining = spec.max_tokens - len(kept)
+        sampling: dict[str, Any] = {**spec.sampling, "max_new_tokens": remaining, "no_stop_trim": True}
+        if spec.stop:
+            sampling["stop"] = list(spec.stop)
+        if spec.cue_patterns:
+            sampling["stop_regex"] = list(spec.cue_patterns)
+        if len(kept) < spec.min_tokens:
+            sampling["min_new_tokens"] = min(spec.min_tokens - len(kept), remaining)
+        base = list(kept)
+        on_tokens = (lambda ids: streamer.update(base + ids)) if sink else (lambda ids: None)
+        gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens)
+        requests += 1
+        first = first or gen
+        latency += gen.latency_s
+        server_latency += gen.server_latency_s
+        new = gen.output_ids
+        finish = gen.finish
+        if finish.kind == "regex":
+            full = kept + new
+            seg_text = tok.decode(full)
+            before = len(tok.decode(kept))
+            hit = find_cue(ctx + seg_text, spec.cue_patterns, after=len(ctx) + before)
+            if hit is not None:
+                cut = tok.cut_index(full, hit.end - len(ctx))
+                if cut >= spec.min_tokens:
+                    kept = full[:cut]
+                    discarded += len(full) - cut
+                    finish = Finish("cue", hit.cue)
+                    break
+            # Not a word match, or too early: keep every token and let the same role go on.
+            kept = full
+            if len(kept) >= spec.max_tokens:
+                finish = Finish("length")
+                break
+            continue
+        kept += new
+        break
+    streamer.update(kept, final=True)
+    assert first is not None
+    return TurnResult(
+        role=spec.role, ids=kept, text=tok.decode(kept), finish=finish,
+        prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
+        latency_s=latency, server_latency_s=server_latency, ttft_s=first.ttft_s,
+        requests=requests, discarded_tokens=discarded,
+    )
