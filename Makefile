@@ -17,7 +17,6 @@ setup: $(STAMP)
 # on a CPU machine; requirements/cpu-server.txt holds the rest of its runtime.
 $(STAMP): requirements/cpu-server.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -r requirements/cpu-server.txt
 	$(PY) -m pip install --quiet --no-deps sglang==$(SGLANG_VERSION)
 	$(PY) -m pip install --quiet -e '.[dev,convert]'

@@ -40,14 +40,16 @@ class Relay:
     """Two SGLang servers, one tokenizer, one routing backend; reusable and thread-safe."""
 
     def __init__(self, *, preset: str = "cpu-tiny", large: str | None = None, small: str | None = None,
-                 profile: str | CueProfile | None = None, client: ClientConfig = ClientConfig()) -> None:
+                 profile: str | CueProfile | None = None, family: str | None = None,
+                 client: ClientConfig = ClientConfig(), transport: Any = None) -> None:
         self.preset = load_preset(preset)
-        self.family = load_family(self.preset.family)
+        self.family = load_family(family or self.preset.family)
         self.profile = profile if isinstance(profile, CueProfile) else load_profile(profile or self.preset.profile)
         self.urls = resolve_urls(preset, large, small)
         shared = self.urls["large"] == self.urls["small"]
-        self.engines = {"large": EngineClient(self.urls["large"], client)}
-        self.engines["small"] = self.engines["large"] if shared else EngineClient(self.urls["small"], client)
+        self.engines = {"large": EngineClient(self.urls["large"], client, transport)}
+        self.engines["small"] = (self.engines["large"] if shared
+                                 else EngineClient(self.urls["small"], client, transport))
         paths = {role: e.model_info().get("tokenizer_path") for role, e in self.engines.items()}
         if not paths["large"]:
             raise ConfigError(f"{self.urls['large']} did not report its tokenizer path")

@@ -70,11 +70,13 @@ def _finish(meta: dict[str, Any], regexes: Sequence[str]) -> Finish:
 class EngineClient:
     """A pooled connection to one SGLang server."""
 
-    def __init__(self, url: str, config: ClientConfig = ClientConfig()) -> None:
+    def __init__(self, url: str, config: ClientConfig = ClientConfig(),
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
         self.config = config
         self._http = httpx.Client(
             base_url=self.url,
+            transport=transport,
             timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s),
             limits=httpx.Limits(max_connections=config.max_connections,
                                 max_keepalive_connections=config.max_connections),

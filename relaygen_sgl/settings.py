@@ -10,10 +10,11 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Settings:
     home: Path
+    models_override: Path | None = None
 
     @property
     def models_dir(self) -> Path:
-        return self.home / "models"
+        return self.models_override or self.home / "models"
 
     @property
     def run_dir(self) -> Path:
@@ -30,4 +31,5 @@ class Settings:
 
 def load_settings() -> Settings:
     home = os.environ.get("RELAYGEN_HOME") or str(Path.home() / ".cache" / "relaygen")
-    return Settings(home=Path(home).expanduser())
+    models = os.environ.get("RELAYGEN_MODELS")  # share built models between homes (tests)
+    return Settings(home=Path(home).expanduser(), models_override=Path(models).expanduser() if models else None)

@@ -70,6 +70,22 @@ class _Streamer:
         self.sent = upto
 
 
+def _straddling_stop(ctx: str, before: str, text: str, stops: Sequence[str]) -> tuple[str, int] | None:
+    """Earliest stop string that starts before the new output and ends inside it.
+    Returns (stop, end offset in `text`)."""
+    boundary = len(ctx) + len(before)
+    full = ctx + text
+    best: tuple[str, int] | None = None
+    for stop in stops:
+        lo = max(0, boundary - len(stop) + 1)
+        i = full.find(stop, lo)
+        if 0 <= i < boundary < i + len(stop):
+            end = i + len(stop) - len(ctx)
+            if best is None or end < best[1]:
+                best = (stop, end)
+    return best
+
+
 def run_turn(
     engine: EngineClient,
     tok: Tokenizer,
@@ -122,7 +138,18 @@ def run_turn(
                 finish = Finish("length")
                 break
             continue
-        kept += new
+        full = kept + new
+        straddle = _straddling_stop(ctx, tok.decode(kept), tok.decode(full), spec.stop)
+        if straddle is not None:
+            # The server only searches its own output, so a stop string that began in the
+            # text before this request ("." + "</" | "think>") is found here.
+            stop_str, end = straddle
+            cut = max(1, tok.cut_index(full, end))
+            discarded += len(full) - cut
+            kept = full[:cut]
+            finish = Finish("stop", stop_str)
+            break
+        kept = full
         break
     streamer.update(kept, final=True)
     assert first is not None

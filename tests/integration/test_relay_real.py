@@ -1,0 +1,84 @@
+"""The relay's must-shows on two real SGLang CPU servers (cpu-tiny: SmolLM2-135M in both roles)."""
+
+from __future__ import annotations
+
+import pytest
+
+from relaygen_sgl.api import Relay
+from relaygen_sgl.engine import EngineClient
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "A farmer has 17 sheep. All but 9 run away. How many sheep are left? Explain step by step."
+
+
+@pytest.fixture(scope="module")
+def relay_run(cpu_pair):
+    """A relay on the bundled question with segments from both roles (first seed that switches)."""
+    with Relay(preset="cpu-tiny", large=cpu_pair.large, small=cpu_pair.small) as r:
+        for seed in range(6):
+            res = r.run(QUESTION, max_tokens=240, seed=seed)
+            if {"large", "small"} <= {s.role for s in res.segments} and res.stats.switches >= 2:
+                return r.tokenizer, res
+    pytest.fail("no seed in 0..5 gave a trajectory with two switches")
+
+
+def test_segments_from_both_roles_concatenate_to_the_trajectory(relay_run):
+    tok, res = relay_run
+    ids = res.token_ids
+    assert [t for s in res.segments for t in s.token_ids] == ids
+    assert sum(s.completion_tokens for s in res.segments if s.role in ("large", "small")) == \
+        res.stats.large_tokens + res.stats.small_tokens
+    assert "".join(s.text for s in res.segments) == res.text
+    assert tok.decode(ids) == res.text
+
+
+def test_each_handoff_reprefills_only_the_other_roles_new_tokens(relay_run):
+    _, res = relay_run
+    last_end: dict[str, int] = {}
+    last_discarded: dict[str, int] = {}
+    pos, checked = 0, 0
+    for seg in res.segments:
+        if seg.role in last_end:
+            added = pos - last_end[seg.role]
+            # +1: the last token this role generated in its previous turn has no KV yet;
+            # +0 when that turn ended by cutting the follower token after a cue.
+            extra = 0 if last_discarded[seg.role] else 1
+            assert seg.reprefilled == added + extra, (seg.role, seg.prompt_tokens, seg.cached_tokens, added)
+            checked += 1
+        pos += len(seg.token_ids)
+        if seg.role in ("large", "small"):
+            last_end[seg.role] = pos
+            last_discarded[seg.role] = seg.discarded_tokens
+    assert checked >= 1
+
+
+def test_text_handoff_reprefills_more_than_token_exact(cpu_pair, relay_run):
+    tok, res = relay_run
+    # the first handoff back to the large model, resent as joined text (how a text API continues)
+    pos = 0
+    for i, seg in enumerate(res.segments):
+        if i > 0 and seg.role == "large":
+            break
+        pos += len(seg.token_ids)
+    prefix_ids = res.prompt_ids + res.token_ids[:pos]
+    text = tok.decode(res.prompt_ids) + tok.decode(res.token_ids[:pos])
+    with EngineClient(cpu_pair.large) as eng:
+        import httpx
+
+        r = httpx.post(f"{cpu_pair.large}/generate", json={"text": text, "sampling_params": {"max_new_tokens": 1}},
+                       timeout=120).json()
+    text_reprefill = r["meta_info"]["prompt_tokens"] - r["meta_info"]["cached_tokens"]
+    exact_reprefill = res.segments[i].reprefilled
+    assert exact_reprefill <= text_reprefill
+    assert len(prefix_ids) > 0 and eng is not None
+
+
+def test_greedy_relay_on_one_server_reproduces_single_model_greedy(cpu_pair):
+    with Relay(preset="cpu-tiny", large=cpu_pair.large, small=cpu_pair.large) as r:
+        relay = r.run(QUESTION, "relay", max_tokens=160, temperature=0.0)
+        single = r.run(QUESTION, "single-large", max_tokens=160, temperature=0.0)
+    assert relay.stats.switches >= 1
+    a, b = relay.token_ids, single.token_ids
+    first_diff = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    assert first_diff is None and len(a) == len(b), f"diverged at token {first_diff}"

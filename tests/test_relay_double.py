@@ -1,0 +1,154 @@
+"""The relay loop against protocol-faithful doubles: switching, word cues, EOS, budget,
+</think>, errors. Both hosts read the same tape unless a test says otherwise, so the
+trajectory must reproduce the tape exactly whatever the switching does."""
+
+from __future__ import annotations
+
+import pytest
+
+from relaygen_sgl.api import Relay
+from relaygen_sgl.engine import ClientConfig
+from relaygen_sgl.errors import ConfigError, RelayAborted
+from relaygen_sgl.profile import CueProfile
+
+LARGE, SMALL = "http://large.test:1", "http://small.test:2"
+QUESTION = "What is 2 + 3?"
+
+
+def make_relay(fake, cues=("Therefore", "now", "Thus,", "Other", "Any"), family=None, retries=0) -> Relay:
+    profile = CueProfile(name="t", models={}, cues=tuple(cues)).validate()
+    return Relay(preset="cpu-tiny", large=LARGE, small=SMALL, profile=profile, family=family,
+                 client=ClientConfig(retries=retries, backoff_s=0.0), transport=fake.transport)
+
+
+def tape_for(relay: Relay, completion: str, eos: int) -> tuple[list[int], list[int]]:
+    prompt = relay.plan("relay").render(QUESTION)
+    p_ids = relay.tokenizer.encode(prompt)
+    c_ids = relay.tokenizer.encode(completion)
+    return p_ids, p_ids + c_ids + [eos]
+
+
+def setup(fake, completion, **kw):
+    fake.add_host(LARGE, [])
+    fake.add_host(SMALL, [])
+    relay = make_relay(fake, **kw)
+    p_ids, tape = tape_for(relay, completion, fake.eos_id)
+    for host in fake.hosts.values():
+        host.tape = tape
+    return relay, p_ids, tape
+
+
+def model_ids(result):
+    return [t for s in result.segments if s.role in ("large", "small") for t in s.token_ids]
+
+
+THINK = ("First we add 2 and 3 to get 5. Therefore the sum is 5. Then we check it again. "
+         "Thus, the answer is 5.</think>\n\nThe answer is 5.")
+
+
+def test_relay_switches_and_reproduces_the_tape(fake):
+    relay, p_ids, tape = setup(fake, THINK, family="qwen3")
+    res = relay.run(QUESTION, max_tokens=500)
+    assert res.prompt_ids == p_ids
+    assert p_ids + res.token_ids + [fake.eos_id] == tape or p_ids + res.token_ids == tape
+    roles = [s.role for s in res.segments]
+    assert roles[0] == "large" and "small" in roles
+    cue_segs = [s for s in res.segments if s.finish == "cue"]
+    assert [s.matched for s in cue_segs] == ["Therefore", "Thus,"]
+    assert all(s.text.endswith(s.matched) for s in cue_segs)  # the cue stays with the large model
+    small_segs = [s for s in res.segments if s.role == "small"]
+    assert small_segs[0].text.endswith(".") and small_segs[0].finish == "stop"
+    assert res.answer == "The answer is 5."
+    assert res.segments[-1].role == "small"  # the answer is the small model's
+    assert res.stats.large_tokens + res.stats.small_tokens == len(res.token_ids)
+
+
+def test_cue_inside_a_word_never_fires(fake):
+    text = "I know the answer is 5. Otherwise the sum of any anyway is 5. Anyway it is 5.</think>\n\n5"
+    relay, _, _ = setup(fake, text, family="qwen3", cues=("now", "Other", "Any"))
+    res = relay.run(QUESTION, max_tokens=500)
+    assert not [s for s in res.segments if s.finish == "cue"]
+    assert res.answer == "5"
+
+
+def test_cue_as_first_token_of_a_large_segment_waits_for_min_tokens(fake):
+    text = "We add them and now the small part. Therefore it is 5 and we are sure now. Done.</think>\n\n5"
+    relay, _, _ = setup(fake, text, family="qwen3", cues=("Therefore", "now"))
+    res = relay.run(QUESTION, max_tokens=500)
+    large = [s for s in res.segments if s.role == "large"]
+    # the second large turn starts on " Therefore": not accepted before 5 tokens
+    assert large[1].text.lstrip().startswith("Therefore")
+    assert large[1].finish == "cue" and large[1].matched == "now"
+    assert large[1].completion_tokens >= 5
+
+
+def test_eos_from_either_role(fake):
+    for text in ("So 5", "Let me add the numbers now 2 and 3 make 5"):
+        fake.hosts.clear()
+        relay, _, _ = setup(fake, text, family="qwen3")
+        res = relay.run(QUESTION, max_tokens=500)
+        assert res.segments[-1].finish == "eos" and res.segments[-1].matched == fake.eos_id
+        assert res.stats.finish == "eos"
+    assert res.segments[-1].role == "small"
+
+
+def test_eos_in_thinking_closes_for_families_that_never_think(fake):
+    relay, _, _ = setup(fake, "It is 5.", family="smollm2")
+    res = relay.run(QUESTION, max_tokens=500)
+    assert [s.role for s in res.segments][-2:] == ["inserted", "small"]
+    assert "</think>" in res.text
+
+
+def test_budget_hit_mid_segment_closes_thinking(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    res = relay.run(QUESTION, max_tokens=12)
+    assert res.stats.large_tokens + res.stats.small_tokens == 12
+    assert res.segments[-1].role == "inserted" and res.segments[-1].text == "\n</think>\n\n"
+    assert res.stats.finish == "budget" and res.answer == ""
+
+
+def test_think_end_from_the_small_model_starts_the_answer(fake):
+    text = "Let me add. Therefore it is</think>\n\nFive."
+    relay, _, _ = setup(fake, text, family="qwen3")
+    res = relay.run(QUESTION, max_tokens=500)
+    ends = [s for s in res.segments if s.matched == "</think>"]
+    assert ends and ends[0].role == "small"
+    assert res.answer == "Five."
+
+
+def test_profile_with_too_many_stops_is_refused():
+    with pytest.raises(ConfigError, match="at most 32"):
+        CueProfile(name="x", models={}, cues=tuple(f"cue{i}" for i in range(33))).validate()
+    with pytest.raises(ConfigError, match="stop strings"):
+        CueProfile(name="x", models={}, cues=("Thus",), sentence_ends=tuple(str(i) for i in range(32))).validate()
+
+
+def test_server_error_mid_trajectory_carries_the_partial_result(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    fake.hosts["small.test:2"].down_after = 0
+    with pytest.raises(RelayAborted) as err:
+        relay.run(QUESTION, max_tokens=500)
+    partial = err.value.partial
+    assert partial is not None and [s.role for s in partial.segments] == ["large"]
+    assert partial.segments[0].matched == "Therefore"
+
+
+def test_5xx_is_retried_4xx_is_not(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3", retries=1)
+    fake.hosts["small.test:2"].fail_on = {1}
+    res = relay.run(QUESTION, max_tokens=500)
+    assert res.answer == "The answer is 5."
+
+
+def test_handoffs_reprefill_only_the_other_roles_tokens(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    res = relay.run(QUESTION, max_tokens=500)
+    last_seen: dict[str, int] = {}
+    pos = 0
+    for seg in res.segments:
+        if seg.role in ("large", "small") and seg.role in last_seen:
+            added = pos - last_seen[seg.role]
+            assert seg.prompt_tokens - seg.cached_tokens in (added, added + 1)
+        pos += len(seg.token_ids)
+        if seg.role in ("large", "small"):
+            last_seen[seg.role] = pos
