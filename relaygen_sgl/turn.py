@@ -25,7 +25,10 @@ class TurnSpec:
     max_tokens: int
     stop: tuple[str, ...] = ()
     cue_patterns: tuple[str, ...] = ()
-    min_tokens: int = 0  # a cue may not end the turn before this many tokens
+    # A cue may not end the turn before this many tokens. Enforced here, not with SGLang's
+    # min_new_tokens: that masks EOS (and not stop strings), which would change what the
+    # model writes; gating only the cue keeps a greedy relay equal to the single model.
+    min_tokens: int = 0
     sampling: dict[str, Any] = field(default_factory=dict)
 
 
@@ -109,8 +112,6 @@ def run_turn(
             sampling["stop"] = list(spec.stop)
         if spec.cue_patterns:
             sampling["stop_regex"] = list(spec.cue_patterns)
-        if len(kept) < spec.min_tokens:
-            sampling["min_new_tokens"] = min(spec.min_tokens - len(kept), remaining)
         base = list(kept)
         on_tokens = (lambda ids: streamer.update(base + ids)) if sink else (lambda ids: None)
         gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens)

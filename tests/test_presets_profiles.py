@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from relaygen_sgl.errors import ConfigError
+from relaygen_sgl.launcher import server_command
+from relaygen_sgl.presets import load_preset, preset_names
+from relaygen_sgl.profile import available_profiles, load_profile
+from relaygen_sgl.resources import data_path
+from relaygen_sgl.settings import load_settings
+
+
+def test_all_presets_load_keep_the_radix_cache_and_use_lpm():
+    names = preset_names()
+    assert {"cpu-tiny", "cpu-tiny-pruned", "qwen3-32b-1.7b", "qwen3-32b-1.7b-eagle3", "r1-32b-1.5b"} <= set(names)
+    for name in names:
+        preset = load_preset(name)
+        for role, spec in preset.roles.items():
+            assert "--disable-radix-cache" not in spec.args
+            i = spec.args.index("--schedule-policy")
+            assert spec.args[i + 1] == "lpm"
+        load_profile(preset.profile)
+
+
+def test_gpu_presets_follow_the_paper_setting():
+    q = load_preset("qwen3-32b-1.7b")
+    assert q.roles["large"].model == "Qwen/Qwen3-32B" and q.roles["small"].model == "Qwen/Qwen3-1.7B"
+    assert q.roles["large"].args[q.roles["large"].args.index("--tp") + 1] == "2"
+    assert q.roles["small"].args[q.roles["small"].args.index("--tp") + 1] == "1"
+    e = load_preset("qwen3-32b-1.7b-eagle3").roles["large"].args
+    assert e[e.index("--speculative-algorithm") + 1] == "EAGLE3" and "--speculative-draft-model-path" in e
+    r1 = load_preset("r1-32b-1.5b")
+    assert "R1-Distill-Qwen-32B" in r1.roles["large"].model and "1.5B" in r1.roles["small"].model
+
+
+def test_the_cpu_shim_goes_on_cpu_servers_only():
+    settings = load_settings()
+    cpu = server_command(load_preset("cpu-tiny"), "large", settings)
+    assert "_cpu_shim" in cpu.env["PYTHONPATH"] and cpu.env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert "--model-path" in cpu.argv and str(settings.models_dir) in " ".join(cpu.argv)
+    gpu = server_command(load_preset("qwen3-32b-1.7b"), "large", settings)
+    assert "PYTHONPATH" not in gpu.env
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match="choose one of cpu-tiny"):
+        load_preset("nope")
+
+
+def test_published_cue_lists():
+    assert len(load_profile("qwen3-32b-1.7b").cues) == 28
+    assert len(load_profile("r1-32b-1.5b").cues) == 25
+    cands = json.loads(data_path("cue_candidates.json").read_text())["cues"]
+    assert len(cands) == 91 and len(set(cands)) == 91
+    for name in available_profiles():
+        assert set(load_profile(name).cues) <= set(cands)
+
+
+def test_a_profile_file_with_a_bad_cue_is_refused(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"name": "x", "cues": ["Thus", " bad"]}))
+    with pytest.raises(ConfigError, match="invalid cue"):
+        load_profile(str(p))
+    with pytest.raises(ConfigError, match="unknown profile"):
+        load_profile("no-such-profile")
