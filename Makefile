@@ -9,7 +9,7 @@ SGLANG_VERSION := 0.5.23
 DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep are left? Explain step by step.
 DEMO_MAX_TOKENS ?= 256
 
-.PHONY: setup models demo test test-unit test-integration lint clean
+.PHONY: setup system-deps models demo test test-unit test-integration lint clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): requirements/cpu-server.txt pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,convert]'
 	touch $(STAMP)
 
+# Headless Chromium renders `relaygen show --html` pages in the tests (Debian package).
+system-deps:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 models: setup
 	$(RELAYGEN) models fetch --preset cpu-tiny
 
@@ -30,10 +34,10 @@ demo: models
 	$(RELAYGEN) run "$(DEMO_QUESTION)" --preset cpu-tiny --max-tokens $(DEMO_MAX_TOKENS) --seed 0; \
 	  rc=$$?; $(RELAYGEN) down; exit $$rc
 
-test: models
+test: models system-deps
 	$(PY) -m pytest -q
 
-test-unit: setup
+test-unit: setup system-deps
 	$(PY) -m pytest -q -m "not integration"
 
 test-integration: models

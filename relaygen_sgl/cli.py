@@ -94,6 +94,129 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .api import Relay
+    from .batch import read_prompts, run_batch
+
+    report = read_prompts(Path(args.prompts))
+    for problem in report.problems:
+        sys.stderr.write(f"relaygen: {problem}\n")
+    method = args.program if args.program in ("relay", "single-large", "single-small") else "relay"
+    program = None if args.program == method else args.program
+    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile) as r:
+        if program:
+            from .programs import load_program
+
+            load_program(program)  # a bad path fails here, once, not per prompt
+        kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                      answer_role=args.answer_role)
+
+        def run_one(p):  # type: ignore[no-untyped-def]
+            return r.run(p.question, method, program=program, **kwargs).to_dict(token_ids=args.ids)
+
+        summary = run_batch(report.prompts, Path(args.out), run_one, concurrency=args.concurrency,
+                            progress=not args.no_progress, input_problems=report.problems)
+    line = (f"{summary.ok} ok, {summary.errors} error(s), {summary.skipped_done} already done, "
+            f"{summary.completion_tokens} tokens in {summary.elapsed_s:.1f}s -> {args.out}")
+    if summary.interrupted:
+        sys.stderr.write(f"relaygen: interrupted; {line}; rerun the same command to finish\n")
+        return 130
+    print(line, file=sys.stderr)
+    if report.problems:
+        return EXIT_USAGE
+    return 1 if summary.errors else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import machine
+    from .api import Relay
+    from .datasets import load_problems
+    from .evaluate import build_prompts, report, run_method
+
+    problems = load_problems(args.dataset)
+    if args.limit:
+        problems = problems[: args.limit]
+    prompts = build_prompts(problems, args.k)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RelayGenError(f"cannot create {out}: {e}") from e
+    methods = args.method or ["relay"]
+    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile) as r:
+        for method in methods:
+            def run_one(p, method=method):  # type: ignore[no-untyped-def]
+                return r.run(p.question, method, max_tokens=args.max_tokens, temperature=args.temperature,
+                             seed=p.extra["seed"], answer_role=args.answer_role).to_dict(token_ids=False)
+
+            print(f"{method}: {len(prompts)} samples ({len(problems)} problems x k={args.k})", file=sys.stderr)
+            summary = run_method(method, prompts, out, run_one, args.concurrency, progress=not args.no_progress)
+            if summary.interrupted:
+                sys.stderr.write("relaygen: interrupted; rerun the same command to finish\n")
+                return 130
+    header = {"dataset": args.dataset, "preset": args.preset, "k": args.k, "limit": args.limit,
+              "max_tokens": args.max_tokens, "machine": machine.short(), "machine_detail": machine.describe()}
+    result = report(out, header)
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'accuracy_vs_latency.png'}")
+    return 0 if all(row["errors"] == 0 for row in result["methods"].values()) else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .show import load_records, print_terminal, select, write_html
+
+    def warn(message: str) -> None:
+        sys.stderr.write(f"relaygen: warning: {args.file}: {message}\n")
+
+    records = load_records(args.file, warn=warn)
+    if not records:
+        raise ConfigError(f"{args.file} holds no valid records")
+    chosen = select(records, args.id)
+    if args.html:
+        print(write_html(chosen, args.html))
+    else:
+        print_terminal(chosen)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .api import Relay
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig.quick(args.preset) if args.quick else BenchConfig(preset=args.preset)
+    overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens)) if v}
+    if overrides:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **overrides)
+    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile) as r:
+        result = run_bench(cfg, r, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png ({result['elapsed_s']} s)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .api import Relay
+    from .serve import serve
+
+    relay = Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile)
+    print(f"relaygen serving {args.model_name!r} on http://{args.host}:{args.port}/v1 "
+          f"(large {relay.urls['large']}, small {relay.urls['small']})", file=sys.stderr)
+    try:
+        serve(relay, args.host, args.port, args.api_key, args.model_name)
+    finally:
+        relay.close()
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def _positive_int(text: str) -> int:
     try:
@@ -122,7 +245,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .policy import DEFAULT_BUDGET, METHODS
+    from .policy import METHODS
 
     p = _Parser(prog="relaygen", description="RelayGen on SGLang: large/small model switching at switch cues.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -149,19 +272,74 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one question through the relay (or a single model)")
     run.add_argument("question")
-    run.add_argument("--preset", default="cpu-tiny")
-    run.add_argument("--large", help="URL of the large server (default: from `up` or the preset)")
-    run.add_argument("--small", help="URL of the small server")
-    run.add_argument("--profile", help="cue profile name or JSON path (default: the preset's)")
+    _add_server_args(run)
     run.add_argument("--method", choices=METHODS, default="relay")
-    run.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_BUDGET)
-    run.add_argument("--temperature", type=_non_negative_float, default=None)
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--answer-role", choices=("small", "large"), default="small")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
-    run.add_argument("--ids", action="store_true", help="with --json, include token ids")
     run.set_defaults(func=cmd_run)
+
+    show = sub.add_parser("show", help="view saved run records (JSONL) in the terminal or as an HTML page")
+    show.add_argument("file", help="JSONL file, one `run --json` record (with id and status) a line")
+    show.add_argument("--id", help="show only the record with this id")
+    show.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML page here instead")
+    show.set_defaults(func=cmd_show)
+
+    batch = sub.add_parser("batch", help="run a program over a JSONL prompts file (resumable)")
+    batch.add_argument("program", help="relay | single-large | single-small | path/to/program.py")
+    batch.add_argument("prompts", help="JSONL with id and question per line")
+    batch.add_argument("-o", "--out", required=True, help="output JSONL (appended; reruns skip done ids)")
+    _add_server_args(batch)
+    batch.add_argument("--concurrency", type=_positive_int, default=4)
+    batch.add_argument("--no-progress", action="store_true")
+    batch.set_defaults(func=cmd_batch)
+
+    ev = sub.add_parser("eval", help="evaluate methods on a benchmark (pass@1 over k samples)")
+    ev.add_argument("--dataset", required=True, help="aime25 | aime24 | amc23 | math500 | gpqa:PATH")
+    ev.add_argument("--method", action="append", choices=METHODS,
+                    help="repeatable; default relay. The report covers every method found in --out")
+    ev.add_argument("--k", type=_positive_int, default=4, help="samples per problem (seeds 0..k-1)")
+    ev.add_argument("--limit", type=_positive_int, default=None, help="first N problems only")
+    ev.add_argument("--out", required=True, help="output folder")
+    _add_server_args(ev)
+    ev.add_argument("--concurrency", type=_positive_int, default=4)
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    be = sub.add_parser("bench", help="benchmark handoff cost, overhead, speedup and throughput")
+    be.add_argument("--preset", default="cpu-tiny")
+    be.add_argument("--large")
+    be.add_argument("--small")
+    be.add_argument("--profile")
+    be.add_argument("--questions", type=_positive_int, default=None)
+    be.add_argument("--max-tokens", type=_positive_int, default=None)
+    be.add_argument("--quick", action="store_true", help="fewer questions, shorter budgets (~10 min on cpu-tiny)")
+    be.add_argument("--out", required=True)
+    be.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="serve the relay as an OpenAI-compatible model")
+    sv.add_argument("--preset", default="cpu-tiny")
+    sv.add_argument("--large")
+    sv.add_argument("--small")
+    sv.add_argument("--profile")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    sv.add_argument("--model-name", default="relaygen")
+    sv.set_defaults(func=cmd_serve)
     return p
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    from .policy import DEFAULT_BUDGET
+
+    p.add_argument("--preset", default="cpu-tiny")
+    p.add_argument("--large", help="URL of the large server (default: from `up` or the preset)")
+    p.add_argument("--small", help="URL of the small server")
+    p.add_argument("--profile", help="cue profile name or JSON path (default: the preset's)")
+    p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_BUDGET)
+    p.add_argument("--temperature", type=_non_negative_float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--answer-role", choices=("small", "large"), default="small")
+    p.add_argument("--ids", action="store_true", help="include token ids in the JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

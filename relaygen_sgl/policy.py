@@ -42,11 +42,13 @@ class RelayPlan:
         if self.answer_role not in ("large", "small"):
             raise ConfigError(f"answer role must be 'large' or 'small', got {self.answer_role!r}")
 
-    def render(self, question: str) -> str:
-        if not question or not question.strip():
+    def render(self, question: str | list[dict[str, str]]) -> str:
+        """The prompt for a question, or for a conversation (OpenAI-style messages)."""
+        messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
+        if not messages or not any(str(m.get("content") or "").strip() for m in messages):
             raise ConfigError("the question is empty")
         tok = load_tokenizer(self.tokenizer_path)
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], **self.family.template_kwargs)
+        prompt = tok.apply_chat_template(messages, **self.family.template_kwargs)
         return prompt + self.family.think_prefix
 
     @property

@@ -54,6 +54,7 @@ class Host:
     cache: list[list[int]] = field(default_factory=list)
     requests: list[dict] = field(default_factory=list)
     fail_on: set[int] = field(default_factory=set)  # request numbers (1-based) answered with HTTP 500
+    max_input: int | None = None  # longer inputs get SGLang's 400 (prompt longer than the context)
     down_after: int | None = None  # requests after this count get a connection error
 
 
@@ -93,6 +94,8 @@ class FakeSGLang:
             raise httpx.ConnectError("connection refused", request=request)
         if n in host.fail_on:
             return httpx.Response(500, json={"error": {"message": "injected failure"}})
+        if host.max_input is not None and len(body["input_ids"]) > host.max_input:
+            return httpx.Response(400, json={"error": {"message": "The input is longer than the context length"}})
         sp = body["sampling_params"]
         unknown = set(sp) - {"max_new_tokens", "min_new_tokens", "stop", "stop_regex", "temperature", "top_p",
                              "top_k", "sampling_seed", "no_stop_trim", "skip_special_tokens"}

@@ -1,0 +1,89 @@
+"""Batch runs against the wire-format double: records, errors, bad lines, resume."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from relaygen_sgl.api import Relay
+from relaygen_sgl.batch import parse_prompts, read_prompts, run_batch
+from relaygen_sgl.engine import ClientConfig
+from relaygen_sgl.errors import ConfigError
+
+LARGE, SMALL = "http://large.test:1", "http://small.test:2"
+FILLER = "Let me think. Therefore it is 5. Now, check: 2 + 3 = 5. "
+
+
+@pytest.fixture
+def relay(fake):
+    tok_ids = None
+    for url in (LARGE, SMALL):
+        fake.add_host(url, [])
+    r = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
+              client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport)
+    tok_ids = r.tokenizer.encode(FILLER * 40)
+    for host in fake.hosts.values():
+        host.tape = tok_ids  # a prompt-agnostic "model": the next token depends on the position only
+        host.max_input = 400
+    return r
+
+
+def write_prompts(path, n=8, long_id="p3", malformed_at=5):
+    lines = []
+    for i in range(n):
+        q = "What is 2 + 3?" if f"p{i}" != long_id else "word " * 600
+        lines.append(orjson.dumps({"id": f"p{i}", "question": q, "source": "test"}).decode())
+        if i == malformed_at:
+            lines.append('{"id": "broken", "question": ')
+    path.write_text("\n".join(lines) + "\n")
+
+
+def records(path):
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def run_one_with(relay):
+    return lambda p: relay.run(p.question, "relay", max_tokens=40).to_dict(token_ids=False)
+
+
+def test_bad_line_and_failing_prompt_give_seven_records_and_one_error(relay, tmp_path):
+    src, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_prompts(src)
+    report = read_prompts(src)
+    assert len(report.prompts) == 8 and len(report.problems) == 1 and "prompts.jsonl:7" in report.problems[0]
+    summary = run_batch(report.prompts, out, run_one_with(relay), concurrency=3, progress=False)
+    recs = records(out)
+    assert summary.ok == 7 and summary.errors == 1 and len(recs) == 8
+    err = [r for r in recs if r["status"] == "error"]
+    assert err[0]["id"] == "p3" and "longer than the context" in err[0]["error"]
+    assert all(r["source"] == "test" for r in recs)  # other input fields are carried through
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert all(r["segments"] and r["stats"]["large_tokens"] > 0 for r in ok)
+
+
+def test_a_rerun_after_a_kill_gives_each_id_once_and_retries_errors(relay, tmp_path):
+    src, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    write_prompts(src, long_id="none")
+    prompts = read_prompts(src).prompts
+    run_batch(prompts[:3], out, run_one_with(relay), progress=False)
+    # a killed run: an error record and a torn last line
+    with out.open("ab") as f:
+        f.write(orjson.dumps({"id": "p4", "status": "error", "error": "server died"}) + b"\n")
+        f.write(b'{"id": "p5", "status": "o')
+    summary = run_batch(prompts, out, run_one_with(relay), progress=False)
+    recs = records(out)
+    assert summary.skipped_done == 3 and summary.ok == 5
+    assert sorted(r["id"] for r in recs) == sorted(p.id for p in prompts)
+    assert all(r["status"] == "ok" for r in recs)
+
+
+def test_input_problems_are_reported_by_line():
+    report = parse_prompts(['{"id": 1, "question": "a"}', '{"question": "b"}', '{"id": 1, "question": "c"}',
+                            '{"id": 2, "question": "  "}', "[1]", ""], "in.jsonl")
+    assert [p.id for p in report.prompts] == ["1"]
+    assert [p.split(":")[1] for p in report.problems] == ["2", "3", "4", "5"]
+
+
+def test_missing_prompts_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        read_prompts(tmp_path / "nope.jsonl")
