@@ -41,7 +41,8 @@ class Relay:
 
     def __init__(self, *, preset: str = "cpu-tiny", large: str | None = None, small: str | None = None,
                  profile: str | CueProfile | None = None, family: str | None = None,
-                 client: ClientConfig = ClientConfig(), transport: Any = None) -> None:
+                 client: ClientConfig = ClientConfig(), transport: Any = None,
+                 on_small_failure: str = "large") -> None:
         self.preset = load_preset(preset)
         self.family = load_family(family or self.preset.family)
         self.profile = profile if isinstance(profile, CueProfile) else load_profile(profile or self.preset.profile)
@@ -55,7 +56,7 @@ class Relay:
             raise ConfigError(f"{self.urls['large']} did not report its tokenizer path")
         self.tokenizer = load_tokenizer(paths["large"])
         check_same_vocabulary(self.tokenizer, load_tokenizer(paths["small"] or paths["large"]))
-        self.backend = RelayBackend(self.engines, self.tokenizer)
+        self.backend = RelayBackend(self.engines, self.tokenizer, on_small_failure)
 
     def close(self) -> None:
         for e in set(self.engines.values()):

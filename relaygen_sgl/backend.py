@@ -9,7 +9,7 @@ so its radix cache already holds the whole shared prefix.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sglang.lang.backend.base_backend import BaseBackend
@@ -18,7 +18,7 @@ from sglang.lang.interpreter import StreamExecutor
 from sglang.lang.ir import SglSamplingParams
 
 from .engine import EngineClient
-from .errors import ConfigError, RelayGenError
+from .errors import ConfigError, EngineFailed, EngineUnreachable, RelayGenError
 from .tokenizer import Tokenizer
 from .turn import TurnSpec, run_turn
 
@@ -33,11 +33,19 @@ _RAW = ChatTemplate(name="raw", default_system_prompt=None,
 class _Ledger:
     ids: list[int] = field(default_factory=list)
     consumed: int = 0  # characters of s.text_ already in `ids`
+    prompt_len: int | None = None
+    degraded: dict[str, Any] | None = None  # set once the small server failed
+
+
+FALLBACKS = ("large", "fail")
 
 
 class RelayBackend(BaseBackend):
-    def __init__(self, engines: dict[str, EngineClient], tokenizer: Tokenizer) -> None:
+    def __init__(self, engines: dict[str, EngineClient], tokenizer: Tokenizer, on_small_failure: str = "large") -> None:
         super().__init__()
+        if on_small_failure not in FALLBACKS:
+            raise ConfigError(f"on_small_failure must be one of {FALLBACKS}, got {on_small_failure!r}")
+        self.on_small_failure = on_small_failure
         self.engines = engines
         self.tokenizer = tokenizer
         self.chat_template = _RAW
@@ -83,6 +91,8 @@ class RelayBackend(BaseBackend):
         inserted = self.tokenizer.encode(added) if added else []
         ledger.ids.extend(inserted)
         ledger.consumed = len(text)
+        if ledger.prompt_len is None:
+            ledger.prompt_len = len(ledger.ids)
 
         sampling: dict[str, Any] = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k}
         if route.get("seed") is not None:
@@ -92,8 +102,22 @@ class RelayBackend(BaseBackend):
         spec = TurnSpec(role=role, max_tokens=int(sp.max_new_tokens), stop=stop, cue_patterns=regex,
                         min_tokens=int(sp.min_new_tokens or 0), sampling=sampling)
         prefix_len = len(ledger.ids)
-        turn = run_turn(self.engines[role], self.tokenizer, ledger.ids, text, spec,
-                        sink=s.arguments.get("on_delta"))
+        sink = s.arguments.get("on_delta")
+        if role == "small" and ledger.degraded:
+            turn = replace(run_turn(self.engines["large"], self.tokenizer, ledger.ids, text,
+                                    replace(spec, role="large"), sink=sink), rerouted_from="small")
+        else:
+            try:
+                turn = run_turn(self.engines[role], self.tokenizer, ledger.ids, text, spec, sink=sink)
+            except (EngineUnreachable, EngineFailed) as e:
+                if role != "small" or self.on_small_failure == "fail":
+                    raise
+                # The small server is gone: the large model goes on alone from the same prefix.
+                ledger.degraded = {"role": "small", "from_token": prefix_len - (ledger.prompt_len or 0),
+                                   "error": str(e)}
+                turn = replace(run_turn(self.engines["large"], self.tokenizer, ledger.ids, text,
+                                        replace(spec, role="large"), sink=sink), rerouted_from="small")
         ledger.ids.extend(turn.ids)
         ledger.consumed = len(text) + len(turn.text)
-        return turn.text, {"turn": turn, "inserted_ids": inserted, "prefix_len": prefix_len}
+        return turn.text, {"turn": turn, "inserted_ids": inserted, "prefix_len": prefix_len,
+                           "degraded": ledger.degraded}

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import orjson
 
+from .engine import ClientConfig
 from .errors import RelayAborted, RelayGenError
 
 EXIT_USAGE = 2
@@ -76,7 +77,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .api import Relay
 
-    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile) as r:
+    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
+               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout)) as r:
         kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                       answer_role=args.answer_role)
         try:
@@ -105,7 +107,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         sys.stderr.write(f"relaygen: {problem}\n")
     method = args.program if args.program in ("relay", "single-large", "single-small") else "relay"
     program = None if args.program == method else args.program
-    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile) as r:
+    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
+               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout)) as r:
         if program:
             from .programs import load_program
 
@@ -147,7 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except OSError as e:
         raise RelayGenError(f"cannot create {out}: {e}") from e
     methods = args.method or ["relay"]
-    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile) as r:
+    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
+               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout)) as r:
         for method in methods:
             def run_one(p, method=method):  # type: ignore[no-untyped-def]
                 return r.run(p.question, method, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -196,7 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, **overrides)
-    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile) as r:
+    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
+               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout)) as r:
         result = run_bench(cfg, r, Path(args.out), log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {args.out}/bench.json, bench.md, bench.png ({result['elapsed_s']} s)")
@@ -207,7 +212,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api import Relay
     from .serve import serve
 
-    relay = Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile)
+    relay = Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
+               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout))
     print(f"relaygen serving {args.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"(large {relay.urls['large']}, small {relay.urls['small']})", file=sys.stderr)
     try:
@@ -313,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--max-tokens", type=_positive_int, default=None)
     be.add_argument("--quick", action="store_true", help="fewer questions, shorter budgets (~10 min on cpu-tiny)")
     be.add_argument("--out", required=True)
+    _add_client_args(be)
     be.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="serve the relay as an OpenAI-compatible model")
@@ -324,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=_positive_int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     sv.add_argument("--model-name", default="relaygen")
+    _add_client_args(sv)
     sv.set_defaults(func=cmd_serve)
     return p
 
@@ -340,6 +348,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--answer-role", choices=("small", "large"), default="small")
     p.add_argument("--ids", action="store_true", help="include token ids in the JSON")
+    _add_client_args(p)
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-small-failure", choices=("large", "fail"), default="large",
+                   help="if the small server fails: go on with the large model alone (default) or fail")
+    p.add_argument("--timeout", type=_positive_int, default=600, help="read timeout per request, seconds")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

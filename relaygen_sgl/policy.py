@@ -73,6 +73,7 @@ class RelayPolicy:
         self.used = 0
         self.phase = "think"
         self.single_role = {"single-large": "large", "single-small": "small"}.get(plan.method)
+        self.degraded = False  # the small server failed: the large model goes on alone
 
     @property
     def remaining(self) -> int:
@@ -100,6 +101,9 @@ class RelayPolicy:
 
     def after(self, turn: TurnResult) -> Decision:
         self.used += len(turn.ids)
+        if turn.rerouted_from == "small" and not self.degraded:
+            self.degraded = True
+            self.single_role = "large"  # no more switching; the large model answers too
         kind = turn.finish.kind
         if self.phase == "answer":
             return Decision(None, finish="eos" if kind == "eos" else ("budget" if kind == "length" else "done"))

@@ -24,6 +24,7 @@ class Segment:
     matched: str | int | None = None
     requests: int = 0
     discarded_tokens: int = 0
+    rerouted_from: str | None = None  # "small": the large model ran this turn after the small failed
 
     @property
     def reprefilled(self) -> int:

@@ -21,6 +21,7 @@ class Trace:
         self.prompt_ids: list[int] = []
         self.segments: list[Segment] = []
         self.ttft: float | None = None
+        self.degraded: dict[str, Any] | None = None
 
     def start(self, question: str) -> str:
         self.prompt = self.plan.render(question)
@@ -38,6 +39,7 @@ class Trace:
             raise RelayAborted(f"relay stopped after {len(self.segments)} segments: {err}",
                                partial=self.result("error"), role=role) from err
         turn: TurnResult = meta["turn"]
+        self.degraded = meta.get("degraded") or self.degraded
         if self.ttft is None:
             self.ttft = (time.perf_counter() - self.t0) - turn.latency_s + turn.ttft_s
         self.segments.append(Segment(
@@ -45,7 +47,7 @@ class Trace:
             prompt_tokens=turn.prompt_tokens, cached_tokens=turn.cached_tokens,
             latency_s=round(turn.latency_s, 4), server_latency_s=round(turn.server_latency_s, 4),
             ttft_s=round(turn.ttft_s, 4), finish=turn.finish.kind, matched=turn.finish.matched,
-            requests=turn.requests, discarded_tokens=turn.discarded_tokens,
+            requests=turn.requests, discarded_tokens=turn.discarded_tokens, rerouted_from=turn.rerouted_from,
         ))
         return turn
 
@@ -53,4 +55,5 @@ class Trace:
         e2e = time.perf_counter() - self.t0
         stats = compute_stats(self.segments, e2e, self.ttft or 0.0, self.plan.budget, finish)
         return RelayResult(method=self.plan.method, prompt=self.prompt, prompt_ids=self.prompt_ids,
-                           segments=list(self.segments), stats=stats, think_end=self.plan.family.think_end)
+                           segments=list(self.segments), stats=stats, think_end=self.plan.family.think_end,
+                           degraded=self.degraded)

@@ -45,6 +45,7 @@ class TurnResult:
     ttft_s: float
     requests: int
     discarded_tokens: int  # the follower token after a cue, generated and cut
+    rerouted_from: str | None = None  # "small" when the large model ran a small turn
 
 
 class _Streamer:

@@ -5,6 +5,8 @@ trajectory must reproduce the tape exactly whatever the switching does."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.engine import ClientConfig
@@ -123,13 +125,13 @@ def test_profile_with_too_many_stops_is_refused():
         CueProfile(name="x", models={}, cues=("Thus",), sentence_ends=tuple(str(i) for i in range(32))).validate()
 
 
-def test_server_error_mid_trajectory_carries_the_partial_result(fake):
+def test_large_server_error_mid_trajectory_carries_the_partial_result(fake):
     relay, _, _ = setup(fake, THINK, family="qwen3")
-    fake.hosts["small.test:2"].down_after = 0
+    fake.hosts["large.test:1"].down_after = 1  # its first turn succeeds, then it is gone
     with pytest.raises(RelayAborted) as err:
         relay.run(QUESTION, max_tokens=500)
     partial = err.value.partial
-    assert partial is not None and [s.role for s in partial.segments] == ["large"]
+    assert partial is not None and [s.role for s in partial.segments] == ["large", "small"]
     assert partial.segments[0].matched == "Therefore"
 
 
@@ -152,3 +154,53 @@ def test_handoffs_reprefill_only_the_other_roles_tokens(fake):
         pos += len(seg.token_ids)
         if seg.role in ("large", "small"):
             last_seen[seg.role] = pos
+
+
+def test_small_server_dies_mid_trajectory_large_goes_on_alone(fake):
+    relay, _, tape = setup(fake, THINK, family="qwen3")
+    fake.hosts["small.test:2"].down_after = 1  # answers its first turn, then is gone
+    res = relay.run(QUESTION, max_tokens=500)
+    assert res.degraded is not None and res.degraded["role"] == "small"
+    first = next(i for i, s in enumerate(res.segments) if s.rerouted_from == "small")
+    assert res.degraded["from_token"] == sum(len(s.token_ids) for s in res.segments[:first])
+    assert [s.role for s in res.segments].count("small") == 1
+    assert all(s.role == "large" for s in res.segments[first:])
+    assert res.answer == "The answer is 5."  # nothing lost: the tape is reproduced
+    assert res.to_dict()["degraded"]["from_token"] == res.degraded["from_token"]
+
+
+def test_small_server_failure_can_be_made_fatal(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    relay.backend.on_small_failure = "fail"
+    fake.hosts["small.test:2"].down_after = 0
+    with pytest.raises(RelayAborted):
+        relay.run(QUESTION, max_tokens=500)
+
+
+def test_a_4xx_is_never_retried(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3", retries=3)
+    fake.hosts["large.test:1"].max_input = 1
+    with pytest.raises(RelayAborted, match="HTTP 400"):
+        relay.run(QUESTION, max_tokens=500)
+    assert len(fake.hosts["large.test:1"].requests) == 1
+
+
+WORDS = ["Therefore", " therefore", " now", " know", " Thus,", " the", " sum", " is", " 5", ".", "\n\n", " Other",
+         " Otherwise", " Any", " Anyway", " we", " add", "!", "?", " So", " Some"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=40))
+def test_property_segments_concatenate_to_the_trajectory(fake, words):
+    fake.hosts.clear()
+    relay, p_ids, tape = setup(fake, "".join(words), family="qwen3")
+    res = relay.run(QUESTION, max_tokens=400)
+    body = tape[len(p_ids):]
+    assert [t for s in res.segments for t in s.token_ids] == res.token_ids
+    # both hosts read one tape, so the relay must reproduce it exactly (its EOS included)
+    ids = [t for s in res.segments if s.role != "inserted" for t in s.token_ids]
+    assert ids == body[: len(ids)] and (ids[-1] == fake.eos_id or len(ids) == 400)
+    cues = set(relay.profile.cues)
+    for s in res.segments:
+        if s.finish == "cue":
+            assert s.matched in cues
