@@ -39,7 +39,8 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, preset: str) -> BenchConfig:
-        return cls(preset=preset, questions=2, reps=2, max_tokens=160, load_levels=(1, 4, 16), load_max_tokens=48)
+        return cls(preset=preset, questions=3, reps=2, max_tokens=128, load_levels=(1, 4, 16), load_max_tokens=48,
+                   dataset="math500")
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -104,7 +105,8 @@ def run_handoff(relay: Relay, results: list[RelayResult], questions: list[str]) 
     for fmt in FORMATS:
         mine = [s for s in samples if s.format == fmt]
         out[fmt] = {"handoffs": len(mine),
-                    "mean_reprefilled_tokens": round(statistics.fmean(s.reprefilled for s in mine), 2) if mine else None,
+                    "mean_reprefilled_tokens":
+                        round(statistics.fmean(s.reprefilled for s in mine), 2) if mine else None,
                     "mean_handoff_latency_s": round(statistics.fmean(s.ttft_s for s in mine), 4) if mine else None}
     base = out["tokens"]
     for fmt in ("text", "chat"):
@@ -150,8 +152,13 @@ def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str]
     questions = [p.question for p in problems]
     t0 = time.perf_counter()
     speed = run_speed(relay, questions, cfg, log)
-    relay_runs: list[RelayResult] = speed.pop("_runs")["relay"][: len(questions)]
-    handoff = run_handoff(relay, relay_runs, questions)
+    # the replay needs handoffs: the relay runs with the most switches, one per question
+    runs = speed.pop("_runs")["relay"]
+    best: dict[str, RelayResult] = {}
+    for res, q in zip(runs, [q for _ in range(cfg.reps) for q in questions]):
+        if q not in best or res.stats.switches > best[q].stats.switches:
+            best[q] = res
+    handoff = run_handoff(relay, list(best.values()), list(best))
     load = run_load(relay, questions, cfg, log)
     result = {
         "preset": cfg.preset, "config": asdict(cfg), "machine": machine.describe(),

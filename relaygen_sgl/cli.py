@@ -195,7 +195,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench
 
     cfg = BenchConfig.quick(args.preset) if args.quick else BenchConfig(preset=args.preset)
-    overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens)) if v}
+    overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens),
+                                   ("dataset", args.dataset)) if v}
     if overrides:
         import dataclasses
 
@@ -220,6 +221,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(relay, args.host, args.port, args.api_key, args.model_name)
     finally:
         relay.close()
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .api import Relay
+    from .calibrate import CalibrationPaths, CalibrationSettings, check_writable, load_candidates, run_calibration
+    from .datasets import load_problems
+
+    problems = load_problems(args.data)
+    if args.limit:
+        problems = problems[: args.limit]
+    paths = CalibrationPaths.for_output(Path(args.out), args.cache)
+    check_writable(paths.out, "profile")  # before any server is asked anything
+    check_writable(paths.trajectories, "trajectory cache")
+    candidates = load_candidates(Path(args.candidates) if args.candidates else None)
+    settings = CalibrationSettings(data=args.data, samples=args.samples, limit=args.limit,
+                                   max_tokens=args.max_tokens, threshold=args.threshold,
+                                   min_count=args.min_count, concurrency=args.concurrency, name=args.name)
+    with Relay(preset=args.preset, large=args.large, small=args.small, on_small_failure=args.on_small_failure,
+               client=ClientConfig(read_timeout_s=args.timeout)) as r:
+        try:
+            rep = run_calibration(r, problems, settings, paths, candidates=candidates,
+                                  progress=not args.no_progress)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"relaygen: interrupted; the work done is cached in {paths.trajectories} and "
+                             f"{paths.margins}; rerun the same command to go on\n")
+            return 130
+    selected = [s for s in rep.stats.cues.values() if s.selected]
+    for s in selected:
+        print(f"{s.rank:2d}. {s.cue!r:18} delta {s.delta:+.4f} +- {s.stderr or 0:.4f}  "
+              f"x{s.occurrences}  ({s.n_tokens} tokens)", file=sys.stderr)
+    print(f"{len(selected)} of {len(rep.stats.cues)} cues selected from {rep.trajectories} trajectories "
+          f"(baseline margin {rep.stats.baseline_mean_margin or 0:.4f}) -> {paths.out}", file=sys.stderr)
+    print(f"figures: {', '.join(rep.figures)}", file=sys.stderr)
+    if rep.failed:
+        sys.stderr.write(f"relaygen: {len(rep.failed)} trajectories failed and were left out (first: "
+                         f"{next(iter(rep.failed.values()))}); rerun the same command to retry them\n")
+        return 1
     return 0
 
 
@@ -251,7 +292,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .policy import METHODS
+    from .policy import DEFAULT_BUDGET, METHODS
 
     p = _Parser(prog="relaygen", description="RelayGen on SGLang: large/small model switching at switch cues.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -316,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--small")
     be.add_argument("--profile")
     be.add_argument("--questions", type=_positive_int, default=None)
+    be.add_argument("--dataset", default=None, help="questions from this data set (default aime25; quick: math500)")
     be.add_argument("--max-tokens", type=_positive_int, default=None)
     be.add_argument("--quick", action="store_true", help="fewer questions, shorter budgets (~10 min on cpu-tiny)")
     be.add_argument("--out", required=True)
@@ -333,6 +375,27 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-name", default="relaygen")
     _add_client_args(sv)
     sv.set_defaults(func=cmd_serve)
+
+    ca = sub.add_parser("calibrate", help="choose switch cues for a model pair (probability-margin calibration)")
+    ca.add_argument("--preset", default="cpu-tiny")
+    ca.add_argument("--large", help="URL of the large server (default: from `up` or the preset)")
+    ca.add_argument("--small", help="URL of the small server")
+    ca.add_argument("--data", "--dataset", dest="data", default="amc23",
+                    help="calibration problems: aime25 | aime24 | amc23 | math500 | gpqa:PATH (default amc23)")
+    ca.add_argument("--samples", type=_positive_int, default=4, help="large-model samples per problem (seeds 0..n-1)")
+    ca.add_argument("--limit", type=_positive_int, default=None, help="first N problems only")
+    ca.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_BUDGET, help="completion budget per sample")
+    ca.add_argument("--threshold", type=float, default=0.0, help="keep cues with delta above this (default 0)")
+    ca.add_argument("--min-count", type=_positive_int, default=3, help="keep cues seen at least this often")
+    ca.add_argument("--candidates", help="JSON file with a 'cues' list (default: the 91 RelayGen candidates)")
+    ca.add_argument("--name", help="profile name (default: the output file's stem)")
+    ca.add_argument("--out", required=True, help="profile JSON to write; caches and figures go beside it")
+    ca.add_argument("--cache", help="trajectory cache JSONL (default: <out stem>.trajectories.jsonl); "
+                    "margins go to <cache stem>.margins.jsonl")
+    ca.add_argument("--concurrency", type=_positive_int, default=4)
+    ca.add_argument("--no-progress", action="store_true")
+    _add_client_args(ca)
+    ca.set_defaults(func=cmd_calibrate)
     return p
 
 

@@ -15,7 +15,8 @@ from .resources import data_path
 
 BUNDLED = ("aime25", "aime24", "amc23", "math500")
 MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-CHOICE_INSTRUCTION = "\n\nPlease reason step by step, and put the letter of your answer (A, B, C or D) within \\boxed{}."
+CHOICE_INSTRUCTION = ("\n\nPlease reason step by step, and put the letter of your answer (A, B, C or D) "
+                      "within \\boxed{}.")
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def report(out_dir: Path, header: dict[str, Any], workers: int = 2) -> dict[str,
     methods = [m for m in METHODS if (out_dir / f"{m}.jsonl").is_file()]
     rows = {m: summarize(grade_method(out_dir, m, workers)) for m in methods}
     base = rows.get("single-large")
-    for m, row in rows.items():
+    for row in rows.values():
         row["speedup_vs_single_large"] = (round(base["mean_latency_s"] / row["mean_latency_s"], 3)
                                           if base and row["mean_latency_s"] else None)
     result = {**header, "methods": rows}

@@ -1,9 +1,12 @@
 """Handoff cost, measured by replaying a finished trajectory in three handoff formats.
 
 For each format the caches are flushed, then every turn is replayed in order: one
-measured request (the handoff: the turn's prefix, max_new_tokens=1, streamed for the
-time to first token) and one warming request (prefix + the turn's output) so the
-server's cache holds what it would hold in a real relay of that format.
+measured request (the handoff: the turn's prefix in that format, max_new_tokens=1,
+streamed for the time to first token) and one warming request, so that the server's
+cache holds what it would hold in a real relay of that format: the prefix as that
+format tokenizes it, followed by the token ids the model generated. (A text relay's
+next request re-tokenizes those generated ids as text; wherever the two differ, the
+cache misses from there on.)
 
   tokens: /generate with input_ids, exactly the ids the models wrote (relaygen-sgl)
   text:   /generate with the joined text, re-tokenized by the server
@@ -62,6 +65,12 @@ def _chat(url: str, question: str, partial: str, max_tokens: int, http: httpx.Cl
     return int(usage.get("prompt_tokens", 0)), cached, ttft if ttft is not None else time.perf_counter() - t0
 
 
+def _server_tokens(http: httpx.Client, url: str, text: str) -> list[int]:
+    r = http.post(f"{url}/tokenize", json={"prompt": text})
+    r.raise_for_status()
+    return list(r.json()["tokens"])
+
+
 def replay(result: RelayResult, question: str, engines: dict[str, EngineClient], tok: Tokenizer,
            think_prefix: str) -> list[HandoffSample]:
     samples: list[HandoffSample] = []
@@ -80,19 +89,24 @@ def replay(result: RelayResult, question: str, engines: dict[str, EngineClient],
                 if fmt == "tokens":
                     g = eng.generate(prefix, {"max_new_tokens": 1, "temperature": 0}, on_tokens=lambda ids: None)
                     sample = (g.prompt_tokens, g.cached_tokens, g.ttft_s)
-                    eng.generate(prefix + seg.token_ids, {"max_new_tokens": 1, "temperature": 0})
+                    as_sent = prefix
                 elif fmt == "text":
-                    body = {"text": tok.decode(prefix, skip_special=False),
-                            "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
+                    text = tok.decode(prefix, skip_special=False)
                     t0 = time.perf_counter()
-                    r = http.post(f"{eng.url}/generate", json=body).json()
-                    sample = (r["meta_info"]["prompt_tokens"], r["meta_info"]["cached_tokens"], time.perf_counter() - t0)
-                    warm = {**body, "text": tok.decode(prefix + seg.token_ids, skip_special=False)}
-                    http.post(f"{eng.url}/generate", json=warm)
+                    r = http.post(f"{eng.url}/generate", json={"text": text, "sampling_params":
+                                                                {"max_new_tokens": 1, "temperature": 0}}).json()
+                    meta = r["meta_info"]
+                    sample = (meta["prompt_tokens"], meta["cached_tokens"], time.perf_counter() - t0)
+                    as_sent = _server_tokens(http, eng.url, text)
                 else:
                     partial = think_prefix + tok.decode(completion, skip_special=False)
                     sample = _chat(eng.url, question, partial, 1, http)
-                    _chat(eng.url, question, partial + seg.text, 1, http)
+                    rendered = tok.apply_chat_template([{"role": "user", "content": question},
+                                                        {"role": "assistant", "content": partial}],
+                                                       continue_final_message=True, add_generation_prompt=False)
+                    as_sent = _server_tokens(http, eng.url, rendered)
+                # what the server caches after this turn: what it was sent, then what it generated
+                eng.generate(as_sent + seg.token_ids, {"max_new_tokens": 1, "temperature": 0})
                 samples.append(HandoffSample(fmt, seg.role, i, *sample))
                 prefix += seg.token_ids
     finally:

@@ -33,7 +33,8 @@ def server_command(preset: Preset, role: str, settings: Settings, host: str = "1
     if preset.device == "cpu":
         # The stand-in for sgl-kernel's missing CPU ops: on CPU server processes only.
         shim = str(cpu_shim_dir())
-        env["PYTHONPATH"] = shim + os.pathsep + os.environ.get("PYTHONPATH", "") if os.environ.get("PYTHONPATH") else shim
+        inherited = os.environ.get("PYTHONPATH")
+        env["PYTHONPATH"] = shim + os.pathsep + inherited if inherited else shim
     return ServerCommand(argv=argv, env=env)
 
 

@@ -41,7 +41,7 @@ class CueProfile:
             raise ConfigError(f"profile {self.name!r} has no cues")
         if len(set(self.cues)) != len(self.cues):
             raise ConfigError(f"profile {self.name!r} lists a cue twice")
-        self.patterns  # raises on an invalid cue or too many cues
+        _ = self.patterns  # raises on an invalid cue or too many cues
         if len(self.small_stops) > MAX_STOP_STRINGS:
             raise ConfigError(f"profile {self.name!r}: {len(self.small_stops)} stop strings, "
                               f"SGLang takes at most {MAX_STOP_STRINGS}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,15 @@ BUILTIN = {"relay": ("relay.py", "relay"), "single-large": ("single.py", "single
            "single-small": ("single.py", "single")}
 
 
+_LOCK = threading.Lock()  # concurrent first loads must not see a half-executed module
+
+
 def _load_module(path: Path) -> Any:
+    with _LOCK:
+        return _load_module_locked(path)
+
+
+def _load_module_locked(path: Path) -> Any:
     name = f"relaygen_programs.{path.stem}"
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]

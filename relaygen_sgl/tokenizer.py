@@ -27,7 +27,8 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
-        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        kwargs.setdefault("add_generation_prompt", True)
+        return self._tok.apply_chat_template(messages, tokenize=False, **kwargs)
 
     @functools.cached_property
     def fingerprint(self) -> int:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from doubles import FakeSGLang, build_tokenizer
 from paths import REAL_MODELS
 

@@ -31,14 +31,14 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(folder) -> str:
+def build_tokenizer(folder, vocab_size: int = 400) -> str:
     """A small byte-level BPE tokenizer saved as a transformers folder; returns its path."""
     from transformers import PreTrainedTokenizerFast
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
@@ -67,6 +67,7 @@ class FakeSGLang:
         self.eos_id = eos_id
         self.incremental = incremental
         self.hosts: dict[str, Host] = {}
+        self.tokenizer_paths: dict[str, str] = {}  # per host, to simulate a second vocabulary
 
     def add_host(self, url: str, tape: list[int]) -> Host:
         host = Host(tape=list(tape))
@@ -83,8 +84,8 @@ class FakeSGLang:
         if host is None:
             raise httpx.ConnectError("connection refused", request=request)
         if request.url.path == "/model_info":
-            return httpx.Response(200, json={"model_path": self.tokenizer_path,
-                                             "tokenizer_path": self.tokenizer_path})
+            path = self.tokenizer_paths.get(request.url.netloc.decode(), self.tokenizer_path)
+            return httpx.Response(200, json={"model_path": path, "tokenizer_path": path})
         if request.url.path != "/generate":
             return httpx.Response(404, json={"detail": "Not Found"})
         body = orjson.loads(request.content)

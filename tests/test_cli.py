@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from paths import REAL_MODELS
 
 
@@ -73,3 +72,20 @@ def test_a_server_that_never_becomes_healthy_times_out_with_its_log():
     assert "nothing is up" in one_line_error(relaygen("status"))
     out = subprocess.run(["pgrep", "-f", "sglang.launch_server.*--port 3000[01]"], capture_output=True, text=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_profile_with_too_many_cues_or_a_bad_cue(tmp_path):
+    import json
+
+    many = tmp_path / "many.json"
+    many.write_text(json.dumps({"name": "many", "cues": [f"cue{i}" for i in range(40)]}))
+    assert "at most 32" in one_line_error(relaygen("run", "hi", "--profile", str(many), "--large",
+                                                   "http://127.0.0.1:9", "--small", "http://127.0.0.1:9"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "bad", "cues": ["Thus", ""]}))
+    assert "invalid cue" in one_line_error(relaygen("run", "hi", "--profile", str(bad)))
+
+
+def test_missing_prompts_file_for_batch(tmp_path):
+    err = one_line_error(relaygen("batch", "relay", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")))
+    assert "not found" in err

@@ -17,7 +17,7 @@ def test_all_presets_load_keep_the_radix_cache_and_use_lpm():
     assert {"cpu-tiny", "cpu-tiny-pruned", "qwen3-32b-1.7b", "qwen3-32b-1.7b-eagle3", "r1-32b-1.5b"} <= set(names)
     for name in names:
         preset = load_preset(name)
-        for role, spec in preset.roles.items():
+        for spec in preset.roles.values():
             assert "--disable-radix-cache" not in spec.args
             i = spec.args.index("--schedule-policy")
             assert spec.args[i + 1] == "lpm"

@@ -204,3 +204,27 @@ def test_property_segments_concatenate_to_the_trajectory(fake, words):
     for s in res.segments:
         if s.finish == "cue":
             assert s.matched in cues
+
+
+def test_two_roles_with_different_tokenizers_are_refused(fake, tmp_path):
+    from doubles import build_tokenizer
+
+    from relaygen_sgl.errors import TokenizerMismatch
+
+    fake.add_host(LARGE, [])
+    fake.add_host(SMALL, [])
+    fake.tokenizer_paths["small.test:2"] = build_tokenizer(tmp_path / "other", vocab_size=350)
+    with pytest.raises(TokenizerMismatch, match="one vocabulary"):
+        make_relay(fake)
+
+
+def test_a_lost_cache_changes_only_cached_tokens(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    relay.run(QUESTION, max_tokens=500)
+    first = relay.run(QUESTION, max_tokens=500)  # warm: its prefixes are cached
+    for host in fake.hosts.values():  # a restarted server: its radix cache is gone
+        host.cache.clear()
+    second = relay.run(QUESTION, max_tokens=500)
+    assert second.token_ids == first.token_ids and second.text == first.text
+    assert [s.prompt_tokens for s in second.segments] == [s.prompt_tokens for s in first.segments]
+    assert [s.cached_tokens for s in second.segments] != [s.cached_tokens for s in first.segments]

@@ -49,8 +49,8 @@ def oai(client, key="sekret"):
 
 
 def test_plain_completion_with_relay_usage(app_client):
-    r = oai(app_client).chat.completions.create(model="relaygen", messages=[{"role": "user", "content": "What is 2 + 3?"}],
-                                                max_tokens=200)
+    r = oai(app_client).chat.completions.create(
+        model="relaygen", messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=200)
     assert r.choices[0].message.content == "The answer is 5."
     assert r.choices[0].finish_reason == "stop"
     relay = r.usage.model_extra["relay"]

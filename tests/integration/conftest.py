@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from paths import REAL_MODELS
+
 from relaygen_sgl import stack
 from relaygen_sgl.presets import load_preset
 from relaygen_sgl.settings import Settings
