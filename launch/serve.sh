@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Start ONE real SGLang server for ROLE (large|small) of PRESET, in the foreground.
-# Usable by hand on a GPU box:  launch/serve.sh large qwen3-32b-1.7b
+# Usable by hand on a GPU box:  launch/serve.sh large qwen3-32b-1.7b [HOST]
+# HOST defaults to 127.0.0.1; give 0.0.0.0 to serve other machines. DRY_RUN=1 prints only.
 # The command line comes from launch/presets.toml (the same code path as `relaygen up`).
 set -euo pipefail
-if [ $# -ne 2 ]; then
-  echo "usage: launch/serve.sh ROLE PRESET   (ROLE: large|small)" >&2
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
+  echo "usage: launch/serve.sh ROLE PRESET [HOST]   (ROLE: large|small)" >&2
   exit 2
 fi
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,7 +14,7 @@ if [ -z "$py" ]; then
   if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
 fi
 # Prints "export K=V" lines and then the argv, one item per line, NUL-free.
-plan=$("$py" -m relaygen_sgl.serve_cmd "$1" "$2") || exit $?
+plan=$("$py" -m relaygen_sgl.serve_cmd "$@") || exit $?
 mapfile -t lines <<<"$plan"
 argv=()
 for line in "${lines[@]}"; do
@@ -23,4 +24,8 @@ for line in "${lines[@]}"; do
   esac
 done
 echo "+ ${argv[*]}" >&2
+if [ -n "${DRY_RUN:-}" ]; then  # print the environment and command only
+  env | grep -E '^(PYTHONPATH|SGLANG_USE_CPU_ENGINE|CUDA_VISIBLE_DEVICES)=' >&2 || true
+  exit 0
+fi
 exec "${argv[@]}"

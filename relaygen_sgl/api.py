@@ -9,7 +9,7 @@ from typing import Any
 
 from .backend import RelayBackend
 from .engine import ClientConfig, EngineClient
-from .errors import ConfigError, RelayAborted
+from .errors import ConfigError, RelayAborted, RelayGenError
 from .family import load_family
 from .policy import DEFAULT_BUDGET, RelayPlan
 from .presets import load_preset
@@ -17,7 +17,7 @@ from .profile import CueProfile, load_profile
 from .programs import load_program
 from .result import RelayResult
 from .settings import load_settings
-from .stack import read_state
+from .stack import read_state, role_urls
 from .tokenizer import check_same_vocabulary, load_tokenizer
 
 
@@ -28,12 +28,20 @@ def resolve_urls(preset_name: str, large: str | None, small: str | None) -> dict
     urls = {"large": preset.url("large"), "small": preset.url("small")}
     state = read_state(load_settings())
     if state and state.get("preset") == preset_name:
-        urls.update({rec["role"]: rec["url"] for rec in state["servers"]})
+        urls.update(role_urls(state))
     if large:
         urls["large"] = large
     if small:
         urls["small"] = small
     return urls
+
+
+def _dp_size(engine: EngineClient) -> int:
+    """The server's --dp (1 where it does not say, e.g. behind a router)."""
+    try:
+        return int(engine.server_info().get("dp_size") or 1)
+    except (RelayGenError, ValueError, TypeError):
+        return 1
 
 
 class Relay:
@@ -56,7 +64,8 @@ class Relay:
             raise ConfigError(f"{self.urls['large']} did not report its tokenizer path")
         self.tokenizer = load_tokenizer(paths["large"])
         check_same_vocabulary(self.tokenizer, load_tokenizer(paths["small"] or paths["large"]))
-        self.backend = RelayBackend(self.engines, self.tokenizer, on_small_failure)
+        self.backend = RelayBackend(self.engines, self.tokenizer, on_small_failure,
+                                    dp_sizes={role: _dp_size(e) for role, e in self.engines.items()})
 
     def close(self) -> None:
         for e in set(self.engines.values()):

@@ -35,14 +35,20 @@ class _Ledger:
     consumed: int = 0  # characters of s.text_ already in `ids`
     prompt_len: int | None = None
     degraded: dict[str, Any] | None = None  # set once the small server failed
+    slot: int = 0  # this trajectory's data-parallel rank seed (stable for its whole life)
 
 
 FALLBACKS = ("large", "fail")
 
 
 class RelayBackend(BaseBackend):
-    def __init__(self, engines: dict[str, EngineClient], tokenizer: Tokenizer, on_small_failure: str = "large") -> None:
+    def __init__(self, engines: dict[str, EngineClient], tokenizer: Tokenizer, on_small_failure: str = "large",
+                 dp_sizes: dict[str, int] | None = None) -> None:
         super().__init__()
+        # With in-server --dp, each trajectory is pinned to one DP rank per role (SGLang's
+        # routed_dp_rank): the rank's radix cache then holds the whole shared prefix.
+        self.dp_sizes = {r: n for r, n in (dp_sizes or {}).items() if n > 1}
+        self._next_slot = 0
         if on_small_failure not in FALLBACKS:
             raise ConfigError(f"on_small_failure must be one of {FALLBACKS}, got {on_small_failure!r}")
         self.on_small_failure = on_small_failure
@@ -59,8 +65,7 @@ class RelayBackend(BaseBackend):
         return "relaygen"
 
     def begin_program(self, s: StreamExecutor) -> None:
-        with self._lock:
-            self._ledgers[s.sid] = _Ledger()
+        self._ledger(s)
 
     def end_program(self, s: StreamExecutor | list[StreamExecutor]) -> None:
         with self._lock:
@@ -69,7 +74,14 @@ class RelayBackend(BaseBackend):
 
     def _ledger(self, s: StreamExecutor) -> _Ledger:
         with self._lock:
-            return self._ledgers.setdefault(s.sid, _Ledger())
+            if s.sid not in self._ledgers:
+                self._ledgers[s.sid] = _Ledger(slot=self._next_slot)
+                self._next_slot += 1
+            return self._ledgers[s.sid]
+
+    def _pin(self, role: str, ledger: _Ledger) -> dict[str, Any]:
+        n = self.dp_sizes.get(role)
+        return {"routed_dp_rank": ledger.slot % n} if n else {}
 
     def generate(self, s: StreamExecutor, sampling_params: SglSamplingParams, spec_var_name: str | None = None):
         """Run one turn. Errors come back inside meta_info: raised here they would only be
@@ -100,12 +112,13 @@ class RelayBackend(BaseBackend):
         stop = tuple([sp.stop] if isinstance(sp.stop, str) else (sp.stop or ()))
         regex = tuple([sp.stop_regex] if isinstance(sp.stop_regex, str) else (sp.stop_regex or ()))
         spec = TurnSpec(role=role, max_tokens=int(sp.max_new_tokens), stop=stop, cue_patterns=regex,
-                        min_tokens=int(sp.min_new_tokens or 0), sampling=sampling)
+                        min_tokens=int(sp.min_new_tokens or 0), sampling=sampling, extra=self._pin(role, ledger))
         prefix_len = len(ledger.ids)
         sink = s.arguments.get("on_delta")
         if role == "small" and ledger.degraded:
             turn = replace(run_turn(self.engines["large"], self.tokenizer, ledger.ids, text,
-                                    replace(spec, role="large"), sink=sink), rerouted_from="small")
+                                    replace(spec, role="large", extra=self._pin("large", ledger)), sink=sink),
+                           rerouted_from="small")
         else:
             try:
                 turn = run_turn(self.engines[role], self.tokenizer, ledger.ids, text, spec, sink=sink)
@@ -116,7 +129,8 @@ class RelayBackend(BaseBackend):
                 ledger.degraded = {"role": "small", "from_token": prefix_len - (ledger.prompt_len or 0),
                                    "error": str(e)}
                 turn = replace(run_turn(self.engines["large"], self.tokenizer, ledger.ids, text,
-                                        replace(spec, role="large"), sink=sink), rerouted_from="small")
+                                        replace(spec, role="large", extra=self._pin("large", ledger)), sink=sink),
+                           rerouted_from="small")
         ledger.ids.extend(turn.ids)
         ledger.consumed = len(text) + len(turn.text)
         return turn.text, {"turn": turn, "inserted_ids": inserted, "prefix_len": prefix_len,

@@ -44,9 +44,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     preset = load_preset(args.preset)
     print(f"starting {preset.name}: {preset.description}", file=sys.stderr)
-    st = up(preset, load_settings(), host=args.host, timeout_s=args.timeout)
+    st = up(preset, load_settings(), host=args.host, timeout_s=args.timeout, kv_tokens=args.kv_tokens,
+            replicas={"large": args.replicas_large, "small": args.replicas_small})
     for role in ("large", "small"):
-        print(f"{role}: {st[role]['url']} pid {st[role]['pid']} log {st[role]['log']}")
+        r = st[role]
+        extra = f" (router over {len(r['replicas'])} replicas)" if r.get("replicas") else ""
+        print(f"{role}: {r['url']} pid {r['pid']}{extra} log {r['log']}")
     return 0
 
 
@@ -308,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--preset", required=True)
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--timeout", type=float, default=None, help="seconds to wait for health (default: preset's)")
+    up.add_argument("--replicas-large", type=_positive_int, default=1,
+                    help="servers for the large role; >1 puts SGLang's cache-aware router in front")
+    up.add_argument("--replicas-small", type=_positive_int, default=1)
+    up.add_argument("--kv-tokens", type=_positive_int, default=None,
+                    help="override --max-total-tokens per server (keep memory in check with replicas)")
     up.set_defaults(func=cmd_up)
 
     st = sub.add_parser("status", help="show the servers `up` started")

@@ -24,11 +24,24 @@ class ServerCommand:
     env: dict[str, str]  # additions to the parent's environment
 
 
+def _override(args: tuple[str, ...], flag: str, value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return args
+    out = list(args)
+    if flag in out:
+        out[out.index(flag) + 1] = value
+    else:
+        out += [flag, value]
+    return tuple(out)
+
+
 def server_command(preset: Preset, role: str, settings: Settings, host: str = "127.0.0.1",
-                   python: str = sys.executable) -> ServerCommand:
+                   python: str = sys.executable, port: int | None = None,
+                   kv_tokens: int | None = None) -> ServerCommand:
     spec = preset.roles[role]
+    args = _override(spec.args, "--max-total-tokens", str(kv_tokens) if kv_tokens else None)
     argv = (python, "-m", "sglang.launch_server", "--model-path", spec.model_path(settings),
-            "--host", host, "--port", str(spec.port), *spec.args)
+            "--host", host, "--port", str(port or spec.port), *args)
     env = dict(spec.env)
     if preset.device == "cpu":
         # The stand-in for sgl-kernel's missing CPU ops: on CPU server processes only.
@@ -36,6 +49,21 @@ def server_command(preset: Preset, role: str, settings: Settings, host: str = "1
         inherited = os.environ.get("PYTHONPATH")
         env["PYTHONPATH"] = shim + os.pathsep + inherited if inherited else shim
     return ServerCommand(argv=argv, env=env)
+
+
+def router_command(worker_urls: list[str], port: int, host: str = "127.0.0.1",
+                   python: str = sys.executable) -> ServerCommand:
+    """SGLang's own router (sglang-router) in front of a role's replicas. cache_aware sends a
+    request to the replica holding the longest matching prefix, so a trajectory's handoffs
+    keep landing where its cache is."""
+    argv = (python, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
+            "--policy", "cache_aware", "--worker-urls", *worker_urls)
+    return ServerCommand(argv=argv, env={})
+
+
+def replica_port(base: int, index: int) -> int:
+    """Replica i of a role listens at base + 200 + 10 i; the role's own port is its router's."""
+    return base + 200 + 10 * index
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:

@@ -12,11 +12,12 @@ from .settings import load_settings
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ROLES:
-        sys.stderr.write("usage: launch/serve.sh ROLE PRESET   (ROLE: large|small)\n")
+    if len(argv) not in (2, 3) or argv[0] not in ROLES:
+        sys.stderr.write("usage: launch/serve.sh ROLE PRESET [HOST]   (ROLE: large|small; HOST default 127.0.0.1)\n")
         return 2
     try:
-        cmd = server_command(load_preset(argv[1]), argv[0], load_settings())
+        cmd = server_command(load_preset(argv[1]), argv[0], load_settings(),
+                             host=argv[2] if len(argv) == 3 else "127.0.0.1")
     except RelayGenError as e:
         sys.stderr.write(f"relaygen: {e}\n")
         return 2

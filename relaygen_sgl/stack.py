@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LaunchError, StackError
-from .launcher import answers_generation, port_in_use, server_command, start_server, wait_healthy
+from .launcher import (
+    answers_generation,
+    port_in_use,
+    replica_port,
+    router_command,
+    server_command,
+    start_server,
+    wait_healthy,
+)
 from .presets import Preset, check_models
 from .result import ROLES
 from .settings import Settings
@@ -25,6 +33,7 @@ class ServerRecord:
     pid: int
     log: str
     port: int
+    kind: str = "server"  # "server" | "router"
 
 
 def read_state(settings: Settings) -> dict[str, Any] | None:
@@ -44,12 +53,13 @@ def _write_state(settings: Settings, state: dict[str, Any]) -> None:
 
 
 def _is_our_server(pid: int, port: int) -> bool:
-    """The pid is alive and still the SGLang server we started on that port."""
+    """The pid is alive and still the SGLang server (or router) we started on that port."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"sglang.launch_server" in cmdline and str(port).encode() in cmdline
+    ours = b"sglang.launch_server" in cmdline or b"sglang_router.launch_router" in cmdline
+    return ours and str(port).encode() in cmdline
 
 
 def _stop(pid: int, timeout_s: float = 30.0) -> None:
@@ -82,36 +92,66 @@ def live_servers(settings: Settings) -> list[ServerRecord]:
     return [ServerRecord(**rec) for rec in state["servers"] if _is_our_server(rec["pid"], rec["port"])]
 
 
-def up(preset: Preset, settings: Settings, host: str = "127.0.0.1", timeout_s: float | None = None) -> dict[str, Any]:
+def up(preset: Preset, settings: Settings, host: str = "127.0.0.1", timeout_s: float | None = None,
+       replicas: dict[str, int] | None = None, kv_tokens: int | None = None) -> dict[str, Any]:
+    """Start both roles. With replicas {role: n>1}, n servers for that role behind one
+    SGLang router (cache-aware) on the role's own port."""
     if live_servers(settings):
         state = read_state(settings) or {}
         raise StackError(f"servers of preset {state.get('preset')!r} are already up; run `relaygen down` first")
     check_models(preset, settings)
+    counts = {role: (replicas or {}).get(role, 1) for role in ROLES}
+    if any(n < 1 for n in counts.values()):
+        raise StackError("replica counts must be at least 1")
+    plan: list[tuple[str, str, int]] = []  # (role, kind, port)
     for role in ROLES:
-        port = preset.roles[role].port
+        base = preset.roles[role].port
+        if counts[role] == 1:
+            plan.append((role, "server", base))
+        else:
+            plan += [(role, "server", replica_port(base, i)) for i in range(counts[role])]
+            plan.append((role, "router", base))
+    for role, kind, port in plan:
         if port_in_use(port):
-            raise LaunchError(f"port {port} for the {role} server is already in use")
+            raise LaunchError(f"port {port} for the {role} {kind} is already in use")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started: list[tuple[ServerRecord, Any]] = []
+    timeout = timeout_s or preset.startup_timeout_s
     try:
-        for role in ROLES:
-            cmd = server_command(preset, role, settings, host=host)
-            log = settings.run_dir / "logs" / f"{preset.name}-{role}-{stamp}.log"
+        for role, kind, port in plan:
+            if kind == "server":
+                cmd = server_command(preset, role, settings, host=host, port=port, kv_tokens=kv_tokens)
+            else:
+                workers = [r.url for r, _ in started if r.role == role and r.kind == "server"]
+                for rec, proc in started:  # a router needs healthy workers
+                    if rec.role == role and rec.kind == "server":
+                        wait_healthy(rec.url, proc, Path(rec.log), timeout, rec.role)
+                cmd = router_command(workers, port, host=host)
+            log = settings.run_dir / "logs" / f"{preset.name}-{role}-{kind}-{port}-{stamp}.log"
             proc = start_server(cmd, log)
-            rec = ServerRecord(role=role, url=preset.url(role, host), pid=proc.pid, log=str(log),
-                               port=preset.roles[role].port)
+            rec = ServerRecord(role=role, url=f"http://{host}:{port}", pid=proc.pid, log=str(log), port=port,
+                               kind=kind)
             started.append((rec, proc))
             # Recorded at once, so `down` can clean up even if this process dies mid-start.
-            _write_state(settings, {"preset": preset.name, "started": stamp,
+            _write_state(settings, {"preset": preset.name, "started": stamp, "replicas": counts,
                                     "servers": [r.__dict__ for r, _ in started]})
         for rec, proc in started:
-            wait_healthy(rec.url, proc, Path(rec.log), timeout_s or preset.startup_timeout_s, rec.role)
+            wait_healthy(rec.url, proc, Path(rec.log), timeout, rec.role)
     except BaseException:
-        for rec, _ in started:
+        for rec, _ in reversed(started):
             _stop(rec.pid)
         settings.state_file.unlink(missing_ok=True)
         raise
     return status(settings)
+
+
+def role_urls(state: dict[str, Any]) -> dict[str, str]:
+    """The URL clients use per role: the router where there is one, else the server."""
+    urls: dict[str, str] = {}
+    for rec in state["servers"]:
+        if rec.get("kind", "server") == "router" or rec["role"] not in urls:
+            urls[rec["role"]] = rec["url"]
+    return urls
 
 
 def status(settings: Settings) -> dict[str, Any]:
@@ -119,10 +159,20 @@ def status(settings: Settings) -> dict[str, Any]:
     if not state:
         raise StackError("nothing is up (no servers recorded); start them with `relaygen up --preset P`")
     out: dict[str, Any] = {}
-    for rec in state["servers"]:
-        alive = _is_our_server(rec["pid"], rec["port"])
-        out[rec["role"]] = {"url": rec["url"], "pid": rec["pid"],
-                            "healthy": alive and answers_generation(rec["url"], timeout_s=10), "log": rec["log"]}
+    entry_urls = role_urls(state)
+    for role in ROLES:
+        recs = [r for r in state["servers"] if r["role"] == role]
+        entries = []
+        for rec in recs:
+            alive = _is_our_server(rec["pid"], rec["port"])
+            entries.append({"url": rec["url"], "pid": rec["pid"], "kind": rec.get("kind", "server"),
+                            "healthy": alive and answers_generation(rec["url"], timeout_s=10), "log": rec["log"]})
+        front = next((e for e in entries if e["url"] == entry_urls.get(role)), entries[0] if entries else None)
+        if front is None:
+            continue
+        out[role] = {**front, "healthy": all(e["healthy"] for e in entries)}
+        if len(entries) > 1:
+            out[role]["replicas"] = [e for e in entries if e["kind"] == "server"]
     out["preset"] = state["preset"]
     return out
 
@@ -132,7 +182,7 @@ def down(settings: Settings) -> list[int]:
     if not state:
         raise StackError("nothing is up: no servers recorded by `relaygen up`")
     stopped = []
-    for rec in state["servers"]:
+    for rec in reversed(state["servers"]):  # routers first, then their workers
         if _is_our_server(rec["pid"], rec["port"]):
             _stop(rec["pid"])
             stopped.append(rec["pid"])

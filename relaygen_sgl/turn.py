@@ -30,6 +30,7 @@ class TurnSpec:
     # model writes; gating only the cue keeps a greedy relay equal to the single model.
     min_tokens: int = 0
     sampling: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # top-level request fields (routed_dp_rank)
 
 
 @dataclass
@@ -115,7 +116,7 @@ def run_turn(
             sampling["stop_regex"] = list(spec.cue_patterns)
         base = list(kept)
         on_tokens = (lambda ids: streamer.update(base + ids)) if sink else (lambda ids: None)
-        gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens)
+        gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens, extra=spec.extra or None)
         requests += 1
         first = first or gen
         latency += gen.latency_s

@@ -55,6 +55,7 @@ class Host:
     requests: list[dict] = field(default_factory=list)
     fail_on: set[int] = field(default_factory=set)  # request numbers (1-based) answered with HTTP 500
     max_input: int | None = None  # longer inputs get SGLang's 400 (prompt longer than the context)
+    dp_size: int | None = None  # answer /server_info with this --dp
     down_after: int | None = None  # requests after this count get a connection error
 
 
@@ -86,6 +87,8 @@ class FakeSGLang:
         if request.url.path == "/model_info":
             path = self.tokenizer_paths.get(request.url.netloc.decode(), self.tokenizer_path)
             return httpx.Response(200, json={"model_path": path, "tokenizer_path": path})
+        if request.url.path == "/server_info" and host.dp_size:
+            return httpx.Response(200, json={"dp_size": host.dp_size})
         if request.url.path != "/generate":
             return httpx.Response(404, json={"detail": "Not Found"})
         body = orjson.loads(request.content)

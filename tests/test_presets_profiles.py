@@ -65,3 +65,24 @@ def test_a_profile_file_with_a_bad_cue_is_refused(tmp_path):
         load_profile(str(p))
     with pytest.raises(ConfigError, match="unknown profile"):
         load_profile("no-such-profile")
+
+
+def test_launch_serve_sh_builds_the_same_command_as_up():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
+    out = subprocess.run([str(root / "launch" / "serve.sh"), "small", "cpu-tiny"], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "sglang.launch_server" in out.stderr and "--port 30001" in out.stderr
+    assert "_cpu_shim" in out.stderr and "SGLANG_USE_CPU_ENGINE=1" in out.stderr
+    gpu = subprocess.run([str(root / "launch" / "serve.sh"), "large", "qwen3-32b-1.7b", "0.0.0.0"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert "--host 0.0.0.0" in gpu.stderr and "--tp 2" in gpu.stderr and "_cpu_shim" not in gpu.stderr
+    bad = subprocess.run([str(root / "launch" / "serve.sh"), "medium", "cpu-tiny"], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr

@@ -228,3 +228,21 @@ def test_a_lost_cache_changes_only_cached_tokens(fake):
     assert second.token_ids == first.token_ids and second.text == first.text
     assert [s.prompt_tokens for s in second.segments] == [s.prompt_tokens for s in first.segments]
     assert [s.cached_tokens for s in second.segments] != [s.cached_tokens for s in first.segments]
+
+
+def test_in_server_dp_pins_each_trajectory_to_one_rank(fake):
+    fake.add_host(LARGE, [])
+    fake.add_host(SMALL, [])
+    for h in fake.hosts.values():
+        h.dp_size = 2
+    relay = make_relay(fake, family="qwen3")
+    p_ids, tape = tape_for(relay, THINK, fake.eos_id)
+    for h in fake.hosts.values():
+        h.tape = tape
+    relay.run(QUESTION, max_tokens=500)
+    relay.run(QUESTION, max_tokens=500)
+    for h in fake.hosts.values():
+        ranks = [r.get("routed_dp_rank") for r in h.requests]
+        assert None not in ranks
+        half = len(ranks) // 2  # both runs make the same requests: each run keeps one rank
+        assert len(set(ranks[:half])) == 1 and len(set(ranks[half:])) == 1 and ranks[0] != ranks[-1]
