@@ -34,7 +34,7 @@ demo: models
 	$(RELAYGEN) run "$(DEMO_QUESTION)" --preset cpu-tiny --max-tokens $(DEMO_MAX_TOKENS) --seed 0; \
 	  rc=$$?; $(RELAYGEN) down; exit $$rc
 
-test: models system-deps
+test: models system-deps lint
 	$(PY) -m pytest -q
 
 test-unit: setup system-deps

@@ -54,6 +54,10 @@ class TokenizerMismatch(ConfigError):
     """Two roles use different vocabularies; token-exact handoff is impossible."""
 
 
+class CalibrationError(RelayGenError):
+    """Calibration cannot go on: bad input, a server without logprobs, nothing usable."""
+
+
 class RelayAborted(RelayGenError):
     """A relay stopped part way; `partial` holds the segments finished so far."""
 
