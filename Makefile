@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RELAYGEN := $(VENV)/bin/relaygen
 STAMP := $(VENV)/.setup-done
 SGLANG_VERSION := 0.5.23
-DEMO_QUESTION ?= A farmer has 17 sheep. All but 9 run away. How many sheep are left? Explain step by step.
+DEMO_QUESTION ?= Tom has 3 apples and buys 5 more. Then he gives 2 away. How many apples does he have? Explain step by step.
 DEMO_MAX_TOKENS ?= 256
 
 .PHONY: setup system-deps models demo test test-unit test-integration lint clean

@@ -13,7 +13,7 @@ from relaygen_sgl.presets import load_preset
 from relaygen_sgl.settings import Settings
 
 pytestmark = pytest.mark.integration
-QUESTION = "A farmer has 17 sheep. All but 9 run away. How many sheep are left? Explain step by step."
+QUESTION = "Tom has 3 apples and buys 5 more. Then he gives 2 away. How many apples does he have? Explain step by step."
 
 
 @pytest.fixture(scope="module")
