@@ -133,11 +133,20 @@ class EngineClient:
         return self._with_retries(call, f"GET {path}")
 
     # ------------------------------------------------------------------ API
+    def _info(self, name: str) -> dict[str, Any]:
+        # SGLang's router serves only the older /get_* spellings
+        try:
+            return self.get_json(f"/{name}")
+        except EngineRejected as e:
+            if e.status != 404:
+                raise
+            return self.get_json(f"/get_{name}")
+
     def model_info(self) -> dict[str, Any]:
-        return self.get_json("/model_info")
+        return self._info("model_info")
 
     def server_info(self) -> dict[str, Any]:
-        return self.get_json("/server_info")
+        return self._info("server_info")
 
     def generate(
         self,

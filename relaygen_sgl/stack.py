@@ -34,6 +34,7 @@ class ServerRecord:
     log: str
     port: int
     kind: str = "server"  # "server" | "router"
+    start_ticks: int | None = None  # /proc start time: the pid is still the process we started
 
 
 def read_state(settings: Settings) -> dict[str, Any] | None:
@@ -52,14 +53,21 @@ def _write_state(settings: Settings, state: dict[str, Any]) -> None:
     tmp.replace(settings.state_file)
 
 
-def _is_our_server(pid: int, port: int) -> bool:
-    """The pid is alive and still the SGLang server (or router) we started on that port."""
+def _start_ticks(pid: int) -> int | None:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    ours = b"sglang.launch_server" in cmdline or b"sglang_router.launch_router" in cmdline
-    return ours and str(port).encode() in cmdline
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19]) if fields[0] != "Z" else None  # field 22 of stat: starttime
+
+
+def _is_ours(rec: dict[str, Any]) -> bool:
+    """The recorded pid is alive and still the process `up` started. The start time decides:
+    a pid can be reused, and the router renames itself (setproctitle), so its command line
+    no longer says what it is."""
+    ticks = _start_ticks(rec["pid"])
+    return ticks is not None and ticks == rec.get("start_ticks")
 
 
 def _stop(pid: int, timeout_s: float = 30.0) -> None:
@@ -89,7 +97,7 @@ def live_servers(settings: Settings) -> list[ServerRecord]:
     state = read_state(settings)
     if not state:
         return []
-    return [ServerRecord(**rec) for rec in state["servers"] if _is_our_server(rec["pid"], rec["port"])]
+    return [ServerRecord(**rec) for rec in state["servers"] if _is_ours(rec)]
 
 
 def up(preset: Preset, settings: Settings, host: str = "127.0.0.1", timeout_s: float | None = None,
@@ -130,7 +138,7 @@ def up(preset: Preset, settings: Settings, host: str = "127.0.0.1", timeout_s: f
             log = settings.run_dir / "logs" / f"{preset.name}-{role}-{kind}-{port}-{stamp}.log"
             proc = start_server(cmd, log)
             rec = ServerRecord(role=role, url=f"http://{host}:{port}", pid=proc.pid, log=str(log), port=port,
-                               kind=kind)
+                               kind=kind, start_ticks=_start_ticks(proc.pid))
             started.append((rec, proc))
             # Recorded at once, so `down` can clean up even if this process dies mid-start.
             _write_state(settings, {"preset": preset.name, "started": stamp, "replicas": counts,
@@ -164,7 +172,7 @@ def status(settings: Settings) -> dict[str, Any]:
         recs = [r for r in state["servers"] if r["role"] == role]
         entries = []
         for rec in recs:
-            alive = _is_our_server(rec["pid"], rec["port"])
+            alive = _is_ours(rec)
             entries.append({"url": rec["url"], "pid": rec["pid"], "kind": rec.get("kind", "server"),
                             "healthy": alive and answers_generation(rec["url"], timeout_s=10), "log": rec["log"]})
         front = next((e for e in entries if e["url"] == entry_urls.get(role)), entries[0] if entries else None)
@@ -183,7 +191,7 @@ def down(settings: Settings) -> list[int]:
         raise StackError("nothing is up: no servers recorded by `relaygen up`")
     stopped = []
     for rec in reversed(state["servers"]):  # routers first, then their workers
-        if _is_our_server(rec["pid"], rec["port"]):
+        if _is_ours(rec):
             _stop(rec["pid"])
             stopped.append(rec["pid"])
     settings.state_file.unlink(missing_ok=True)
