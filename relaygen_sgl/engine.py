@@ -7,6 +7,7 @@ connection errors and 5xx answers are retried a bounded number of times with bac
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -144,6 +145,15 @@ class EngineClient:
 
     def model_info(self) -> dict[str, Any]:
         return self._info("model_info")
+
+    @functools.cached_property
+    def context_length(self) -> int | None:
+        """The server's max_model_len (SGLang refuses input + max_new_tokens beyond it)."""
+        try:
+            data = self.get_json("/v1/models").get("data") or []
+            return int(data[0]["max_model_len"]) if data and data[0].get("max_model_len") else None
+        except (EngineError, KeyError, ValueError, TypeError):
+            return None
 
     def server_info(self) -> dict[str, Any]:
         return self._info("server_info")

@@ -107,8 +107,15 @@ def run_turn(
     # Always streamed: it costs little and gives an honest time to first token.
     streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0)
     ctx = context_text[-CONTEXT_CHARS:]
+    ctx_len = engine.context_length
     while True:
         remaining = spec.max_tokens - len(kept)
+        if ctx_len is not None:
+            # SGLang refuses a request whose input + max_new_tokens passes the context
+            remaining = min(remaining, ctx_len - len(prefix_ids) - len(kept))
+        if remaining <= 0:
+            finish = Finish("length")
+            break
         sampling: dict[str, Any] = {**spec.sampling, "max_new_tokens": remaining, "no_stop_trim": True}
         if spec.stop:
             sampling["stop"] = list(spec.stop)
@@ -155,10 +162,9 @@ def run_turn(
         kept = full
         break
     streamer.update(kept, final=True)
-    assert first is not None
     return TurnResult(
         role=spec.role, ids=kept, text=tok.decode(kept), finish=finish,
-        prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
-        latency_s=latency, server_latency_s=server_latency, ttft_s=first.ttft_s,
+        prompt_tokens=first.prompt_tokens if first else 0, cached_tokens=first.cached_tokens if first else 0,
+        latency_s=latency, server_latency_s=server_latency, ttft_s=first.ttft_s if first else 0.0,
         requests=requests, discarded_tokens=discarded,
     )

@@ -56,6 +56,7 @@ class Host:
     fail_on: set[int] = field(default_factory=set)  # request numbers (1-based) answered with HTTP 500
     max_input: int | None = None  # longer inputs get SGLang's 400 (prompt longer than the context)
     dp_size: int | None = None  # answer /server_info with this --dp
+    context_len: int | None = None  # max_model_len: input + max_new_tokens beyond it gets a 400, as in SGLang
     down_after: int | None = None  # requests after this count get a connection error
 
 
@@ -87,6 +88,8 @@ class FakeSGLang:
         if request.url.path == "/model_info":
             path = self.tokenizer_paths.get(request.url.netloc.decode(), self.tokenizer_path)
             return httpx.Response(200, json={"model_path": path, "tokenizer_path": path})
+        if request.url.path == "/v1/models" and host.context_len:
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "max_model_len": host.context_len}]})
         if request.url.path == "/server_info" and host.dp_size:
             return httpx.Response(200, json={"dp_size": host.dp_size})
         if request.url.path != "/generate":
@@ -101,6 +104,9 @@ class FakeSGLang:
         if host.max_input is not None and len(body["input_ids"]) > host.max_input:
             return httpx.Response(400, json={"error": {"message": "The input is longer than the context length"}})
         sp = body["sampling_params"]
+        if host.context_len is not None and len(body["input_ids"]) + sp.get("max_new_tokens", 128) > host.context_len:
+            return httpx.Response(400, json={"error": {"message": "Requested token count exceeds the model's "
+                                                                  "maximum context length"}})
         unknown = set(sp) - {"max_new_tokens", "min_new_tokens", "stop", "stop_regex", "temperature", "top_p",
                              "top_k", "sampling_seed", "no_stop_trim", "skip_special_tokens"}
         if unknown:

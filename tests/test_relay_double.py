@@ -246,3 +246,15 @@ def test_in_server_dp_pins_each_trajectory_to_one_rank(fake):
         assert None not in ranks
         half = len(ranks) // 2  # both runs make the same requests: each run keeps one rank
         assert len(set(ranks[:half])) == 1 and len(set(ranks[half:])) == 1 and ranks[0] != ranks[-1]
+
+
+def test_requests_stay_within_the_servers_context(fake):
+    relay, p_ids, _ = setup(fake, THINK * 3, family="qwen3")
+    for h in fake.hosts.values():
+        h.context_len = len(p_ids) + 40
+    relay = make_relay(fake, family="qwen3")  # picks up max_model_len from /v1/models
+    res = relay.run(QUESTION)  # the default 32768-token budget is far beyond the context
+    assert len(res.prompt_ids) + res.stats.large_tokens + res.stats.small_tokens <= len(p_ids) + 40
+    assert res.stats.finish == "budget"
+    for h in fake.hosts.values():
+        assert all(len(r["input_ids"]) + r["sampling_params"]["max_new_tokens"] <= h.context_len for r in h.requests)

@@ -48,6 +48,27 @@ def test_batch_killed_half_way_then_rerun_gives_each_id_once(cpu_pair, tmp_path)
     assert all(r["status"] == "ok" and r["segments"] for r in recs)
 
 
+def test_batch_of_eight_with_a_malformed_line_and_a_failing_prompt(cpu_pair, tmp_path):
+    src, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    lines = []
+    for i in range(8):
+        # p5 is longer than SmolLM2's 8192-token context: the server refuses it
+        q = "word " * 9000 if i == 5 else f"What is {i} times 3?"
+        lines.append(json.dumps({"id": f"p{i}", "question": q}))
+    lines.insert(3, '{"id": "broken", "question": ')
+    src.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(relaygen_cmd("batch", "relay", str(src), "-o", str(out), "--large", cpu_pair.large,
+                                       "--small", cpu_pair.small, "--max-tokens", "8", "--no-progress"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2  # a bad input line was reported (and the rest ran)
+    assert "prompts.jsonl:4: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    recs = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert len(recs) == 8
+    assert sorted(r["id"] for r in recs if r["status"] == "ok") == [f"p{i}" for i in range(8) if i != 5]
+    err = [r for r in recs if r["status"] == "error"]
+    assert [r["id"] for r in err] == ["p5"] and "HTTP 400" in err[0]["error"]
+
+
 def test_eval_report_matches_its_per_problem_records(cpu_pair, tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.run(relaygen_cmd("eval", "--dataset", "aime25", "--limit", "2", "--k", "1", "--method", "relay",
