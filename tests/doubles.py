@@ -89,7 +89,8 @@ class FakeSGLang:
             path = self.tokenizer_paths.get(request.url.netloc.decode(), self.tokenizer_path)
             return httpx.Response(200, json={"model_path": path, "tokenizer_path": path})
         if request.url.path == "/v1/models" and host.context_len:
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "max_model_len": host.context_len}]})
+            models = [{"id": "m", "max_model_len": host.context_len}]
+            return httpx.Response(200, json={"object": "list", "data": models})
         if request.url.path == "/server_info" and host.dp_size:
             return httpx.Response(200, json={"dp_size": host.dp_size})
         if request.url.path != "/generate":
