@@ -95,6 +95,24 @@ def run_speed(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callabl
         "t_small_over_t_large": round(ratio, 4) if ratio else None,
         "relay_large_share": share,
     }
+    # Where the relay's time goes: each role's server time per token inside the relay (short
+    # turns pay a handoff prefill and a request each) against the same role running alone.
+    breakdown: dict[str, Any] = {}
+    for role, alone in (("large", t_l), ("small", t_s)):
+        segs = [s for r in runs["relay"] for s in r.segments if s.role == role]
+        toks = sum(s.completion_tokens for s in segs)
+        server = sum(s.server_latency_s for s in segs)
+        breakdown[role] = {"turns": len(segs), "tokens": toks, "server_s": round(server, 3),
+                           "s_per_token_in_relay": round(server / toks, 5) if toks else None,
+                           "s_per_token_alone": round(alone, 5) if alone else None,
+                           "mean_tokens_per_turn": round(toks / len(segs), 1) if segs else None,
+                           "mean_reprefilled_per_turn": round(sum(s.reprefilled for s in segs) / len(segs), 1)
+                           if segs else None}
+    rl, rs = breakdown["large"]["s_per_token_in_relay"], breakdown["small"]["s_per_token_in_relay"]
+    if t_l and rl and rs and total:
+        # the cost model again, with each role's per-token time as measured inside the relay
+        out["speedup"]["predicted_with_in_relay_rates"] = round(t_l / (share * rl + (1 - share) * rs), 4)
+    out["speedup"]["breakdown"] = breakdown
     # relay overhead at batch 1: end-to-end over the servers' own time for its segments
     overhead = [r.stats.e2e_s / sum(s.server_latency_s for s in r.segments if s.role in ("large", "small"))
                 for r in runs["relay"] if any(s.server_latency_s for s in r.segments)]
@@ -214,7 +232,17 @@ def markdown(r: dict[str, Any]) -> str:
                   f"**{sp['measured_per_token']}x** (median latency ratio {sp['measured_latency']}x); cost model "
                   f"1/(share_L + share_S * t_S/t_L) = **{sp['predicted']}x** with share_L={sp['relay_large_share']} "
                   f"(relay tokens written by the large model), t_S/t_L={sp['t_small_over_t_large']} measured in this "
-                  "run.", "",
+                  "run.", ""]
+    bd = sp.get("breakdown") or {}
+    if bd:
+        lines += ["Where the relay's time goes (server time per token inside the relay vs the role alone):", "",
+                  "| role | turns | tokens/turn | re-prefilled/turn | s/token in relay | s/token alone |",
+                  "|---|---|---|---|---|---|"]
+        for role, b in bd.items():
+            lines.append(f"| {role} | {b['turns']} | {b['mean_tokens_per_turn']} | {b['mean_reprefilled_per_turn']} | "
+                         f"{b['s_per_token_in_relay']} | {b['s_per_token_alone']} |")
+        lines += ["", f"Cost model with the in-relay rates: {sp.get('predicted_with_in_relay_rates')}x.", ""]
+    lines += [
               "## Throughput under load", "",
               "| concurrent | method | tokens/s | p50 latency (s) | p95 latency (s) |", "|---|---|---|---|---|"]
     for level, by in r["load"].items():

@@ -1,0 +1,52 @@
+"""The benchmark's arithmetic on the wire-format double (the numbers themselves come from real servers)."""
+
+from __future__ import annotations
+
+from relaygen_sgl.api import Relay
+from relaygen_sgl.bench import BenchConfig, markdown, run_speed, spread
+from relaygen_sgl.engine import ClientConfig
+
+LARGE, SMALL = "http://large.test:1", "http://small.test:2"
+THINK = "We add. Therefore the sum is 5. Now, check it: 2 + 3 = 5. Thus, it is 5.</think>\n\nThe answer is 5."
+
+
+def test_speed_part_reports_every_method_and_the_cost_model(fake):
+    for url in (LARGE, SMALL):
+        fake.add_host(url, [])
+    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
+                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport)
+    q = "What is 2 + 3?"
+    tape = relay.tokenizer.encode(relay.plan().render(q)) + relay.tokenizer.encode(THINK) + [fake.eos_id]
+    for h in fake.hosts.values():
+        h.tape = tape
+    cfg = BenchConfig(preset="cpu-tiny", questions=1, reps=2, max_tokens=200)
+    out = run_speed(relay, [q], cfg, log=lambda m: None)
+    runs = out.pop("_runs")
+    assert {m: len(v) for m, v in runs.items()} == {"relay": 2, "single-large": 2, "single-small": 2}
+    sp = out["speedup"]
+    share = sp["relay_large_share"]
+    relay_runs = runs["relay"]
+    assert share == round(sum(r.stats.large_tokens for r in relay_runs)
+                          / sum(r.stats.large_tokens + r.stats.small_tokens for r in relay_runs), 4)
+    assert 0 < share < 1 and sp["predicted"] is not None
+    bd = sp["breakdown"]
+    assert bd["small"]["turns"] >= 2 and bd["large"]["tokens"] + bd["small"]["tokens"] == \
+        sum(r.stats.large_tokens + r.stats.small_tokens for r in relay_runs)
+    assert out["overhead"]["relay_e2e_over_server_time"]["n"] == 2
+
+
+def test_spread_and_markdown():
+    assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    s = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1}
+    speed = {m: {k: s for k in ("latency_s", "completion_tokens", "s_per_token", "large_share", "switches")}
+             for m in ("relay", "single-large", "single-small")}
+    result = {"preset": "p", "elapsed_s": 1, "machine": {"cpu": "c", "cores": 2, "memory_gib": 1, "versions": {}},
+              "handoff": {f: {"handoffs": 1, "mean_reprefilled_tokens": 2.0, "mean_handoff_latency_s": 0.1,
+                              "reprefill_ratio_vs_tokens": 1.0, "latency_ratio_vs_tokens": 1.0}
+                          for f in ("tokens", "text", "chat")},
+              "overhead": {"relay_e2e_over_server_time": s, "target": 1.05}, "speed": speed,
+              "speedup": {"measured_per_token": 1.0, "measured_latency": 1.0, "predicted": 1.0,
+                          "relay_large_share": 1.0, "t_small_over_t_large": 1.0},
+              "load": {"1": {"relay": {"tokens_per_s": 1, "p50_latency_s": 1, "p95_latency_s": 1}}}}
+    md = markdown(result)
+    assert "Handoff cost" in md and "target <= 1.05" in md and "Throughput under load" in md
