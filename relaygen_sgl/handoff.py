@@ -23,6 +23,7 @@ import httpx
 import orjson
 
 from .engine import EngineClient
+from .errors import EngineFailed
 from .result import RelayResult
 from .tokenizer import Tokenizer
 
@@ -65,14 +66,26 @@ def _chat(url: str, question: str, partial: str, max_tokens: int, http: httpx.Cl
     return int(usage.get("prompt_tokens", 0)), cached, ttft if ttft is not None else time.perf_counter() - t0
 
 
-def _server_tokens(http: httpx.Client, url: str, text: str) -> list[int]:
+def _server_tokens(http: httpx.Client, url: str, text: str, tok: Tokenizer) -> list[int]:
+    """The server's own tokenization of `text`; SGLang's router does not proxy /tokenize,
+    and there the client's tokenizer (the same vocabulary) stands in."""
     r = http.post(f"{url}/tokenize", json={"prompt": text})
+    if r.status_code == 404:
+        return tok.encode(text)
     r.raise_for_status()
     return list(r.json()["tokens"])
 
 
 def replay(result: RelayResult, question: str, engines: dict[str, EngineClient], tok: Tokenizer,
            think_prefix: str) -> list[HandoffSample]:
+    try:
+        return _replay(result, question, engines, tok, think_prefix)
+    except httpx.HTTPError as e:  # one line at the CLI, like every other server failure
+        raise EngineFailed(f"handoff replay: {type(e).__name__}: {e}") from e
+
+
+def _replay(result: RelayResult, question: str, engines: dict[str, EngineClient], tok: Tokenizer,
+            think_prefix: str) -> list[HandoffSample]:
     samples: list[HandoffSample] = []
     http = httpx.Client(timeout=600)
     try:
@@ -97,14 +110,14 @@ def replay(result: RelayResult, question: str, engines: dict[str, EngineClient],
                                                                 {"max_new_tokens": 1, "temperature": 0}}).json()
                     meta = r["meta_info"]
                     sample = (meta["prompt_tokens"], meta["cached_tokens"], time.perf_counter() - t0)
-                    as_sent = _server_tokens(http, eng.url, text)
+                    as_sent = _server_tokens(http, eng.url, text, tok)
                 else:
                     partial = think_prefix + tok.decode(completion, skip_special=False)
                     sample = _chat(eng.url, question, partial, 1, http)
                     rendered = tok.apply_chat_template([{"role": "user", "content": question},
                                                         {"role": "assistant", "content": partial}],
                                                        continue_final_message=True, add_generation_prompt=False)
-                    as_sent = _server_tokens(http, eng.url, rendered)
+                    as_sent = _server_tokens(http, eng.url, rendered, tok)
                 # what the server caches after this turn: what it was sent, then what it generated
                 eng.generate(as_sent + seg.token_ids, {"max_new_tokens": 1, "temperature": 0})
                 samples.append(HandoffSample(fmt, seg.role, i, *sample))
