@@ -360,12 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser("bench", help="benchmark handoff cost, overhead, speedup and throughput")
-    be.add_argument("--preset", default="cpu-tiny")
-    be.add_argument("--large")
-    be.add_argument("--small")
-    be.add_argument("--profile")
+    _add_endpoint_args(be)
     be.add_argument("--questions", type=_positive_int, default=None)
-    be.add_argument("--dataset", default=None, help="questions from this data set (default aime25; quick: math500)")
+    be.add_argument("--dataset", default=None, help="questions from this data set (default aime25; quick: amc23)")
     be.add_argument("--max-tokens", type=_positive_int, default=None)
     be.add_argument("--quick", action="store_true", help="fewer questions, shorter budgets (~10 min on cpu-tiny)")
     be.add_argument("--out", required=True)
@@ -373,10 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="serve the relay as an OpenAI-compatible model")
-    sv.add_argument("--preset", default="cpu-tiny")
-    sv.add_argument("--large")
-    sv.add_argument("--small")
-    sv.add_argument("--profile")
+    _add_endpoint_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_positive_int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -407,13 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_server_args(p: argparse.ArgumentParser) -> None:
-    from .policy import DEFAULT_BUDGET
-
+def _add_endpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-tiny")
     p.add_argument("--large", help="URL of the large server (default: from `up` or the preset)")
     p.add_argument("--small", help="URL of the small server")
     p.add_argument("--profile", help="cue profile name or JSON path (default: the preset's)")
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    from .policy import DEFAULT_BUDGET
+
+    _add_endpoint_args(p)
     p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_BUDGET)
     p.add_argument("--temperature", type=_non_negative_float, default=None)
     p.add_argument("--seed", type=int, default=None)
