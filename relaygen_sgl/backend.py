@@ -18,7 +18,7 @@ from sglang.lang.interpreter import StreamExecutor
 from sglang.lang.ir import SglSamplingParams
 
 from .engine import EngineClient
-from .errors import ConfigError, EngineFailed, EngineUnreachable, RelayGenError
+from .errors import ConfigError, EngineFailed, EngineRejected, EngineUnreachable, RelayGenError
 from .tokenizer import Tokenizer
 from .turn import TurnSpec, run_turn
 
@@ -114,6 +114,11 @@ class RelayBackend(BaseBackend):
         spec = TurnSpec(role=role, max_tokens=int(sp.max_new_tokens), stop=stop, cue_patterns=regex,
                         min_tokens=int(sp.min_new_tokens or 0), sampling=sampling, extra=self._pin(role, ledger))
         prefix_len = len(ledger.ids)
+        ctx = self.engines[role].context_length
+        if ctx is not None and (ledger.prompt_len or 0) >= ctx:
+            # what SGLang itself would refuse; the context clamp in run_turn must not hide it
+            raise EngineRejected(f"the input ({ledger.prompt_len} tokens) is longer than the model's context "
+                                 f"length ({ctx} tokens)", url=self.engines[role].url, status=400)
         sink = s.arguments.get("on_delta")
         if role == "small" and ledger.degraded:
             turn = replace(run_turn(self.engines["large"], self.tokenizer, ledger.ids, text,

@@ -258,3 +258,12 @@ def test_requests_stay_within_the_servers_context(fake):
     assert res.stats.finish == "budget"
     for h in fake.hosts.values():
         assert all(len(r["input_ids"]) + r["sampling_params"]["max_new_tokens"] <= h.context_len for r in h.requests)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_not_hidden(fake):
+    relay, p_ids, _ = setup(fake, THINK, family="qwen3")
+    for h in fake.hosts.values():
+        h.context_len = len(p_ids) - 1
+    relay = make_relay(fake, family="qwen3")
+    with pytest.raises(RelayAborted, match="longer than the model's context length"):
+        relay.run(QUESTION, max_tokens=50)
