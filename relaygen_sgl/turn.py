@@ -55,14 +55,29 @@ class _Streamer:
 
     WINDOW = 8
 
-    def __init__(self, tok: Tokenizer, role: str, sink: DeltaSink | None, holdback: int) -> None:
+    def __init__(self, tok: Tokenizer, role: str, sink: DeltaSink | None, holdback: int,
+                 ctx: str = "", stops: Sequence[str] = ()) -> None:
         self.tok, self.role, self.sink, self.holdback = tok, role, sink, holdback
         self.sent = 0  # tokens whose text was sent
+        # a stop string begun before this turn ends it within its first characters: stream
+        # nothing past it (run_turn cuts there too)
+        self.ctx, self.stops = ctx, [s for s in stops if len(s) > 1]
+        self.watch = bool(self.stops)
+        self.frozen_at: int | None = None
 
     def update(self, ids: Sequence[int], final: bool = False) -> None:
         if self.sink is None:
             return
         upto = len(ids) if final else max(0, len(ids) - self.holdback)
+        if self.frozen_at is not None:
+            upto = min(upto, self.frozen_at) if not final else upto
+        elif self.watch and not final:
+            text = self.tok.decode(ids[:upto])
+            hit = _straddling_stop(self.ctx, "", text, self.stops)
+            if hit is not None:
+                self.frozen_at = upto = max(1, self.tok.cut_index(ids[:upto], hit[1]))
+            elif len(text) >= max(len(s) for s in self.stops):
+                self.watch = False  # past where a straddling stop could end
         if upto <= self.sent:
             return
         w = max(0, self.sent - self.WINDOW)
@@ -105,7 +120,8 @@ def run_turn(
     requests = 0
     discarded = 0
     # Always streamed: it costs little and gives an honest time to first token.
-    streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0)
+    streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0, context_text[-CONTEXT_CHARS:],
+                         spec.stop)
     ctx = context_text[-CONTEXT_CHARS:]
     ctx_len = engine.context_length
     while True:

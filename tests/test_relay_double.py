@@ -267,3 +267,15 @@ def test_a_prompt_longer_than_the_context_is_refused_not_hidden(fake):
     relay = make_relay(fake, family="qwen3")
     with pytest.raises(RelayAborted, match="longer than the model's context length"):
         relay.run(QUESTION, max_tokens=50)
+
+
+def test_streaming_yields_role_deltas_across_switches(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    items = list(relay.stream(QUESTION, max_tokens=500))
+    assert items[-1][0] == "result"
+    result = items[-1][1]
+    deltas = items[:-1]
+    assert {role for role, _ in deltas} == {"large", "small"}
+    # the deltas, joined per segment in order, are the model text of the trajectory
+    streamed = "".join(d for role, d in deltas)
+    assert streamed == "".join(s.text for s in result.segments if s.role != "inserted")
