@@ -120,9 +120,8 @@ def run_turn(
     requests = 0
     discarded = 0
     # Always streamed: it costs little and gives an honest time to first token.
-    streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0, context_text[-CONTEXT_CHARS:],
-                         spec.stop)
     ctx = context_text[-CONTEXT_CHARS:]
+    streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0, ctx, spec.stop)
     ctx_len = engine.context_length
     while True:
         remaining = spec.max_tokens - len(kept)
@@ -158,11 +157,9 @@ def run_turn(
                     discarded += len(full) - cut
                     finish = Finish("cue", hit.cue)
                     break
-            # Not a word match, or too early: keep every token and let the same role go on.
+            # Not a word match, or too early: keep every token and let the same role go on
+            # (the loop's budget check ends the turn if nothing remains).
             kept = full
-            if len(kept) >= spec.max_tokens:
-                finish = Finish("length")
-                break
             continue
         full = kept + new
         straddle = _straddling_stop(ctx, tok.decode(kept), tok.decode(full), spec.stop)
