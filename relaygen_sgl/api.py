@@ -8,15 +8,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from .backend import RelayBackend
+from .config import load_family, load_preset, load_settings
+from .cues import CueProfile, load_profile
 from .engine import ClientConfig, EngineClient
 from .errors import ConfigError, RelayAborted, RelayGenError
-from .family import load_family
 from .policy import DEFAULT_BUDGET, RelayPlan
-from .presets import load_preset
-from .profile import CueProfile, load_profile
 from .programs import load_program
 from .result import RelayResult
-from .settings import load_settings
 from .stack import read_state, role_urls
 from .tokenizer import check_same_vocabulary, load_tokenizer
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 
+from .config import data_path
 from .cue_stats import (  # noqa: F401  (re-exported: the statistics live in cue_stats)
     DEFAULT_MIN_COUNT,
     DEFAULT_THRESHOLD,
@@ -50,10 +51,8 @@ from .cue_stats import (  # noqa: F401  (re-exported: the statistics live in cue
     select_cues,
     token_pieces,
 )
-from .cues import MAX_STOP_REGEXES
+from .cues import MAX_STOP_REGEXES, CueProfile
 from .errors import CalibrationError, ConfigError, EngineError
-from .profile import CueProfile
-from .resources import data_path
 
 DEFAULT_SAMPLES = 4
 TOP_LOGPROBS = 2

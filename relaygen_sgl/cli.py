@@ -22,9 +22,8 @@ def _emit_json(obj: object) -> None:
 
 # ---------------------------------------------------------------- commands
 def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from .config import load_preset, load_settings, local_model_specs
     from .models import fetch_model
-    from .presets import load_preset, local_model_specs
-    from .settings import load_settings
 
     settings = load_settings()
     specs = local_model_specs()
@@ -38,8 +37,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .presets import load_preset
-    from .settings import load_settings
+    from .config import load_preset, load_settings
     from .stack import up
 
     preset = load_preset(args.preset)
@@ -54,7 +52,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .settings import load_settings
+    from .config import load_settings
     from .stack import status
 
     st = status(load_settings())
@@ -69,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from .settings import load_settings
+    from .config import load_settings
     from .stack import down
 
     stopped = down(load_settings())

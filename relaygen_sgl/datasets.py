@@ -10,8 +10,8 @@ from pathlib import Path
 
 import orjson
 
+from .config import data_path
 from .errors import ConfigError
-from .resources import data_path
 
 BUNDLED = ("aime25", "aime24", "amc23", "math500")
 MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from .config import Preset, Settings, cpu_shim_dir
 from .errors import LaunchError
-from .presets import Preset
-from .resources import cpu_shim_dir
-from .settings import Settings
 
 
 @dataclass(frozen=True)

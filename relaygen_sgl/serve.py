@@ -113,7 +113,7 @@ def create_app(relay: Relay, *, model_name: str = "relaygen", api_key: str | Non
     def relay_for(profile: str | None) -> Relay:
         if not profile:
             return relay
-        from .profile import load_profile
+        from .cues import load_profile
 
         with lock:
             if profile not in profiles:

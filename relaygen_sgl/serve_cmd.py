@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from .config import ROLES, load_preset, load_settings
 from .errors import RelayGenError
 from .launcher import server_command
-from .presets import load_preset
-from .result import ROLES
-from .settings import load_settings
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import ROLES, Preset, Settings, check_models
 from .errors import LaunchError, StackError
 from .launcher import (
     answers_generation,
@@ -21,9 +22,6 @@ from .launcher import (
     start_server,
     wait_healthy,
 )
-from .presets import Preset, check_models
-from .result import ROLES
-from .settings import Settings
 
 
 @dataclass(frozen=True)

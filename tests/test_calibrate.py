@@ -30,9 +30,9 @@ from relaygen_sgl.calibrate import (
     token_pieces,
 )
 from relaygen_sgl.cli import main
+from relaygen_sgl.cues import load_profile
 from relaygen_sgl.datasets import Problem
 from relaygen_sgl.engine import ClientConfig, EngineClient
-from relaygen_sgl.profile import load_profile
 from relaygen_sgl.tokenizer import Tokenizer
 
 EASY, HARD = 0.9, 0.2

@@ -4,12 +4,10 @@ import json
 
 import pytest
 
+from relaygen_sgl.config import data_path, load_preset, load_settings, preset_names
+from relaygen_sgl.cues import available_profiles, load_profile
 from relaygen_sgl.errors import ConfigError
 from relaygen_sgl.launcher import server_command
-from relaygen_sgl.presets import load_preset, preset_names
-from relaygen_sgl.profile import available_profiles, load_profile
-from relaygen_sgl.resources import data_path
-from relaygen_sgl.settings import load_settings
 
 
 def test_all_presets_load_keep_the_radix_cache_and_use_lpm():

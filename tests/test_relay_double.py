@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relaygen_sgl.api import Relay
+from relaygen_sgl.cues import CueProfile
 from relaygen_sgl.engine import ClientConfig
 from relaygen_sgl.errors import ConfigError, RelayAborted
-from relaygen_sgl.profile import CueProfile
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 QUESTION = "What is 2 + 3?"

@@ -13,8 +13,7 @@ import pytest
 from paths import REAL_MODELS
 
 from relaygen_sgl import stack
-from relaygen_sgl.presets import load_preset
-from relaygen_sgl.settings import Settings
+from relaygen_sgl.config import Settings, load_preset
 
 PORT_SHIFT = 100
 

@@ -9,8 +9,7 @@ from paths import REAL_MODELS
 
 from relaygen_sgl import stack
 from relaygen_sgl.api import Relay
-from relaygen_sgl.presets import load_preset
-from relaygen_sgl.settings import Settings
+from relaygen_sgl.config import Settings, load_preset
 
 pytestmark = pytest.mark.integration
 QUESTION = "Tom has 3 apples and buys 5 more. Then he gives 2 away. How many apples does he have? Explain step by step."

