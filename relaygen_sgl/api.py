@@ -1,22 +1,31 @@
-"""The Python API: a `Relay` bound to two servers, and the one-call `relay()` / `stream_relay()`."""
+"""The Python API.
+
+    backend = relaygen_sgl.connect(preset="cpu-tiny")        # any @sgl.function runs on it
+    state = my_program.run(question=..., backend=backend)
+
+    with relaygen_sgl.Relay(preset="cpu-tiny") as r:          # the bundled relay program
+        result = r.run("What is 2 + 3?", max_tokens=512)
+"""
 
 from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from .backend import RelayBackend
-from .config import load_family, load_preset, load_settings
+from .config import ROLES, load_family, load_preset, load_settings
 from .cues import CueProfile, load_profile
 from .engine import ClientConfig, EngineClient
 from .errors import ConfigError, RelayAborted, RelayGenError
+from .loader import accepts, load_program
 from .policy import DEFAULT_BUDGET, RelayPlan
-from .programs import load_program
 from .result import RelayResult
 from .stack import read_state, role_urls
 from .tokenizer import check_same_vocabulary, load_tokenizer
+from .trajectory import KEY
 
 
 def resolve_urls(preset_name: str, large: str | None, small: str | None) -> dict[str, str]:
@@ -42,32 +51,58 @@ def _dp_size(engine: EngineClient) -> int:
         return 1
 
 
+def connect(*, preset: str = "cpu-tiny", large: str | None = None, small: str | None = None,
+            profile: str | CueProfile | None = None, family: str | None = None,
+            client: ClientConfig = ClientConfig(), transport: Any = None,
+            on_small_failure: str = "large") -> RelayBackend:
+    """The routing backend over a preset's two servers (URLs as in `resolve_urls`), for
+    `sgl.set_default_backend(...)` or `prog.run(..., backend=...)`."""
+    spec = load_preset(preset)
+    fam = load_family(family or spec.family)
+    prof = profile if isinstance(profile, CueProfile) else load_profile(profile or spec.profile)
+    urls = resolve_urls(preset, large, small)
+    engines = {"large": EngineClient(urls["large"], client, transport)}
+    engines["small"] = engines["large"] if urls["small"] == urls["large"] else EngineClient(urls["small"], client,
+                                                                                             transport)
+    paths = {role: e.model_info().get("tokenizer_path") for role, e in engines.items()}
+    if not paths["large"]:
+        raise ConfigError(f"{urls['large']} did not report its tokenizer path")
+    tokenizer = load_tokenizer(paths["large"])
+    check_same_vocabulary(tokenizer, load_tokenizer(paths["small"] or paths["large"]))
+    backend = RelayBackend(engines, tokenizer, fam, prof, on_small_failure=on_small_failure,
+                           dp_sizes={role: _dp_size(e) for role, e in engines.items()})
+    backend.preset, backend.urls = spec, urls
+    # A failed turn reaches the caller as a typed exception carrying the partial result;
+    # SGLang's worker thread would also print its traceback as a warning.
+    warnings.filterwarnings("ignore", message=r"Error in stream_executor:(?s:.*)relaygen_sgl\.errors\.")
+    return backend
+
+
+def close(backend: RelayBackend) -> None:
+    for engine in {id(e): e for e in backend.engines.values()}.values():
+        engine.close()
+
+
 class Relay:
-    """Two SGLang servers, one tokenizer, one routing backend; reusable and thread-safe."""
+    """The routing backend plus the bundled programs; reusable and thread-safe."""
 
     def __init__(self, *, preset: str = "cpu-tiny", large: str | None = None, small: str | None = None,
                  profile: str | CueProfile | None = None, family: str | None = None,
                  client: ClientConfig = ClientConfig(), transport: Any = None,
                  on_small_failure: str = "large") -> None:
-        self.preset = load_preset(preset)
-        self.family = load_family(family or self.preset.family)
-        self.profile = profile if isinstance(profile, CueProfile) else load_profile(profile or self.preset.profile)
-        self.urls = resolve_urls(preset, large, small)
-        shared = self.urls["large"] == self.urls["small"]
-        self.engines = {"large": EngineClient(self.urls["large"], client, transport)}
-        self.engines["small"] = (self.engines["large"] if shared
-                                 else EngineClient(self.urls["small"], client, transport))
-        paths = {role: e.model_info().get("tokenizer_path") for role, e in self.engines.items()}
-        if not paths["large"]:
-            raise ConfigError(f"{self.urls['large']} did not report its tokenizer path")
-        self.tokenizer = load_tokenizer(paths["large"])
-        check_same_vocabulary(self.tokenizer, load_tokenizer(paths["small"] or paths["large"]))
-        self.backend = RelayBackend(self.engines, self.tokenizer, on_small_failure,
-                                    dp_sizes={role: _dp_size(e) for role, e in self.engines.items()})
+        self.backend = connect(preset=preset, large=large, small=small, profile=profile, family=family,
+                               client=client, transport=transport, on_small_failure=on_small_failure)
+
+    # what jobs (bench, calibrate, serve) read; the backend owns them
+    engines = property(lambda self: self.backend.engines)
+    tokenizer = property(lambda self: self.backend.tokenizer)
+    family = property(lambda self: self.backend.family)
+    profile = property(lambda self: self.backend.profile)
+    urls = property(lambda self: self.backend.urls)
+    preset = property(lambda self: self.backend.preset)
 
     def close(self) -> None:
-        for e in set(self.engines.values()):
-            e.close()
+        close(self.backend)
 
     def __enter__(self) -> Relay:
         return self
@@ -75,28 +110,55 @@ class Relay:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def plan(self, method: str = "relay", *, max_tokens: int = DEFAULT_BUDGET, answer_role: str = "small",
-             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-             seed: int | None = None) -> RelayPlan:
-        sampling = dict(self.family.sampling)
-        for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
-            if value is not None:
-                sampling[key] = value
-        return RelayPlan(method=method, profile=self.profile, family=self.family,
-                         tokenizer_path=self.tokenizer.path, budget=max_tokens, answer_role=answer_role,
-                         sampling=sampling, seed=seed)
+    def plan(self, method: str = "relay", **kwargs: Any) -> RelayPlan:
+        return self.backend.plan(method, **kwargs)
 
-    def run(self, question: str, method: str = "relay", *, program: str | None = None,
-            on_delta: Any = None, **plan_kwargs: Any) -> RelayResult:
-        plan = self.plan(method, **plan_kwargs)
-        func = load_program(program or method)
-        state = func.run(question=question, plan=plan, on_delta=on_delta, backend=self.backend)
-        result = state.ret_value
+    def run(self, question: str | list[dict[str, str]], method: str = "relay", *,
+            profile: str | CueProfile | None = None, on_delta: Any = None, **plan_kwargs: Any) -> RelayResult:
+        """One relay (method relay) or one-model baseline (single-large, single-small).
+        plan_kwargs: max_tokens, answer_role, temperature, top_p, top_k, seed."""
+        plan = self.backend.plan(method, profile=profile, on_delta=on_delta, **plan_kwargs)
+        result = self._run(load_program(method), {"question": question, "plan": plan})
         if not isinstance(result, RelayResult):
-            raise RelayAborted(f"the program {program or method} returned no RelayResult")
+            raise RelayAborted(f"the program {method} returned no RelayResult")
         return result
 
-    def stream(self, question: str, method: str = "relay", **kwargs: Any) -> Iterator[tuple[str, str]]:
+    def run_program(self, program: str | Any, arguments: dict[str, Any], **plan_kwargs: Any) -> dict[str, Any]:
+        """Any program (a bundled name, a .py path or an SglFunction) as one JSON-ready record:
+        its trajectory's result, then what it returned (a dict's keys, else under "output")."""
+        func = load_program(program) if isinstance(program, str) else program
+        args = {k: v for k, v in arguments.items() if accepts(func, k)}
+        if accepts(func, "plan"):
+            args["plan"] = self.backend.plan(**plan_kwargs)
+        value, state = self._run(func, args, with_state=True)
+        record = self._state_result(state).to_dict(token_ids=False)
+        if isinstance(value, RelayResult):
+            record.update(value.to_dict(token_ids=False))
+        elif isinstance(value, dict):
+            record.update(value)
+        elif value is not None:
+            record["output"] = value
+        return record
+
+    def _state_result(self, state: Any) -> RelayResult:
+        traj = state.stream_executor.variables.get(KEY)
+        if traj is None:
+            return RelayResult("program", "", [], [], _empty_stats())
+        traj.absorb(state.stream_executor.text_)
+        return traj.result("program", "done", self.family.think_end)
+
+    def _run(self, func: Any, args: dict[str, Any], with_state: bool = False) -> Any:
+        state = func.run(backend=self.backend, **args)
+        error = state.error()
+        if error is not None:  # a plain program's failed gen (the relay loop raises its own)
+            traj = state.stream_executor.variables.get(KEY)
+            partial = traj.result("program", "error", self.family.think_end) if traj is not None else None
+            what = str(error) if isinstance(error, RelayGenError) else f"{type(error).__name__}: {error}"
+            raise RelayAborted(f"the program failed: {what}", partial=partial) from error
+        return (state.ret_value, state) if with_state else state.ret_value
+
+    def stream(self, question: str | list[dict[str, str]], method: str = "relay",
+               **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Yield (role, text delta) as tokens arrive, across switches; the last item is
         ("result", RelayResult)."""
         q: queue.Queue = queue.Queue()
@@ -117,6 +179,12 @@ class Relay:
             yield item
 
 
+def _empty_stats() -> Any:
+    from .result import compute_stats
+
+    return compute_stats([], 0.0, 0.0, 0, "done")
+
+
 def relay(question: str, *, large: str | None = None, small: str | None = None, preset: str = "cpu-tiny",
           profile: str | CueProfile | None = None, method: str = "relay", **kwargs: Any) -> RelayResult:
     """One relay (or single-model) run. kwargs: max_tokens, answer_role, temperature, top_p,
@@ -127,6 +195,9 @@ def relay(question: str, *, large: str | None = None, small: str | None = None, 
 
 def stream_relay(question: str, *, large: str | None = None, small: str | None = None,
                  preset: str = "cpu-tiny", profile: str | CueProfile | None = None,
-                 method: str = "relay", **kwargs: Any) -> Iterator[tuple[str, str]]:
+                 method: str = "relay", **kwargs: Any) -> Iterator[tuple[str, Any]]:
     with Relay(preset=preset, large=large, small=small, profile=profile) as r:
         yield from r.stream(question, method, **kwargs)
+
+
+__all__ = ["ROLES", "DEFAULT_BUDGET", "Relay", "connect", "relay", "stream_relay", "resolve_urls"]

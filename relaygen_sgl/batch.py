@@ -8,7 +8,6 @@ is written whole under a lock and flushed at once.
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
@@ -18,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from . import records
 from .errors import ConfigError, RelayAborted, RelayGenError
 
 RESULT_KEYS = {"id", "status", "error", "method", "text", "reasoning", "answer", "segments", "stats",
@@ -40,21 +38,22 @@ class InputReport:
     problems: list[str]  # one line each: "prompts.jsonl:3: ..."
 
 
-def parse_prompts(lines: Iterable[str], origin: str) -> InputReport:
+def _problem(origin: str, problems: list[str]) -> records.Warn:
+    """records' "line N: why" as "origin:N: why", the file:line form the CLI prints and
+    the wording batch has always used."""
+    def warn(message: str) -> None:
+        where, _, why = message.partition(": ")
+        if why.startswith("expected a JSON object"):
+            why = "not a JSON object; skipped"
+        problems.append(f"{origin}:{where.removeprefix('line ')}: {why}")
+    return warn
+
+
+def parse_prompts(lines: Iterable[str | bytes], origin: str) -> InputReport:
     prompts: list[Prompt] = []
     problems: list[str] = []
     seen: set[str] = set()
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError as e:
-            problems.append(f"{origin}:{no}: not valid JSON ({e}); skipped")
-            continue
-        if not isinstance(obj, dict):
-            problems.append(f"{origin}:{no}: not a JSON object; skipped")
-            continue
+    for no, obj in records.iter_objects(lines):
         pid, question = obj.get("id"), obj.get("question")
         if pid is None or (not isinstance(pid, (str, int))) or str(pid) == "":
             problems.append(f"{origin}:{no}: missing id; skipped")
@@ -88,48 +87,16 @@ def _carry(record: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-class ResultWriter:
-    """Appends whole JSONL lines under a lock; keeps ok records of an earlier run."""
+class ResultWriter(records.RecordWriter):
+    """The results file of a run: the ok records of an earlier run are kept (their ids are
+    `done`), error records and torn lines are dropped so those prompts run again."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self.done: set[str] = set()
-        kept: list[bytes] = []
-        if path.exists():
-            for line in path.read_bytes().splitlines():
-                try:
-                    rec = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue  # a torn last line from a killed run
-                if isinstance(rec, dict) and rec.get("status") == "ok" and "id" in rec:
-                    if str(rec["id"]) not in self.done:
-                        self.done.add(str(rec["id"]))
-                        kept.append(line)
-            # Rewritten without error records (they run again) and torn lines.
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_bytes(b"".join(line + b"\n" for line in kept))
-            tmp.replace(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = path.open("ab")
-        except OSError as e:
-            raise ConfigError(f"cannot write {path}: {e}") from e
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
-        with self.lock:
-            if self._f.closed:  # interrupted: the batch is over, the rest runs on a rerun
-                return
-            self._f.write(line)
-            self._f.flush()
-
-    def close(self) -> None:
-        with self.lock:
-            if not self._f.closed:
-                self._f.flush()
-                os.fsync(self._f.fileno())
-                self._f.close()
+        kept = records.latest_by_id(path, status="ok")
+        self.done: set[str] = set(kept)
+        if path.is_file():
+            records.rewrite(path, kept.values())
+        super().__init__(path)
 
 
 @dataclass

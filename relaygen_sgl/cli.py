@@ -20,6 +20,19 @@ def _emit_json(obj: object) -> None:
     sys.stdout.flush()
 
 
+def open_relay(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The one place the CLI builds a Relay from its endpoint and client arguments."""
+    from .api import Relay
+
+    return Relay(preset=args.preset, large=args.large, small=args.small, profile=getattr(args, "profile", None),
+                 on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout))
+
+
+def _plan_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                answer_role=args.answer_role)
+
+
 # ---------------------------------------------------------------- commands
 def cmd_models_fetch(args: argparse.Namespace) -> int:
     from .config import load_preset, load_settings, local_model_specs
@@ -76,14 +89,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .api import Relay
-
-    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
-               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout)) as r:
-        kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                      answer_role=args.answer_role)
+    with open_relay(args) as r:
         try:
-            result = r.run(args.question, args.method, **kwargs)
+            result = r.run(args.question, args.method, **_plan_kwargs(args))
         except RelayAborted as e:
             if args.json and e.partial is not None:
                 _emit_json({**e.partial.to_dict(), "status": "error", "error": str(e)})
@@ -91,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(result.to_dict(token_ids=args.ids))
     else:
-        from .render import print_result
+        from .show import print_result
 
         print_result(result)
     return 0
@@ -100,25 +108,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .api import Relay
     from .batch import read_prompts, run_batch
+    from .loader import METHOD_PROGRAMS, load_program
 
     report = read_prompts(Path(args.prompts))
     for problem in report.problems:
         sys.stderr.write(f"relaygen: {problem}\n")
-    method = args.program if args.program in ("relay", "single-large", "single-small") else "relay"
-    program = None if args.program == method else args.program
-    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
-               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout)) as r:
-        if program:
-            from .programs import load_program
-
-            load_program(program)  # a bad path fails here, once, not per prompt
-        kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                      answer_role=args.answer_role)
-
-        def run_one(p):  # type: ignore[no-untyped-def]
-            return r.run(p.question, method, program=program, **kwargs).to_dict(token_ids=args.ids)
+    func = load_program(args.program)  # a bad name or path fails here, once, not per prompt
+    with open_relay(args) as r:
+        if args.program in METHOD_PROGRAMS:
+            def run_one(p):  # type: ignore[no-untyped-def]
+                return r.run(p.question, args.program, **_plan_kwargs(args)).to_dict(token_ids=args.ids)
+        else:
+            def run_one(p):  # type: ignore[no-untyped-def]
+                return r.run_program(func, {"question": p.question, **p.extra}, **_plan_kwargs(args))
 
         summary = run_batch(report.prompts, Path(args.out), run_one, concurrency=args.concurrency,
                             progress=not args.no_progress, input_problems=report.problems)
@@ -137,7 +140,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import machine
-    from .api import Relay
     from .datasets import load_problems
     from .evaluate import build_prompts, report, run_method
 
@@ -151,8 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except OSError as e:
         raise RelayGenError(f"cannot create {out}: {e}") from e
     methods = args.method or ["relay"]
-    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
-               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout)) as r:
+    with open_relay(args) as r:
         for method in methods:
             def run_one(p, method=method):  # type: ignore[no-untyped-def]
                 return r.run(p.question, method, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -192,7 +193,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .api import Relay
     from .bench import BenchConfig, run_bench
 
     cfg = BenchConfig.quick(args.preset) if args.quick else BenchConfig(preset=args.preset)
@@ -202,8 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, **overrides)
-    with Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
-               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout)) as r:
+    with open_relay(args) as r:
         result = run_bench(cfg, r, Path(args.out), log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {args.out}/bench.json, bench.md, bench.png ({result['elapsed_s']} s)")
@@ -211,11 +210,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .api import Relay
     from .serve import serve
 
-    relay = Relay(preset=args.preset, large=args.large, small=args.small, profile=args.profile,
-               on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout))
+    relay = open_relay(args)
     print(f"relaygen serving {args.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"(large {relay.urls['large']}, small {relay.urls['small']})", file=sys.stderr)
     try:
@@ -228,7 +225,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .api import Relay
     from .calibrate import CalibrationPaths, CalibrationSettings, check_writable, load_candidates, run_calibration
     from .datasets import load_problems
 
@@ -242,8 +238,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(data=args.data, samples=args.samples, limit=args.limit,
                                    max_tokens=args.max_tokens, threshold=args.threshold,
                                    min_count=args.min_count, concurrency=args.concurrency, name=args.name)
-    with Relay(preset=args.preset, large=args.large, small=args.small, on_small_failure=args.on_small_failure,
-               client=ClientConfig(read_timeout_s=args.timeout)) as r:
+    with open_relay(args) as r:
         try:
             rep = run_calibration(r, problems, settings, paths, candidates=candidates,
                                   progress=not args.no_progress)
@@ -337,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
 
     batch = sub.add_parser("batch", help="run a program over a JSONL prompts file (resumable)")
-    batch.add_argument("program", help="relay | single-large | single-small | path/to/program.py")
+    batch.add_argument("program", help="relay | single-large | single-small | self-consistency | multiple-choice "
+                       "| path/to/program.py (an @sgl.function; each prompt line's fields fill its arguments)")
     batch.add_argument("prompts", help="JSONL with id and question per line")
     batch.add_argument("-o", "--out", required=True, help="output JSONL (appended; reruns skip done ids)")
     _add_server_args(batch)
@@ -377,9 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     ca = sub.add_parser("calibrate", help="choose switch cues for a model pair (probability-margin calibration)")
-    ca.add_argument("--preset", default="cpu-tiny")
-    ca.add_argument("--large", help="URL of the large server (default: from `up` or the preset)")
-    ca.add_argument("--small", help="URL of the small server")
+    _add_endpoint_args(ca)
     ca.add_argument("--data", "--dataset", dest="data", default="amc23",
                     help="calibration problems: aime25 | aime24 | amc23 | math500 | gpqa:PATH (default amc23)")
     ca.add_argument("--samples", type=_positive_int, default=4, help="large-model samples per problem (seeds 0..n-1)")

@@ -52,10 +52,6 @@ def cpu_shim_dir() -> Path:
     return _PKG / "_cpu_shim"
 
 
-def programs_dir() -> Path:
-    # programs/ sits beside the package in the repository (editable install).
-    return _PKG.parent / "programs"
-
 
 @dataclass(frozen=True)
 class Family:
@@ -63,6 +59,7 @@ class Family:
     think_prefix: str = ""
     think_end: str = "</think>"
     eos_in_thinking: str = "end"  # "end" | "close"
+    sgl_chat_template: str = "chatml"  # SGLang frontend template for sgl.user/assistant
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
 

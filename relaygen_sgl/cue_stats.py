@@ -217,5 +217,3 @@ def select_cues(stats: CalibrationStats, threshold: float = DEFAULT_THRESHOLD, m
         s.selected, s.rank = True, rank
     return [s.cue for s in chosen]
 
-
-# ---------------------------------------------------------------- the run

@@ -105,7 +105,6 @@ class CueProfile:
     models: dict[str, str]
     cues: tuple[str, ...]
     sentence_ends: tuple[str, ...] = DEFAULT_SENTENCE_ENDS
-    think_end: str = "</think>"
     provenance: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -113,30 +112,23 @@ class CueProfile:
     def patterns(self) -> tuple[str, ...]:
         return cue_patterns(self.cues)
 
-    @property
-    def large_stops(self) -> tuple[str, ...]:
-        return (self.think_end,)
-
-    @property
-    def small_stops(self) -> tuple[str, ...]:
-        return (*self.sentence_ends, self.think_end)
-
     def validate(self) -> CueProfile:
         if not self.cues:
             raise ConfigError(f"profile {self.name!r} has no cues")
         if len(set(self.cues)) != len(self.cues):
             raise ConfigError(f"profile {self.name!r} lists a cue twice")
         _ = self.patterns  # raises on an invalid cue or too many cues
-        if len(self.small_stops) > MAX_STOP_STRINGS:
-            raise ConfigError(f"profile {self.name!r}: {len(self.small_stops)} stop strings, "
-                              f"SGLang takes at most {MAX_STOP_STRINGS}")
-        if any(not s for s in self.small_stops):
+        # A small turn also stops at the family's think_end and the chat template's stop string.
+        if len(self.sentence_ends) + 2 > MAX_STOP_STRINGS:
+            raise ConfigError(f"profile {self.name!r}: {len(self.sentence_ends)} sentence ends; with </think> and "
+                              f"the template's stop string SGLang takes at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s for s in self.sentence_ends):
             raise ConfigError(f"profile {self.name!r} has an empty stop string")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "models": self.models, "cues": list(self.cues),
-                "sentence_ends": list(self.sentence_ends), "think_end": self.think_end,
+                "sentence_ends": list(self.sentence_ends),
                 "provenance": self.provenance, "stats": self.stats}
 
 
@@ -147,7 +139,6 @@ def profile_from_dict(raw: dict[str, Any], origin: str) -> CueProfile:
             models=dict(raw.get("models", {})),
             cues=tuple(raw["cues"]),
             sentence_ends=tuple(raw.get("sentence_ends", DEFAULT_SENTENCE_ENDS)),
-            think_end=str(raw.get("think_end", "</think>")),
             provenance=dict(raw.get("provenance", {})),
             stats=dict(raw.get("stats", {})),
         ).validate()

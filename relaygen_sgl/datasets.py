@@ -8,10 +8,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 from .config import data_path
 from .errors import ConfigError
+from .records import read_records
 
 BUNDLED = ("aime25", "aime24", "amc23", "math500")
 MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -28,23 +27,24 @@ class Problem:
 
 
 def _bundled(name: str) -> list[Problem]:
-    path = data_path("bench", f"{name}.jsonl")
-    out = []
-    for line in path.read_bytes().splitlines():
-        if line.strip():
-            rec = orjson.loads(line)
-            out.append(Problem(str(rec["id"]), rec["problem"] + MATH_INSTRUCTION, str(rec["answer"]), "math"))
-    return out
+    return [Problem(str(rec["id"]), rec["problem"] + MATH_INSTRUCTION, str(rec["answer"]), "math")
+            for rec in read_records(data_path("bench", f"{name}.jsonl"))]
 
 
 def _gpqa_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise ConfigError(f"GPQA file not found: {path} (GPQA-Diamond is not redistributed; pass your own copy)")
+    if path.suffix != ".csv":
+        bad: list[str] = []
+        rows = read_records(path, warn=bad.append)
+        # A question file is read whole or refused: a skipped line would quietly change the benchmark.
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ConfigError(f"cannot read GPQA file {path}: {bad[0]}{more}")
+        return rows
     try:
-        if path.suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read GPQA file {path}: {e}") from e
 

@@ -58,6 +58,11 @@ class CalibrationError(RelayGenError):
     """Calibration cannot go on: bad input, a server without logprobs, nothing usable."""
 
 
+class Cancelled(RelayGenError):
+    """The caller stopped listening (a client went away, a deadline passed): the turn was
+    stopped and its SGLang request aborted."""
+
+
 class RelayAborted(RelayGenError):
     """A relay stopped part way; `partial` holds the segments finished so far."""
 

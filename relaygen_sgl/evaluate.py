@@ -19,6 +19,7 @@ import orjson
 from .batch import BatchSummary, Prompt, run_batch
 from .datasets import Problem
 from .policy import METHODS
+from .records import read_records, rewrite
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,10 @@ def run_method(method: str, prompts: list[Prompt], out_dir: Path, run_one: Calla
     return run_batch(prompts, out_dir / f"{method}.jsonl", run_one, concurrency=concurrency, progress=progress)
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-
-
 def grade_method(out_dir: Path, method: str, workers: int = 2) -> list[dict[str, Any]]:
     from .grading import grade_many
 
-    records = _read(out_dir / f"{method}.jsonl")
+    records = read_records(out_dir / f"{method}.jsonl")
     items = [(r.get("text") or "", str(r["gold"]), r.get("kind", "math")) for r in records]
     grades = grade_many(items, workers=workers)
     graded = []
@@ -61,9 +58,7 @@ def grade_method(out_dir: Path, method: str, workers: int = 2) -> list[dict[str,
             "large_tokens": int(stats.get("large_tokens", 0)), "switches": int(stats.get("switches", 0)),
             "e2e_s": float(stats.get("e2e_s", 0.0)),
         })
-    with (out_dir / f"graded-{method}.jsonl").open("wb") as f:
-        for g in sorted(graded, key=lambda g: (g["problem_id"], g["sample"])):
-            f.write(orjson.dumps(g) + b"\n")
+    rewrite(out_dir / f"graded-{method}.jsonl", sorted(graded, key=lambda g: (g["problem_id"], g["sample"])))
     return graded
 
 

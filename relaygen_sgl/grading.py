@@ -257,3 +257,30 @@ def grade_many(
     except Exception as e:  # the pool itself could not start: grade here (no alarms off the main thread)
         logger.warning("grading pool unavailable (%s: %s); grading in-process", type(e).__name__, e)
     return [r if r is not None else _grade_item(it) for r, it in zip(results, items, strict=True)]
+
+
+def vote_key(text: str, think_end: str = "</think>") -> str | None:
+    """The answer of one sample, normalized for voting (delimiters, \\boxed, leading zeros)."""
+    extracted = extract_final(text, think_end)
+    return normalize_gold(_unwrap_math(extracted)) if extracted else None
+
+
+def majority(keys: list[str | None], timeout: int | None = 5) -> tuple[str | None, dict[str, int]]:
+    """Majority vote over normalized answers; answers math_verify finds equal share a vote
+    (the first spelling seen stands for the group). Ties go to the answer seen first."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        if key is None:
+            continue
+        same = next((g for g in groups if g == key or _safe_equal(g, key, timeout)), None)
+        groups[same or key] = groups.get(same or key, 0) + 1
+    if not groups:
+        return None, {}
+    return max(groups, key=lambda g: groups[g]), groups
+
+
+def _safe_equal(a: str, b: str, timeout: int | None) -> bool:
+    try:
+        return _math_equal(a, b, timeout)[0]
+    except Exception:  # math_verify raises on inputs it cannot parse; not equal then
+        return False

@@ -1,4 +1,4 @@
-"""The RelayGen routing policy as an object: given the last turn, what happens next.
+"""The RelayGen routing policy as an object: given the last turn, what runs next.
 
 think phase: large until a verified cue or </think>; small until a sentence end or
 </think>; back to large. The large model needs `min_large_tokens` before a cue may end
@@ -14,8 +14,9 @@ from typing import Any
 from .config import Family
 from .cues import CueProfile
 from .errors import ConfigError
+from .result import Segment
 from .tokenizer import load_tokenizer
-from .turn import TurnResult
+from .turn import DeltaSink, TurnSpec
 
 METHODS = ("relay", "single-large", "single-small")
 MIN_LARGE_TOKENS = 5
@@ -24,6 +25,8 @@ DEFAULT_BUDGET = 32768  # completion tokens across both models, as in the paper
 
 @dataclass(frozen=True)
 class RelayPlan:
+    """One run's settings: method, cues, family (template, think_end), budget, sampling."""
+
     method: str
     profile: CueProfile
     family: Family
@@ -33,6 +36,8 @@ class RelayPlan:
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k
     seed: int | None = None
     min_large_tokens: int = MIN_LARGE_TOKENS
+    answer: bool = True  # False: stop once thinking is closed (the caller goes on)
+    on_delta: DeltaSink | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,16 +60,13 @@ class RelayPlan:
     def closing_text(self) -> str:
         return f"\n{self.family.think_end}\n\n"
 
+    @property
+    def large_stops(self) -> tuple[str, ...]:
+        return (self.family.think_end,)
 
-@dataclass(frozen=True)
-class Decision:
-    role: str | None  # None: the trajectory is over
-    max_tokens: int = 0
-    stop: tuple[str, ...] = ()
-    cue_patterns: tuple[str, ...] = ()
-    min_tokens: int = 0
-    insert: str = ""  # text the program appends before this turn
-    finish: str = ""  # why the trajectory ended (with role None)
+    @property
+    def small_stops(self) -> tuple[str, ...]:
+        return (*self.profile.sentence_ends, self.family.think_end)
 
 
 class RelayPolicy:
@@ -73,49 +75,51 @@ class RelayPolicy:
         self.used = 0
         self.phase = "think"
         self.single_role = {"single-large": "large", "single-small": "small"}.get(plan.method)
-        self.degraded = False  # the small server failed: the large model goes on alone
 
     @property
     def remaining(self) -> int:
         return self.plan.budget - self.used
 
-    def _large(self) -> Decision:
-        p = self.plan.profile
-        return Decision("large", self.remaining, p.large_stops, p.patterns,
+    def _large(self) -> TurnSpec:
+        return TurnSpec("large", self.remaining, self.plan.large_stops, self.plan.profile.patterns,
                         min(self.plan.min_large_tokens, self.remaining))
 
-    def _small(self) -> Decision:
-        return Decision("small", self.remaining, self.plan.profile.small_stops)
+    def _small(self) -> TurnSpec:
+        return TurnSpec("small", self.remaining, self.plan.small_stops)
 
-    def _answer(self, insert: str = "") -> Decision:
+    def _end(self, finish: str, insert: str = "") -> TurnSpec:
+        return TurnSpec(None, insert=insert, finish=finish)
+
+    def _answer(self, insert: str = "") -> TurnSpec:
         self.phase = "answer"
+        if not self.plan.answer:
+            return self._end("think_end", insert)
         if self.remaining <= 0:
-            return Decision(None, insert=insert, finish="budget")
-        role = self.single_role or self.plan.answer_role
-        return Decision(role, self.remaining, insert=insert)
+            return self._end("budget", insert)
+        return TurnSpec(self.single_role or self.plan.answer_role, self.remaining, insert=insert)
 
-    def start(self) -> Decision:
+    def start(self) -> TurnSpec:
         if self.single_role:
-            return Decision(self.single_role, self.remaining, (self.plan.family.think_end,))
+            return TurnSpec(self.single_role, self.remaining, self.plan.large_stops)
         return self._large()
 
-    def after(self, turn: TurnResult) -> Decision:
-        self.used += len(turn.ids)
-        if turn.rerouted_from == "small" and not self.degraded:
-            self.degraded = True
-            self.single_role = "large"  # no more switching; the large model answers too
-        kind = turn.finish.kind
+    def after(self, turn: Segment, degraded: bool = False) -> TurnSpec:
+        """The next turn, given the one that just finished; `degraded`: the small server
+        failed, so the large model goes on alone (no more switching, it answers too)."""
+        self.used += len(turn.token_ids)
+        if degraded:
+            self.single_role = "large"
         if self.phase == "answer":
-            return Decision(None, finish="eos" if kind == "eos" else ("budget" if kind == "length" else "done"))
+            return self._end("eos" if turn.finish == "eos" else ("budget" if turn.finish == "length" else "done"))
         think_end = self.plan.family.think_end
-        if kind == "stop" and turn.finish.matched == think_end:
+        if turn.finish == "stop" and turn.matched == think_end:
             return self._answer()
-        if kind == "eos":
+        if turn.finish == "eos":
             if self.plan.family.eos_in_thinking == "close":
                 return self._answer(insert=self.plan.closing_text)
-            return Decision(None, finish="eos")
-        if kind == "length" or self.remaining <= 0:
-            return Decision(None, insert=self.plan.closing_text, finish="budget")
+            return self._end("eos")
+        if turn.finish == "length" or self.remaining <= 0:
+            return self._end("budget", insert=self.plan.closing_text)
         if self.single_role:  # a stop string other than </think> cannot end a single turn
-            return Decision(self.single_role, self.remaining, (think_end,))
+            return TurnSpec(self.single_role, self.remaining, self.plan.large_stops)
         return self._small() if turn.role == "large" else self._large()

@@ -107,22 +107,6 @@ def finish_reason(result: RelayResult) -> str:
 def create_app(relay: Relay, *, model_name: str = "relaygen", api_key: str | None = None,
                max_budget: int = DEFAULT_BUDGET) -> FastAPI:
     app = FastAPI(title="relaygen-sgl", docs_url=None, redoc_url=None)
-    profiles: dict[str, Relay] = {}
-    lock = threading.Lock()
-
-    def relay_for(profile: str | None) -> Relay:
-        if not profile:
-            return relay
-        from .cues import load_profile
-
-        with lock:
-            if profile not in profiles:
-                other = Relay.__new__(Relay)
-                other.__dict__.update(relay.__dict__)
-                other.profile = load_profile(profile)
-                profiles[profile] = other
-            return profiles[profile]
-
     def error(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
@@ -164,7 +148,8 @@ def create_app(relay: Relay, *, model_name: str = "relaygen", api_key: str | Non
             return error(ApiError(400, f"malformed JSON body: {e}"))
         try:
             kw = parse_request(body, model_name, max_budget)
-            target = relay_for(kw.pop("profile", None))
+            if kw.get("profile") is not None:
+                relay.plan(profile=kw["profile"])  # an unknown profile is the request's fault: 422 now
         except ApiError as e:
             return error(e)
         except ConfigError as e:
@@ -174,7 +159,7 @@ def create_app(relay: Relay, *, model_name: str = "relaygen", api_key: str | Non
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not stream:
             try:
-                result = await run_in_threadpool(target.run, question, method, **kw)
+                result = await run_in_threadpool(relay.run, question, method, **kw)
             except (RelayAborted, RelayGenError) as e:
                 return error(_engine_error(e))
             return JSONResponse({
@@ -183,7 +168,7 @@ def create_app(relay: Relay, *, model_name: str = "relaygen", api_key: str | Non
                              "message": {"role": "assistant", "content": result.answer,
                                          "reasoning_content": result.reasoning}}],
                 "usage": usage(result)})
-        return StreamingResponse(_sse(target, question, method, kw, rid, created, model_name, include_usage),
+        return StreamingResponse(_sse(relay, question, method, kw, rid, created, model_name, include_usage),
                                  media_type="text/event-stream")
 
     return app

@@ -8,12 +8,15 @@ so nothing is lost and its radix cache holds the whole prefix.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .cues import CONTEXT_CHARS, find_cue
 from .engine import EngineClient, Finish, Generation
+from .errors import Cancelled
+from .result import Segment
 from .tokenizer import Tokenizer
 
 DeltaSink = Callable[[str, str], None]  # (role, text delta)
@@ -21,8 +24,11 @@ DeltaSink = Callable[[str, str], None]  # (role, text delta)
 
 @dataclass(frozen=True)
 class TurnSpec:
-    role: str
-    max_tokens: int
+    """What to run next. The policy decides one (role None: the trajectory is over, with
+    `finish` saying why); the backend rebuilds one from the gen's sampling parameters."""
+
+    role: str | None
+    max_tokens: int = 0
     stop: tuple[str, ...] = ()
     cue_patterns: tuple[str, ...] = ()
     # A cue may not end the turn before this many tokens. Enforced here, not with SGLang's
@@ -31,22 +37,8 @@ class TurnSpec:
     min_tokens: int = 0
     sampling: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # top-level request fields (routed_dp_rank)
-
-
-@dataclass
-class TurnResult:
-    role: str
-    ids: list[int]
-    text: str
-    finish: Finish  # kind "cue" when a verified cue ended the turn
-    prompt_tokens: int  # of the turn's first request: the handoff
-    cached_tokens: int
-    latency_s: float  # client-side, all requests of the turn
-    server_latency_s: float
-    ttft_s: float
-    requests: int
-    discarded_tokens: int  # the follower token after a cue, generated and cut
-    rerouted_from: str | None = None  # "small" when the large model ran a small turn
+    insert: str = ""  # text the program appends before this turn (the forced "\n</think>\n\n")
+    finish: str = ""  # why the trajectory ended (role None)
 
 
 class _Streamer:
@@ -113,7 +105,12 @@ def run_turn(
     context_text: str,
     spec: TurnSpec,
     sink: DeltaSink | None = None,
-) -> TurnResult:
+    cancel: threading.Event | None = None,
+) -> Segment:
+    """Run `spec` on `engine` from `prefix_ids`; `context_text` is the trajectory text before
+    it (the left side of a cue's word boundary). A set `cancel` stops it between tokens (the
+    stream to SGLang is closed, which aborts the request there)."""
+    assert spec.role is not None
     kept: list[int] = []
     first: Generation | None = None
     latency = server_latency = 0.0
@@ -137,7 +134,12 @@ def run_turn(
         if spec.cue_patterns:
             sampling["stop_regex"] = list(spec.cue_patterns)
         base = list(kept)
-        on_tokens = (lambda ids: streamer.update(base + ids)) if sink else (lambda ids: None)
+
+        def on_tokens(ids: list[int], base: list[int] = base) -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the caller stopped listening")
+            streamer.update(base + ids)
+
         gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens, extra=spec.extra or None)
         requests += 1
         first = first or gen
@@ -175,9 +177,10 @@ def run_turn(
         kept = full
         break
     streamer.update(kept, final=True)
-    return TurnResult(
-        role=spec.role, ids=kept, text=tok.decode(kept), finish=finish,
+    return Segment(
+        role=spec.role, text=tok.decode(kept), token_ids=kept, completion_tokens=len(kept),
         prompt_tokens=first.prompt_tokens if first else 0, cached_tokens=first.cached_tokens if first else 0,
-        latency_s=latency, server_latency_s=server_latency, ttft_s=first.ttft_s if first else 0.0,
+        latency_s=round(latency, 4), server_latency_s=round(server_latency, 4),
+        ttft_s=round(first.ttft_s, 4) if first else 0.0, finish=finish.kind, matched=finish.matched,
         requests=requests, discarded_tokens=discarded,
     )

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.batch import parse_prompts, read_prompts, run_batch
+from relaygen_sgl.batch import Prompt, ResultWriter, parse_prompts, read_prompts, run_batch
 from relaygen_sgl.engine import ClientConfig
 from relaygen_sgl.errors import ConfigError
 
@@ -82,6 +82,43 @@ def test_input_problems_are_reported_by_line():
                             '{"id": 2, "question": "  "}', "[1]", ""], "in.jsonl")
     assert [p.id for p in report.prompts] == ["1"]
     assert [p.split(":")[1] for p in report.problems] == ["2", "3", "4", "5"]
+    assert report.problems == ["in.jsonl:2: missing id; skipped", "in.jsonl:3: duplicate id '1'; skipped",
+                               "in.jsonl:4: id '2' has a missing or empty question; skipped",
+                               "in.jsonl:5: not a JSON object; skipped"]
+    bad = parse_prompts(['{"id": "a", "question": "q"}', '{"id": "b", "question": '], "p.jsonl").problems
+    assert len(bad) == 1 and bad[0].startswith("p.jsonl:2: not valid JSON (") and bad[0].endswith("); skipped")
+
+
+def test_a_rerun_keeps_ok_records_as_they_were_and_runs_the_rest(tmp_path):
+    out = tmp_path / "out.jsonl"
+    kept = {"id": "a", "status": "ok", "error": None, "text": "from the first run", "source": "s"}
+    out.write_bytes(orjson.dumps(kept) + b"\n"
+                    + orjson.dumps({"id": "b", "status": "error", "error": "server died"}) + b"\n"
+                    + b'{"id": "c", "status": "o')  # torn by a kill
+    prompts = [Prompt(pid, f"question {pid}", 0, {"source": "s"}) for pid in ("a", "b", "c")]
+    ran: list[str] = []
+
+    def run_one(p: Prompt) -> dict:
+        ran.append(p.id)
+        return {"text": f"answer to {p.question}"}
+
+    summary = run_batch(prompts, out, run_one, concurrency=2, progress=False)
+    assert summary.skipped_done == 1 and summary.ok == 2 and sorted(ran) == ["b", "c"]
+    recs = records(out)
+    assert recs[0] == kept  # the earlier ok record, untouched
+    assert sorted(r["id"] for r in recs) == ["a", "b", "c"] and all(r["status"] == "ok" for r in recs)
+    assert {r["id"]: r["text"] for r in recs[1:]} == {"b": "answer to question b", "c": "answer to question c"}
+
+
+def test_the_result_writer_drops_writes_after_close(tmp_path):
+    writer = ResultWriter(tmp_path / "deep" / "out.jsonl")
+    assert writer.done == set()
+    writer.write({"id": "a", "status": "ok"})
+    writer.close()
+    writer.write({"id": "late", "status": "ok"})  # an interrupted batch: in-flight results are dropped
+    assert records(tmp_path / "deep" / "out.jsonl") == [{"id": "a", "status": "ok"}]
+    with ResultWriter(tmp_path / "deep" / "out.jsonl") as again:
+        assert again.done == {"a"}
 
 
 def test_missing_prompts_file_is_a_config_error(tmp_path):

@@ -11,28 +11,23 @@ import httpx
 import orjson
 import pytest
 
-from relaygen_sgl.calibrate import (
-    CalibrationError,
-    CalibrationPaths,
-    CalibrationSettings,
+from relaygen_sgl.calibrate import CalibrationPaths, CalibrationSettings, check_writable, run_calibration
+from relaygen_sgl.calibration_cache import error_messages, ok_records
+from relaygen_sgl.calibration_scoring import completion_margins, margins_from_meta, probe_logprobs, score_request
+from relaygen_sgl.cli import main
+from relaygen_sgl.cue_stats import (
     CalibrationStats,
     CueStat,
     ScoredTrajectory,
-    check_writable,
-    completion_margins,
     cue_regions,
     cue_statistics,
-    margins_from_meta,
-    probe_logprobs,
-    run_calibration,
-    score_request,
     select_cues,
     token_pieces,
 )
-from relaygen_sgl.cli import main
 from relaygen_sgl.cues import load_profile
 from relaygen_sgl.datasets import Problem
 from relaygen_sgl.engine import ClientConfig, EngineClient
+from relaygen_sgl.errors import CalibrationError
 from relaygen_sgl.tokenizer import Tokenizer
 
 EASY, HARD = 0.9, 0.2
@@ -267,6 +262,19 @@ def test_cache_paths_sit_beside_the_output(tmp_path):
         "q.trajectories.jsonl", "q.margins.jsonl", "q.delta.png", "q.trace.png")
     p = CalibrationPaths.for_output(tmp_path / "q.json", tmp_path / "c" / "t.jsonl")
     assert p.trajectories == tmp_path / "c" / "t.jsonl" and p.margins == tmp_path / "c" / "t.margins.jsonl"
+
+
+def test_cache_readers_keep_the_last_record_per_id_by_status(tmp_path):
+    path = tmp_path / "c.jsonl"
+    assert ok_records(path) == {} and error_messages(path) == {}  # no file yet: nothing cached
+    path.write_bytes(b'{"id": "a", "status": "error", "error": "boom"}\n'
+                     b'{"id": "a", "status": "ok", "v": 1}\n'
+                     b'{"id": "b", "status": "ok", "v": 1}\n'
+                     b'{"id": "b", "status": "ok", "v": 2}\n'
+                     b'{"id": "c", "status": "error", "error": "late"}\n'
+                     b'{"id": "d", "status": "o')  # a torn last line from a killed run
+    assert {k: r["v"] for k, r in ok_records(path).items()} == {"a": 1, "b": 2}
+    assert error_messages(path) == {"a": "boom", "c": "late"}
 
 
 # ---------------------------------------------------------------- a whole run on the doubles

@@ -16,15 +16,8 @@ import pytest
 from rich.console import Console
 
 from relaygen_sgl.errors import ConfigError
-from relaygen_sgl.show import (
-    LARGE_BG,
-    SMALL_BG,
-    load_records,
-    print_terminal,
-    render_html,
-    select,
-    write_html,
-)
+from relaygen_sgl.show import load_records, print_result, print_terminal, render_html, select, write_html
+from relaygen_sgl.show_html import LARGE_BG, SMALL_BG
 
 EVIL = "<script>alert('x')</script>"
 
@@ -151,6 +144,32 @@ def test_print_terminal_does_not_interpret_rich_markup():
     print_terminal([rec], console)
     text = console.export_text()
     assert "[bold]id[/bold]" in text and "[red]x[/red]" in text and "[link=http://e]y[/link]" in text
+
+
+def test_print_result_shows_a_live_run_like_a_saved_one():
+    from relaygen_sgl.result import RelayResult, RelayStats, Segment
+
+    segs = [Segment("large", "<think>Let me see.", [1, 2], 2, 10, 0, 0.1),
+            Segment("small", f" It is [bold]9[/bold] {EVIL}.", [3, 4, 5], 3, 12, 10, 0.2),
+            Segment("inserted", "\n</think>\n\n", [6], 0, 0, 0, 0.0, finish="inserted"),
+            Segment("small", "9", [7], 1, 15, 15, 0.05)]
+    result = RelayResult("relay", "q", [0], segs, RelayStats(2, 4, 2, 0.3333, 1.25, 0.08, finish="eos"))
+    buf = io.StringIO()
+    print_result(result, Console(file=buf, force_terminal=True, color_system="standard", width=300))
+    out = buf.getvalue()
+    assert "\x1b[1;7;36m[L]" in out and "\x1b[7;32m[S]" in out and "[I]" in out
+    assert f"\x1b[32m It is [bold]9[/bold] {EVIL}." in out  # small text, markup shown literally
+    assert "relay: 4 segments" in out and "33.3%" in out and "1.25" in out and "eos" in out
+    assert "\x1b[1manswer: \x1b[0m9" in out
+
+
+def test_the_cli_names_import_from_show_and_show_html_imports_on_its_own():
+    # show's render_html/write_html load show_html on use; a fresh interpreter catches an import cycle
+    code = ("import relaygen_sgl.show_html as h; from relaygen_sgl.show import print_result, load_records, "
+            "print_terminal, select, write_html, render_html, STYLES; "
+            "assert render_html([{'id': 'x'}]) == h.render_html([{'id': 'x'}])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
 
 # ---------------------------------------------------------------- HTML
