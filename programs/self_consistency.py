@@ -20,7 +20,8 @@ from relaygen_sgl.grading import majority, vote_key
 def self_consistency(s, question, k=4, plan=None):
     plan = plan or rg.backend_of(s).plan()
     rg.prompt(s, question, plan)
-    branches = s.fork(int(k))
+    group = s.fork(int(k))
+    branches = [group[i] for i in range(int(k))]
     base = plan.seed or 0
     with ThreadPoolExecutor(len(branches)) as pool:
         results = list(pool.map(lambda ib: rg.relay(ib[1], dataclasses.replace(plan, seed=base + ib[0])),

@@ -1,5 +1,7 @@
 """relaygen-sgl: RelayGen (large/small model switching at switch cues) as an SGLang program.
 
+`connect(...)` gives the routing backend any @sgl.function runs on; `relaygen_sgl.program`
+holds the relay as a building block of such programs; `Relay` runs the bundled ones.
 Heavy imports (sglang, transformers) are deferred until first use.
 """
 
@@ -8,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Relay", "RelayResult", "relay", "stream_relay"]
+__all__ = ["Relay", "RelayResult", "connect", "relay", "stream_relay"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Relay", "relay", "stream_relay"):
+    if name in ("Relay", "connect", "relay", "stream_relay"):
         from . import api
 
         return getattr(api, name)

@@ -52,6 +52,8 @@ class RelayBackend(BaseBackend):
         self.dp_sizes = {r: n for r, n in (dp_sizes or {}).items() if n > 1}
         self._slots = itertools.count()
         self._profiles: dict[str, CueProfile] = {}
+        self._fork_lock = threading.Lock()
+        self._shared: dict[int, None] = {}  # prefixes already prefilled for forks (oldest first)
         self.chat_template: ChatTemplate = get_chat_template(family.sgl_chat_template)
         self.preset: Any = None  # set by connect(): the preset and URLs it resolved
         self.urls = {role: e.url for role, e in engines.items()}
@@ -88,17 +90,37 @@ class RelayBackend(BaseBackend):
 
     # ------------------------------------------------------------------ trajectories
     def trajectory(self, s: StreamExecutor) -> Trajectory:
-        """The program state's trajectory, made on first use; a forked state's first call
-        copies its parent's history up to the fork point."""
+        """The program state's trajectory, made on first use. A branch of `fork` starts from
+        its parent's history up to the fork point, and the first branch to run puts that
+        shared prefix into both servers' caches for all of them."""
         traj = s.variables.get(KEY)
+        if traj is not None and traj.sid == s.sid:
+            return traj
+        at = s.fork_start_text_pos
         if traj is None:
             traj = Trajectory(s.sid, self.tokenizer, next(self._slots))
-        elif traj.sid != s.sid:
-            traj = traj.fork(s.sid, s.fork_start_text_pos or 0)
+            if at:  # a branch whose trunk never reached the backend: the same text, the same ids
+                traj.absorb(s.text_[:at])
         else:
-            return traj
+            with self._fork_lock:
+                if traj.consumed < (at or 0):  # the fork came before the trunk's text was taken in
+                    traj.absorb(s.text_[:at])
+            traj = traj.fork(s.sid, at or 0)
         s.variables[KEY] = traj
+        if at:
+            self._share(traj)
         return traj
+
+    def _share(self, traj: Trajectory) -> None:
+        ids = traj.ids
+        key = hash(tuple(ids))
+        with self._fork_lock:
+            if not ids or key in self._shared:
+                return
+            self._guarded(traj, lambda: self._prefill(ids, traj))
+            self._shared[key] = None
+            while len(self._shared) > 1024:
+                self._shared.pop(next(iter(self._shared)))
 
     def _role(self, s: StreamExecutor) -> tuple[str, int | None]:
         route = s.variables.get("route")
@@ -129,7 +151,7 @@ class RelayBackend(BaseBackend):
         # first turn, on either role, finds it cached.
         traj = self.trajectory(s)
         traj.absorb(s.text_)
-        self._guarded(traj, lambda: self._prefill(traj.ids, traj))
+        self._share(traj)
 
     def cache_prefix(self, prefix_str: str) -> None:
         ids = self.tokenizer.encode(prefix_str)

@@ -53,7 +53,7 @@ def parse_prompts(lines: Iterable[str | bytes], origin: str) -> InputReport:
     prompts: list[Prompt] = []
     problems: list[str] = []
     seen: set[str] = set()
-    for no, obj in records.iter_objects(lines):
+    for no, obj in records.iter_objects(lines, _problem(origin, problems)):
         pid, question = obj.get("id"), obj.get("question")
         if pid is None or (not isinstance(pid, (str, int))) or str(pid) == "":
             problems.append(f"{origin}:{no}: missing id; skipped")

@@ -10,9 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from .config import Preset, Settings, cpu_shim_dir
+from .engine import ClientConfig, EngineClient
 from .errors import LaunchError
 
 
@@ -81,14 +80,10 @@ def start_server(cmd: ServerCommand, log_path: Path) -> subprocess.Popen:
         log.close()
 
 
-def answers_generation(url: str, timeout_s: float = 30.0) -> bool:
-    """True once the server completes a real one-token generation."""
-    try:
-        r = httpx.post(f"{url}/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}},
-                       timeout=timeout_s)
-        return r.status_code == 200 and "meta_info" in r.json()
-    except (httpx.HTTPError, ValueError):
-        return False
+def answers_generation(url: str, timeout_s: float = 30.0, api_key: str | None = None) -> bool:
+    """True once the server completes a real one-token generation (EngineClient.health)."""
+    with EngineClient(url, ClientConfig(retries=0), api_key=api_key) as engine:
+        return engine.health(timeout_s)
 
 
 def tail(path: Path, n: int = 20) -> str:

@@ -50,6 +50,13 @@ def result_of(s: Any, plan: RelayPlan | None = None, finish: str = "done") -> Re
     return trajectory_of(s).result(plan.method, finish, plan.family.think_end, plan.budget)
 
 
+def route(s: Any, role: str) -> None:
+    """Send the next gens to `role`. `s["route"] = role` applies at once, while gens already
+    queued run later; this waits for them first, so each gen goes where the code says."""
+    s.sync()
+    s["route"] = role
+
+
 def prompt(s: Any, question: str | list[dict[str, str]], plan: RelayPlan | None = None) -> None:
     """Append the relay's prompt for a question (or OpenAI-style messages)."""
     s += (plan or backend_of(s).plan()).render(question)

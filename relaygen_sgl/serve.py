@@ -126,9 +126,7 @@ def create_app(relay: Relay, *, model_name: str = "relaygen", api_key: str | Non
 
     @app.get("/health")
     async def health() -> Response:
-        from .launcher import answers_generation
-
-        ok = {role: await run_in_threadpool(answers_generation, e.url, 10.0) for role, e in relay.engines.items()}
+        ok = {role: await run_in_threadpool(e.health, 10.0) for role, e in relay.engines.items()}
         return JSONResponse({"status": "ok" if all(ok.values()) else "degraded", "servers": ok},
                             status_code=200 if all(ok.values()) else 503)
 

@@ -18,9 +18,11 @@ def tiny_tokenizer(tmp_path_factory) -> str:
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-@pytest.fixture
-def fake(tiny_tokenizer) -> FakeSGLang:
+@pytest.fixture(params=[True, False], ids=["incremental", "cumulative"])
+def fake(request, tiny_tokenizer) -> FakeSGLang:
+    """The SGLang double, once with --incremental-streaming-output (deltas) and once
+    without (the whole output so far in every chunk): every test on it runs with both."""
     from transformers import AutoTokenizer
 
     eos = AutoTokenizer.from_pretrained(tiny_tokenizer).eos_token_id
-    return FakeSGLang(tiny_tokenizer, eos_id=eos)
+    return FakeSGLang(tiny_tokenizer, eos_id=eos, incremental=request.param)

@@ -1,16 +1,38 @@
-"""Test doubles that speak SGLang's real /generate wire format over httpx.MockTransport.
+"""Test doubles that speak SGLang 0.5.23's wire format over httpx.MockTransport.
 
-FakeSGLang answers /generate (input_ids, sampling_params, stream) and /model_info the way
-SGLang 0.5.23 does: output_ids include the token that completed a stop match, the stop
-check decodes a tail window of the output, `matched` is the stop string, the regex, or
-the EOS id (an int), cached_tokens is the longest cached prefix (the last prompt token is
-always recomputed), and streams are SSE `data:` lines ending in `data: [DONE]`.
+FakeSGLang answers /generate (input_ids or text, sampling_params, stream) the way SGLang
+does (sglang/srt/entrypoints/http_server.py, managers/tokenizer_manager.py,
+managers/schedule_batch.py, managers/scheduler_components/output_streamer.py):
+
+* output_ids include the token that completed a stop match; `matched` is the stop string,
+  the regex, or the EOS id (an int); cached_tokens is the longest cached prefix (the last
+  prompt token is always recomputed);
+* each decode step checks stop strings (in list order), then stop regexes, on the decoded
+  tail of the output, the tail sized as Req._stop_match_tail_len sizes it: the longest stop
+  string in tokens + 1, or the regex's longest match (get_max_seq_length) + 1; then EOS;
+  then max_new_tokens;
+* streams are SSE `data: {text, output_ids, meta_info}` lines ending in `data: [DONE]`,
+  deltas with incremental=True (--incremental-streaming-output), the whole output so far
+  otherwise; meta_info.completion_tokens counts all tokens so far and only the last chunk
+  carries finish_reason; a chunk is sent every Host.chunk_tokens tokens (stream_interval:
+  the first token at once) and held back while the tail ends in a stop string's prefix;
+* unknown sampling params are refused by the contract gate (HTTP 400 {"error": "..."} even
+  for a stream); what SGLang refuses later (too many stops, a too long input) comes as
+  HTTP 400 {"error": {"message"}}, or for a stream as HTTP 200 with
+  `data: {"error": {..., "code": 400}}`;
+* faults per host: HTTP errors (fail_on), connection errors (down_after), aborts, errors
+  and garbage inside a stream.
+
+/model_info (/get_model_info behind a router), /server_info, /v1/models, /flush_cache,
+/tokenize and /health_generate answer as SGLang does; Host.api_key asks for SGLang's
+`Authorization: Bearer` key on everything but the health routes.
 Its "model" reads each next token from a tape per host, indexed by absolute position.
 """
 
 from __future__ import annotations
 
 import re
+import re._parser as sre_parse
 from dataclasses import dataclass, field
 
 import httpx
@@ -48,16 +70,68 @@ def build_tokenizer(folder, vocab_size: int = 400) -> str:
     return str(folder)
 
 
+# sglang/api/v1/api_types.py SamplingParams: the contract gate refuses any other key
+SAMPLING_FIELDS = ("max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
+                   "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n",
+                   "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+                   "spaces_between_special_tokens", "no_stop_trim", "stream_interval", "logit_bias",
+                   "sampling_seed", "custom_params", "beam_width", "watermark", "choice")
+MAX_STOP_COUNT = MAX_STOP_REGEX_COUNT = 32  # sglang/srt/sampling/sampling_params.py
+MAX_STOP_REGEX_LEN = 256
+MAX_LEN = 2**30
+
+
+def get_max_seq_length(regex: str) -> int:
+    """sampling_params.get_max_seq_length: an upper bound on the characters a match spans."""
+    return _max_length(sre_parse.parse(regex))
+
+
+def _max_length(subpattern) -> int:
+    total = 0
+    for token, value in subpattern:
+        if token in (sre_parse.LITERAL, sre_parse.IN, sre_parse.ANY):
+            total += 1
+        elif token == sre_parse.SUBPATTERN:
+            total += _max_length(value[3])
+        elif token == sre_parse.BRANCH:
+            total += max(_max_length(b) for b in value[1])
+        elif token in (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT):
+            _, most, inner = value
+            total += MAX_LEN if most == sre_parse.MAXREPEAT else most * _max_length(inner)
+        elif token == sre_parse.AT:
+            pass
+        else:
+            total += MAX_LEN
+    return total
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 @dataclass
 class Host:
     tape: list[int]
     cache: list[list[int]] = field(default_factory=list)
-    requests: list[dict] = field(default_factory=list)
-    fail_on: set[int] = field(default_factory=set)  # request numbers (1-based) answered with HTTP 500
+    requests: list[dict] = field(default_factory=list)  # every /generate body, in order
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every request
+    fail_on: set[int] = field(default_factory=set)  # /generate request numbers (1-based) answered with fail_status
+    fail_status: int = 500
     max_input: int | None = None  # longer inputs get SGLang's 400 (prompt longer than the context)
     dp_size: int | None = None  # answer /server_info with this --dp
     context_len: int | None = None  # max_model_len: input + max_new_tokens beyond it gets a 400, as in SGLang
-    down_after: int | None = None  # requests after this count get a connection error
+    down_after: int | None = None  # /generate requests after this count get a connection error
+    chunk_tokens: int = 1  # SGLang's stream_interval: a stream chunk every this many tokens
+    # faults inside an answer, on the /generate requests numbered in faults_on (None: every one)
+    faults_on: set[int] | None = None
+    abort_after_tokens: int | None = None  # that many tokens, then finish_reason {"type": "abort"}
+    abort_status_code: int | None = None  # the abort's status_code (None: an /abort_request-style abort)
+    stream_error_after_tokens: int | None = None  # that many tokens, then data: {"error": {...}}
+    stream_error_code: int = 500
+    malformed_stream: bool = False  # a garbage data: line after the first chunk
+    router: bool = False  # SGLang's router in front: no /tokenize, /model_info, /server_info
+    api_key: str | None = None  # SGLang's --api-key
+    healthy: bool = True  # /health_generate answers 503 when False
 
 
 class FakeSGLang:
@@ -82,54 +156,178 @@ class FakeSGLang:
 
     # ------------------------------------------------------------------ server
     def _handle(self, request: httpx.Request) -> httpx.Response:
-        host = self.hosts.get(request.url.netloc.decode())
+        netloc = request.url.netloc.decode()
+        host = self.hosts.get(netloc)
         if host is None:
             raise httpx.ConnectError("connection refused", request=request)
-        if request.url.path == "/model_info":
-            path = self.tokenizer_paths.get(request.url.netloc.decode(), self.tokenizer_path)
-            return httpx.Response(200, json={"model_path": path, "tokenizer_path": path})
-        if request.url.path == "/v1/models" and host.context_len:
-            models = [{"id": "m", "max_model_len": host.context_len}]
-            return httpx.Response(200, json={"object": "list", "data": models})
-        if request.url.path == "/server_info" and host.dp_size:
-            return httpx.Response(200, json={"dp_size": host.dp_size})
-        if request.url.path != "/generate":
+        path = request.url.path
+        host.calls.append((request.method, path))
+        # sglang/srt/utils/auth.py: the health, readiness and metrics routes never ask for a key
+        if host.api_key and not path.startswith(("/health", "/ready", "/metrics")) \
+                and request.headers.get("authorization") != f"Bearer {host.api_key}":
+            return httpx.Response(401, json={"error": "Unauthorized"})
+        model_path = self.tokenizer_paths.get(netloc, self.tokenizer_path)
+        if path in ("/health", "/health_generate"):
+            return httpx.Response(200 if host.healthy else 503)
+        if path == ("/get_model_info" if host.router else "/model_info"):
+            return httpx.Response(200, json={"model_path": model_path, "tokenizer_path": model_path,
+                                             "served_model_name": model_path, "is_generation": True,
+                                             "weight_version": "default"})
+        if path == "/v1/models":
+            card = {"id": model_path, "object": "model", "created": 0, "owned_by": "sglang", "root": model_path,
+                    "max_model_len": host.context_len}
+            return httpx.Response(200, json={"object": "list", "data": [card]})
+        if path == "/server_info" and not host.router:
+            return httpx.Response(200, json={"dp_size": host.dp_size or 1, "tp_size": 1, "version": "0.5.23",
+                                             "frontend": "python", "internal_states": [{}]})
+        if path == "/flush_cache":
+            host.cache.clear()
+            return httpx.Response(200, text="Cache flushed.\nPlease check backend logs for more details. (When there "
+                                            "are running or waiting requests, the operation will not be performed.)\n")
+        if path == "/tokenize" and not host.router:
+            prompt = orjson.loads(request.content).get("prompt")
+            ids = self.tok.encode(prompt)
+            return httpx.Response(200, json={"tokens": ids, "count": len(ids), "max_model_len": host.context_len or -1})
+        if path != "/generate":
             return httpx.Response(404, json={"detail": "Not Found"})
-        body = orjson.loads(request.content)
+        return self._generate(host, orjson.loads(request.content), request)
+
+    def _generate(self, host: Host, body: dict, request: httpx.Request) -> httpx.Response:
         host.requests.append(body)
         n = len(host.requests)
         if host.down_after is not None and n > host.down_after:
             raise httpx.ConnectError("connection refused", request=request)
         if n in host.fail_on:
-            return httpx.Response(500, json={"error": {"message": "injected failure"}})
-        if host.max_input is not None and len(body["input_ids"]) > host.max_input:
-            return httpx.Response(400, json={"error": {"message": "The input is longer than the context length"}})
-        sp = body["sampling_params"]
-        if host.context_len is not None and len(body["input_ids"]) + sp.get("max_new_tokens", 128) > host.context_len:
-            return httpx.Response(400, json={"error": {"message": "Requested token count exceeds the model's "
-                                                                  "maximum context length"}})
-        unknown = set(sp) - {"max_new_tokens", "min_new_tokens", "stop", "stop_regex", "temperature", "top_p",
-                             "top_k", "sampling_seed", "no_stop_trim", "skip_special_tokens"}
-        if unknown:
-            return httpx.Response(400, json={"error": {"message": f"unknown sampling params {unknown}"}})
-        if len(sp.get("stop") or []) > 32 or len(sp.get("stop_regex") or []) > 32:
-            return httpx.Response(400, json={"error": {"message": "too many stops"}})
-        ids = body["input_ids"]
+            return httpx.Response(host.fail_status, json={"error": {"message": "injected failure"}})
+        sp = body.get("sampling_params") or {}
+        unknown = [k for k in sp if k not in SAMPLING_FIELDS]
+        if unknown:  # the contract gate, before any stream starts
+            expected = ", ".join(f"`{f}`" for f in SAMPLING_FIELDS)
+            return httpx.Response(400, json={"error": f"unknown field `{unknown[0]}`, expected one of {expected}"})
+        stream = bool(body.get("stream"))
+        problem = self._refusal(host, body, sp)
+        if problem is not None:
+            if not stream:
+                return httpx.Response(400, json={"error": {"message": problem}})
+            err = {"error": {"message": problem, "type": "invalid_request_error", "code": 400, "retryable": False}}
+            return self._sse([orjson.dumps(err)])
+        ids = body["input_ids"] if body.get("input_ids") is not None else self.tok.encode(body["text"])
         out, finish = self._decode_loop(host, ids, sp)
+        faulty = host.faults_on is None or n in host.faults_on
+        abort_at = host.abort_after_tokens if faulty else None
+        if abort_at is not None and abort_at < len(out):
+            out = out[:abort_at]
+            finish = {"type": "abort", "message": "Abort by the test double", "status_code": host.abort_status_code,
+                      "err_type": None}
         cached = max((self._lcp(ids, c) for c in host.cache), default=0)
         cached = min(cached, len(ids) - 1)
         host.cache.append(ids + out[:-1])
-        meta = {"id": f"req{n}", "finish_reason": finish, "prompt_tokens": len(ids),
-                "completion_tokens": len(out), "cached_tokens": cached, "e2e_latency": 0.001}
-        if not body.get("stream"):
-            return httpx.Response(200, json={"text": self.tok.decode(out), "output_ids": out, "meta_info": meta})
-        lines = []
-        for k in range(1, len(out) + 1):
-            chunk = out[k - 1:k] if self.incremental else out[:k]
-            m = {**meta, "completion_tokens": k, "finish_reason": finish if k == len(out) else None}
-            lines.append(b"data: " + orjson.dumps({"text": "", "output_ids": chunk, "meta_info": m}) + b"\n\n")
-        lines.append(b"data: [DONE]\n\n")
+        meta = {"id": f"req{n}", "finish_reason": finish, "prompt_tokens": len(ids), "weight_version": "default",
+                "completion_tokens": len(out), "cached_tokens": cached}
+        error_at = host.stream_error_after_tokens if faulty else None
+        if error_at is not None and error_at >= len(out):
+            error_at = None  # the generation finished first
+        if not stream:
+            return self._answer(host, out, finish, sp, meta, error_at, faulty and host.malformed_stream)
+        return self._sse(self._chunks(host, out, finish, sp, meta, error_at, faulty and host.malformed_stream))
+
+    def _refusal(self, host: Host, body: dict, sp: dict) -> str | None:
+        """What SGLang refuses after the contract gate (a ValueError in generate_request)."""
+        if (body.get("text") is None) == (body.get("input_ids") is None):
+            return "Either text or input_ids should be provided."
+        stops, regexes = _as_list(sp.get("stop")), _as_list(sp.get("stop_regex"))
+        if len(stops) > MAX_STOP_COUNT:
+            return f"at most {MAX_STOP_COUNT} stop strings are allowed, got {len(stops)}"
+        if len(regexes) > MAX_STOP_REGEX_COUNT:
+            return f"at most {MAX_STOP_REGEX_COUNT} stop_regex patterns are allowed, got {len(regexes)}"
+        for r in regexes:
+            if len(r.encode()) > MAX_STOP_REGEX_LEN:
+                return f"stop_regex is {len(r.encode())} bytes, over the {MAX_STOP_REGEX_LEN}-byte limit"
+        n_input = len(body["input_ids"]) if body.get("input_ids") is not None else len(self.tok.encode(body["text"]))
+        if host.max_input is not None and n_input > host.max_input:
+            return "The input is longer than the context length"
+        if host.context_len is not None and n_input + sp.get("max_new_tokens", 128) > host.context_len:
+            return "Requested token count exceeds the model's maximum context length"
+        return None
+
+    # ------------------------------------------------------------------ answers
+    def _answer(self, host: Host, out: list[int], finish: dict, sp: dict, meta: dict, error_at: int | None,
+                malformed: bool) -> httpx.Response:
+        if malformed:
+            return httpx.Response(200, content=b"<html>502 Bad Gateway</html>")
+        if error_at is not None:
+            return httpx.Response(host.stream_error_code, json={"error": {"message": "injected error"}})
+        if finish["type"] == "abort" and finish["status_code"] is not None:
+            # tokenizer_manager._handle_abort_finish_reason: 400 -> ValueError, else HTTPException
+            if finish["status_code"] == 400:
+                return httpx.Response(400, json={"error": {"message": finish["message"]}})
+            return httpx.Response(finish["status_code"], json={"detail": finish["message"]})
+        return httpx.Response(200, json={"text": self._text(out, sp, finish), "output_ids": out,
+                                         "meta_info": {**meta, "e2e_latency": 0.001}})
+
+    @staticmethod
+    def _sse(payloads: list[bytes]) -> httpx.Response:
+        lines = [b"data: " + p + b"\n\n" for p in payloads] + [b"data: [DONE]\n\n"]
         return httpx.Response(200, content=b"".join(lines), headers={"content-type": "text/event-stream"})
+
+    def _chunks(self, host: Host, out: list[int], finish: dict, sp: dict, meta: dict, error_at: int | None,
+                malformed: bool) -> list[bytes]:
+        """The stream's data payloads, as output_streamer.accept decides when to send and
+        tokenizer_manager shapes each chunk."""
+        aborted = finish["type"] == "abort"
+        last = error_at if error_at is not None else len(out)
+        chunks: list[bytes] = []
+        sent = 0
+        shown = ""  # the text sent so far
+        for k in range(1, last + 1):
+            final = k == len(out) and not aborted and error_at is None
+            unsent = k - sent
+            send = (final or (k == last and (aborted or error_at is not None))
+                    or ((host.chunk_tokens <= 1 or unsent >= host.chunk_tokens or sent == 0)
+                        and not self._holds_stop_prefix(out[:k], sp)))
+            if not send:
+                continue
+            text = self._text(out[:k], sp, finish if final else None)
+            if not final and text.endswith("\ufffd"):
+                text = shown  # an incomplete character waits (the detokenizer's surrogate check)
+            delta = text[len(shown):] if text.startswith(shown) else ""
+            shown += delta
+            m = {**meta, "completion_tokens": k, "finish_reason": finish if final else None}
+            if final:
+                m["e2e_latency"] = 0.001
+            ids = out[sent:k] if self.incremental else out[:k]
+            chunks.append(orjson.dumps({"text": delta if self.incremental else shown, "output_ids": ids,
+                                        "meta_info": m}))
+            sent = k
+            if malformed and len(chunks) == 1:
+                chunks.append(b'{"text": "", "output_ids": [1')  # cut off mid-object
+        if error_at is not None:
+            chunks.append(orjson.dumps({"error": {"message": "injected error", "type": "internal_error",
+                                                  "code": host.stream_error_code, "retryable": False}}))
+        elif aborted:
+            m = {**meta, "completion_tokens": len(out), "finish_reason": finish, "e2e_latency": 0.001}
+            if finish["status_code"] is None:
+                # tokenizer_manager's abort path: the last token again (not a delta), the whole text
+                ids = out[-1:] if self.incremental else out
+                chunks.append(orjson.dumps({"text": shown, "output_ids": ids, "meta_info": m}))
+            else:
+                # a scheduler-side abort finishes like any request: whatever was not sent yet
+                ids = out[sent:] if self.incremental else out
+                chunks.append(orjson.dumps({"text": "" if self.incremental else shown, "output_ids": ids,
+                                            "meta_info": m}))
+        return chunks
+
+    def _text(self, ids: list[int], sp: dict, finish: dict | None) -> str:
+        """The detokenized text: special tokens skipped unless asked, the matched stop
+        trimmed unless no_stop_trim (detokenizer_manager.trim_matched_stop)."""
+        keep = bool(sp.get("no_stop_trim"))
+        matched = (finish or {}).get("matched")
+        if isinstance(matched, int) and not keep and ids:
+            ids = ids[:-1]
+        text = self.tok.decode(ids, skip_special_tokens=sp.get("skip_special_tokens", True))
+        if isinstance(matched, str) and (pos := text.find(matched)) != -1:
+            text = text[: pos + len(matched)] if keep else text[:pos]
+        return text
 
     @staticmethod
     def _lcp(a: list[int], b: list[int]) -> int:
@@ -140,24 +338,48 @@ class FakeSGLang:
             n += 1
         return n
 
+    # ------------------------------------------------------------------ the model
+    def _tail_len(self, sp: dict) -> int:
+        """Req._stop_match_tail_len for one new token, before the min with the output length."""
+        stops, regexes = _as_list(sp.get("stop")), _as_list(sp.get("stop_regex"))
+        str_max = max((len(self.tok.encode(s, add_special_tokens=False)) for s in stops), default=0)
+        regex_max = max((get_max_seq_length(r) for r in regexes), default=0)
+        return max(str_max + 1, regex_max + 1)
+
+    def _tail(self, out: list[int], sp: dict) -> str:
+        return self.tok.decode(out[-min(self._tail_len(sp), len(out)):])
+
+    def _holds_stop_prefix(self, out: list[int], sp: dict) -> bool:
+        """Req.check_match_stop_str_prefix: a stream chunk waits while the tail ends in the
+        beginning of a stop string."""
+        stops = [s for s in _as_list(sp.get("stop")) if s]
+        if not stops:
+            return False
+        tail = self._tail(out, sp)
+        return bool(tail) and any(s in tail or any(tail[-i:] == s[:i] for i in range(1, min(len(tail), len(s)) + 1))
+                                  for s in stops)
+
     def _decode_loop(self, host: Host, ids: list[int], sp: dict) -> tuple[list[int], dict]:
         out: list[int] = []
-        stops = sp.get("stop") or []
-        regexes = sp.get("stop_regex") or []
+        stops, regexes = _as_list(sp.get("stop")), _as_list(sp.get("stop_regex"))
         min_new = sp.get("min_new_tokens", 0)
-        while len(out) < sp["max_new_tokens"]:
+        max_new = sp.get("max_new_tokens", 128)
+        while len(out) < max_new:
             pos = len(ids) + len(out)
             tok = host.tape[pos] if pos < len(host.tape) else self.eos_id
             if tok == self.eos_id and len(out) < min_new:
                 tok = host.tape[pos + 1] if pos + 1 < len(host.tape) else 0  # EOS masked
             out.append(tok)
+            # Req.update_finish_state: stop strings (first in list order), then stop regexes,
+            # on the tail; then EOS; then the length
+            if stops or regexes:
+                tail = self._tail(out, sp)
+                for s in stops:
+                    if s in tail:
+                        return out, {"type": "stop", "matched": s}
+                for r in regexes:
+                    if re.search(r, tail):
+                        return out, {"type": "stop", "matched": r}
             if tok == self.eos_id:
                 return out, {"type": "stop", "matched": tok}
-            tail = self.tok.decode(out[-12:])
-            for s in stops:
-                if s in tail:
-                    return out, {"type": "stop", "matched": s}
-            for r in regexes:
-                if re.search(r, tail):
-                    return out, {"type": "stop", "matched": r}
-        return out, {"type": "length", "length": len(out)}
+        return out, {"type": "length", "length": max_new}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 
+import orjson
 import pytest
 
 from relaygen_sgl.datasets import BUNDLED, load_problems
@@ -51,3 +52,17 @@ def test_bad_data_sets_are_clear_errors(tmp_path):
     _gpqa(empty, rows=0)
     with pytest.raises(ConfigError, match="empty"):
         load_problems(f"gpqa:{empty}")
+
+
+def test_gpqa_as_jsonl_reads_like_the_csv_and_refuses_bad_lines(tmp_path):
+    _gpqa(tmp_path / "gpqa.csv", rows=4)
+    with (tmp_path / "gpqa.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    good = tmp_path / "gpqa.jsonl"
+    good.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows) + b"\n")  # a blank line is fine
+    assert load_problems(f"gpqa:{good}") == load_problems(f"gpqa:{tmp_path / 'gpqa.csv'}")
+
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(orjson.dumps(rows[0]) + b"\n[1]\n" + orjson.dumps(rows[1])[:20])
+    with pytest.raises(ConfigError, match=r"cannot read GPQA file .*torn.jsonl: line 2: .*\(and 1 more\)"):
+        load_problems(f"gpqa:{torn}")

@@ -1,0 +1,203 @@
+"""The Python API.
+
+    backend = relaygen_sgl.connect(preset="cpu-tiny")        # any @sgl.function runs on it
+    state = my_program.run(question=..., backend=backend)
+
+    with relaygen_sgl.Relay(preset="cpu-tiny") as r:          # the bundled relay program
+        result = r.run("What is 2 + 3?", max_tokens=512)
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from .backend import RelayBackend
+from .config import ROLES, load_family, load_preset, load_settings
+from .cues import CueProfile, load_profile
+from .engine import ClientConfig, EngineClient
+from .errors import ConfigError, RelayAborted, RelayGenError
+from .loader import accepts, load_program
+from .policy import DEFAULT_BUDGET, RelayPlan
+from .result import RelayResult
+from .stack import read_state, role_urls
+from .tokenizer import check_same_vocabulary, load_tokenizer
+from .trajectory import KEY
+
+
+def resolve_urls(preset_name: str, large: str | None, small: str | None) -> dict[str, str]:
+    """Explicit URLs win; then the servers `relaygen up` recorded for this preset; then
+    the preset's ports on localhost."""
+    preset = load_preset(preset_name)
+    urls = {"large": preset.url("large"), "small": preset.url("small")}
+    state = read_state(load_settings())
+    if state and state.get("preset") == preset_name:
+        urls.update(role_urls(state))
+    if large:
+        urls["large"] = large
+    if small:
+        urls["small"] = small
+    return urls
+
+
+def _dp_size(engine: EngineClient) -> int:
+    """The server's --dp (1 where it does not say, e.g. behind a router)."""
+    try:
+        return int(engine.server_info().get("dp_size") or 1)
+    except (RelayGenError, ValueError, TypeError):
+        return 1
+
+
+def connect(*, preset: str = "cpu-tiny", large: str | None = None, small: str | None = None,
+            profile: str | CueProfile | None = None, family: str | None = None,
+            client: ClientConfig = ClientConfig(), transport: Any = None,
+            on_small_failure: str = "large") -> RelayBackend:
+    """The routing backend over a preset's two servers (URLs as in `resolve_urls`), for
+    `sgl.set_default_backend(...)` or `prog.run(..., backend=...)`."""
+    spec = load_preset(preset)
+    fam = load_family(family or spec.family)
+    prof = profile if isinstance(profile, CueProfile) else load_profile(profile or spec.profile)
+    urls = resolve_urls(preset, large, small)
+    engines = {"large": EngineClient(urls["large"], client, transport)}
+    engines["small"] = engines["large"] if urls["small"] == urls["large"] else EngineClient(urls["small"], client,
+                                                                                             transport)
+    paths = {role: e.model_info().get("tokenizer_path") for role, e in engines.items()}
+    if not paths["large"]:
+        raise ConfigError(f"{urls['large']} did not report its tokenizer path")
+    tokenizer = load_tokenizer(paths["large"])
+    check_same_vocabulary(tokenizer, load_tokenizer(paths["small"] or paths["large"]))
+    backend = RelayBackend(engines, tokenizer, fam, prof, on_small_failure=on_small_failure,
+                           dp_sizes={role: _dp_size(e) for role, e in engines.items()})
+    backend.preset, backend.urls = spec, urls
+    # A failed turn reaches the caller as a typed exception carrying the partial result;
+    # SGLang's worker thread would also print its traceback as a warning.
+    warnings.filterwarnings("ignore", message=r"Error in stream_executor:(?s:.*)relaygen_sgl\.errors\.")
+    return backend
+
+
+def close(backend: RelayBackend) -> None:
+    for engine in {id(e): e for e in backend.engines.values()}.values():
+        engine.close()
+
+
+class Relay:
+    """The routing backend plus the bundled programs; reusable and thread-safe."""
+
+    def __init__(self, *, preset: str = "cpu-tiny", large: str | None = None, small: str | None = None,
+                 profile: str | CueProfile | None = None, family: str | None = None,
+                 client: ClientConfig = ClientConfig(), transport: Any = None,
+                 on_small_failure: str = "large") -> None:
+        self.backend = connect(preset=preset, large=large, small=small, profile=profile, family=family,
+                               client=client, transport=transport, on_small_failure=on_small_failure)
+
+    # what jobs (bench, calibrate, serve) read; the backend owns them
+    engines = property(lambda self: self.backend.engines)
+    tokenizer = property(lambda self: self.backend.tokenizer)
+    family = property(lambda self: self.backend.family)
+    profile = property(lambda self: self.backend.profile)
+    urls = property(lambda self: self.backend.urls)
+    preset = property(lambda self: self.backend.preset)
+
+    def close(self) -> None:
+        close(self.backend)
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def plan(self, method: str = "relay", **kwargs: Any) -> RelayPlan:
+        return self.backend.plan(method, **kwargs)
+
+    def run(self, question: str | list[dict[str, str]], method: str = "relay", *,
+            profile: str | CueProfile | None = None, on_delta: Any = None, **plan_kwargs: Any) -> RelayResult:
+        """One relay (method relay) or one-model baseline (single-large, single-small).
+        plan_kwargs: max_tokens, answer_role, temperature, top_p, top_k, seed."""
+        plan = self.backend.plan(method, profile=profile, on_delta=on_delta, **plan_kwargs)
+        result = self._run(load_program(method), {"question": question, "plan": plan})
+        if not isinstance(result, RelayResult):
+            raise RelayAborted(f"the program {method} returned no RelayResult")
+        return result
+
+    def run_program(self, program: str | Any, arguments: dict[str, Any], **plan_kwargs: Any) -> dict[str, Any]:
+        """Any program (a bundled name, a .py path or an SglFunction) as one JSON-ready record:
+        its trajectory's result, then what it returned (a dict's keys, else under "output")."""
+        func = load_program(program) if isinstance(program, str) else program
+        args = {k: v for k, v in arguments.items() if accepts(func, k)}
+        if accepts(func, "plan"):
+            args["plan"] = self.backend.plan(**plan_kwargs)
+        value, state = self._run(func, args, with_state=True)
+        record = self._state_result(state).to_dict(token_ids=False)
+        if isinstance(value, RelayResult):
+            record.update(value.to_dict(token_ids=False))
+        elif isinstance(value, dict):
+            record.update(value)
+        elif value is not None:
+            record["output"] = value
+        return record
+
+    def _state_result(self, state: Any) -> RelayResult:
+        traj = state.stream_executor.variables.get(KEY)
+        if traj is None:
+            return RelayResult("program", "", [], [], _empty_stats())
+        traj.absorb(state.stream_executor.text_)
+        return traj.result("program", "done", self.family.think_end)
+
+    def _run(self, func: Any, args: dict[str, Any], with_state: bool = False) -> Any:
+        state = func.run(backend=self.backend, **args)
+        error = state.error()
+        if error is not None:  # a plain program's failed gen (the relay loop raises its own)
+            traj = state.stream_executor.variables.get(KEY)
+            partial = traj.result("program", "error", self.family.think_end) if traj is not None else None
+            what = str(error) if isinstance(error, RelayGenError) else f"{type(error).__name__}: {error}"
+            raise RelayAborted(f"the program failed: {what}", partial=partial) from error
+        return (state.ret_value, state) if with_state else state.ret_value
+
+    def stream(self, question: str | list[dict[str, str]], method: str = "relay",
+               **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        """Yield (role, text delta) as tokens arrive, across switches; the last item is
+        ("result", RelayResult)."""
+        q: queue.Queue = queue.Queue()
+        done = object()
+
+        def work() -> None:
+            try:
+                q.put(("result", self.run(question, method, on_delta=lambda r, d: q.put((r, d)), **kwargs)))
+            except BaseException as e:  # handed to the consumer, raised there
+                q.put(("error", e))
+            finally:
+                q.put(done)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := q.get()) is not done:
+            if item[0] == "error":
+                raise item[1]
+            yield item
+
+
+def _empty_stats() -> Any:
+    from .result import compute_stats
+
+    return compute_stats([], 0.0, 0.0, 0, "done")
+
+
+def relay(question: str, *, large: str | None = None, small: str | None = None, preset: str = "cpu-tiny",
+          profile: str | CueProfile | None = None, method: str = "relay", **kwargs: Any) -> RelayResult:
+    """One relay (or single-model) run. kwargs: max_tokens, answer_role, temperature, top_p,
+    top_k, seed."""
+    with Relay(preset=preset, large=large, small=small, profile=profile) as r:
+        return r.run(question, method, **kwargs)
+
+
+def stream_relay(question: str, *, large: str | None = None, small: str | None = None,
+                 preset: str = "cpu-tiny", profile: str | CueProfile | None = None,
+                 method: str = "relay", **kwargs: Any) -> Iterator[tuple[str, Any]]:
+    with Relay(preset=preset, large=large, small=small, profile=profile) as r:
+        yield from r.stream(question, method, **kwargs)
+
+
+__all__ = ["ROLES", "DEFAULT_BUDGET", "Relay", "connect", "relay", "stream_relay", "resolve_urls"]

@@ -1,0 +1,188 @@
+"""Batch runs: a program over a prompts file, results as JSONL written as each finishes.
+
+Resumable (ids already done are skipped; earlier error records are retried and
+replaced), one failing prompt becomes an error record, bad input lines are reported
+with their line number and skipped, and an interrupt leaves a valid file: every line
+is written whole under a lock and flushed at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import records
+from .errors import ConfigError, RelayAborted, RelayGenError
+
+RESULT_KEYS = {"id", "status", "error", "method", "text", "reasoning", "answer", "segments", "stats",
+               "prompt_ids", "degraded"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    question: str
+    line: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InputReport:
+    prompts: list[Prompt]
+    problems: list[str]  # one line each: "prompts.jsonl:3: ..."
+
+
+def _problem(origin: str, problems: list[str]) -> records.Warn:
+    """records' "line N: why" as "origin:N: why", the file:line form the CLI prints and
+    the wording batch has always used."""
+    def warn(message: str) -> None:
+        where, _, why = message.partition(": ")
+        if why.startswith("expected a JSON object"):
+            why = "not a JSON object; skipped"
+        problems.append(f"{origin}:{where.removeprefix('line ')}: {why}")
+    return warn
+
+
+def parse_prompts(lines: Iterable[str | bytes], origin: str) -> InputReport:
+    prompts: list[Prompt] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    for no, obj in records.iter_objects(lines, _problem(origin, problems)):
+        pid, question = obj.get("id"), obj.get("question")
+        if pid is None or (not isinstance(pid, (str, int))) or str(pid) == "":
+            problems.append(f"{origin}:{no}: missing id; skipped")
+            continue
+        pid = str(pid)
+        if not isinstance(question, str) or not question.strip():
+            problems.append(f"{origin}:{no}: id {pid!r} has a missing or empty question; skipped")
+            continue
+        if pid in seen:
+            problems.append(f"{origin}:{no}: duplicate id {pid!r}; skipped")
+            continue
+        seen.add(pid)
+        extra = {k: v for k, v in obj.items() if k not in ("id", "question")}
+        prompts.append(Prompt(pid, question, no, extra))
+    return InputReport(prompts, problems)
+
+
+def read_prompts(path: Path) -> InputReport:
+    try:
+        with path.open(encoding="utf-8") as f:
+            return parse_prompts(f, path.name)
+    except FileNotFoundError:
+        raise ConfigError(f"prompts file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+
+
+def _carry(record: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        record[f"input_{key}" if key in RESULT_KEYS else key] = value
+    return record
+
+
+class ResultWriter(records.RecordWriter):
+    """The results file of a run: the ok records of an earlier run are kept (their ids are
+    `done`), error records and torn lines are dropped so those prompts run again."""
+
+    def __init__(self, path: Path) -> None:
+        kept = records.latest_by_id(path, status="ok")
+        self.done: set[str] = set(kept)
+        if path.is_file():
+            records.rewrite(path, kept.values())
+        super().__init__(path)
+
+
+@dataclass
+class BatchSummary:
+    total: int
+    skipped_done: int
+    ok: int = 0
+    errors: int = 0
+    completion_tokens: int = 0
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+    input_problems: list[str] = field(default_factory=list)
+
+
+RunOne = Callable[[Prompt], dict[str, Any]]  # returns the result dict; raises RelayGenError
+
+
+def run_prompt(run_one: RunOne, prompt: Prompt) -> dict[str, Any]:
+    try:
+        rec = {"id": prompt.id, "status": "ok", "error": None, **run_one(prompt)}
+    except RelayAborted as e:
+        partial = e.partial.to_dict(token_ids=False) if e.partial is not None else {}
+        rec = {**partial, "id": prompt.id, "status": "error", "error": str(e)}
+    except RelayGenError as e:
+        rec = {"id": prompt.id, "status": "error", "error": str(e)}
+    except Exception as e:  # a bug must not end the batch either; the record says what it was
+        rec = {"id": prompt.id, "status": "error", "error": f"{type(e).__name__}: {e}"}
+    return _carry(rec, prompt.extra)
+
+
+def run_batch(prompts: list[Prompt], out: Path, run_one: RunOne, *, concurrency: int = 4,
+              progress: bool = True, input_problems: list[str] | None = None) -> BatchSummary:
+    from tqdm import tqdm
+
+    writer = ResultWriter(out)
+    todo = [p for p in prompts if p.id not in writer.done]
+    summary = BatchSummary(total=len(prompts), skipped_done=len(prompts) - len(todo),
+                           input_problems=list(input_problems or []))
+    work: queue.Queue[Prompt | None] = queue.Queue()
+    for p in todo:
+        work.put(p)
+    finished: queue.Queue[dict[str, Any]] = queue.Queue()
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                p = work.get_nowait()
+            except queue.Empty:
+                return
+            rec = run_prompt(run_one, p)
+            if stop.is_set():
+                return
+            writer.write(rec)
+            finished.put(rec)
+
+    # Daemon threads: on Ctrl-C the process leaves without waiting for in-flight requests;
+    # what was written is whole lines, and a rerun picks up the rest.
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(concurrency, len(todo))))]
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(prompts), initial=summary.skipped_done, disable=not progress, unit="prompt",
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        for t in threads:
+            t.start()
+        while summary.ok + summary.errors < len(todo):
+            try:
+                rec = finished.get(timeout=0.5)
+            except queue.Empty:
+                if not any(t.is_alive() for t in threads) and finished.empty():
+                    break
+                continue
+            if rec["status"] == "ok":
+                summary.ok += 1
+            else:
+                summary.errors += 1
+            stats = rec.get("stats") or {}
+            summary.completion_tokens += int(stats.get("large_tokens", 0)) + int(stats.get("small_tokens", 0))
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(tok_s=f"{summary.completion_tokens / max(elapsed, 1e-9):.1f}", errors=summary.errors)
+            bar.update(1)
+    except KeyboardInterrupt:
+        stop.set()
+        summary.interrupted = True
+    finally:
+        summary.elapsed_s = time.perf_counter() - t0
+        bar.close()
+        writer.close()
+    return summary

@@ -1,0 +1,107 @@
+"""The relay as a building block of SGLang programs.
+
+Inside any `@sgl.function` running on the routing backend (`relaygen_sgl.connect(...)`):
+
+    prompt(s, question)          # the relay's own prompt (chat template, thinking on)
+    think = relay(s, answer=False)   # the models write the reasoning, up to </think>
+    s += "The answer is (" + sgl.select("letter", choices=["A", "B", "C", "D"])
+
+`relay(s)` runs the RelayGen loop on the program state: the policy decides each turn, one
+`sgl.gen` runs it on the routed server, and the trajectory (owned by the backend) records
+it. It returns the trajectory's RelayResult; a failed turn raises RelayAborted carrying
+the partial result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sglang as sgl
+
+from .errors import ConfigError, RelayAborted, RelayGenError
+from .policy import RelayPlan, RelayPolicy
+from .result import RelayResult
+from .trajectory import Trajectory
+
+
+def backend_of(s: Any) -> Any:
+    from .backend import RelayBackend
+
+    backend = getattr(getattr(s, "stream_executor", None), "backend", None)
+    if not isinstance(backend, RelayBackend):
+        raise ConfigError("this program needs the relay backend: run it with backend=relaygen_sgl.connect(...)")
+    return backend
+
+
+def trajectory_of(s: Any) -> Trajectory:
+    """The state's trajectory, with everything the program has appended so far taken in."""
+    s.sync()
+    exe = s.stream_executor
+    traj = backend_of(s).trajectory(exe)
+    if exe.error_ is not None:
+        raise _aborted(s, traj, exe.error_, None)
+    traj.absorb(exe.text_)
+    return traj
+
+
+def result_of(s: Any, plan: RelayPlan | None = None, finish: str = "done") -> RelayResult:
+    """The state's trajectory as a RelayResult (e.g. each branch of a fork)."""
+    plan = plan or backend_of(s).plan()
+    return trajectory_of(s).result(plan.method, finish, plan.family.think_end, plan.budget)
+
+
+def route(s: Any, role: str) -> None:
+    """Send the next gens to `role`. `s["route"] = role` applies at once, while gens already
+    queued run later; this waits for them first, so each gen goes where the code says."""
+    s.sync()
+    s["route"] = role
+
+
+def prompt(s: Any, question: str | list[dict[str, str]], plan: RelayPlan | None = None) -> None:
+    """Append the relay's prompt for a question (or OpenAI-style messages)."""
+    s += (plan or backend_of(s).plan()).render(question)
+
+
+def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayResult:
+    """Run the relay loop from the state's current text. `plan_kwargs` (method, max_tokens,
+    answer, answer_role, temperature, seed, profile ...) build a plan from the backend's
+    defaults when no plan is given."""
+    plan = plan or backend_of(s).plan(**plan_kwargs)
+    traj = trajectory_of(s)
+    if plan.on_delta is not None:
+        traj.on_delta = plan.on_delta
+    policy = RelayPolicy(plan)
+    spec = policy.start()
+    first = len(traj.segments)
+    while True:
+        if spec.insert:  # the forced "\n</think>\n\n"
+            s += spec.insert
+        if spec.role is None:
+            break
+        # Safe to set now: the previous gen has finished (its meta was read below).
+        s["route"] = {"role": spec.role, "seed": plan.seed}
+        name = f"relay_turn{len(traj.segments)}"
+        s += sgl.gen(name, max_tokens=spec.max_tokens, min_tokens=spec.min_tokens,
+                     stop=list(spec.stop),  # a fresh list: the interpreter extends it in place
+                     stop_regex=list(spec.cue_patterns), **plan.sampling)
+        s.get_meta_info(name)  # waits for the turn
+        failure = traj.error or s.stream_executor.error_
+        if failure is not None:
+            raise _aborted(s, traj, failure, plan)
+        spec = policy.after(traj.segments[-1], degraded=traj.degraded is not None)
+    traj = trajectory_of(s)  # takes in a trailing insert
+    result = traj.result(plan.method, spec.finish, plan.family.think_end, plan.budget)
+    if first:  # the relay ran after other turns of this program: its stats cover its own
+        result.extra["relay_from_segment"] = first
+    return result
+
+
+def _aborted(s: Any, traj: Trajectory, error: BaseException, plan: RelayPlan | None) -> RelayAborted:
+    if isinstance(error, RelayAborted):
+        return error
+    what = str(error) if isinstance(error, RelayGenError) else f"{type(error).__name__}: {error}"
+    plan = plan or backend_of(s).plan()
+    partial = traj.result(plan.method, "error", plan.family.think_end, plan.budget)
+    err = RelayAborted(f"relay stopped after {len(traj.segments)} segments: {what}", partial=partial)
+    err.__cause__ = error
+    return err

@@ -1,0 +1,1 @@
+"""The bundled SGLang programs (installed as relaygen_sgl.programs)."""
