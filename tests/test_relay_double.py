@@ -136,10 +136,30 @@ def test_large_server_error_mid_trajectory_carries_the_partial_result(fake):
 
 
 def test_5xx_is_retried_4xx_is_not(fake):
+    from relaygen_sgl.errors import EngineRejected
+
     relay, _, _ = setup(fake, THINK, family="qwen3", retries=1)
-    fake.hosts["small.test:2"].fail_on = {1}
+    small = fake.hosts["small.test:2"]
+    small.fail_on = {1}  # the small server's first request gets an HTTP 500
     res = relay.run(QUESTION, max_tokens=500)
     assert res.answer == "The answer is 5."
+    assert res.degraded is None  # the retry answered: the small server was not given up
+    turns = [s for s in res.segments if s.role == "small"]
+    assert turns and all(s.rerouted_from is None for s in turns)
+    # one request per small request the trajectory counts, plus the failed one (its retry is the next)
+    assert len(small.requests) == sum(s.requests for s in turns) + 1
+    assert small.requests[0] == small.requests[1]
+
+    # an HTTP 400 is the request's fault: sent once, never retried, and the run fails with it
+    fake.hosts.clear()
+    relay, _, _ = setup(fake, THINK, family="qwen3", retries=3)
+    small = fake.hosts["small.test:2"]
+    small.fail_on, small.fail_status = {1}, 400
+    with pytest.raises(RelayAborted, match="HTTP 400") as err:
+        relay.run(QUESTION, max_tokens=500)
+    assert len(small.requests) == 1
+    assert isinstance(err.value.__cause__, EngineRejected) and err.value.__cause__.status == 400
+    assert err.value.partial is not None and [s.role for s in err.value.partial.segments] == ["large"]
 
 
 def test_handoffs_reprefill_only_the_other_roles_tokens(fake):

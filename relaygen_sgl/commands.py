@@ -1,0 +1,259 @@
+"""The `relaygen` commands: each takes the parsed arguments (cli.py parses argv), calls the
+typed library functions and prints; errors travel up to cli.main as RelayGenError."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from .engine import ClientConfig
+from .errors import RelayAborted, RelayGenError
+
+EXIT_USAGE = 2
+
+
+def _emit_json(obj: object) -> None:
+    sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def open_relay(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The one place the CLI builds a Relay from its endpoint and client arguments."""
+    from .api import Relay
+
+    return Relay(preset=args.preset, large=args.large, small=args.small, profile=getattr(args, "profile", None),
+                 on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout))
+
+
+def _plan_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                answer_role=args.answer_role)
+
+
+# ---------------------------------------------------------------- commands
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from .config import load_preset, load_settings, local_model_specs
+    from .models import fetch_model
+
+    settings = load_settings()
+    specs = local_model_specs()
+    names = load_preset(args.preset).local_models if args.preset else tuple(args.name or ())
+    if not names:
+        raise RelayGenError(f"preset {args.preset} serves no local model; nothing to fetch")
+    for name in names:
+        folder, built = fetch_model(specs[name], settings.models_dir)
+        print(f"{'built' if built else 'ok (verified)'}: {folder}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .config import load_preset, load_settings
+    from .stack import up
+
+    preset = load_preset(args.preset)
+    print(f"starting {preset.name}: {preset.description}", file=sys.stderr)
+    st = up(preset, load_settings(), host=args.host, timeout_s=args.timeout, kv_tokens=args.kv_tokens,
+            replicas={"large": args.replicas_large, "small": args.replicas_small})
+    for role in ("large", "small"):
+        r = st[role]
+        extra = f" (router over {len(r['replicas'])} replicas)" if r.get("replicas") else ""
+        print(f"{role}: {r['url']} pid {r['pid']}{extra} log {r['log']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .stack import status
+
+    st = status(load_settings())
+    if args.json:
+        _emit_json({k: v for k, v in st.items()})
+    else:
+        print(f"preset {st['preset']}")
+        for role in ("large", "small"):
+            r = st[role]
+            print(f"{role}: {r['url']} pid {r['pid']} {'healthy' if r['healthy'] else 'NOT healthy'}")
+    return 0 if all(st[r]["healthy"] for r in ("large", "small")) else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .stack import down
+
+    stopped = down(load_settings())
+    print(f"stopped {len(stopped)} server(s)" + (f": pids {', '.join(map(str, stopped))}" if stopped else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    with open_relay(args) as r:
+        try:
+            result = r.run(args.question, args.method, **_plan_kwargs(args))
+        except RelayAborted as e:
+            if args.json and e.partial is not None:
+                _emit_json({**e.partial.to_dict(), "status": "error", "error": str(e)})
+            raise
+    if args.json:
+        _emit_json(result.to_dict(token_ids=args.ids))
+    else:
+        from .show import print_result
+
+        print_result(result)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .batch import read_prompts, run_batch
+    from .loader import METHOD_PROGRAMS, load_program
+
+    report = read_prompts(Path(args.prompts))
+    for problem in report.problems:
+        sys.stderr.write(f"relaygen: {problem}\n")
+    func = load_program(args.program)  # a bad name or path fails here, once, not per prompt
+    with open_relay(args) as r:
+        if args.program in METHOD_PROGRAMS:
+            def run_one(p):  # type: ignore[no-untyped-def]
+                return r.run(p.question, args.program, **_plan_kwargs(args)).to_dict(token_ids=args.ids)
+        else:
+            def run_one(p):  # type: ignore[no-untyped-def]
+                return r.run_program(func, {"question": p.question, **p.extra}, **_plan_kwargs(args))
+
+        summary = run_batch(report.prompts, Path(args.out), run_one, concurrency=args.concurrency,
+                            progress=not args.no_progress, input_problems=report.problems)
+    line = (f"{summary.ok} ok, {summary.errors} error(s), {summary.skipped_done} already done, "
+            f"{summary.completion_tokens} tokens in {summary.elapsed_s:.1f}s -> {args.out}")
+    if summary.interrupted:
+        sys.stderr.write(f"relaygen: interrupted; {line}; rerun the same command to finish\n")
+        return 130
+    print(line, file=sys.stderr)
+    if report.problems:
+        return EXIT_USAGE
+    return 1 if summary.errors else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import machine
+    from .datasets import load_problems
+    from .evaluate import build_prompts, report, run_method
+
+    problems = load_problems(args.dataset)
+    if args.limit:
+        problems = problems[: args.limit]
+    prompts = build_prompts(problems, args.k)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RelayGenError(f"cannot create {out}: {e}") from e
+    methods = args.method or ["relay"]
+    with open_relay(args) as r:
+        for method in methods:
+            def run_one(p, method=method):  # type: ignore[no-untyped-def]
+                return r.run(p.question, method, max_tokens=args.max_tokens, temperature=args.temperature,
+                             seed=p.extra["seed"], answer_role=args.answer_role).to_dict(token_ids=False)
+
+            print(f"{method}: {len(prompts)} samples ({len(problems)} problems x k={args.k})", file=sys.stderr)
+            summary = run_method(method, prompts, out, run_one, args.concurrency, progress=not args.no_progress)
+            if summary.interrupted:
+                sys.stderr.write("relaygen: interrupted; rerun the same command to finish\n")
+                return 130
+    header = {"dataset": args.dataset, "preset": args.preset, "k": args.k, "limit": args.limit,
+              "max_tokens": args.max_tokens, "machine": machine.short(), "machine_detail": machine.describe()}
+    result = report(out, header)
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'accuracy_vs_latency.png'}")
+    return 0 if all(row["errors"] == 0 for row in result["methods"].values()) else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .show import load_records, print_terminal, select, write_html
+
+    def warn(message: str) -> None:
+        sys.stderr.write(f"relaygen: warning: {args.file}: {message}\n")
+
+    records = load_records(args.file, warn=warn)
+    if not records:
+        raise ConfigError(f"{args.file} holds no valid records")
+    chosen = select(records, args.id)
+    if args.html:
+        print(write_html(chosen, args.html))
+    else:
+        print_terminal(chosen)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig.quick(args.preset) if args.quick else BenchConfig(preset=args.preset)
+    overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens),
+                                   ("dataset", args.dataset)) if v}
+    if overrides:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **overrides)
+    with open_relay(args) as r:
+        result = run_bench(cfg, r, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png ({result['elapsed_s']} s)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    relay = open_relay(args)
+    print(f"relaygen serving {args.model_name!r} on http://{args.host}:{args.port}/v1 "
+          f"(large {relay.urls['large']}, small {relay.urls['small']})", file=sys.stderr)
+    try:
+        serve(relay, args.host, args.port, args.api_key, args.model_name)
+    finally:
+        relay.close()
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .calibrate import CalibrationPaths, CalibrationSettings, check_writable, load_candidates, run_calibration
+    from .datasets import load_problems
+
+    problems = load_problems(args.data)
+    if args.limit:
+        problems = problems[: args.limit]
+    paths = CalibrationPaths.for_output(Path(args.out), args.cache)
+    check_writable(paths.out, "profile")  # before any server is asked anything
+    check_writable(paths.trajectories, "trajectory cache")
+    candidates = load_candidates(Path(args.candidates) if args.candidates else None)
+    settings = CalibrationSettings(data=args.data, samples=args.samples, limit=args.limit,
+                                   max_tokens=args.max_tokens, threshold=args.threshold,
+                                   min_count=args.min_count, concurrency=args.concurrency, name=args.name)
+    with open_relay(args) as r:
+        try:
+            rep = run_calibration(r, problems, settings, paths, candidates=candidates,
+                                  progress=not args.no_progress)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"relaygen: interrupted; the work done is cached in {paths.trajectories} and "
+                             f"{paths.margins}; rerun the same command to go on\n")
+            return 130
+    selected = [s for s in rep.stats.cues.values() if s.selected]
+    for s in selected:
+        print(f"{s.rank:2d}. {s.cue!r:18} delta {s.delta:+.4f} +- {s.stderr or 0:.4f}  "
+              f"x{s.occurrences}  ({s.n_tokens} tokens)", file=sys.stderr)
+    print(f"{len(selected)} of {len(rep.stats.cues)} cues selected from {rep.trajectories} trajectories "
+          f"(baseline margin {rep.stats.baseline_mean_margin or 0:.4f}) -> {paths.out}", file=sys.stderr)
+    print(f"figures: {', '.join(rep.figures)}", file=sys.stderr)
+    if rep.failed:
+        sys.stderr.write(f"relaygen: {len(rep.failed)} trajectories failed and were left out (first: "
+                         f"{next(iter(rep.failed.values()))}); rerun the same command to retry them\n")
+        return 1
+    return 0
