@@ -254,7 +254,10 @@ class RelayBackend(BaseBackend):
         sampling: dict[str, Any] = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k}
         if seed is not None:
             sampling["sampling_seed"] = int(seed)
-        stop = tuple([sp.stop] if isinstance(sp.stop, str) else (sp.stop or ()))
+        # The chat template's stop string (the interpreter appends it to every gen) is the
+        # EOS token's text: dropped, so an EOS stays an EOS finish.
+        stop = tuple(x for x in ([sp.stop] if isinstance(sp.stop, str) else (sp.stop or ()))
+                     if x not in self.tokenizer.eos_texts)
         regex = tuple([sp.stop_regex] if isinstance(sp.stop_regex, str) else (sp.stop_regex or ()))
         spec = TurnSpec(role=role, max_tokens=int(sp.max_new_tokens), stop=stop, cue_patterns=regex,
                         min_tokens=int(sp.min_new_tokens or 0), sampling=sampling)

@@ -20,6 +20,12 @@ class Tokenizer:
         self.path = path
         self.eos_ids = {i for i in [self._tok.eos_token_id] if i is not None}
 
+    @functools.cached_property
+    def eos_texts(self) -> frozenset[str]:
+        """The EOS tokens as text ("<|im_end|>"): as stop strings they are redundant with EOS,
+        and SGLang checks stop strings first, so they would hide an EOS finish."""
+        return frozenset(str(t) for t in self._tok.convert_ids_to_tokens(sorted(self.eos_ids)) if t)
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
 

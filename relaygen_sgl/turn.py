@@ -147,6 +147,10 @@ def run_turn(
         server_latency += gen.server_latency_s
         new = gen.output_ids
         finish = gen.finish
+        if new and new[-1] in tok.eos_ids and finish.kind in ("regex", "stop"):
+            # SGLang checks stop strings before EOS, on text decoded with special tokens: an
+            # EOS can complete a match ("Therefore" + "<|im_end|>" fits \W). The model ended.
+            finish = Finish("eos", new[-1])
         if finish.kind == "regex":
             full = kept + new
             seg_text = tok.decode(full)
