@@ -160,7 +160,8 @@ class Relay:
     def stream(self, question: str | list[dict[str, str]], method: str = "relay",
                **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Yield (role, text delta) as tokens arrive, across switches; the last item is
-        ("result", RelayResult)."""
+        ("result", RelayResult). An item ("rerouted", text) says the small server failed
+        mid-turn: `text`, already yielded, is void, and the large model's version follows."""
         q: queue.Queue = queue.Queue()
         done = object()
 

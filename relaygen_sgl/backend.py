@@ -35,6 +35,9 @@ from .trajectory import KEY, Trajectory
 from .turn import DeltaSink, TurnSpec, run_turn
 
 FALLBACKS = ("large", "fail")
+# A listener's (role, text) event: the small server failed mid-turn; `text`, already delivered,
+# is void, and the large model's version of the turn follows.
+REROUTED = "rerouted"
 DEFAULT_ROLE = "large"
 
 
@@ -61,7 +64,8 @@ class RelayBackend(BaseBackend):
     def plan(self, method: str = "relay", *, profile: str | CueProfile | None = None,
              max_tokens: int = DEFAULT_BUDGET, answer: bool = True, answer_role: str = "small",
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-             seed: int | None = None, on_delta: DeltaSink | None = None) -> RelayPlan:
+             seed: int | None = None, on_delta: DeltaSink | None = None,
+             cancel: threading.Event | None = None) -> RelayPlan:
         """A run's settings on this backend: its family and tokenizer, the given profile (a
         name, a path or a CueProfile; default the backend's), the family's sampling with
         any override."""
@@ -71,7 +75,8 @@ class RelayBackend(BaseBackend):
                 sampling[key] = value
         return RelayPlan(method=method, profile=self._profile(profile), family=self.family,
                          tokenizer_path=self.tokenizer.path, budget=max_tokens, answer=answer,
-                         answer_role=answer_role, sampling=sampling, seed=seed, on_delta=on_delta)
+                         answer_role=answer_role, sampling=sampling, seed=seed, on_delta=on_delta,
+                         cancel=cancel)
 
     def _profile(self, profile: str | CueProfile | None) -> CueProfile:
         if profile is None:
@@ -169,8 +174,17 @@ class RelayBackend(BaseBackend):
         done = object()
         out: dict[str, Any] = {}
 
+        held: list[str] = []
+
         def sink(role: str, delta: str) -> None:
-            deltas.put(delta)
+            # The interpreter cannot take text back, so a small turn (short, and the one that
+            # may fail over to the large model mid-way) is held until it completes.
+            if role == "small":
+                held.append(delta)
+            elif role == REROUTED:
+                held.clear()
+            else:
+                deltas.put(delta)
             if traj.on_delta is not None:
                 traj.on_delta(role, delta)
 
@@ -192,6 +206,9 @@ class RelayBackend(BaseBackend):
                 traj.error = out["error"]
             raise out["error"]
         seg: Segment = out["segment"]
+        if held and seg.role == "small":
+            sent += "".join(held)
+            yield "".join(held), {}
         if not seg.text.startswith(sent):  # the interpreter's text must stay the trajectory's
             traj.error = EngineFailed(f"streamed text diverged from the turn's tokens: {sent!r} vs {seg.text!r}")
             raise traj.error
@@ -268,9 +285,15 @@ class RelayBackend(BaseBackend):
             raise EngineRejected(f"the input ({len(traj.prompt_ids)} tokens) is longer than the model's context "
                                  f"length ({ctx} tokens)", url=self.engines[role].url, status=400)
 
+        streamed: list[str] = []
+
+        def tap(r: str, delta: str) -> None:
+            streamed.append(delta)
+            sink(r, delta)
+
         def run(on: str) -> Segment:
             return run_turn(self.engines[on], self.tokenizer, ids, text, replace(spec, role=on,
-                            extra=self._pin(on, traj)), sink=sink, cancel=traj.cancel)
+                            extra=self._pin(on, traj)), sink=tap if sink else None, cancel=traj.cancel)
 
         if role == "small" and traj.degraded:
             seg = replace(run("large"), rerouted_from="small")
@@ -282,6 +305,9 @@ class RelayBackend(BaseBackend):
                     raise
                 # The small server is gone: the large model goes on alone from the same prefix.
                 traj.degraded = {"role": "small", "from_token": len(ids) - len(traj.prompt_ids), "error": str(e)}
+                if sink and streamed:  # what a listener got of the dead turn is void
+                    sink(REROUTED, "".join(streamed))
+                    streamed.clear()
                 seg = replace(run("large"), rerouted_from="small")
         traj.add(seg)
         return seg

@@ -8,6 +8,7 @@ spans both models; if it runs out inside thinking, "\\n</think>\\n\\n" is insert
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ class RelayPlan:
     min_large_tokens: int = MIN_LARGE_TOKENS
     answer: bool = True  # False: stop once thinking is closed (the caller goes on)
     on_delta: DeltaSink | None = field(default=None, compare=False, repr=False)
+    cancel: threading.Event | None = field(default=None, compare=False, repr=False)  # set: stop the run
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

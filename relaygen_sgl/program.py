@@ -18,7 +18,7 @@ from typing import Any
 
 import sglang as sgl
 
-from .errors import ConfigError, RelayAborted, RelayGenError
+from .errors import Cancelled, ConfigError, RelayAborted, RelayGenError
 from .policy import RelayPlan, RelayPolicy
 from .result import RelayResult
 from .trajectory import Trajectory
@@ -70,6 +70,8 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
     traj = trajectory_of(s)
     if plan.on_delta is not None:
         traj.on_delta = plan.on_delta
+    if plan.cancel is not None:
+        traj.cancel = plan.cancel
     policy = RelayPolicy(plan)
     spec = policy.start()
     first = len(traj.segments)
@@ -78,6 +80,8 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
             s += spec.insert
         if spec.role is None:
             break
+        if traj.cancel.is_set():
+            raise _aborted(s, traj, Cancelled("the caller stopped listening"), plan)
         # Safe to set now: the previous gen has finished (its meta was read below).
         s["route"] = {"role": spec.role, "seed": plan.seed}
         name = f"relay_turn{len(traj.segments)}"

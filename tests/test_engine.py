@@ -114,6 +114,34 @@ def test_stop_strings_match_in_list_order_in_a_tail_sized_as_sglang_sizes_it(fak
         assert eng.generate(p_ids, {**GREEDY, "stop_regex": ["é+"]}).finish == Finish("regex", "é+")
 
 
+def test_a_stop_string_is_checked_before_eos(fake):
+    # Req.update_finish_state: stop strings first, on text decoded with special tokens, so
+    # the EOS token's own text as a stop string turns an EOS finish into a string finish
+    p_ids, c_ids = make(fake)
+    eos_text = fake.tok.convert_ids_to_tokens(fake.eos_id)
+    with client(fake) as eng:
+        g = eng.generate(p_ids, {**GREEDY, "stop": [eos_text]})
+    assert g.finish == Finish("stop", eos_text) and g.output_ids == c_ids
+
+
+def test_the_double_streams_deltas_or_the_whole_output(fake):
+    p_ids, c_ids = make(fake, chunk_tokens=3)
+    body = {"input_ids": p_ids, "sampling_params": GREEDY, "stream": True}
+    with httpx.Client(transport=fake.transport) as http:
+        lines = http.post(f"{URL}/generate", json=body).text.split("\n\n")
+    assert lines[-2] == "data: [DONE]"
+    chunks = [orjson.loads(line[len("data: "):]) for line in lines[:-2]]
+    counts = [c["meta_info"]["completion_tokens"] for c in chunks]
+    assert [c["meta_info"]["finish_reason"] is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
+    if fake.incremental:
+        assert [t for c in chunks for t in c["output_ids"]] == c_ids
+        assert "".join(c["text"] for c in chunks) == COMPLETION
+    else:
+        assert [c["output_ids"] for c in chunks] == [c_ids[:n] for n in counts]
+        assert chunks[-1]["text"] == COMPLETION
+    assert counts[0] == 1 and counts[-1] == len(c_ids)
+
+
 def test_text_generation_is_tokenized_by_the_server(fake):
     p_ids, c_ids = make(fake)
     with client(fake) as eng:
@@ -133,6 +161,13 @@ def test_an_abort_after_tokens_is_typed_and_not_retried(fake):
     assert len(host(fake).requests) == 1  # a retry would splice a second generation onto the first
     assert rec.calls[-1] == c_ids[:5]  # the abort chunk's token is not handed on
     assert "\n" not in str(e.value) and e.value.status is None
+
+
+def test_an_abort_from_a_failing_server_after_tokens_is_not_retried(fake):
+    p_ids, _ = make(fake, abort_after_tokens=4, abort_status_code=503)
+    with client(fake, retries=3) as eng, pytest.raises(EngineFailed, match="after 4 streamed tokens") as e:
+        eng.generate(p_ids, GREEDY, on_tokens=Recorder())
+    assert len(host(fake).requests) == 1 and e.value.status == 503
 
 
 def test_an_abort_before_any_token(fake):
