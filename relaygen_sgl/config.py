@@ -58,7 +58,7 @@ class Family:
     name: str
     think_prefix: str = ""
     think_end: str = "</think>"
-    eos_in_thinking: str = "end"  # "end" | "close"
+    eos_in_thinking: str = "close"  # "close": insert think_end, the answer role answers | "end"
     sgl_chat_template: str = "chatml"  # SGLang frontend template for sgl.user/assistant
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)

@@ -84,21 +84,21 @@ def test_cue_as_first_token_of_a_large_segment_waits_for_min_tokens(fake):
     assert large[1].completion_tokens >= 5
 
 
-def test_eos_from_either_role(fake):
-    for text in ("So 5", "Let me add the numbers now 2 and 3 make 5"):
-        fake.hosts.clear()
-        relay, _, _ = setup(fake, text, family="qwen3")
-        res = relay.run(QUESTION, max_tokens=500)
-        assert res.segments[-1].finish == "eos" and res.segments[-1].matched == fake.eos_id
-        assert res.stats.finish == "eos"
-    assert res.segments[-1].role == "small"
-
-
-def test_eos_in_thinking_closes_for_families_that_never_think(fake):
-    relay, _, _ = setup(fake, "It is 5.", family="smollm2")
+@pytest.mark.parametrize("family", ["qwen3", "r1", "smollm2"])
+@pytest.mark.parametrize("text,last_thinker", [("So 5", "large"),
+                                               ("Let me add the numbers now 2 and 3 make 5", "small")])
+def test_eos_in_thinking_closes_it_and_the_answer_role_answers(fake, family, text, last_thinker):
+    # As the reference does for every family: an EOS inside thinking never ends a sample
+    # without an answer; "\n</think>\n\n" is inserted and the answer role writes the answer.
+    fake.hosts.clear()
+    relay, _, _ = setup(fake, text, family=family)
     res = relay.run(QUESTION, max_tokens=500)
-    assert [s.role for s in res.segments][-2:] == ["inserted", "small"]
-    assert "</think>" in res.text
+    roles = [s.role for s in res.segments]
+    eos_turn = res.segments[roles.index("inserted") - 1]
+    assert eos_turn.role == last_thinker and eos_turn.finish == "eos" and eos_turn.matched == fake.eos_id
+    assert res.segments[roles.index("inserted")].text == "\n</think>\n\n"
+    assert roles[-2:] == ["inserted", "small"]  # the answer turn ran (the tape gives it an EOS)
+    assert "</think>" in res.text and res.stats.finish == "eos"
 
 
 def test_budget_hit_mid_segment_closes_thinking(fake):
