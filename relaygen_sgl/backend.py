@@ -65,7 +65,7 @@ class RelayBackend(BaseBackend):
              max_tokens: int = DEFAULT_BUDGET, answer: bool = True, answer_role: str = "small",
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              seed: int | None = None, on_delta: DeltaSink | None = None,
-             cancel: threading.Event | None = None) -> RelayPlan:
+             cancel: threading.Event | None = None, cue_match: str = "word") -> RelayPlan:
         """A run's settings on this backend: its family and tokenizer, the given profile (a
         name, a path or a CueProfile; default the backend's), the family's sampling with
         any override."""
@@ -76,7 +76,7 @@ class RelayBackend(BaseBackend):
         return RelayPlan(method=method, profile=self._profile(profile), family=self.family,
                          tokenizer_path=self.tokenizer.path, budget=max_tokens, answer=answer,
                          answer_role=answer_role, sampling=sampling, seed=seed, on_delta=on_delta,
-                         cancel=cancel)
+                         cancel=cancel, cue_match=cue_match)
 
     def _profile(self, profile: str | CueProfile | None) -> CueProfile:
         if profile is None:

@@ -162,6 +162,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=_non_negative_float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--answer-role", choices=("small", "large"), default="small")
+    p.add_argument("--cue-match", choices=("word", "substring"), default="word",
+                   help="cues as words (default) or as the reference's plain substrings ('now' fires in 'know')")
     p.add_argument("--ids", action="store_true", help="include token ids in the JSON")
     _add_client_args(p)
 

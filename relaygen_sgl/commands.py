@@ -29,7 +29,7 @@ def open_relay(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _plan_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                answer_role=args.answer_role)
+                answer_role=args.answer_role, cue_match=args.cue_match)
 
 
 # ---------------------------------------------------------------- commands

@@ -35,10 +35,19 @@ def _is_word(ch: str) -> bool:
     return bool(re.match(r"\w", ch))
 
 
-def cue_pattern(cue: str) -> str:
-    """The stop_regex for one cue. 'So ' keeps its space as the required follower."""
+CUE_MATCHES = ("word", "substring")  # ours (default) | the reference's plain stop strings
+
+
+def cue_pattern(cue: str, match: str = "word") -> str:
+    """The stop_regex for one cue. 'So ' keeps its space as the required follower. With
+    match="substring" the cue fires anywhere, as the reference's stop strings do ("now" inside
+    "know"); the pattern then has no boundary and no follower to cut."""
     if not cue or not cue.strip() or cue != cue.lstrip():
         raise ConfigError(f"invalid cue {cue!r}: must be non-empty and not start with whitespace")
+    if match not in CUE_MATCHES:
+        raise ConfigError(f"unknown cue matching {match!r}; choose one of {', '.join(CUE_MATCHES)}")
+    if match == "substring":
+        return f"({re.escape(cue)})"
     core = cue.rstrip()
     tail = cue[len(core):]
     head = r"\b" if _is_word(core[0]) else ""
@@ -81,10 +90,10 @@ def find_cue(text: str, patterns: Iterable[str], *, after: int = 0) -> CueMatch 
     return best[1] if best else None
 
 
-def cue_patterns(cues: Sequence[str]) -> tuple[str, ...]:
+def cue_patterns(cues: Sequence[str], match: str = "word") -> tuple[str, ...]:
     if len(cues) > MAX_STOP_REGEXES:
         raise ConfigError(f"{len(cues)} cues, but SGLang takes at most {MAX_STOP_REGEXES} stop_regex patterns")
-    return tuple(cue_pattern(c) for c in cues)
+    return tuple(cue_pattern(c, match) for c in cues)
 
 
 def word_occurrences(text: str, cue: str) -> list[tuple[int, int]]:
@@ -111,6 +120,9 @@ class CueProfile:
     @property
     def patterns(self) -> tuple[str, ...]:
         return cue_patterns(self.cues)
+
+    def patterns_for(self, match: str) -> tuple[str, ...]:
+        return cue_patterns(self.cues, match)
 
     def validate(self) -> CueProfile:
         if not self.cues:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Family
-from .cues import CueProfile
+from .cues import CUE_MATCHES, CueProfile
 from .errors import ConfigError
 from .result import Segment
 from .tokenizer import load_tokenizer
@@ -38,6 +38,7 @@ class RelayPlan:
     seed: int | None = None
     min_large_tokens: int = MIN_LARGE_TOKENS
     answer: bool = True  # False: stop once thinking is closed (the caller goes on)
+    cue_match: str = "word"  # "substring": the reference's stop-string matching ("now" in "know")
     on_delta: DeltaSink | None = field(default=None, compare=False, repr=False)
     cancel: threading.Event | None = field(default=None, compare=False, repr=False)  # set: stop the run
 
@@ -48,6 +49,8 @@ class RelayPlan:
             raise ConfigError(f"the token budget must be positive, got {self.budget}")
         if self.answer_role not in ("large", "small"):
             raise ConfigError(f"answer role must be 'large' or 'small', got {self.answer_role!r}")
+        if self.cue_match not in CUE_MATCHES:
+            raise ConfigError(f"cue matching must be one of {', '.join(CUE_MATCHES)}, got {self.cue_match!r}")
 
     def render(self, question: str | list[dict[str, str]]) -> str:
         """The prompt for a question, or for a conversation (OpenAI-style messages)."""
@@ -61,6 +64,10 @@ class RelayPlan:
     @property
     def closing_text(self) -> str:
         return f"\n{self.family.think_end}\n\n"
+
+    @property
+    def cue_patterns(self) -> tuple[str, ...]:
+        return self.profile.patterns_for(self.cue_match)
 
     @property
     def large_stops(self) -> tuple[str, ...]:
@@ -83,7 +90,7 @@ class RelayPolicy:
         return self.plan.budget - self.used
 
     def _large(self) -> TurnSpec:
-        return TurnSpec("large", self.remaining, self.plan.large_stops, self.plan.profile.patterns,
+        return TurnSpec("large", self.remaining, self.plan.large_stops, self.plan.cue_patterns,
                         min(self.plan.min_large_tokens, self.remaining))
 
     def _small(self) -> TurnSpec:

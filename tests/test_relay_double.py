@@ -73,6 +73,19 @@ def test_cue_inside_a_word_never_fires(fake):
     assert res.answer == "5"
 
 
+def test_substring_matching_fires_inside_a_word_as_the_reference_does(fake):
+    text = "Let me add the numbers so that I know the answer is 5. Done.</think>\n\n5"
+    relay, _, _ = setup(fake, text, family="qwen3", cues=("now",))
+    word = relay.run(QUESTION, max_tokens=500)
+    assert not [s for s in word.segments if s.finish == "cue"]  # "know" is not the word "now"
+    sub = relay.run(QUESTION, max_tokens=500, cue_match="substring")
+    cue = [s for s in sub.segments if s.finish == "cue"]
+    assert cue and cue[0].role == "large" and cue[0].text.endswith("know") and cue[0].matched == "now"
+    assert sub.segments[sub.segments.index(cue[0]) + 1].role == "small"
+    assert sub.to_dict()["cue_match"] == "substring" and word.to_dict()["cue_match"] == "word"
+    assert sub.token_ids == word.token_ids  # both read the same tape: only the roles differ
+
+
 def test_cue_as_first_token_of_a_large_segment_waits_for_min_tokens(fake):
     text = "We add them and now the small part. Therefore it is 5 and we are sure now. Done.</think>\n\n5"
     relay, _, _ = setup(fake, text, family="qwen3", cues=("Therefore", "now"))
@@ -217,9 +230,13 @@ def test_property_segments_concatenate_to_the_trajectory(fake, words):
     res = relay.run(QUESTION, max_tokens=400)
     body = tape[len(p_ids):]
     assert [t for s in res.segments for t in s.token_ids] == res.token_ids
-    # both hosts read one tape, so the relay must reproduce it exactly (its EOS included)
-    ids = [t for s in res.segments if s.role != "inserted" for t in s.token_ids]
+    # both hosts read one tape, so the relay must reproduce it exactly (its EOS included) until
+    # thinking ends; an EOS inside thinking is followed by the inserted close and an answer turn
+    first_insert = next((i for i, s in enumerate(res.segments) if s.role == "inserted"), len(res.segments))
+    ids = [t for s in res.segments[:first_insert] for t in s.token_ids]
     assert ids == body[: len(ids)] and (ids[-1] == fake.eos_id or len(ids) == 400)
+    if first_insert < len(res.segments) and ids[-1] == fake.eos_id:
+        assert res.segments[first_insert].text == "\n</think>\n\n" and res.segments[-1].role == "small"
     cues = set(relay.profile.cues)
     for s in res.segments:
         if s.finish == "cue":
