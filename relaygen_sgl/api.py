@@ -21,6 +21,7 @@ from .cues import CueProfile, load_profile
 from .engine import ClientConfig, EngineClient
 from .errors import ConfigError, RelayAborted, RelayGenError
 from .loader import accepts, load_program
+from .pairing import check_preset, default_preset, detect, served_models
 from .policy import DEFAULT_BUDGET, RelayPlan
 from .result import RelayResult
 from .stack import read_state, role_urls
@@ -28,18 +29,23 @@ from .tokenizer import check_same_vocabulary, load_tokenizer
 from .trajectory import KEY
 
 
-def resolve_urls(preset_name: str, large: str | None, small: str | None) -> dict[str, str]:
+def resolve_urls(preset_name: str | None, large: str | None, small: str | None) -> dict[str, str]:
     """Explicit URLs win; then the servers `relaygen up` recorded for this preset; then
-    the preset's ports on localhost."""
-    preset = load_preset(preset_name)
-    urls = {"large": preset.url("large"), "small": preset.url("small")}
-    state = read_state(load_settings())
-    if state and state.get("preset") == preset_name:
-        urls.update(role_urls(state))
+    the preset's ports on localhost. With no preset both URLs must be given."""
+    urls: dict[str, str] = {}
+    if preset_name is not None:
+        preset = load_preset(preset_name)
+        urls = {"large": preset.url("large"), "small": preset.url("small")}
+        state = read_state(load_settings())
+        if state and state.get("preset") == preset_name:
+            urls.update(role_urls(state))
     if large:
         urls["large"] = large
     if small:
         urls["small"] = small
+    missing = [r for r in ROLES if r not in urls]
+    if missing:
+        raise ConfigError(f"no URL for the {' and '.join(missing)} server: give --{missing[0]} URL or --preset")
     return urls
 
 
@@ -51,19 +57,34 @@ def _dp_size(engine: EngineClient) -> int:
         return 1
 
 
-def connect(*, preset: str = "cpu-tiny", large: str | None = None, small: str | None = None,
+def connect(*, preset: str | None = None, large: str | None = None, small: str | None = None,
             profile: str | CueProfile | None = None, family: str | None = None,
             client: ClientConfig = ClientConfig(), transport: Any = None,
             on_small_failure: str = "large") -> RelayBackend:
-    """The routing backend over a preset's two servers (URLs as in `resolve_urls`), for
-    `sgl.set_default_backend(...)` or `prog.run(..., backend=...)`."""
-    spec = load_preset(preset)
-    fam = load_family(family or spec.family)
-    prof = profile if isinstance(profile, CueProfile) else load_profile(profile or spec.profile)
-    urls = resolve_urls(preset, large, small)
+    """The routing backend over two servers, for `sgl.set_default_backend(...)` or
+    `prog.run(..., backend=...)`. With a preset (or no URLs: the preset `relaygen up`
+    recorded, else cpu-tiny) the served models are checked against it; with only URLs the
+    preset, family and shipped cue profile are picked from what the servers serve."""
+    if profile is not None and not isinstance(profile, CueProfile):
+        profile = load_profile(profile)  # a bad profile is refused before any server is asked
+    name = preset if preset is not None or (large and small) else default_preset()
+    urls = resolve_urls(name, large, small)
     engines = {"large": EngineClient(urls["large"], client, transport)}
     engines["small"] = engines["large"] if urls["small"] == urls["large"] else EngineClient(urls["small"], client,
                                                                                              transport)
+    served = served_models(engines)
+    if name is not None:
+        spec = load_preset(name)
+        check_preset(spec, served, urls)
+        fam, prof = load_family(family or spec.family), profile or spec.profile
+    else:
+        found = detect(served)
+        spec, fam = found.preset, (load_family(family) if family else found.family)
+        if profile is None and found.profile is None:
+            raise ConfigError(f"no shipped cue profile fits these servers (large {served['large']!r}, small "
+                              f"{served['small']!r}); give --profile NAME|PATH (`relaygen calibrate` makes one)")
+        prof = profile or found.profile
+    prof = prof if isinstance(prof, CueProfile) else load_profile(prof)
     paths = {role: e.model_info().get("tokenizer_path") for role, e in engines.items()}
     if not paths["large"]:
         raise ConfigError(f"{urls['large']} did not report its tokenizer path")
@@ -86,7 +107,7 @@ def close(backend: RelayBackend) -> None:
 class Relay:
     """The routing backend plus the bundled programs; reusable and thread-safe."""
 
-    def __init__(self, *, preset: str = "cpu-tiny", large: str | None = None, small: str | None = None,
+    def __init__(self, *, preset: str | None = None, large: str | None = None, small: str | None = None,
                  profile: str | CueProfile | None = None, family: str | None = None,
                  client: ClientConfig = ClientConfig(), transport: Any = None,
                  on_small_failure: str = "large") -> None:
@@ -186,7 +207,7 @@ def _empty_stats() -> Any:
     return compute_stats([], 0.0, 0.0, 0, "done")
 
 
-def relay(question: str, *, large: str | None = None, small: str | None = None, preset: str = "cpu-tiny",
+def relay(question: str, *, large: str | None = None, small: str | None = None, preset: str | None = None,
           profile: str | CueProfile | None = None, method: str = "relay", **kwargs: Any) -> RelayResult:
     """One relay (or single-model) run. kwargs: max_tokens, answer_role, temperature, top_p,
     top_k, seed."""
@@ -195,7 +216,7 @@ def relay(question: str, *, large: str | None = None, small: str | None = None, 
 
 
 def stream_relay(question: str, *, large: str | None = None, small: str | None = None,
-                 preset: str = "cpu-tiny", profile: str | CueProfile | None = None,
+                 preset: str | None = None, profile: str | CueProfile | None = None,
                  method: str = "relay", **kwargs: Any) -> Iterator[tuple[str, Any]]:
     with Relay(preset=preset, large=large, small=small, profile=profile) as r:
         yield from r.stream(question, method, **kwargs)

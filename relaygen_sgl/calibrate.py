@@ -217,7 +217,7 @@ def run_calibration(relay: Any, problems: Sequence[Any], settings: CalibrationSe
     provenance = {
         "method": "RelayGen probability-margin calibration (arXiv 2602.06454): large-model trajectories "
                   "scored teacher-forced by the small model; cues kept when delta > threshold",
-        "preset": relay.preset.name, "family": relay.family.name, "models": models,
+        "preset": relay.preset.name if relay.preset else None, "family": relay.family.name, "models": models,
         "data": settings.data, "problems": len(problems), "samples": settings.samples, "limit": settings.limit,
         "max_tokens": settings.max_tokens, "sampling": dict(plan.sampling), "threshold": settings.threshold,
         "min_count": settings.min_count, "max_cues": settings.max_cues, "candidates": len(candidates),

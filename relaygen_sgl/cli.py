@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", type=_positive_int, default=4, help="samples per problem (seeds 0..k-1)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N problems only")
     ev.add_argument("--out", required=True, help="output folder")
-    _add_server_args(ev)
+    _add_server_args(ev, on_small_failure="fail")
     ev.add_argument("--concurrency", type=_positive_int, default=4)
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=c.cmd_eval)
@@ -114,15 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--max-tokens", type=_positive_int, default=None)
     be.add_argument("--quick", action="store_true", help="fewer questions, shorter budgets (~10 min on cpu-tiny)")
     be.add_argument("--out", required=True)
-    _add_client_args(be)
+    _add_client_args(be, on_small_failure="fail")
     be.set_defaults(func=c.cmd_bench)
 
     sv = sub.add_parser("serve", help="serve the relay as an OpenAI-compatible model")
     _add_endpoint_args(sv)
-    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--host", default="127.0.0.1", help="a non-loopback address needs an API key (or --insecure)")
     sv.add_argument("--port", type=_positive_int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
+                    "(visible in `ps`: prefer --api-key-file or $RELAYGEN_API_KEY)")
+    sv.add_argument("--api-key-file", default=None, metavar="PATH", help="the API key is this file's first line")
+    sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     sv.add_argument("--model-name", default="relaygen")
+    sv.add_argument("--profile-allow", action="append", default=[], metavar="NAME|PATH|NAME=PATH",
+                    help="a profile requests may pick by name with relay.profile (repeatable; loaded at start; "
+                    "a path's name is its file stem); the shipped profiles are always allowed")
+    sv.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_BUDGET,
+                    help=f"the most max_tokens a request may ask for (default {DEFAULT_BUDGET})")
+    sv.add_argument("--default-max-tokens", type=_positive_int, default=4096,
+                    help="max_tokens for a request that gives none (default 4096, at most --max-tokens)")
+    sv.add_argument("--request-timeout", type=_non_negative_float, default=600.0, metavar="SECONDS",
+                    help="deadline per request, queue wait included (default 600); relay.timeout may shorten it")
+    sv.add_argument("--max-concurrency", type=_positive_int, default=16, help="relays running at once (default 16)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for a slot (default 64); past both, 429 with Retry-After")
+    sv.add_argument("--health-interval", type=_non_negative_float, default=30.0, metavar="SECONDS",
+                    help="check the SGLang servers this often when no request did (default 30; 0: never)")
     _add_client_args(sv)
     sv.set_defaults(func=c.cmd_serve)
 
@@ -148,13 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_endpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu-tiny")
+    p.add_argument("--preset", default=None,
+                   help="the servers' preset (default: what `relaygen up` started, else cpu-tiny; with --large "
+                        "and --small only, detected from the models they serve)")
     p.add_argument("--large", help="URL of the large server (default: from `up` or the preset)")
     p.add_argument("--small", help="URL of the small server")
     p.add_argument("--profile", help="cue profile name or JSON path (default: the preset's)")
 
 
-def _add_server_args(p: argparse.ArgumentParser) -> None:
+def _add_server_args(p: argparse.ArgumentParser, on_small_failure: str = "large") -> None:
     from .policy import DEFAULT_BUDGET
 
     _add_endpoint_args(p)
@@ -165,12 +184,14 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cue-match", choices=("word", "substring"), default="word",
                    help="cues as words (default) or as the reference's plain substrings ('now' fires in 'know')")
     p.add_argument("--ids", action="store_true", help="include token ids in the JSON")
-    _add_client_args(p)
+    _add_client_args(p, on_small_failure)
 
 
-def _add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--on-small-failure", choices=("large", "fail"), default="large",
-                   help="if the small server fails: go on with the large model alone (default) or fail")
+def _add_client_args(p: argparse.ArgumentParser, on_small_failure: str = "large") -> None:
+    # eval and bench measure the relay: a sample the large model finished alone is not one
+    p.add_argument("--on-small-failure", choices=("large", "fail"), default=on_small_failure,
+                   help="if the small server fails: go on with the large model alone or fail "
+                        f"(default {on_small_failure})")
     p.add_argument("--timeout", type=_positive_int, default=600, help="read timeout per request, seconds")
 
 

@@ -27,6 +27,10 @@ def open_relay(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                  on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout))
 
 
+def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
+    return r.preset.name if r.preset is not None else f"custom ({r.family.name}, profile {r.profile.name})"
+
+
 def _plan_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                 answer_role=args.answer_role, cue_match=args.cue_match)
@@ -155,16 +159,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with open_relay(args) as r:
         for method in methods:
             def run_one(p, method=method):  # type: ignore[no-untyped-def]
-                return r.run(p.question, method, max_tokens=args.max_tokens, temperature=args.temperature,
-                             seed=p.extra["seed"], answer_role=args.answer_role).to_dict(token_ids=False)
+                return r.run(p.question, method, **{**_plan_kwargs(args), "seed": p.extra["seed"]}
+                             ).to_dict(token_ids=False)
 
             print(f"{method}: {len(prompts)} samples ({len(problems)} problems x k={args.k})", file=sys.stderr)
             summary = run_method(method, prompts, out, run_one, args.concurrency, progress=not args.no_progress)
             if summary.interrupted:
                 sys.stderr.write("relaygen: interrupted; rerun the same command to finish\n")
                 return 130
-    header = {"dataset": args.dataset, "preset": args.preset, "k": args.k, "limit": args.limit,
-              "max_tokens": args.max_tokens, "machine": machine.short(), "machine_detail": machine.describe()}
+        preset = _preset_name(r)
+    header = {"dataset": args.dataset, "preset": preset, "k": args.k, "limit": args.limit,
+              "max_tokens": args.max_tokens, "cue_match": args.cue_match,
+              "machine": machine.short(), "machine_detail": machine.describe()}
     result = report(out, header)
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'accuracy_vs_latency.png'}")
@@ -194,14 +200,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import BenchConfig, run_bench
 
-    cfg = BenchConfig.quick(args.preset) if args.quick else BenchConfig(preset=args.preset)
-    overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens),
-                                   ("dataset", args.dataset)) if v}
-    if overrides:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, **overrides)
     with open_relay(args) as r:
+        name = _preset_name(r)
+        cfg = BenchConfig.quick(name) if args.quick else BenchConfig(preset=name)
+        overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens),
+                                       ("dataset", args.dataset)) if v}
+        if overrides:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, **overrides)
         result = run_bench(cfg, r, Path(args.out), log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {args.out}/bench.json, bench.md, bench.png ({result['elapsed_s']} s)")
@@ -209,13 +216,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    import os
 
+    from .errors import ConfigError
+    from .serve import ServeSettings, serve
+    from .serve_setup import allowed_profiles, check_exposure, resolve_api_key
+
+    key = resolve_api_key(args.api_key, args.api_key_file, os.environ)
+    check_exposure(args.host, key, args.insecure)
+    if args.max_queue < 0:
+        raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.request_timeout <= 0:
+        raise ConfigError("--request-timeout must be above 0")
+    profiles = allowed_profiles(args.profile_allow)
+    settings = ServeSettings(model_name=args.model_name, max_budget=args.max_tokens,
+                             default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+                             request_timeout_s=args.request_timeout, max_concurrency=args.max_concurrency,
+                             max_queue=args.max_queue, health_interval_s=args.health_interval)
     relay = open_relay(args)
     print(f"relaygen serving {args.model_name!r} on http://{args.host}:{args.port}/v1 "
-          f"(large {relay.urls['large']}, small {relay.urls['small']})", file=sys.stderr)
+          f"(large {relay.urls['large']}, small {relay.urls['small']}; API key {'on' if key else 'off'}; "
+          f"{settings.max_concurrency} running, {settings.max_queue} queued)", file=sys.stderr)
     try:
-        serve(relay, args.host, args.port, args.api_key, args.model_name)
+        serve(relay, args.host, args.port, settings, api_key=key, profiles=profiles)
     finally:
         relay.close()
     return 0

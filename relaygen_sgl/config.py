@@ -60,6 +60,7 @@ class Family:
     think_end: str = "</think>"
     eos_in_thinking: str = "close"  # "close": insert think_end, the answer role answers | "end"
     sgl_chat_template: str = "chatml"  # SGLang frontend template for sgl.user/assistant
+    models: tuple[str, ...] = ()  # lower-case name fragments of its models ("qwen3")
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
 
@@ -68,7 +69,7 @@ def load_families() -> dict[str, Family]:
     raw = tomllib.loads(data_path("families.toml").read_text())
     out = {}
     for name, spec in raw.items():
-        fam = Family(name=name, **spec)
+        fam = Family(name=name, **{**spec, "models": tuple(spec.get("models", ()))})
         if fam.eos_in_thinking not in ("end", "close"):
             raise ConfigError(f"family {name}: eos_in_thinking must be 'end' or 'close'")
         out[name] = fam

@@ -57,12 +57,18 @@ def grade_method(out_dir: Path, method: str, workers: int = 2) -> list[dict[str,
             "completion_tokens": int(stats.get("large_tokens", 0)) + int(stats.get("small_tokens", 0)),
             "large_tokens": int(stats.get("large_tokens", 0)), "switches": int(stats.get("switches", 0)),
             "e2e_s": float(stats.get("e2e_s", 0.0)),
+            "degraded": rec.get("degraded") is not None,  # the large model finished it alone
         })
     rewrite(out_dir / f"graded-{method}.jsonl", sorted(graded, key=lambda g: (g["problem_id"], g["sample"])))
     return graded
 
 
-def summarize(graded: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(graded: list[dict[str, Any]], include_degraded: bool = False) -> dict[str, Any]:
+    """pass@1 and speed over the samples; a degraded sample (the small server failed and the
+    large model finished alone) is counted apart and, by default, left out: it is not a relay."""
+    degraded = sum(1 for g in graded if g.get("degraded"))
+    if not include_degraded:
+        graded = [g for g in graded if not g.get("degraded")]
     by_problem: dict[str, list[bool]] = defaultdict(list)
     for g in graded:
         by_problem[g["problem_id"]].append(g["correct"])
@@ -70,6 +76,8 @@ def summarize(graded: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "problems": len(by_problem),
         "samples": len(graded),
+        "degraded": degraded,
+        "degraded_included": include_degraded,
         "errors": sum(1 for g in graded if g["status"] != "ok"),
         "pass_at_1": round(100 * statistics.fmean(statistics.fmean(v) for v in by_problem.values()), 2)
         if by_problem else 0.0,
@@ -80,9 +88,9 @@ def summarize(graded: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def report(out_dir: Path, header: dict[str, Any], workers: int = 2) -> dict[str, Any]:
+def report(out_dir: Path, header: dict[str, Any], workers: int = 2, include_degraded: bool = False) -> dict[str, Any]:
     methods = [m for m in METHODS if (out_dir / f"{m}.jsonl").is_file()]
-    rows = {m: summarize(grade_method(out_dir, m, workers)) for m in methods}
+    rows = {m: summarize(grade_method(out_dir, m, workers), include_degraded) for m in methods}
     base = rows.get("single-large")
     for row in rows.values():
         row["speedup_vs_single_large"] = (round(base["mean_latency_s"] / row["mean_latency_s"], 3)
@@ -99,13 +107,13 @@ def _markdown(result: dict[str, Any]) -> str:
             f"k={result.get('k')}, limit={result.get('limit')}, budget={result.get('max_tokens')}, "
             f"machine: {result.get('machine')}\n\n")
     cols = ["method", "pass@1 (%)", "mean tokens", "mean latency (s)", "large share", "switches/1k tok",
-            "speedup vs single-large", "samples", "errors"]
+            "speedup vs single-large", "samples", "degraded", "errors"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m, r in result["methods"].items():
         sp = f"{r['speedup_vs_single_large']:.2f}x" if r["speedup_vs_single_large"] else "n/a"
         lines.append(f"| {m} | {r['pass_at_1']:.2f} | {r['mean_completion_tokens']:.0f} | {r['mean_latency_s']:.2f} | "
                      f"{r['large_share']:.1%} | {r['switches_per_1k_tokens']:.1f} | {sp} | {r['samples']} | "
-                     f"{r['errors']} |")
+                     f"{r.get('degraded', 0)}{'' if r.get('degraded_included') else ' (left out)'} | {r['errors']} |")
     return head + "\n".join(lines) + "\n"
 
 

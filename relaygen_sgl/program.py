@@ -95,7 +95,7 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
         spec = policy.after(traj.segments[-1], degraded=traj.degraded is not None)
     traj = trajectory_of(s)  # takes in a trailing insert
     result = traj.result(plan.method, spec.finish, plan.family.think_end, plan.budget)
-    result.extra["cue_match"] = plan.cue_match
+    result.extra.update(family=plan.family.name, profile=plan.profile.name, cue_match=plan.cue_match)
     if first:  # the relay ran after other turns of this program: its stats cover its own
         result.extra["relay_from_segment"] = first
     return result

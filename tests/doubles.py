@@ -144,6 +144,10 @@ class FakeSGLang:
         self.incremental = incremental
         self.hosts: dict[str, Host] = {}
         self.tokenizer_paths: dict[str, str] = {}  # per host, to simulate a second vocabulary
+        # what each host says it serves (--model-path); the tiny tokenizer stands in for its
+        # tokenizer (--tokenizer-path). Default: the cpu-tiny preset's model.
+        self.model_paths: dict[str, str] = {}
+        self.default_model_path = "/models/smollm2-135m-instruct"
 
     def add_host(self, url: str, tape: list[int]) -> Host:
         host = Host(tape=list(tape))
@@ -166,11 +170,12 @@ class FakeSGLang:
         if host.api_key and not path.startswith(("/health", "/ready", "/metrics")) \
                 and request.headers.get("authorization") != f"Bearer {host.api_key}":
             return httpx.Response(401, json={"error": "Unauthorized"})
-        model_path = self.tokenizer_paths.get(netloc, self.tokenizer_path)
+        tokenizer_path = self.tokenizer_paths.get(netloc, self.tokenizer_path)
+        model_path = self.model_paths.get(netloc, self.default_model_path)
         if path in ("/health", "/health_generate"):
             return httpx.Response(200 if host.healthy else 503)
         if path == ("/get_model_info" if host.router else "/model_info"):
-            return httpx.Response(200, json={"model_path": model_path, "tokenizer_path": model_path,
+            return httpx.Response(200, json={"model_path": model_path, "tokenizer_path": tokenizer_path,
                                              "served_model_name": model_path, "is_generation": True,
                                              "weight_version": "default"})
         if path == "/v1/models":
