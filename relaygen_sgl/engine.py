@@ -182,6 +182,8 @@ class EngineClient:
                 raise EngineFailed(f"{self.url}: {what}: {type(e).__name__}: {_one_line(e)}",
                                    url=self.url) from e
             except EngineError as e:
+                # `retryable` says what kind of failure it is; nothing is retried once a
+                # stream handed tokens to its caller (a retry would splice two generations)
                 if state.tokens or not getattr(e, "retryable", False):
                     raise
                 err = e
@@ -229,12 +231,12 @@ class EngineClient:
         text = f"{self.url}: {what}: {where}{after}: {_one_line(message)}"
         if code is not None and 400 <= code < 500:
             return _err(EngineRejected, text, self.url, code)
-        retryable = bool(isinstance(err, dict) and err.get("retryable")) and not tokens
+        retryable = bool(isinstance(err, dict) and err.get("retryable"))  # SGLang sends False
         return _err(EngineFailed, text, self.url, code if code and code >= 500 else None, retryable)
 
     def _abort(self, reason: dict[str, Any], what: str, tokens: int) -> EngineError:
         """finish_reason {"type": "abort"}: status_code 4xx is the request's fault, 5xx (an
-        overloaded or failing server) may be retried while nothing was streamed, none
+        overloaded or failing server) may be retried (while nothing was streamed), none
         (aborted on purpose, e.g. /abort_request) is final."""
         status = reason.get("status_code")
         status = status if isinstance(status, int) and not isinstance(status, bool) else None
@@ -244,7 +246,7 @@ class EngineClient:
         if status is not None and 400 <= status < 500:
             return _err(EngineRejected, text, self.url, status)
         server_side = status is not None and status >= 500
-        return _err(EngineFailed, text, self.url, status if server_side else None, server_side and not tokens)
+        return _err(EngineFailed, text, self.url, status if server_side else None, server_side)
 
     def get_json(self, path: str) -> dict[str, Any]:
         what = f"GET {path}"
@@ -490,7 +492,7 @@ class EngineClient:
         if not finished:
             after = f" after {len(ids)} streamed tokens" if ids else ""
             raise _err(EngineUnreachable, f"{self.url}: {what}: the stream ended before the generation "
-                                          f"finished{after}", self.url, retryable=not ids)
+                                          f"finished{after}", self.url, retryable=True)
         dt = time.perf_counter() - t0
         out = {"output_ids": ids, "text": text, "meta_info": meta}
         return self._to_generation(out, regexes, dt, ttft if ttft is not None else dt, what)

@@ -36,12 +36,11 @@ def served_models(engines: dict[str, EngineClient]) -> dict[str, str]:
 
 
 def check_preset(preset: Preset, served: dict[str, str], urls: dict[str, str]) -> None:
-    for role in ROLES:
-        want = expected_model(preset, role)
-        if not same_model(served[role], want):
-            raise ConfigError(f"the {role} server at {urls[role]} serves {served[role]!r}, but preset "
-                              f"{preset.name} expects {want!r} (pick the preset these servers run, or leave "
-                              "--preset out to detect it)")
+    want = {role: expected_model(preset, role) for role in ROLES}
+    if not all(same_model(served[r], want[r]) for r in ROLES):
+        raise ConfigError(f"the servers ({urls['large']}, {urls['small']}) serve large {served['large']!r} and small "
+                          f"{served['small']!r}, but preset {preset.name} expects large {want['large']!r} and small "
+                          f"{want['small']!r} (pick the preset these servers run, or leave --preset out to detect it)")
 
 
 @dataclass(frozen=True)

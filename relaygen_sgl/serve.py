@@ -1,258 +1,214 @@
 """`relaygen serve`: the relay as an OpenAI-compatible model.
 
-POST /v1/chat/completions (plain and streamed as server-sent events), GET /v1/models,
-GET /health. The usage object carries the relay's stats. Requests run concurrently
-(each in a worker thread), so both SGLang servers batch them. Errors use OpenAI's error
-JSON with the right status; no traceback ever reaches a client.
+POST /v1/chat/completions (plain, or streamed as server-sent events), GET /v1/models,
+GET /health, GET /openapi.json. Each relay runs in its own thread; at most
+`max_concurrency` run and `max_queue` more wait, past that 429 with Retry-After. A client
+that goes away, or a request past its deadline, stops its relay (the stream to SGLang is
+closed, which aborts the request there). Errors use OpenAI's error JSON; no traceback,
+file path or file content ever reaches a client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import hashlib
+import hmac
+import logging
 import time
-import uuid
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import Relay
-from .errors import ConfigError, EngineRejected, RelayAborted, RelayGenError
-from .policy import DEFAULT_BUDGET, METHODS
-from .result import RelayResult
+from .cues import CueProfile
+from .policy import DEFAULT_BUDGET
+from .serve_http import ERROR_SCHEMA, ApiError, ChatRequest, chat_schema, parse_request, read_json
+from .serve_runtime import Busy, Gate, Health, Job
+from .serve_setup import allowed_profiles
+from .serve_stream import Gone, JobStream, complete, sse, timeout_error
 
-MAX_BODY_BYTES = 1 << 20
-SAMPLING_KEYS = {"temperature": (int, float), "top_p": (int, float), "top_k": (int,), "seed": (int,)}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.type, self.param, self.code = status, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+log = logging.getLogger("relaygen.serve")
+POLL_S = 0.25  # how often a waiting request checks its client and deadline
 
 
-def parse_request(body: dict[str, Any], model_name: str, max_budget: int) -> dict[str, Any]:
-    """Validate a chat completion request; returns keyword arguments for Relay.run."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != model_name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
-                       code="model_not_found", param="model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise ApiError(400, f"messages[{i}] needs a role (system|user|assistant) and string content",
-                           param="messages")
-        clean.append({"role": m["role"], "content": m["content"]})
-    if not any(m["content"].strip() for m in clean if m["role"] == "user"):
-        raise ApiError(400, "messages hold no user content", param="messages")
-    kwargs: dict[str, Any] = {"question": clean}
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    if max_tokens is not None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_budget:
-            raise ApiError(422, f"max_tokens must be an integer in 1..{max_budget}", param="max_tokens")
-        kwargs["max_tokens"] = max_tokens
-    for key, types in SAMPLING_KEYS.items():
-        value = body.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise ApiError(422, f"{key} has the wrong type", param=key)
-        if key == "temperature" and not 0 <= value <= 2 or key == "top_p" and not 0 < value <= 1:
-            raise ApiError(422, f"{key} is out of range", param=key)
-        kwargs[key] = value
-    opts = body.get("relay") or {}
-    if not isinstance(opts, dict):
-        raise ApiError(400, "relay must be an object", param="relay")
-    method = opts.get("method", "relay")
-    if method not in METHODS:
-        raise ApiError(422, f"relay.method must be one of {', '.join(METHODS)}", param="relay.method")
-    kwargs["method"] = method
-    if "answer_role" in opts:
-        if opts["answer_role"] not in ("large", "small"):
-            raise ApiError(422, "relay.answer_role must be large or small", param="relay.answer_role")
-        kwargs["answer_role"] = opts["answer_role"]
-    if "profile" in opts:
-        kwargs["profile"] = opts["profile"]
-    kwargs["stream"] = bool(body.get("stream", False))
-    kwargs["include_usage"] = bool((body.get("stream_options") or {}).get("include_usage", False))
-    return kwargs
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str = "relaygen"
+    max_budget: int = DEFAULT_BUDGET  # --max-tokens: the most a request may ask for
+    default_max_tokens: int = 4096  # a request without max_tokens gets min(this, max_budget)
+    request_timeout_s: float = 600.0  # deadline per request, queue wait included
+    max_concurrency: int = 16  # relays running at once
+    max_queue: int = 64  # requests waiting for a slot; past this, 429
+    health_interval_s: float = 30.0  # background check when no request said how the servers are; 0: none
 
 
-def usage(result: RelayResult) -> dict[str, Any]:
-    s = result.stats
-    completion = s.large_tokens + s.small_tokens
-    return {"prompt_tokens": len(result.prompt_ids), "completion_tokens": completion,
-            "total_tokens": len(result.prompt_ids) + completion,
-            "relay": {"large_tokens": s.large_tokens, "small_tokens": s.small_tokens, "switches": s.switches,
-                      "large_share": s.large_share, "method": result.method}}
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
 
 
-def finish_reason(result: RelayResult) -> str:
-    return "length" if result.stats.finish == "budget" else "stop"
+def key_ok(header: bytes, digest: bytes) -> bool:
+    """`Authorization: Bearer KEY` (the scheme in any case), compared as SHA-256 digests in
+    constant time."""
+    parts = header.split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != b"bearer":
+        return False
+    return hmac.compare_digest(hashlib.sha256(parts[1].strip()).digest(), digest)
 
 
-def create_app(relay: Relay, *, model_name: str = "relaygen", api_key: str | None = None,
-               max_budget: int = DEFAULT_BUDGET) -> FastAPI:
-    app = FastAPI(title="relaygen-sgl", docs_url=None, redoc_url=None)
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+class _Auth:
+    """Pure ASGI (streams and disconnects pass through untouched): every route but
+    /health and /openapi.json needs the key."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(ApiError(401, "invalid or missing API key", "authentication_error",
-                                      code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error(ApiError(413, f"request body over {MAX_BODY_BYTES} bytes"))
+    OPEN = ("/health", "/openapi.json")
+
+    def __init__(self, app: Any, digest: bytes | None) -> None:
+        self.app, self.digest = app, digest
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.digest is not None and scope.get("path") not in self.OPEN:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not key_ok(header, self.digest):
+                err = ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                               "authentication_error", code="invalid_api_key", headers={"www-authenticate": "Bearer"})
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _admit(gate: Gate, request: Request, deadline: float) -> None:
+    try:
+        fut = gate.enter()
+    except Busy:
+        wait = gate.retry_after()
+        raise ApiError(429, f"the server is at capacity ({gate.running} relays running, {gate.waiting} waiting); "
+                            f"retry after {wait} s", "rate_limit_error", code="server_busy",
+                       headers={"retry-after": str(wait)}) from None
+    if fut is None:
+        return
+    try:
+        while not fut.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise timeout_error("waiting for a free slot")
+            await asyncio.wait({fut}, timeout=min(POLL_S, left))
+            if not fut.done() and await request.is_disconnected():
+                raise Gone
+    except BaseException:
+        gate.leave_queue(fut)
+        raise
+
+
+def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: str | None = None,
+               profiles: Mapping[str, CueProfile] | None = None, **overrides: Any) -> FastAPI:
+    """The ASGI app. `profiles`: the names a request may pick with relay.profile (default:
+    the shipped ones); `overrides`: ServeSettings fields."""
+    s = replace(settings or ServeSettings(), **overrides)
+    allowed = dict(profiles) if profiles is not None else allowed_profiles()
+    digest = key_digest(api_key) if api_key else None
+    gate = Gate(s.max_concurrency, s.max_queue)
+    health = Health(relay.engines, s.health_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        health.start()
         try:
-            return await call_next(request)
-        except Exception as e:  # never a traceback to the client
-            return error(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
+            yield
+        finally:
+            await asyncio.to_thread(health.close)
 
-    @app.get("/health")
-    async def health() -> Response:
-        ok = {role: await run_in_threadpool(e.health, 10.0) for role, e in relay.engines.items()}
-        return JSONResponse({"status": "ok" if all(ok.values()) else "degraded", "servers": ok},
-                            status_code=200 if all(ok.values()) else 503)
+    app = FastAPI(title="relaygen-sgl", description="The RelayGen relay as an OpenAI-compatible model",
+                  docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(_Auth, digest=digest)
+    app.state.gate, app.state.health, app.state.settings = gate, health, s
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        path = request.url.path[:200]
+        if e.status_code == 404:
+            err = ApiError(404, f"unknown URL ({request.method} {path})", code="not_found")
+        elif e.status_code == 405:
+            err = ApiError(405, f"method {request.method} not allowed on {path}", code="method_not_allowed",
+                           headers=e.headers)
+        else:
+            err = ApiError(e.status_code, str(e.detail)[:200], headers=e.headers)
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> Response:
+        return ApiError(422, "invalid request parameters", code="invalid_value").response()
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> Response:
+        log.exception("internal error")
+        return ApiError(500, f"internal error ({type(e).__name__})", "server_error").response()
+
+    @app.get("/health", summary="Whether the process is up and the SGLang servers worked last time")
+    async def health_route() -> Response:
+        status, body = health.report()
+        return JSONResponse(body, status_code=status)
+
+    def card() -> dict[str, Any]:
+        return {"id": s.model_name, "object": "model", "created": 0, "owned_by": "relaygen-sgl"}
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                                         "owned_by": "relaygen-sgl"}]})
+        return JSONResponse({"object": "list", "data": [card()]})
 
-    @app.post("/v1/chat/completions")
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> Response:
+        if model_id != s.model_name:
+            return ApiError(404, f"the model {model_id[:80]!r} does not exist", param="model",
+                            code="model_not_found").response()
+        return JSONResponse(card())
+
+    def ended(job: Job) -> None:  # in the job's thread, once the relay has really stopped
+        gate.record(time.monotonic() - job.started_at)
+        gate.release()
+        health.outcome(job.result, job.error)
+
+    body_schema = chat_schema(s.model_name, s.max_budget, sorted(allowed), s.request_timeout_s)
+    responses = {str(code): {"description": what, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                 for code, what in ((400, "malformed or unsupported"), (401, "missing or wrong API key"),
+                                    (404, "unknown model"), (413, "body over 1 MiB"), (415, "not JSON"),
+                                    (422, "a value out of range"), (429, "at capacity; see Retry-After"),
+                                    (502, "an SGLang server failed"), (504, "past the deadline"))}
+
+    @app.post("/v1/chat/completions", summary="Chat completion by the relay (OpenAI-compatible)",
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": body_schema}}},
+                             "responses": responses})
     async def chat(request: Request) -> Response:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            return error(ApiError(413, f"request body over {MAX_BODY_BYTES} bytes"))
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            return error(ApiError(400, f"malformed JSON body: {e}"))
-        try:
-            kw = parse_request(body, model_name, max_budget)
-            if kw.get("profile") is not None:
-                relay.plan(profile=kw["profile"])  # an unknown profile is the request's fault: 422 now
+            req: ChatRequest = parse_request(await read_json(request), model_name=s.model_name,
+                                             max_budget=s.max_budget, default_max_tokens=s.default_max_tokens,
+                                             profiles=allowed, timeout_s=s.request_timeout_s)
+            deadline = time.monotonic() + req.timeout_s
+            await _admit(gate, request, deadline)
         except ApiError as e:
-            return error(e)
-        except ConfigError as e:
-            return error(ApiError(422, str(e), param="relay.profile"))
-        stream, include_usage = kw.pop("stream"), kw.pop("include_usage")
-        question, method = kw.pop("question"), kw.pop("method")
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if not stream:
-            try:
-                result = await run_in_threadpool(relay.run, question, method, **kw)
-            except (RelayAborted, RelayGenError) as e:
-                return error(_engine_error(e))
-            return JSONResponse({
-                "id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "finish_reason": finish_reason(result),
-                             "message": {"role": "assistant", "content": result.answer,
-                                         "reasoning_content": result.reasoning}}],
-                "usage": usage(result)})
-        return StreamingResponse(_sse(relay, question, method, kw, rid, created, model_name, include_usage),
-                                 media_type="text/event-stream")
+            return e.response()
+        except Gone:
+            return Response(status_code=499)
+        try:
+            job = Job(relay, req.messages, req.method, req.run, on_end=ended)
+            job.start()
+        except BaseException:
+            gate.release()
+            raise
+        if req.stream:
+            return JobStream(sse(relay, job, req, deadline, s.model_name, request), job)
+        return await complete(relay, job, req, deadline, s.model_name, request)
 
     return app
 
 
-def _engine_error(e: Exception) -> ApiError:
-    cause = e.__cause__ if isinstance(e, RelayAborted) else e
-    if isinstance(cause, EngineRejected) or isinstance(e, ConfigError):
-        return ApiError(400, str(e))
-    return ApiError(502, str(e), "server_error")
-
-
-async def _sse(relay: Relay, question: Any, method: str, kw: dict[str, Any], rid: str, created: int,
-               model_name: str, include_usage: bool):
-    loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue()
-    splitter = _ReasoningSplitter(relay.family.think_end)
-    def on_delta(role: str, delta: str) -> None:
-        loop.call_soon_threadsafe(q.put_nowait, ("delta", role, delta))
-
-    def work() -> None:
-        try:
-            res = relay.run(question, method, on_delta=on_delta, **kw)
-            loop.call_soon_threadsafe(q.put_nowait, ("done", res, None))
-        except Exception as e:
-            loop.call_soon_threadsafe(q.put_nowait, ("error", e, None))
-
-    def chunk(delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None) -> bytes:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **(extra or {})}
-        return b"data: " + orjson.dumps(body) + b"\n\n"
-
-    threading.Thread(target=work, daemon=True).start()
-    yield chunk({"role": "assistant", "content": ""})
-    while True:
-        kind, a, b = await q.get()
-        if kind == "delta":
-            for field, text in splitter.feed(b):
-                yield chunk({field: text, "relay_role": a})
-        elif kind == "done":
-            res: RelayResult = a
-            for field, text in splitter.flush():
-                yield chunk({field: text})
-            yield chunk({}, finish_reason(res), {"usage": usage(res)} if include_usage else None)
-            break
-        else:
-            err = _engine_error(a)
-            yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
-            break
-    yield b"data: [DONE]\n\n"
-
-
-class _ReasoningSplitter:
-    """Splits streamed text into reasoning (before </think>) and answer (after it), holding
-    back a tail that could still turn out to be the start of </think>."""
-
-    def __init__(self, think_end: str) -> None:
-        self.end = think_end
-        self.text = ""
-        self.sent = {"reasoning_content": 0, "content": 0}
-
-    def _parts(self, final: bool) -> tuple[str, str]:
-        cut = self.text.find(self.end)
-        if cut < 0:
-            keep = len(self.text) if final else max(0, len(self.text) - len(self.end) + 1)
-            return self.text[:keep], ""
-        return self.text[:cut], self.text[cut + len(self.end):].lstrip()
-
-    def _emit(self, final: bool) -> list[tuple[str, str]]:
-        out = []
-        for field, part in zip(("reasoning_content", "content"), self._parts(final)):
-            if len(part) > self.sent[field]:
-                out.append((field, part[self.sent[field]:]))
-                self.sent[field] = len(part)
-        return out
-
-    def feed(self, delta: str) -> list[tuple[str, str]]:
-        self.text += delta
-        return self._emit(final=False)
-
-    def flush(self) -> list[tuple[str, str]]:
-        return self._emit(final=True)
-
-
-def serve(relay: Relay, host: str, port: int, api_key: str | None, model_name: str) -> None:
+def serve(relay: Any, host: str, port: int, settings: ServeSettings | None = None, *, api_key: str | None = None,
+          profiles: Mapping[str, CueProfile] | None = None) -> None:
     import uvicorn
 
-    app = create_app(relay, model_name=model_name, api_key=api_key)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30)
+    app = create_app(relay, settings, api_key=api_key, profiles=profiles)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30, timeout_graceful_shutdown=10)

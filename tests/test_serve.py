@@ -1,65 +1,171 @@
 """The OpenAI-compatible server against the wire-format double, driven by the official
-`openai` client (through FastAPI's TestClient, an httpx client)."""
+`openai` client and raw httpx (the app runs in uvicorn on a thread)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
+import orjson
 import pytest
 import uvicorn
 
+from relaygen_sgl import cli
 from relaygen_sgl.api import Relay
 from relaygen_sgl.engine import ClientConfig
-from relaygen_sgl.serve import _ReasoningSplitter, create_app
+from relaygen_sgl.errors import ConfigError
+from relaygen_sgl.serve import create_app, key_digest, key_ok
+from relaygen_sgl.serve_runtime import CONTENT, REASONING, TextShaper, stop_cut
+from relaygen_sgl.serve_setup import allowed_profiles, check_exposure, resolve_api_key
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 THINK = "First we add 2 and 3 to get 5. Therefore the sum is 5. Thus, the answer is 5.</think>\n\nThe answer is 5."
+Q = "What is 2 + 3?"
+LONG_Q = "Count colours for me."
+AUTH = {"authorization": "Bearer sekret"}
 
 
-@pytest.fixture
-def app_client(fake):
-    for url in (LARGE, SMALL):
-        fake.add_host(url, [])
-    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
-                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport)
-    prompt_ids = relay.tokenizer.encode(relay.plan().render([{"role": "user", "content": "What is 2 + 3?"}]))
-    tape = prompt_ids + relay.tokenizer.encode(THINK) + [fake.eos_id]
-    for h in fake.hosts.values():
-        h.tape = tape
+class _Drip(httpx.SyncByteStream):
+    def __init__(self, parts: list[bytes], owner: SlowSSE) -> None:
+        self.parts, self.owner, self.sent, self.done = parts, owner, 0, False
+
+    def __iter__(self):
+        for i, part in enumerate(self.parts):
+            if i:
+                time.sleep(self.owner.delay)
+            self.sent = i + 1
+            yield part
+        self.done = True
+
+    def close(self) -> None:
+        if not self.done:  # what SGLang sees as a client gone: it aborts the request
+            self.owner.cut.append(self.sent)
+
+
+class SlowSSE(httpx.BaseTransport):
+    """The double, with its stream chunks `delay` seconds apart; `cut` records streams
+    closed before their end."""
+
+    def __init__(self, fake) -> None:
+        self.fake, self.delay, self.cut = fake, 0.0, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        resp = self.fake._handle(request)
+        if self.delay <= 0 or "text/event-stream" not in resp.headers.get("content-type", ""):
+            return resp
+        parts = [p + b"\n\n" for p in resp.content.split(b"\n\n") if p]
+        return httpx.Response(resp.status_code, headers={"content-type": "text/event-stream"},
+                              stream=_Drip(parts, self))
+
+
+class Served:
+    def __init__(self, relay, fake, transport, app, client) -> None:
+        self.relay, self.fake, self.transport, self.app, self.client = relay, fake, transport, app, client
+
+    def tape(self, question: str, text: str) -> None:
+        ids = self.relay.tokenizer.encode(self.relay.plan().render([{"role": "user", "content": question}]))
+        tape = ids + self.relay.tokenizer.encode(text) + [self.fake.eos_id]
+        for h in self.fake.hosts.values():
+            h.tape = tape
+
+    def generate_calls(self) -> int:
+        return sum(len(h.requests) for h in self.fake.hosts.values())
+
+    def oai(self, key: str = "sekret") -> openai.OpenAI:
+        return openai.OpenAI(api_key=key, base_url=str(self.client.base_url) + "/v1", max_retries=0)
+
+
+@contextlib.contextmanager
+def running(app):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(relay, api_key="sekret"), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60) as client:
-        yield client
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
-def oai(client, key="sekret"):
-    return openai.OpenAI(api_key=key, base_url=str(client.base_url) + "/v1", max_retries=0)
+@pytest.fixture
+def make(fake):
+    """make(**create_app options) -> Served; the tape answers Q with THINK."""
+    with contextlib.ExitStack() as stack:
+        def build(**options) -> Served:
+            for url in (LARGE, SMALL):
+                fake.add_host(url, [])
+            transport = SlowSSE(fake)
+            relay = Relay(large=LARGE, small=SMALL, family="qwen3", profile="cpu-tiny",
+                          client=ClientConfig(retries=0, backoff_s=0), transport=transport)
+            prepare = options.pop("prepare", None)
+            options = {"api_key": "sekret", "health_interval_s": 0, **options}
+            app = create_app(relay, **options)
+            served = Served(relay, fake, transport, app, None)
+            served.tape(Q, THINK)
+            if prepare is not None:  # before the server starts
+                prepare(served)
+            served.client = stack.enter_context(running(app))
+            return served
+        yield build
 
 
-def test_plain_completion_with_relay_usage(app_client):
-    r = oai(app_client).chat.completions.create(
-        model="relaygen", messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=200)
+@pytest.fixture
+def served(make) -> Served:
+    return make()
+
+
+def chat(s: Served, body: dict, headers: dict | None = None, **kw) -> httpx.Response:
+    return s.client.post("/v1/chat/completions", json=body, headers={**AUTH, **(headers or {})}, **kw)
+
+
+def is_openai_error(r: httpx.Response) -> bool:
+    err = r.json().get("error")
+    return isinstance(err, dict) and set(err) == {"message", "type", "param", "code"} \
+        and isinstance(err["message"], str) and isinstance(err["type"], str)
+
+
+def sse_events(lines) -> list[dict]:
+    out = []
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(orjson.loads(line[6:]))
+    return out
+
+
+def wait_for(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+# ---------------------------------------------------------------- answers
+def test_plain_completion_with_relay_usage(served):
+    r = served.oai().chat.completions.create(model="relaygen", messages=[{"role": "user", "content": Q}],
+                                             max_tokens=200)
     assert r.choices[0].message.content == "The answer is 5."
     assert r.choices[0].finish_reason == "stop"
     relay = r.usage.model_extra["relay"]
     assert relay["switches"] >= 2 and relay["large_tokens"] + relay["small_tokens"] == r.usage.completion_tokens
 
 
-def test_streamed_completion_splits_reasoning_and_answer(app_client):
-    stream = oai(app_client).chat.completions.create(
-        model="relaygen", messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=200, stream=True,
+def test_streamed_completion_splits_reasoning_and_answer(served):
+    stream = served.oai().chat.completions.create(
+        model="relaygen", messages=[{"role": "user", "content": Q}], max_tokens=200, stream=True,
         stream_options={"include_usage": True})
     content, reasoning, roles, usage = "", "", set(), None
     for chunk in stream:
@@ -76,38 +182,317 @@ def test_streamed_completion_splits_reasoning_and_answer(app_client):
     assert roles == {"large", "small"} and usage is not None
 
 
+def test_stop_strings_cut_the_answer_plain_and_streamed(served):
+    body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 200}
+    r = chat(served, {**body, "stop": ["is", "zzz"]}).json()
+    assert r["choices"][0]["message"]["content"] == "The answer "
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["choices"][0]["message"]["reasoning_content"].startswith("First we add 2")  # never cut
+    with served.client.stream("POST", "/v1/chat/completions", json={**body, "stop": "answer", "stream": True},
+                              headers=AUTH) as resp:
+        events = sse_events(resp.iter_lines())
+    pieces = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+    assert "".join(p for p in pieces if p) == "The "
+    assert not any(p and "ans" in p for p in pieces)  # a stop prefix was held back, never sent
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stop_cut_and_shaper_hold_back_partial_markers():
+    assert stop_cut("abcd", ["abcd", "c"]) == 2  # "c" is complete first
+    assert stop_cut("xabcx", ["bc", "abc"]) == 1  # a tie: the longer one
+    assert stop_cut("abc", ["z"]) is None
+    s = TextShaper("</think>", ["STOP"])
+    out = s.feed("large", "abc</thi") + s.feed("large", "nk>\n\nAns") + s.feed("small", "wer ST")
+    assert "".join(t for f, t in out if f == CONTENT) == "Answer "  # "ST" held back
+    out += s.feed("small", "OP more")
+    assert s.stopped and "".join(t for f, t in out if f == REASONING) == "abc"
+    assert "".join(t for f, t in out if f == CONTENT) == "Answer "
+
+
+def test_shaper_rewind_reports_what_the_client_already_got():
+    s = TextShaper("</think>")
+    s.feed("large", "One. ")
+    sent = s.feed("small", "Two thr")
+    assert sent == [(REASONING, "Two thr")]
+    assert s.rewind("Two thr") == [(REASONING, "Two thr")]
+    assert s.feed("large", "Three.") == [(REASONING, "Three.")]
+    assert s.fields(final=True)[0][REASONING] == "One. Three."
+
+
+def test_a_small_failure_mid_turn_is_announced_and_never_spliced(make):
+    s = make()
+    small = s.fake.hosts["small.test:2"]
+    small.stream_error_after_tokens, small.faults_on = 3, {1}
+    with s.client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+            "messages": [{"role": "user", "content": Q}], "max_tokens": 200, "stream": True}) as resp:
+        events = sse_events(resp.iter_lines())
+    fields = {REASONING: "", CONTENT: ""}
+    announced = []
+    for e in events:
+        if "relay_event" in e:
+            ev = e["relay_event"]
+            assert ev["type"] == "small_failed" and fields[ev["field"]].endswith(ev["discard"])
+            fields[ev["field"]] = fields[ev["field"]][:len(fields[ev["field"]]) - len(ev["discard"])]
+            announced.append(ev)
+        for c in e["choices"]:
+            for name in fields:
+                fields[name] += c["delta"].get(name) or ""
+    assert announced and announced[0]["discard"]  # the client had got some of the dead turn
+    assert fields[REASONING] == THINK.split("</think>")[0] and fields[CONTENT] == "The answer is 5."
+
+
+# ---------------------------------------------------------------- profiles
+def test_a_profile_path_from_a_request_is_refused_and_nothing_leaks(served):
+    r = chat(served, {"messages": [{"role": "user", "content": "hi"}], "relay": {"profile": "/etc/passwd"}})
+    assert r.status_code == 400 and is_openai_error(r)
+    text = r.text
+    assert "/etc/passwd" not in text and "root:" not in text
+    assert not any(line and line in text for line in Path("/etc/passwd").read_text().splitlines())
+    assert "relaygen_sgl" not in text and "/data/profiles" not in text
+    r = chat(served, {"messages": [{"role": "user", "content": "hi"}], "relay": {"profile": "nope"}})
+    assert r.status_code == 400 and "cpu-tiny" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "relay.profile"
+
+
+def test_profiles_allowed_at_start_are_picked_by_name(make, tmp_path):
+    src = Path(__file__).parent.parent / "relaygen_sgl" / "data" / "profiles" / "cpu-tiny.json"
+    raw = orjson.loads(src.read_bytes())
+    raw["cues"] = ["Thus,", "Hence"]
+    (tmp_path / "mine.json").write_bytes(orjson.dumps(raw))
+    allowed = allowed_profiles([str(tmp_path / "mine.json"), f"other={tmp_path / 'mine.json'}", "cpu-tiny"])
+    assert {"mine", "other", "cpu-tiny", "r1-32b-1.5b"} <= set(allowed)
+    with pytest.raises(ConfigError, match="taken"):
+        allowed_profiles([f"cpu-tiny={tmp_path / 'mine.json'}"])
+    with pytest.raises(ConfigError, match="no such file"):
+        allowed_profiles([str(tmp_path / "missing.json")])
+    s = make(profiles=allowed)
+    r = chat(s, {"messages": [{"role": "user", "content": Q}], "max_tokens": 200, "relay": {"profile": "mine"}})
+    assert r.status_code == 200
+    first = s.fake.hosts["large.test:1"].requests[0]["sampling_params"]["stop_regex"]
+    assert first == list(allowed["mine"].patterns)
+
+
+# ---------------------------------------------------------------- cancel
+LONG = "blue green red " * 170  # ~2000 tokens, no cue, no sentence end
+
+
+def test_a_streaming_client_that_leaves_stops_its_relay(served):
+    served.tape(LONG_Q, LONG)
+    served.transport.delay = 0.01  # 2000 tokens would take 20 s
+    t0 = time.monotonic()
+    with served.client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+            "messages": [{"role": "user", "content": LONG_Q}], "max_tokens": 2000, "stream": True}) as resp:
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(6)]
+    assert any("reasoning_content" in line for line in got)
+    gate = served.app.state.gate
+    assert wait_for(lambda: gate.running == 0 and served.transport.cut, 5.0), "the relay kept running"
+    assert time.monotonic() - t0 < 6
+    calls = served.generate_calls()
+    time.sleep(0.5)
+    assert served.generate_calls() == calls  # no next turn started
+    assert served.transport.cut[0] < 200  # the SGLang stream was closed long before its end
+
+
+def test_a_plain_client_that_leaves_stops_its_relay(served):
+    served.tape(LONG_Q, LONG)
+    served.transport.delay = 0.01
+    with pytest.raises(httpx.ReadTimeout):
+        chat(served, {"messages": [{"role": "user", "content": LONG_Q}], "max_tokens": 2000}, timeout=1.0)
+    assert wait_for(lambda: served.app.state.gate.running == 0 and served.transport.cut, 5.0)
+    assert served.transport.cut[0] < 400
+
+
+def test_a_request_past_its_deadline_is_stopped(make):
+    s = make(request_timeout_s=30)
+    s.tape(LONG_Q, LONG)
+    s.transport.delay = 0.01
+    body = {"messages": [{"role": "user", "content": LONG_Q}], "max_tokens": 2000, "relay": {"timeout": 0.5}}
+    r = chat(s, body)
+    assert r.status_code == 504 and is_openai_error(r) and r.json()["error"]["code"] == "timeout"
+    assert wait_for(lambda: s.app.state.gate.running == 0, 5.0)
+    with s.client.stream("POST", "/v1/chat/completions", headers=AUTH, json={**body, "stream": True}) as resp:
+        events = sse_events(resp.iter_lines())
+    assert events[-1]["error"]["code"] == "timeout"
+    assert wait_for(lambda: s.app.state.gate.running == 0 and len(s.transport.cut) == 2, 5.0), (s.app.state.gate.running, s.transport.cut, s.generate_calls())
+    r = chat(s, {**body, "relay": {"timeout": 31}})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "relay.timeout"
+
+
+# ---------------------------------------------------------------- backpressure
+def test_past_concurrency_and_queue_a_request_gets_429(make):
+    s = make(max_concurrency=1, max_queue=0)
+    s.tape(LONG_Q, LONG)
+    s.transport.delay = 0.01
+    long_body = {"messages": [{"role": "user", "content": LONG_Q}], "max_tokens": 2000, "stream": True}
+    with s.client.stream("POST", "/v1/chat/completions", headers=AUTH, json=long_body) as resp:
+        next(resp.iter_lines())
+        r = chat(s, {"messages": [{"role": "user", "content": Q}], "max_tokens": 200})
+        assert r.status_code == 429 and is_openai_error(r) and int(r.headers["retry-after"]) >= 1
+    assert wait_for(lambda: s.app.state.gate.running == 0, 5.0)
+    s.transport.delay = 0
+    assert chat(s, {"messages": [{"role": "user", "content": Q}], "max_tokens": 200}).status_code == 200
+
+
+def test_a_queued_request_waits_for_a_slot(make):
+    s = make(max_concurrency=1, max_queue=1)
+    s.transport.delay = 0.02
+    body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 200}
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(chat(s, body).status_code)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [200, 200]
+
+
+def test_a_request_without_max_tokens_gets_the_default(make):
+    s = make(default_max_tokens=7)
+    r = chat(s, {"messages": [{"role": "user", "content": Q}]}).json()
+    assert s.fake.hosts["large.test:1"].requests[0]["sampling_params"]["max_new_tokens"] <= 7
+    assert r["usage"]["completion_tokens"] <= 7 and r["choices"][0]["finish_reason"] == "length"
+
+
+# ---------------------------------------------------------------- keys and health
+def test_api_keys_any_bearer_case_and_digests(served):
+    body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 200}
+    assert chat(served, body, {"authorization": "bearer sekret"}).status_code == 200
+    assert chat(served, body, {"authorization": "BEARER   sekret"}).status_code == 200
+    for bad in ("Bearer wrong", "sekret", "Basic sekret", "Bearer", "Bearer sekret2"):
+        r = chat(served, body, {"authorization": bad})
+        assert r.status_code == 401 and is_openai_error(r) and r.headers["www-authenticate"] == "Bearer"
+    assert served.client.get("/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        served.oai(key="wrong").models.list()
+    assert [m.id for m in served.oai().models.list()] == ["relaygen"]
+    assert key_ok(b"bEaReR k", key_digest("k")) and not key_ok(b"Bearer k ", key_digest("x"))
+
+
+def test_key_sources_and_exposure(tmp_path, monkeypatch, capsys):
+    (tmp_path / "key").write_text("from-file\nsecond line\n")
+    assert resolve_api_key(None, str(tmp_path / "key"), {}) == "from-file"
+    assert resolve_api_key(None, None, {"RELAYGEN_API_KEY": "from-env"}) == "from-env"
+    assert resolve_api_key("flag", None, {"RELAYGEN_API_KEY": "from-env"}) == "flag"
+    assert resolve_api_key(None, None, {}) is None
+    with pytest.raises(ConfigError):
+        resolve_api_key("a", str(tmp_path / "key"), {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve_api_key(None, str(tmp_path / "nokey"), {})
+    for host in ("127.0.0.1", "localhost", "::1", "127.1.2.3"):
+        check_exposure(host, None, False)
+    check_exposure("0.0.0.0", "k", False)
+    check_exposure("0.0.0.0", None, True)
+    with pytest.raises(ConfigError):
+        check_exposure("0.0.0.0", None, False)
+    monkeypatch.delenv("RELAYGEN_API_KEY", raising=False)
+    assert cli.main(["serve", "--host", "0.0.0.0", "--large", LARGE, "--small", SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--insecure" in err
+
+
+def test_health_is_open_cheap_and_reveals_nothing(served):
+    calls = served.generate_calls()
+    for _ in range(5):
+        r = served.client.get("/health")
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert served.generate_calls() == calls
+    assert "large.test" not in r.text and "/" not in r.text
+    assert served.client.get("/openapi.json").status_code == 200
+
+
+def test_health_reports_a_failing_server_from_its_background_check(make):
+    def small_down(served: Served) -> None:
+        served.fake.hosts["small.test:2"].down_after = 0
+
+    s = make(health_interval_s=3600, prepare=small_down)
+    assert wait_for(lambda: s.client.get("/health").status_code == 503, 10)
+    body = s.client.get("/health").json()
+    assert body == {"status": "degraded", "servers": {"large": "ok", "small": "failing"}}
+
+
+# ---------------------------------------------------------------- bad requests
 @pytest.mark.parametrize("body,status", [
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404),
     ({"messages": []}, 400),
     ({"messages": [{"role": "user", "content": "   "}]}, 400),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}]}, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 422),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 422),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 0}, 422),
     ({"messages": [{"role": "user", "content": "hi"}], "relay": {"method": "both"}}, 422),
-    ({"messages": [{"role": "user", "content": "hi"}], "relay": {"profile": "nope"}}, 422),
+    ({"messages": [{"role": "user", "content": "hi"}], "relay": {"profile": "nope"}}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "relay": {"mehtod": "relay"}}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "false"}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "auto"}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400),
+    ([1, 2], 400),
 ])
-def test_bad_requests_get_openai_errors(app_client, body, status):
-    r = app_client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer sekret"})
-    assert r.status_code == status
-    assert set(r.json()["error"]) >= {"message", "type"}
+def test_bad_requests_get_openai_errors(served, body, status):
+    r = chat(served, body)
+    assert r.status_code == status and is_openai_error(r)
 
 
-def test_malformed_body_oversized_body_and_api_key(app_client):
-    auth = {"authorization": "Bearer sekret"}
-    r = app_client.post("/v1/chat/completions", content=b"{not json", headers=auth)
-    assert r.status_code == 400 and "malformed" in r.json()["error"]["message"]
-    r = app_client.post("/v1/chat/completions", content=b" " * (2 << 20), headers=auth)
-    assert r.status_code == 413
-    assert app_client.get("/v1/models").status_code == 401
-    assert app_client.get("/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
-    with pytest.raises(openai.AuthenticationError):
-        oai(app_client, key="wrong").models.list()
-    assert [m.id for m in oai(app_client).models.list()] == ["relaygen"]
+def test_bodies_size_type_and_json(served):
+    r = served.client.post("/v1/chat/completions", content=b"{not json",
+                           headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = served.client.post("/v1/chat/completions", content=b" " * (2 << 20), headers=AUTH)
+    assert r.status_code == 413 and is_openai_error(r)
+
+    def chunked():
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = served.client.post("/v1/chat/completions", content=chunked(), headers=AUTH)
+    assert r.status_code == 413 and is_openai_error(r)
+    r = served.client.post("/v1/chat/completions", content=b"messages=hi",
+                           headers={**AUTH, "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and is_openai_error(r)
 
 
-def test_reasoning_splitter_holds_back_a_partial_think_end():
-    s = _ReasoningSplitter("</think>")
-    out = s.feed("abc</thi") + s.feed("nk>\n\nAns") + s.feed("wer") + s.flush()
-    reasoning = "".join(t for f, t in out if f == "reasoning_content")
-    content = "".join(t for f, t in out if f == "content")
-    assert reasoning == "abc" and content == "Answer"
+def test_404_and_405_in_openai_shape(served):
+    for r in (served.client.get("/v1/nothing", headers=AUTH), served.client.get("/nothing", headers=AUTH),
+              served.client.get("/v1/models/gpt-4", headers=AUTH)):
+        assert r.status_code == 404 and is_openai_error(r)
+    r = served.client.get("/v1/chat/completions", headers=AUTH)
+    assert r.status_code == 405 and is_openai_error(r) and "POST" in r.headers["allow"]
+    assert served.client.get("/v1/models/relaygen", headers=AUTH).json()["id"] == "relaygen"
+
+
+# ---------------------------------------------------------------- fuzz
+def test_fuzzed_requests_never_500_and_errors_are_openai_shaped(served):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", served.app)
+    body_schema = served.app.openapi()["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    assert body_schema["content"]["application/json"]["schema"]["properties"]["messages"]["minItems"] == 1
+    cases = st.one_of(schema.as_strategy(schemathesis.GenerationMode.POSITIVE),
+                      schema.as_strategy(schemathesis.GenerationMode.NEGATIVE))
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=60, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                     HealthCheck.function_scoped_fixture])
+    @given(case=cases)
+    def check(case):
+        r = case.call(headers=AUTH)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, r.text
+        if r.status_code >= 400:
+            err = orjson.loads(r.content).get("error")
+            assert isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}, r.text
+
+    check()
+    assert any(code == 200 for code in seen) and any(code >= 400 for code in seen), seen

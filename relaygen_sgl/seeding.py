@@ -1,0 +1,237 @@
+"""Seeded sampling that reproduces on any SGLang 0.5.23 server, without deterministic mode.
+
+SGLang reads `sampling_params.sampling_seed` only under --enable-deterministic-inference,
+which the CPU servers cannot run. Instead every seeded request carries SeededSampler, a
+custom logit processor (server flag --enable-custom-logit-processor) that samples the next
+token itself and hands the server's sampler logits with one finite entry, so the server's
+own RNG has no choice left.
+
+Where it runs (sglang/srt): model_runner.py:2102 sample() -> _preprocess_logits (2075)
+applies penalties, the grammar mask and logit_bias (sampling_batch_info.py:443), then
+Sampler.forward (layers/sampler.py:150) calls _preprocess_logits (sampler.py:139) ->
+apply_custom_logit_processor (sampler.py:1019), and only after that divides by the
+temperature (sampler.py:~265) and applies top_k / top_p / min_p to the softmax
+(top_k_top_p_min_p_sampling_from_probs_torch, sampler.py:785). So the processor gets
+biased logits NOT yet divided by the temperature, and does all of that itself, with the
+request's own server-normalized SamplingParams (temperature 0 arrives as top_k=1).
+
+The draw: u = hash(seed, position) in [0, 1) (splitmix64 on Python ints, no RNG state),
+where position is the absolute index of the token being sampled in the request's
+sequence. The token is picked by inverse CDF over the filtered distribution. Same seed
+and same position give the same u on either server, whether the prefix came in one
+request or was resent as input_ids by the relay, cached or not.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import json
+import types
+from typing import Any
+
+import dill
+from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+
+__all__ = ["SeededSampler", "processor_str", "seeded_fields", "server_supports_seeding", "uniform"]
+
+_MASK64 = (1 << 64) - 1
+
+
+class SeededSampler(CustomLogitProcessor):
+    """Samples each seeded row as SGLang's sampler would (softmax(logits / T), top_k,
+    top_p, min_p), with a counter-based uniform from (seed, position), and returns the
+    row as -inf everywhere but the chosen token (0.0). Rows without a seed, greedy rows
+    (top_k <= 1, which is how SGLang stores temperature 0) and rows it cannot read are
+    left as they are. It must never raise: it runs inside the server's scheduler.
+
+    Every method is self-contained (imports inside, no module globals): to_str() ships
+    copies of these functions by value, so the server needs sglang and torch, not
+    relaygen_sgl."""
+
+    def __call__(self, logits, custom_param_list=None):
+        if not custom_param_list:
+            return logits
+        rows, temps, top_ps, top_ks, min_ps, us = [], [], [], [], [], []
+        for i, params in enumerate(custom_param_list):
+            spec = self._row_spec(params)
+            if spec is not None:
+                rows.append(i)
+                temps.append(spec[0])
+                top_ps.append(spec[1])
+                top_ks.append(spec[2])
+                min_ps.append(spec[3])
+                us.append(spec[4])
+        if rows:
+            try:
+                self._sample_rows(logits, rows, temps, top_ps, top_ks, min_ps, us)
+            except Exception:  # never take the scheduler down; the server samples then
+                return logits
+        return logits
+
+    @staticmethod
+    def _mix64(x):
+        """splitmix64's finalizer on a 64-bit Python int."""
+        m = (1 << 64) - 1
+        x = (x + 0x9E3779B97F4A7C15) & m
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+        return x ^ (x >> 31)
+
+    @classmethod
+    def uniform(cls, seed, position):
+        """A uniform in [0, 1) with 53 random bits from (seed, position) alone."""
+        m = (1 << 64) - 1
+        x = cls._mix64(cls._mix64(int(seed) & m) ^ (int(position) & m))
+        return (x >> 11) * (1.0 / (1 << 53))
+
+    @classmethod
+    def _position(cls, req):
+        """The absolute index of the token being sampled. kv_committed_len is set when the
+        batch is scheduled (allocation.py alloc_for_extend / alloc_for_decode) and counts
+        every token fed so far, the cached prefix included; origin + output is the fallback
+        (it lags by one under the overlap scheduler, where results land after the launch)."""
+        kv = getattr(req, "kv", None)
+        n = getattr(kv, "kv_committed_len", None)
+        if isinstance(n, int) and n > 0:
+            return n
+        return len(req.origin_input_ids) + len(req.output_ids)
+
+    @classmethod
+    def _row_spec(cls, params):
+        """(temperature, top_p, top_k, min_p, u) for a row this processor samples, else None."""
+        try:
+            if not isinstance(params, dict) or "seed" not in params:
+                return None
+            seed = params["seed"]
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                return None
+            req = params.get("__req__")
+            if req is None:
+                return None
+            sp = req.sampling_params
+            temp, top_k = float(sp.temperature), int(sp.top_k)
+            if top_k <= 1 or temp <= 0.0:
+                return None  # greedy: the server's argmax stays in charge
+            return (temp, float(sp.top_p), top_k, float(sp.min_p or 0.0),
+                    cls.uniform(seed, cls._position(req)))
+        except Exception:
+            return None
+
+    @staticmethod
+    def _sample_rows(logits, rows, temps, top_ps, top_ks, min_ps, us):
+        """Vectorized over the seeded rows; writes the one-finite-entry rows into `logits`."""
+        import torch
+
+        dev = logits.device
+        vocab = logits.shape[-1]
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        f64 = dict(dtype=torch.float64, device=dev)
+        x = logits.index_select(0, idx).to(torch.float64) / torch.tensor(temps, **f64).view(-1, 1)
+        probs = torch.softmax(x, dim=-1)
+        kmax = max(top_ks)
+        if kmax < vocab:  # as SGLang's max_top_k: only the kmax leading columns can survive
+            vals, order = torch.topk(probs, k=kmax, dim=-1, sorted=True)
+        else:
+            vals, order = probs.sort(dim=-1, descending=True)
+        n = vals.shape[-1]
+        csum = torch.cumsum(vals, dim=-1)
+        ranks = torch.arange(n, device=dev).view(1, -1)
+        keep = ranks < torch.tensor(top_ks, dtype=torch.long, device=dev).view(-1, 1)
+        # top_p as the sampler: drop a rank when the mass before it exceeds top_p;
+        # top_p >= 1 means no top-p filter at all (need_top_p_sampling is False then)
+        p = torch.tensor([tp if tp < 1.0 else float("inf") for tp in top_ps], **f64).view(-1, 1)
+        keep &= (csum - vals) <= p
+        mp = torch.tensor(min_ps, **f64).view(-1, 1)
+        keep &= vals >= vals[:, :1] * mp  # min_p against the top probability
+        w = torch.where(keep, vals, torch.zeros_like(vals))
+        cdf = torch.cumsum(w, dim=-1)
+        total = cdf[:, -1:]
+        target = torch.tensor(us, **f64).view(-1, 1) * total
+        pick = torch.searchsorted(cdf, target, right=True).clamp_(max=n - 1)
+        # never a zero-weight rank (rounding at the top end): step back to the last kept one
+        last_kept = (keep * ranks).amax(dim=-1, keepdim=True)
+        pick = torch.minimum(pick, last_kept)
+        token = order.gather(1, pick)
+        out = torch.full((len(rows), vocab), float("-inf"), dtype=logits.dtype, device=dev)
+        out.scatter_(1, token, 0.0)
+        ok = torch.isfinite(total) & (total > 0)  # an all -inf / NaN row stays the server's
+        out = torch.where(ok, out, logits.index_select(0, idx))
+        logits.index_copy_(0, idx, out)
+
+    @classmethod
+    def to_str(cls) -> str:
+        """The request's `custom_logit_processor`: this class pickled BY VALUE (see _detached)."""
+        return json.dumps({"callable": dill.dumps(_detached(cls), recurse=True).hex()})
+
+
+def _detached(cls: type) -> type:
+    """A copy of `cls` that dill pickles by value: dill pickles a class or function by
+    reference (module + name, imported again when loaded) whenever its module is importable
+    here, which relaygen_sgl.seeding is; the copy claims module __main__, which dill never
+    pickles by reference, and its functions get fresh globals holding only the builtins.
+    Its base class (sglang's CustomLogitProcessor) still goes by reference: the server has it."""
+    glob: dict[str, Any] = {"__builtins__": builtins, "__name__": "__main__"}
+
+    def copy(f: types.FunctionType) -> types.FunctionType:
+        g = types.FunctionType(f.__code__, glob, f.__name__, f.__defaults__, f.__closure__)
+        g.__qualname__, g.__module__, g.__doc__ = f.__qualname__, "__main__", f.__doc__
+        return g
+
+    body: dict[str, Any] = {"__module__": "__main__", "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+    for name, val in vars(cls).items():
+        if name in ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__",
+                    "_abc_impl", "__abstractmethods__", "to_str"):
+            continue
+        if isinstance(val, staticmethod):
+            body[name] = staticmethod(copy(val.__func__))
+        elif isinstance(val, classmethod):
+            body[name] = classmethod(copy(val.__func__))
+        elif isinstance(val, types.FunctionType):
+            body[name] = copy(val)
+        else:
+            body[name] = val
+    return type(cls)(cls.__name__, cls.__bases__, body)
+
+
+@functools.cache
+def processor_str() -> str:
+    """SeededSampler.to_str(), made once per process (SGLang caches the loaded class per string)."""
+    return SeededSampler.to_str()
+
+
+def uniform(seed: int, position: int) -> float:
+    """The uniform SeededSampler draws for `seed` at absolute token index `position`."""
+    return SeededSampler.uniform(seed, position)
+
+
+def seeded_fields(seed: int, sampling: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a seeded /generate request adds: (extra, sampling_additions).
+
+    `extra` goes top-level in the request body (EngineClient.generate(..., extra=extra));
+    `sampling_additions` is merged into sampling_params ({"custom_params": {"seed": ...}}).
+    A greedy request (temperature 0, or top_k 1) gets ({}, {}): it is deterministic already.
+    The seed is taken mod 2**64. Requests with the same seed draw the same uniforms at the
+    same positions, whatever the prompt: give independent samples different seeds."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    temp = sampling.get("temperature")
+    if (temp is not None and float(temp) < 1e-6) or sampling.get("top_k") == 1:
+        return {}, {}
+    params = dict(sampling.get("custom_params") or {})
+    params["seed"] = seed & _MASK64
+    return {"custom_logit_processor": processor_str()}, {"custom_params": params}
+
+
+def server_supports_seeding(server_info: dict[str, Any]) -> bool:
+    """True when a server's /server_info (SGLang 0.5.23 reports its ServerArgs flat, e.g.
+    "enable_custom_logit_processor": true, "enable_deterministic_inference": false) says
+    SeededSampler will run on every token: the flag is on, and no speculative decoding
+    (EAGLE/EAGLE3/NGRAM verify skips custom logit processors; DFLASH/DSPARK apply them per
+    draft token, where one position per request is wrong). Anything else (a router that
+    does not pass the flag through, an older server) counts as no."""
+    if not isinstance(server_info, dict):
+        return False
+    return (server_info.get("enable_custom_logit_processor") is True
+            and server_info.get("speculative_algorithm") in (None, "", "NONE")
+            and not server_info.get("enable_watermark"))
