@@ -189,7 +189,7 @@ def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str]
     handoff = run_handoff(relay, list(best.values()), list(best))
     load = run_load(relay, questions, cfg, log)
     result = {
-        "preset": cfg.preset, "config": asdict(cfg), "machine": machine.describe(),
+        "preset": cfg.preset, "config": asdict(cfg), "machine": machine.describe(), "machine_summary": machine.short(),
         "urls": relay.urls, "profile": relay.profile.name, "elapsed_s": round(time.perf_counter() - t0, 1),
         "handoff": handoff, "overhead": speed.pop("overhead"), "speedup": speed.pop("speedup"), "speed": speed,
         "load": load,
@@ -204,7 +204,7 @@ def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str]
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [f"# relaygen bench: {r['preset']}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; "
+             f"Machine: {r.get('machine_summary') or m['cpu']}; "
              f"sglang {m['versions'].get('sglang')}, torch {m['versions'].get('torch')}. "
              f"Medians (min-max) over interleaved runs; {r['elapsed_s']} s in all.", "",
              "## Handoff cost (per handoff, replayed trajectories)", "",
@@ -277,7 +277,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     b.set_ylabel("total tokens/s")
     b.set_title("throughput under load")
     b.legend()
-    fig.suptitle(f"{r['preset']} on {r['machine']['cpu']} ({r['machine']['cores']} cores)")
+    fig.suptitle(f"{r['preset']} on {r.get('machine_summary') or r['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

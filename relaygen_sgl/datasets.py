@@ -49,9 +49,17 @@ def _gpqa_rows(path: Path) -> list[dict[str, str]]:
         raise ConfigError(f"cannot read GPQA file {path}: {e}") from e
 
 
-def gpqa(path: Path, seed: int = 0) -> list[Problem]:
+# The reference implementation's GPQA format, as recorded in the method notes: a prompt that
+# opens "Please solve this multiple choice question" and the correct answer always at A (its
+# scores are comparable only with that). The sentences after the opening are ours.
+REFERENCE_GPQA_INSTRUCTION = ("Please solve this multiple choice question. Reason step by step, and put the "
+                              "letter of your answer (A, B, C or D) within \\boxed{}.")
+
+
+def gpqa(path: Path, seed: int = 0, reference: bool = False) -> list[Problem]:
     """GPQA in the official CSV layout (Question, Correct Answer, Incorrect Answer 1-3),
-    as CSV or JSONL. Choices are shuffled per question with `seed`; the gold is a letter."""
+    as CSV or JSONL. Choices are shuffled per question with `seed` and the gold is a letter;
+    with `reference`, the reference's format (correct answer always A)."""
     out = []
     for i, row in enumerate(_gpqa_rows(path), 1):
         try:
@@ -62,23 +70,28 @@ def gpqa(path: Path, seed: int = 0) -> list[Problem]:
             raise ConfigError(f"{path}:{i}: needs Question, Correct Answer, Incorrect Answer 1-3") from None
         pid = str(row.get("Record ID") or row.get("id") or f"gpqa-{i}")
         choices = [correct, *wrong]
-        digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
-        random.Random(digest).shuffle(choices)
+        if not reference:
+            digest = hashlib.sha256(f"{seed}:{pid}".encode()).digest()
+            random.Random(digest).shuffle(choices)
         letters = "ABCD"
         body = "\n".join(f"{letters[k]}) {c}" for k, c in enumerate(choices))
-        out.append(Problem(pid, f"{question}\n\n{body}{CHOICE_INSTRUCTION}", letters[choices.index(correct)],
-                           "choice"))
+        prompt = (f"{REFERENCE_GPQA_INSTRUCTION}\n\n{question}\n\n{body}" if reference
+                  else f"{question}\n\n{body}{CHOICE_INSTRUCTION}")
+        out.append(Problem(pid, prompt, letters[choices.index(correct)], "choice"))
     return out
 
 
 def load_problems(spec: str, seed: int = 0) -> list[Problem]:
-    """`aime25`, `aime24`, `amc23`, `math500`, or `gpqa:PATH`."""
+    """`aime25`, `aime24`, `amc23`, `math500`, `gpqa:PATH` (choices shuffled) or `gpqa-ref:PATH`
+    (the reference's format: correct answer always A)."""
     if spec in BUNDLED:
         problems = _bundled(spec)
-    elif spec.startswith("gpqa:"):
-        problems = gpqa(Path(spec[5:]).expanduser(), seed)
+    elif spec.startswith(("gpqa:", "gpqa-ref:")):
+        kind, _, path = spec.partition(":")
+        problems = gpqa(Path(path).expanduser(), seed, reference=kind == "gpqa-ref")
     else:
-        raise ConfigError(f"unknown data set {spec!r}; choose one of {', '.join(BUNDLED)}, or gpqa:PATH")
+        raise ConfigError(f"unknown data set {spec!r}; choose one of {', '.join(BUNDLED)}, gpqa:PATH or "
+                          "gpqa-ref:PATH")
     if not problems:
         raise ConfigError(f"data set {spec} is empty")
     return problems

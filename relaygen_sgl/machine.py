@@ -36,8 +36,25 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def _gpus() -> list[dict[str, str]]:
+    """The accelerators nvidia-smi sees (name, memory, driver); none on a CPU machine."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+    return [{"name": r[0], "memory": r[1], "driver": r[2]} for r in rows if len(r) == 3]
+
+
 def describe() -> dict[str, Any]:
     return {
+        "gpus": _gpus(),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "memory_gib": _mem_gib(),
@@ -49,4 +66,8 @@ def describe() -> dict[str, Any]:
 
 def short() -> str:
     d = describe()
-    return f"{d['cpu']}, {d['cores']} cores, {d['memory_gib']} GiB"
+    host = f"{d['cpu']}, {d['cores']} cores, {d['memory_gib']} GiB"
+    if not d["gpus"]:
+        return host + ", no GPU"
+    names = sorted({g["name"] for g in d["gpus"]})
+    return f"{len(d['gpus'])}x {' + '.join(names)} (driver {d['gpus'][0]['driver']}); {host}"

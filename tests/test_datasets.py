@@ -39,6 +39,18 @@ def test_gpqa_choices_are_shuffled_with_a_seed_and_the_gold_is_a_letter(tmp_path
     assert len({p.gold for p in a}) > 1  # not always the same position
 
 
+def test_gpqa_in_the_reference_format_keeps_the_correct_answer_at_a(tmp_path):
+    path = tmp_path / "gpqa.csv"
+    _gpqa(path, rows=8)
+    ref = load_problems(f"gpqa-ref:{path}")
+    assert [p.gold for p in ref] == ["A"] * 8
+    for i, p in enumerate(ref):
+        assert p.question.startswith("Please solve this multiple choice question")
+        assert f"A) right{i}" in p.question and p.kind == "choice"
+    shuffled = load_problems(f"gpqa:{path}")
+    assert [p.id for p in shuffled] == [p.id for p in ref] and {p.gold for p in shuffled} != {"A"}
+
+
 def test_bad_data_sets_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown data set"):
         load_problems("aime99")
