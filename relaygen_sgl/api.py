@@ -60,7 +60,7 @@ def _dp_size(engine: EngineClient) -> int:
 def connect(*, preset: str | None = None, large: str | None = None, small: str | None = None,
             profile: str | CueProfile | None = None, family: str | None = None,
             client: ClientConfig = ClientConfig(), transport: Any = None,
-            on_small_failure: str = "large") -> RelayBackend:
+            on_small_failure: str = "large", prefetch: bool = True) -> RelayBackend:
     """The routing backend over two servers, for `sgl.set_default_backend(...)` or
     `prog.run(..., backend=...)`. With a preset (or no URLs: the preset `relaygen up`
     recorded, else cpu-tiny) the served models are checked against it; with only URLs the
@@ -91,7 +91,7 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
     tokenizer = load_tokenizer(paths["large"])
     check_same_vocabulary(tokenizer, load_tokenizer(paths["small"] or paths["large"]))
     backend = RelayBackend(engines, tokenizer, fam, prof, on_small_failure=on_small_failure,
-                           dp_sizes={role: _dp_size(e) for role, e in engines.items()})
+                           dp_sizes={role: _dp_size(e) for role, e in engines.items()}, prefetch=prefetch)
     backend.preset, backend.urls = spec, urls
     # A failed turn reaches the caller as a typed exception carrying the partial result;
     # SGLang's worker thread would also print its traceback as a warning.
@@ -110,9 +110,10 @@ class Relay:
     def __init__(self, *, preset: str | None = None, large: str | None = None, small: str | None = None,
                  profile: str | CueProfile | None = None, family: str | None = None,
                  client: ClientConfig = ClientConfig(), transport: Any = None,
-                 on_small_failure: str = "large") -> None:
+                 on_small_failure: str = "large", prefetch: bool = True) -> None:
         self.backend = connect(preset=preset, large=large, small=small, profile=profile, family=family,
-                               client=client, transport=transport, on_small_failure=on_small_failure)
+                               client=client, transport=transport, on_small_failure=on_small_failure,
+                               prefetch=prefetch)
 
     # what jobs (bench, calibrate, serve) read; the backend owns them
     engines = property(lambda self: self.backend.engines)

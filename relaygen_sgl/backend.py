@@ -15,6 +15,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -24,11 +25,13 @@ from sglang.lang.choices import ChoicesDecision, ChoicesSamplingMethod, token_le
 from sglang.lang.interpreter import StreamExecutor
 from sglang.lang.ir import SglSamplingParams
 
+from .choices import score_choices
 from .config import ROLES, Family
 from .cues import CueProfile, load_profile
 from .engine import EngineClient
 from .errors import ConfigError, EngineFailed, EngineRejected, EngineUnreachable, RelayGenError
 from .policy import DEFAULT_BUDGET, RelayPlan
+from .prefetch import Prefetcher
 from .result import Segment
 from .tokenizer import Tokenizer
 from .trajectory import KEY, Trajectory
@@ -44,7 +47,7 @@ DEFAULT_ROLE = "large"
 class RelayBackend(BaseBackend):
     def __init__(self, engines: dict[str, EngineClient], tokenizer: Tokenizer, family: Family,
                  profile: CueProfile, *, on_small_failure: str = "large",
-                 dp_sizes: dict[str, int] | None = None) -> None:
+                 dp_sizes: dict[str, int] | None = None, prefetch: bool = True) -> None:
         super().__init__()
         if on_small_failure not in FALLBACKS:
             raise ConfigError(f"on_small_failure must be one of {FALLBACKS}, got {on_small_failure!r}")
@@ -54,6 +57,8 @@ class RelayBackend(BaseBackend):
         # routed_dp_rank): the rank's radix cache then holds the whole shared prefix.
         self.dp_sizes = {r: n for r, n in (dp_sizes or {}).items() if n > 1}
         self._slots = itertools.count()
+        self.prefetch = prefetch  # the default; a plan may say otherwise for its trajectory
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="relaygen-prefetch")
         self._profiles: dict[str, CueProfile] = {}
         self._fork_lock = threading.Lock()
         self._shared: dict[int, None] = {}  # prefixes already prefilled for forks (oldest first)
@@ -65,7 +70,8 @@ class RelayBackend(BaseBackend):
              max_tokens: int = DEFAULT_BUDGET, answer: bool = True, answer_role: str = "small",
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              seed: int | None = None, on_delta: DeltaSink | None = None,
-             cancel: threading.Event | None = None, cue_match: str = "word") -> RelayPlan:
+             cancel: threading.Event | None = None, cue_match: str = "word",
+             prefetch: bool | None = None) -> RelayPlan:
         """A run's settings on this backend: its family and tokenizer, the given profile (a
         name, a path or a CueProfile; default the backend's), the family's sampling with
         any override."""
@@ -76,7 +82,7 @@ class RelayBackend(BaseBackend):
         return RelayPlan(method=method, profile=self._profile(profile), family=self.family,
                          tokenizer_path=self.tokenizer.path, budget=max_tokens, answer=answer,
                          answer_role=answer_role, sampling=sampling, seed=seed, on_delta=on_delta,
-                         cancel=cancel, cue_match=cue_match)
+                         cancel=cancel, cue_match=cue_match, prefetch=prefetch)
 
     def _profile(self, profile: str | CueProfile | None) -> CueProfile:
         if profile is None:
@@ -231,38 +237,9 @@ class RelayBackend(BaseBackend):
 
     def _select(self, s: StreamExecutor, traj: Trajectory, choices: list[str],
                 method: ChoicesSamplingMethod) -> ChoicesDecision:
-        if not choices:
-            raise ConfigError("select needs at least one choice")
         role, _ = self._role(s)
         traj.absorb(s.text_)
-        prefix = traj.ids
-        engine, pin = self.engines[role], self._pin(role, traj)
-        # Token-exact: the prefix as the models wrote it, then each choice's own ids. Entry 0
-        # of SGLang's input logprobs is the token at logprob_start_len (None); entry j+1
-        # scores choice token j given everything before it.
-        per_choice = []
-        for choice in choices:
-            ids = self.tokenizer.encode(choice)
-            if not ids:
-                raise ConfigError(f"select: the choice {choice!r} has no tokens")
-            g = engine.generate([*prefix, *ids], {"max_new_tokens": 0, "temperature": 0},
-                                extra={"return_logprob": True, "logprob_start_len": max(len(prefix) - 1, 0), **pin})
-            entries = list(g.meta.get("input_token_logprobs") or [])[-len(ids):]
-            if len(entries) != len(ids) or any(e is None or e[0] is None for e in entries):
-                raise EngineFailed(f"{engine.url}: select: no logprobs for the choice {choice!r}")
-            per_choice.append((ids, [list(e) for e in entries]))
-        unconditional = None
-        if method.requires_unconditional_logprobs:
-            unconditional = []
-            for ids, _ in per_choice:
-                g = engine.generate(ids, {"max_new_tokens": 0, "temperature": 0},
-                                    extra={"return_logprob": True, "logprob_start_len": 0, **pin})
-                unconditional.append([list(e) if e else [None, t, None]
-                                      for e, t in zip(g.meta.get("input_token_logprobs") or [], ids)])
-        logprobs = [entries for _, entries in per_choice]
-        return method(choices=choices, normalized_prompt_logprobs=[sum(e[0] for e in x) / len(x) for x in logprobs],
-                      input_token_logprobs=logprobs, output_token_logprobs=[[] for _ in choices],
-                      unconditional_token_logprobs=unconditional)
+        return score_choices(self.engines[role], self.tokenizer, traj.ids, choices, method, self._pin(role, traj))
 
     def _turn(self, s: StreamExecutor, traj: Trajectory, sp: SglSamplingParams, sink: Any) -> Segment:
         role, seed = self._role(s)
@@ -292,8 +269,19 @@ class RelayBackend(BaseBackend):
             sink(r, delta)
 
         def run(on: str) -> Segment:
-            return run_turn(self.engines[on], self.tokenizer, ids, text, replace(spec, role=on,
-                            extra=self._pin(on, traj)), sink=tap if sink else None, cancel=traj.cancel)
+            other = "small" if on == "large" else "large"
+            warm = (traj.prefetch if traj.prefetch is not None else self.prefetch) and not traj.degraded \
+                and self.engines[other] is not self.engines[on]
+            pf = Prefetcher(self._pool, self.engines[other], self._pin(other, traj), ids) if warm else None
+            if pf is not None:
+                pf.offer([])  # the prefix now: the first turn's prompt prefill overlaps this turn
+            try:
+                return run_turn(self.engines[on], self.tokenizer, ids, text, replace(spec, role=on,
+                                extra=self._pin(on, traj)), sink=tap if sink else None, cancel=traj.cancel,
+                                on_ids=pf.offer if pf is not None else None)
+            finally:
+                if pf is not None:
+                    pf.close()
 
         if role == "small" and traj.degraded:
             seg = replace(run("large"), rerouted_from="small")

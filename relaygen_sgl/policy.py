@@ -39,6 +39,7 @@ class RelayPlan:
     min_large_tokens: int = MIN_LARGE_TOKENS
     answer: bool = True  # False: stop once thinking is closed (the caller goes on)
     cue_match: str = "word"  # "substring": the reference's stop-string matching ("now" in "know")
+    prefetch: bool | None = None  # warm the other server during each turn (None: the backend's default)
     on_delta: DeltaSink | None = field(default=None, compare=False, repr=False)
     cancel: threading.Event | None = field(default=None, compare=False, repr=False)  # set: stop the run
 

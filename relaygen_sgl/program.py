@@ -72,6 +72,8 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
         traj.on_delta = plan.on_delta
     if plan.cancel is not None:
         traj.cancel = plan.cancel
+    if plan.prefetch is not None:
+        traj.prefetch = plan.prefetch
     policy = RelayPolicy(plan)
     spec = policy.start()
     first = len(traj.segments)

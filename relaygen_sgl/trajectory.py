@@ -34,6 +34,7 @@ class Trajectory:
         self.error: BaseException | None = None
         self.on_delta: DeltaSink | None = None
         self.cancel = threading.Event()  # set by a caller that stopped listening
+        self.prefetch: bool | None = None  # None: the backend's default
         self.t0 = time.perf_counter()
         self.ttft: float | None = None
 
@@ -84,6 +85,7 @@ class Trajectory:
         text; the parent may have gone on since), then its own future."""
         child = Trajectory(sid, self.tokenizer, self.slot)
         child.degraded, child.on_delta, child.t0, child.ttft = self.degraded, self.on_delta, self.t0, self.ttft
+        child.prefetch = self.prefetch
         if not self.prompt_ids or len(self.prompt) > at_chars:
             return child  # nothing taken in before the fork: the branch starts from text
         child.prompt, child.prompt_ids = self.prompt, list(self.prompt_ids)

@@ -106,10 +106,12 @@ def run_turn(
     spec: TurnSpec,
     sink: DeltaSink | None = None,
     cancel: threading.Event | None = None,
+    on_ids: Callable[[list[int]], None] | None = None,
 ) -> Segment:
     """Run `spec` on `engine` from `prefix_ids`; `context_text` is the trajectory text before
     it (the left side of a cue's word boundary). A set `cancel` stops it between tokens (the
-    stream to SGLang is closed, which aborts the request there)."""
+    stream to SGLang is closed, which aborts the request there). `on_ids` hears the turn's
+    tokens so far as they arrive (the handoff prefetch)."""
     assert spec.role is not None
     kept: list[int] = []
     first: Generation | None = None
@@ -139,6 +141,8 @@ def run_turn(
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the caller stopped listening")
             streamer.update(base + ids)
+            if on_ids is not None:
+                on_ids(base + ids)
 
         gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens, extra=spec.extra or None)
         requests += 1

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 import re._parser as sre_parse
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -122,6 +123,7 @@ class Host:
     context_len: int | None = None  # max_model_len: input + max_new_tokens beyond it gets a 400, as in SGLang
     down_after: int | None = None  # /generate requests after this count get a connection error
     chunk_tokens: int = 1  # SGLang's stream_interval: a stream chunk every this many tokens
+    chunk_delay_s: float = 0.0  # time between stream chunks (a decode step), for timing-sensitive tests
     # faults inside an answer, on the /generate requests numbered in faults_on (None: every one)
     faults_on: set[int] | None = None
     abort_after_tokens: int | None = None  # that many tokens, then finish_reason {"type": "abort"}
@@ -234,7 +236,8 @@ class FakeSGLang:
             error_at = None  # the generation finished first
         if not stream:
             return self._answer(host, out, finish, sp, meta, error_at, faulty and host.malformed_stream)
-        return self._sse(self._chunks(host, out, finish, sp, meta, error_at, faulty and host.malformed_stream))
+        return self._sse(self._chunks(host, out, finish, sp, meta, error_at, faulty and host.malformed_stream),
+                         host.chunk_delay_s)
 
     def _refusal(self, host: Host, body: dict, sp: dict) -> str | None:
         """What SGLang refuses after the contract gate (a ValueError in generate_request)."""
@@ -271,8 +274,15 @@ class FakeSGLang:
                                          "meta_info": {**meta, "e2e_latency": 0.001}})
 
     @staticmethod
-    def _sse(payloads: list[bytes]) -> httpx.Response:
+    def _sse(payloads: list[bytes], delay_s: float = 0.0) -> httpx.Response:
         lines = [b"data: " + p + b"\n\n" for p in payloads] + [b"data: [DONE]\n\n"]
+        if delay_s:
+            def paced(lines: list[bytes] = lines, delay: float = delay_s):  # type: ignore[no-untyped-def]
+                for line in lines:
+                    time.sleep(delay)
+                    yield line
+
+            return httpx.Response(200, content=paced(), headers={"content-type": "text/event-stream"})
         return httpx.Response(200, content=b"".join(lines), headers={"content-type": "text/event-stream"})
 
     def _chunks(self, host: Host, out: list[int], finish: dict, sp: dict, meta: dict, error_at: int | None,

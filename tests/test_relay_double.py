@@ -17,10 +17,12 @@ LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 QUESTION = "What is 2 + 3?"
 
 
-def make_relay(fake, cues=("Therefore", "now", "Thus,", "Other", "Any"), family=None, retries=0) -> Relay:
+def make_relay(fake, cues=("Therefore", "now", "Thus,", "Other", "Any"), family=None, retries=0,
+               prefetch=False) -> Relay:
+    # prefetch off by default here: these tests count each host's requests
     profile = CueProfile(name="t", models={}, cues=tuple(cues)).validate()
     return Relay(preset="cpu-tiny", large=LARGE, small=SMALL, profile=profile, family=family,
-                 client=ClientConfig(retries=retries, backoff_s=0.0), transport=fake.transport)
+                 client=ClientConfig(retries=retries, backoff_s=0.0), transport=fake.transport, prefetch=prefetch)
 
 
 def tape_for(relay: Relay, completion: str, eos: int) -> tuple[list[int], list[int]]:
@@ -316,3 +318,23 @@ def test_streaming_yields_role_deltas_across_switches(fake):
     # the deltas, joined per segment in order, are the model text of the trajectory
     streamed = "".join(d for role, d in deltas)
     assert streamed == "".join(s.text for s in result.segments if s.role != "inserted")
+
+
+def test_prefetch_warms_the_other_server_and_never_changes_a_token(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    cold = relay.run(QUESTION, max_tokens=500)
+    for h in fake.hosts.values():  # new servers: nothing cached; a decode step takes 20 ms
+        h.cache.clear()
+        h.requests.clear()
+        h.chunk_delay_s = 0.02
+    warm_relay = make_relay(fake, family="qwen3", prefetch=True)
+    warm = warm_relay.run(QUESTION, max_tokens=500)
+    assert warm.token_ids == cold.token_ids and [s.role for s in warm.segments] == [s.role for s in cold.segments]
+    prefills = [r for h in fake.hosts.values() for r in h.requests if r["sampling_params"]["max_new_tokens"] == 0]
+    assert prefills  # prefill-only requests went out
+    # every model turn after the first, on either role, found all but its last token cached
+    # (the small server's first turn included: its prompt prefill overlapped the large turn)
+    turns = [s for s in warm.segments if s.role in ("large", "small")][1:]
+    assert all(s.prompt_tokens - s.cached_tokens <= 2 for s in turns), [(s.role, s.reprefilled) for s in turns]
+    no = make_relay(fake, family="qwen3", prefetch=True).run(QUESTION, max_tokens=500, prefetch=False)
+    assert no.token_ids == cold.token_ids
