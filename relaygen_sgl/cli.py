@@ -183,6 +183,8 @@ def _add_server_args(p: argparse.ArgumentParser, on_small_failure: str = "large"
     p.add_argument("--answer-role", choices=("small", "large"), default="small")
     p.add_argument("--cue-match", choices=("word", "substring"), default="word",
                    help="cues as words (default) or as the reference's plain substrings ('now' fires in 'know')")
+    p.add_argument("--prefetch", choices=("on", "off"), default="on",
+                   help="warm the other server with the growing trajectory during each turn (never changes a token)")
     p.add_argument("--ids", action="store_true", help="include token ids in the JSON")
     _add_client_args(p, on_small_failure)
 

@@ -79,3 +79,17 @@ def test_greedy_relay_on_one_server_reproduces_single_model_greedy(cpu_pair):
     a, b = relay.token_ids, single.token_ids
     first_diff = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
     assert first_diff is None and len(a) == len(b), f"diverged at token {first_diff}"
+
+
+def test_prefetch_never_changes_a_token_and_warms_each_handoff(cpu_pair):
+    question = QUESTION + " Be careful."  # not cached by earlier tests
+    with Relay(preset="cpu-tiny", large=cpu_pair.large, small=cpu_pair.small) as r:
+        off = r.run(question, max_tokens=160, temperature=0.0, prefetch=False)
+        on = r.run(question + " ", max_tokens=160, temperature=0.0, prefetch=True)
+        again = r.run(question, max_tokens=160, temperature=0.0, prefetch=True)
+    assert again.token_ids == off.token_ids, "prefetch changed the greedy trajectory"
+    assert on.stats.switches >= 1
+    # with prefetch, every turn after the first (the small server's first included) found all
+    # but about its last token cached
+    turns = [s for s in on.segments if s.role in ("large", "small")][1:]
+    assert turns and sum(s.reprefilled for s in turns) / len(turns) <= 2.0, [(s.role, s.reprefilled) for s in turns]
