@@ -3,6 +3,8 @@
 # Usable by hand on a GPU box:  launch/serve.sh large qwen3-32b-1.7b [HOST]
 # HOST defaults to 127.0.0.1; give 0.0.0.0 to serve other machines. DRY_RUN=1 prints only.
 # The command line comes from launch/presets.toml (the same code path as `relaygen up`).
+# With RELAYGEN_SGLANG_API_KEY set the server requires that key (SGLang's --api-key): it is
+# passed in a 0600 YAML file under $RELAYGEN_HOME/run/auth (--config), never on the command line.
 set -euo pipefail
 if [ $# -lt 2 ] || [ $# -gt 3 ]; then
   echo "usage: launch/serve.sh ROLE PRESET [HOST]   (ROLE: large|small)" >&2

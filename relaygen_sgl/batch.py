@@ -3,7 +3,9 @@
 Resumable (ids already done are skipped; earlier error records are retried and
 replaced), one failing prompt becomes an error record, bad input lines are reported
 with their line number and skipped, and an interrupt leaves a valid file: every line
-is written whole under a lock and flushed at once.
+is written whole under a lock and flushed at once. A result JSON cannot hold becomes an
+error record; a write that fails (disk full) stops the run with BatchWriteError, what was
+written before it kept. Every result that comes back is counted: ok + errors == attempted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import records
+from .batch_output import check_records_file
 from .errors import ConfigError, RelayAborted, RelayGenError
 
 RESULT_KEYS = {"id", "status", "error", "method", "text", "reasoning", "answer", "segments", "stats",
@@ -89,14 +92,64 @@ def _carry(record: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 class ResultWriter(records.RecordWriter):
     """The results file of a run: the ok records of an earlier run are kept (their ids are
-    `done`), error records and torn lines are dropped so those prompts run again."""
+    `done`), error records and torn lines are dropped so those prompts run again. A file
+    that holds anything but run records is refused untouched (ConfigError)."""
 
     def __init__(self, path: Path) -> None:
+        check_records_file(path)
         kept = records.latest_by_id(path, status="ok")
         self.done: set[str] = set(kept)
         if path.is_file():
-            records.rewrite(path, kept.values())
+            try:
+                records.rewrite(path, kept.values())
+            except OSError as e:  # the old file is still whole: rewrite replaces it atomically
+                path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+                raise RelayGenError(f"cannot rewrite {path}: {e.strerror or e}") from None
         super().__init__(path)
+        self.failed: str | None = None
+
+    def write_result(self, rec: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append one result and return the record written: a result JSON cannot hold is
+        replaced by an error record saying so (with the prompt's `extra` input fields).
+        OSError when the write fails; after that the writer writes nothing more (a torn line
+        stays the last one, which a rerun drops)."""
+        try:
+            line = records.dumps(rec)
+        except TypeError as e:
+            rec = _carry({"id": rec.get("id"), "status": "error", "error": f"result not JSON-serializable: {e}"},
+                         extra or {})
+            line = records.dumps(rec)
+        with self._lock:
+            if self.failed is not None:
+                raise OSError(self.failed)
+            if self._f.closed:
+                return rec
+            try:
+                self._f.write(line)
+                self._f.flush()
+            except OSError as e:
+                self.failed = e.strerror or str(e)
+                raise
+        return rec
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # the buffer could not be flushed: the disk is still full
+            self.failed = self.failed or e.strerror or str(e)
+            with self._lock:
+                try:
+                    self._f.close()
+                except OSError:
+                    pass
+
+
+class BatchWriteError(RelayGenError):
+    """The results file could not be written: the run stopped; `summary` counts what was done."""
+
+    def __init__(self, message: str, summary: BatchSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass
@@ -109,6 +162,8 @@ class BatchSummary:
     elapsed_s: float = 0.0
     interrupted: bool = False
     input_problems: list[str] = field(default_factory=list)
+    attempted: int = 0  # results that came back; == ok + errors
+    write_error: str | None = None
 
 
 RunOne = Callable[[Prompt], dict[str, Any]]  # returns the result dict; raises RelayGenError
@@ -124,7 +179,16 @@ def run_prompt(run_one: RunOne, prompt: Prompt) -> dict[str, Any]:
         rec = {"id": prompt.id, "status": "error", "error": str(e)}
     except Exception as e:  # a bug must not end the batch either; the record says what it was
         rec = {"id": prompt.id, "status": "error", "error": f"{type(e).__name__}: {e}"}
+    rec["id"] = prompt.id  # a program's own "id" must not file the result under another prompt
     return _carry(rec, prompt.extra)
+
+
+def _tokens(rec: dict[str, Any]) -> int:
+    stats = rec.get("stats")
+    try:
+        return int(stats.get("large_tokens", 0)) + int(stats.get("small_tokens", 0))  # type: ignore[union-attr]
+    except (AttributeError, TypeError, ValueError):  # a program's own "stats"
+        return 0
 
 
 def run_batch(prompts: list[Prompt], out: Path, run_one: RunOne, *, concurrency: int = 4,
@@ -140,6 +204,7 @@ def run_batch(prompts: list[Prompt], out: Path, run_one: RunOne, *, concurrency:
         work.put(p)
     finished: queue.Queue[dict[str, Any]] = queue.Queue()
     stop = threading.Event()
+    failed: list[str] = []  # the first write failure stops the run
 
     def worker() -> None:
         while not stop.is_set():
@@ -147,10 +212,20 @@ def run_batch(prompts: list[Prompt], out: Path, run_one: RunOne, *, concurrency:
                 p = work.get_nowait()
             except queue.Empty:
                 return
-            rec = run_prompt(run_one, p)
+            try:
+                rec = run_prompt(run_one, p)
+            except BaseException as e:  # SystemExit from a program: an error record, no thread traceback
+                rec = _carry({"id": p.id, "status": "error", "error": f"{type(e).__name__}: {e}"}, p.extra)
             if stop.is_set():
                 return
-            writer.write(rec)
+            try:
+                rec = writer.write_result(rec, p.extra)
+            except OSError as e:
+                failed.append(f"cannot write {out}: {e.strerror or e}")
+                stop.set()
+                rec = {"id": p.id, "status": "error", "error": f"not written: {e.strerror or e}"}
+            except Exception as e:  # never a thread traceback: counted, and rerun next time
+                rec = {"id": p.id, "status": "error", "error": f"not written: {type(e).__name__}: {e}"}
             finished.put(rec)
 
     # Daemon threads: on Ctrl-C the process leaves without waiting for in-flight requests;
@@ -162,19 +237,19 @@ def run_batch(prompts: list[Prompt], out: Path, run_one: RunOne, *, concurrency:
     try:
         for t in threads:
             t.start()
-        while summary.ok + summary.errors < len(todo):
+        while summary.attempted < len(todo):
             try:
                 rec = finished.get(timeout=0.5)
             except queue.Empty:
-                if not any(t.is_alive() for t in threads) and finished.empty():
+                if failed or (not any(t.is_alive() for t in threads) and finished.empty()):
                     break
                 continue
-            if rec["status"] == "ok":
+            summary.attempted += 1
+            if rec.get("status") == "ok":
                 summary.ok += 1
             else:
                 summary.errors += 1
-            stats = rec.get("stats") or {}
-            summary.completion_tokens += int(stats.get("large_tokens", 0)) + int(stats.get("small_tokens", 0))
+            summary.completion_tokens += _tokens(rec)
             elapsed = time.perf_counter() - t0
             bar.set_postfix(tok_s=f"{summary.completion_tokens / max(elapsed, 1e-9):.1f}", errors=summary.errors)
             bar.update(1)
@@ -185,4 +260,8 @@ def run_batch(prompts: list[Prompt], out: Path, run_one: RunOne, *, concurrency:
         summary.elapsed_s = time.perf_counter() - t0
         bar.close()
         writer.close()
+    summary.write_error = failed[0] if failed else (f"cannot write {out}: {writer.failed}" if writer.failed else None)
+    if summary.write_error:
+        raise BatchWriteError(f"{summary.write_error}; stopped after {summary.ok} ok and {summary.errors} error(s) "
+                              f"(what was written is kept; rerun the same command to finish)", summary)
     return summary

@@ -5,6 +5,7 @@ and a non-zero exit here."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -12,6 +13,8 @@ from . import commands as c
 from .errors import RelayGenError
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not bad input
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # SGLang's sampling_seed range (sampling_params.py)
 
 
 # ---------------------------------------------------------------- parser
@@ -32,6 +35,16 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**63 - 1] (SGLang's sampling_seed), got {text}")
     return value
 
 
@@ -179,7 +192,7 @@ def _add_server_args(p: argparse.ArgumentParser, on_small_failure: str = "large"
     _add_endpoint_args(p)
     p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_BUDGET)
     p.add_argument("--temperature", type=_non_negative_float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None)
     p.add_argument("--answer-role", choices=("small", "large"), default="small")
     p.add_argument("--cue-match", choices=("word", "substring"), default="word",
                    help="cues as words (default) or as the reference's plain substrings ('now' fires in 'know')")
@@ -197,18 +210,56 @@ def _add_client_args(p: argparse.ArgumentParser, on_small_failure: str = "large"
     p.add_argument("--timeout", type=_positive_int, default=600, help="read timeout per request, seconds")
 
 
+def _not_utf8(argv: Sequence[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (Python keeps such bytes as surrogates)."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return None
+
+
+def _internal_error(e: BaseException, argv: Sequence[str]) -> int:
+    """Last resort: one line on stderr, the traceback in $RELAYGEN_HOME/logs/."""
+    import time
+    import traceback
+
+    from .config import load_settings
+
+    try:
+        folder = load_settings().home / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / f"internal-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        log.write_text(f"relaygen {' '.join(argv)}\n" + "".join(traceback.format_exception(e)),
+                       errors="backslashreplace")
+        where = f"details in {log}"
+    except Exception as log_error:  # noqa: BLE001 - the log is a courtesy; the line must still go out
+        where = f"no log written: {type(log_error).__name__}: {log_error}"
+    message = " ".join(str(e).split())[:300]
+    sys.stderr.write(f"relaygen: internal error: {type(e).__name__}: {message} ({where})\n")
+    return EXIT_INTERNAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bad = _not_utf8(argv)
+    if bad is not None:
+        sys.stderr.write(f"relaygen: argument '{bad}' is not valid UTF-8\n")
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except RelayGenError as e:
-        sys.stderr.write(f"relaygen: {e}\n")
+        sys.stderr.write(f"relaygen: {str(e) or type(e).__name__}\n")  # never an empty line
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("relaygen: interrupted\n")
         return 130
+    except Exception as e:  # a bug: one line and a log, never a traceback
+        return _internal_error(e, argv)
 
 
 if __name__ == "__main__":

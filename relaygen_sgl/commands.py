@@ -9,7 +9,7 @@ import sys
 import orjson
 
 from .engine import ClientConfig
-from .errors import RelayAborted, RelayGenError
+from .errors import ConfigError, RelayAborted, RelayGenError
 
 EXIT_USAGE = 2
 
@@ -20,11 +20,14 @@ def _emit_json(obj: object) -> None:
 
 
 def open_relay(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The one place the CLI builds a Relay from its endpoint and client arguments."""
+    """The one place the CLI builds a Relay from its endpoint and client arguments; the
+    SGLang servers' API key comes from $RELAYGEN_SGLANG_API_KEY."""
     from .api import Relay
+    from .launcher import sglang_api_key
 
+    client = ClientConfig(read_timeout_s=args.timeout, api_key=sglang_api_key())
     return Relay(preset=args.preset, large=args.large, small=args.small, profile=getattr(args, "profile", None),
-                 on_small_failure=args.on_small_failure, client=ClientConfig(read_timeout_s=args.timeout))
+                 on_small_failure=args.on_small_failure, client=client)
 
 
 def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
@@ -44,7 +47,12 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     specs = local_model_specs()
-    names = load_preset(args.preset).local_models if args.preset else tuple(args.name or ())
+    if not args.preset and not args.name:
+        raise ConfigError("give --preset P or --name NAME (local models: " + ", ".join(sorted(specs)) + ")")
+    names = load_preset(args.preset).local_models if args.preset else tuple(args.name)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise ConfigError(f"unknown local model {unknown[0]!r}; choose one of {', '.join(sorted(specs))}")
     if not names:
         raise RelayGenError(f"preset {args.preset} serves no local model; nothing to fetch")
     for name in names:
@@ -72,27 +80,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .config import load_settings
     from .stack import status
 
-    st = status(load_settings())
+    st = status(load_settings())  # never raises: a per-role state and a `problem` line
     if args.json:
-        _emit_json({k: v for k, v in st.items()})
+        _emit_json(st)
     else:
-        print(f"preset {st['preset']}")
+        print(f"preset {st['preset'] or '-'}")
         for role in ("large", "small"):
             r = st[role]
-            print(f"{role}: {r['url']} pid {r['pid']} {'healthy' if r['healthy'] else 'NOT healthy'}")
-    return 0 if all(st[r]["healthy"] for r in ("large", "small")) else 1
+            print(f"{role}: {r['url'] or '-'} pid {r['pid'] or '-'} {r['state']}")
+    if st["problem"]:
+        sys.stderr.write(f"relaygen: {st['problem']}\n")
+    return 0 if st["healthy"] else 1
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     from .config import load_settings
     from .stack import down
 
-    stopped = down(load_settings())
+    stopped = down(load_settings(), warn=lambda m: sys.stderr.write(f"relaygen: warning: {m}\n"))
     print(f"stopped {len(stopped)} server(s)" + (f": pids {', '.join(map(str, stopped))}" if stopped else ""))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if not args.question.strip():  # refused before any server is asked, as batch does
+        raise ConfigError("the question is empty")
     with open_relay(args) as r:
         try:
             result = r.run(args.question, args.method, **_plan_kwargs(args))
@@ -113,13 +125,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .batch import read_prompts, run_batch
+    from .batch_output import check_output, claim_output
     from .loader import METHOD_PROGRAMS, load_program
 
     report = read_prompts(Path(args.prompts))
+    check_output(Path(args.prompts), Path(args.out))  # before any line is printed or file touched
     for problem in report.problems:
         sys.stderr.write(f"relaygen: {problem}\n")
     func = load_program(args.program)  # a bad name or path fails here, once, not per prompt
-    with open_relay(args) as r:
+    with claim_output(Path(args.prompts), Path(args.out)), open_relay(args) as r:
         if args.program in METHOD_PROGRAMS:
             def run_one(p):  # type: ignore[no-untyped-def]
                 return r.run(p.question, args.program, **_plan_kwargs(args)).to_dict(token_ids=args.ids)

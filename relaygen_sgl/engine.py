@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import httpx
 import orjson
 
-from .errors import EngineError, EngineFailed, EngineRejected, EngineUnreachable
+from .errors import ConfigError, EngineError, EngineFailed, EngineRejected, EngineUnreachable
 
 _JSON = {"content-type": "application/json"}
 
@@ -43,6 +43,7 @@ class ClientConfig:
     retries: int = 2
     backoff_s: float = 0.5
     max_connections: int = 256
+    api_key: str | None = field(default=None, repr=False)  # SGLang's --api-key; EngineClient's own wins
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,18 @@ class EngineClient:
 
     def __init__(self, url: str, config: ClientConfig = ClientConfig(),
                  transport: httpx.BaseTransport | None = None, api_key: str | None = None) -> None:
+        from urllib.parse import urlsplit
+
+        try:  # an http(s) URL with a host and a valid port, else one line naming it
+            parts = urlsplit(url)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+        except (ValueError, TypeError, AttributeError):
+            valid = False
+        if not valid:
+            raise ConfigError(f"invalid server URL {url!r}: expected http://HOST:PORT or https://HOST:PORT")
         self.url = url.rstrip("/")
         self.config = config
+        api_key = api_key if api_key is not None else config.api_key
         self._http = httpx.Client(
             base_url=self.url,
             transport=transport,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import socket
 import subprocess
@@ -12,7 +14,9 @@ from pathlib import Path
 
 from .config import Preset, Settings, cpu_shim_dir
 from .engine import ClientConfig, EngineClient
-from .errors import LaunchError
+from .errors import ConfigError, LaunchError
+
+API_KEY_ENV = "RELAYGEN_SGLANG_API_KEY"  # SGLang's --api-key, for the servers and every client
 
 
 @dataclass(frozen=True)
@@ -32,13 +36,39 @@ def _override(args: tuple[str, ...], flag: str, value: str | None) -> tuple[str,
     return tuple(out)
 
 
+def sglang_api_key(environ: dict[str, str] | None = None) -> str | None:
+    """$RELAYGEN_SGLANG_API_KEY, checked: it goes into an HTTP header and a YAML file."""
+    key = (os.environ if environ is None else environ).get(API_KEY_ENV) or None
+    if key is not None and not (key.isascii() and key.isprintable() and not any(c.isspace() for c in key)):
+        raise ConfigError(f"${API_KEY_ENV} must be printable ASCII without spaces")
+    return key
+
+
+def auth_config(settings: Settings, name: str, api_key: str) -> Path:
+    """A YAML file for SGLang's --config holding `api_key`: SGLang 0.5.23 reads --api-key from
+    its arguments only (no environment variable), and a file keeps the key out of `ps` and of
+    the command lines printed to logs. Mode 0600 in a 0700 folder."""
+    folder = settings.run_dir / "auth"
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    path = folder / f"{name}.yaml"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(f"api-key: {json.dumps(api_key)}\n")  # the flag's spelling; a JSON string is valid YAML
+    return path
+
+
 def server_command(preset: Preset, role: str, settings: Settings, host: str = "127.0.0.1",
                    python: str = sys.executable, port: int | None = None,
-                   kv_tokens: int | None = None) -> ServerCommand:
+                   kv_tokens: int | None = None, api_key: str | None = None) -> ServerCommand:
+    """With `api_key` the server requires it (written to a --config file, see auth_config)."""
     spec = preset.roles[role]
     args = _override(spec.args, "--max-total-tokens", str(kv_tokens) if kv_tokens else None)
     argv = (python, "-m", "sglang.launch_server", "--model-path", spec.model_path(settings),
             "--host", host, "--port", str(port or spec.port), *args)
+    if api_key:
+        argv += ("--config", str(auth_config(settings, f"{preset.name}-{role}-{port or spec.port}", api_key)))
     env = dict(spec.env)
     if preset.device == "cpu":
         # The stand-in for sgl-kernel's missing CPU ops: on CPU server processes only.
@@ -63,15 +93,37 @@ def replica_port(base: int, index: int) -> int:
     return base + 200 + 10 * index
 
 
+def client_url(host: str, port: int) -> str:
+    """The URL clients use for a server bound to host:port: a wildcard address means this
+    machine's loopback (as SGLang's own ServerArgs.url does), an IPv6 literal gets brackets."""
+    h = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
+    """True when a server could not listen on host:port because something already does:
+    the check binds the address the server will bind (IPv4 or IPv6), with SO_REUSEADDR as
+    uvicorn sets it. A host this machine cannot bind is a LaunchError."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise LaunchError(f"cannot use --host {host!r}: {getattr(e, 'strerror', None) or e}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise LaunchError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
+    return False
 
 
 def start_server(cmd: ServerCommand, log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("ab")
+    # 0600: SGLang logs its resolved arguments, an --api-key included
+    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     try:
         # A session of its own, so `down` can stop the server with all its children.
         return subprocess.Popen(cmd.argv, env={**os.environ, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
@@ -81,8 +133,9 @@ def start_server(cmd: ServerCommand, log_path: Path) -> subprocess.Popen:
 
 
 def answers_generation(url: str, timeout_s: float = 30.0, api_key: str | None = None) -> bool:
-    """True once the server completes a real one-token generation (EngineClient.health)."""
-    with EngineClient(url, ClientConfig(retries=0), api_key=api_key) as engine:
+    """True once the server completes a real one-token generation (EngineClient.health);
+    sends $RELAYGEN_SGLANG_API_KEY unless given a key."""
+    with EngineClient(url, ClientConfig(retries=0), api_key=api_key or sglang_api_key()) as engine:
         return engine.health(timeout_s)
 
 

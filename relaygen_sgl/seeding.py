@@ -65,7 +65,11 @@ class SeededSampler(CustomLogitProcessor):
         if rows:
             try:
                 self._sample_rows(logits, rows, temps, top_ps, top_ks, min_ps, us)
-            except Exception:  # never take the scheduler down; the server samples then
+            except Exception as e:  # never take the scheduler down; the server samples then
+                import logging
+
+                logging.getLogger("relaygen_sgl.seeding").warning("SeededSampler left %d rows unseeded: %r",
+                                                                  len(rows), e)
                 return logits
         return logits
 

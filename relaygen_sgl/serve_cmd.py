@@ -6,7 +6,7 @@ import sys
 
 from .config import ROLES, load_preset, load_settings
 from .errors import RelayGenError
-from .launcher import server_command
+from .launcher import server_command, sglang_api_key
 
 
 def main(argv: list[str]) -> int:
@@ -14,8 +14,10 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("usage: launch/serve.sh ROLE PRESET [HOST]   (ROLE: large|small; HOST default 127.0.0.1)\n")
         return 2
     try:
+        # With $RELAYGEN_SGLANG_API_KEY the key goes to SGLang in a 0600 --config file, never
+        # on the command line (which serve.sh prints, and `ps` shows)
         cmd = server_command(load_preset(argv[1]), argv[0], load_settings(),
-                             host=argv[2] if len(argv) == 3 else "127.0.0.1")
+                             host=argv[2] if len(argv) == 3 else "127.0.0.1", api_key=sglang_api_key())
     except RelayGenError as e:
         sys.stderr.write(f"relaygen: {e}\n")
         return 2

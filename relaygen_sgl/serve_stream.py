@@ -40,16 +40,19 @@ def timeout_error(where: str) -> ApiError:
 
 async def events(job: Job, deadline: float, poll: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[tuple]:
     """The job's items up to and including its last ("done" or "error"); `poll` says
-    whether the client is gone (checked every POLL_S while nothing arrives)."""
+    whether the client is gone (asked every POLL_S, however fast the items come)."""
+    next_poll = time.monotonic() + POLL_S
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        now = time.monotonic()
+        if poll is not None and now >= next_poll:
+            if await poll():
+                raise Gone
+            next_poll = now + POLL_S
+        if now >= deadline:
             raise Deadline
         try:
-            item = await asyncio.wait_for(job.events.get(), min(POLL_S, left))
+            item = await asyncio.wait_for(job.events.get(), min(POLL_S, deadline - now))
         except TimeoutError:
-            if poll is not None and await poll():
-                raise Gone from None
             continue
         yield item
         if item[0] != "delta":

