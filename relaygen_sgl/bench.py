@@ -22,7 +22,7 @@ from . import machine
 from .api import Relay
 from .datasets import load_problems
 from .handoff import FORMATS, handoffs_only, replay
-from .result import RelayResult
+from .result import RelayResult, Segment
 
 METHODS = ("relay", "single-large", "single-small")
 
@@ -33,14 +33,14 @@ class BenchConfig:
     questions: int = 3
     reps: int = 2
     max_tokens: int = 512
-    load_levels: tuple[int, ...] = (1, 4, 16)
+    load_levels: tuple[int, ...] = (1, 2, 4, 16)
     load_max_tokens: int = 256
     dataset: str = "aime25"
 
     @classmethod
     def quick(cls, preset: str) -> BenchConfig:
-        return cls(preset=preset, questions=3, reps=2, max_tokens=160, load_levels=(1, 4, 16), load_max_tokens=48,
-                   dataset="amc23")
+        return cls(preset=preset, questions=3, reps=2, max_tokens=160, load_levels=(1, 2, 4, 16),
+                   load_max_tokens=200, dataset="amc23")
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -125,6 +125,55 @@ def run_speed(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callabl
     return out
 
 
+def handoff_samples(results: list[RelayResult]) -> list[Segment]:
+    """Every turn that follows the other role's turn: the handoffs (the small server's first
+    turn included; the trajectory's first turn is not one)."""
+    out = []
+    for res in results:
+        prev = None
+        for seg in res.segments:
+            if seg.role not in ("large", "small"):
+                continue
+            if prev is not None and seg.role != prev:
+                out.append(seg)
+            prev = seg.role
+    return out
+
+
+def handoff_summary(segs: list[Segment]) -> dict[str, Any]:
+    lat = [s.handoff_s for s in segs if s.handoff_s is not None]
+    return {"handoffs": len(segs),
+            "mean_reprefilled_tokens": round(statistics.fmean(s.reprefilled for s in segs), 2) if segs else None,
+            "mean_handoff_latency_s": round(statistics.fmean(lat), 4) if lat else None,
+            "median_handoff_latency_s": round(statistics.median(lat), 4) if lat else None}
+
+
+def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """The same relays with the handoff prefetch on and off (plain token-exact handoffs),
+    interleaved, each from cold caches: what each handoff re-prefills and how long the
+    receiving role takes from the cue to its first token."""
+    runs: dict[str, list[RelayResult]] = {"prefetch": [], "tokens": []}
+    engines = {id(e): e for e in relay.engines.values()}.values()
+    for rep in range(cfg.reps):
+        for qi, q in enumerate(questions):
+            for name, on in (("prefetch", True), ("tokens", False)):
+                for e in engines:
+                    e.flush_cache(timeout_s=30)
+                res = relay.run(q, "relay", max_tokens=cfg.max_tokens, seed=rep, prefetch=on)
+                runs[name].append(res)
+                log(f"handoff rep {rep} q{qi} {name}: {res.stats.e2e_s:.2f}s, {res.stats.switches} switches")
+    return {name: handoff_summary(handoff_samples(rs)) for name, rs in runs.items()}
+
+
+def decode_step_s(results: list[RelayResult]) -> float | None:
+    """One decode step of the large model alone at batch 1: (turn time - first token) per
+    further token, median over single-large turns."""
+    steps = [(s.latency_s - s.ttft_s) / (s.completion_tokens - 1) for r in results for s in r.segments
+             if s.role == "large" and s.completion_tokens > 1 and s.requests == 1]
+    return round(statistics.median(steps), 4) if steps else None
+
+
 def run_handoff(relay: Relay, results: list[RelayResult], questions: list[str]) -> dict[str, Any]:
     samples = []
     for res, q in zip(results, questions):
@@ -172,6 +221,9 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
                                        "tokens_per_s": round(tokens / wall, 2), "p50_latency_s": _pct(lat, 0.5),
                                        "p95_latency_s": _pct(lat, 0.95)}
             log(f"load {level} {method}: {tokens / wall:.1f} tok/s")
+        by = out[str(level)]
+        by["relay_over_single_large"] = (round(by["relay"]["tokens_per_s"] / by["single-large"]["tokens_per_s"], 3)
+                                         if by["single-large"]["tokens_per_s"] else None)
     return out
 
 
@@ -180,13 +232,16 @@ def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str]
     questions = [p.question for p in problems]
     t0 = time.perf_counter()
     speed = run_speed(relay, questions, cfg, log)
-    # the replay needs handoffs: the relay runs with the most switches, one per question
-    runs = speed.pop("_runs")["relay"]
+    all_runs = speed.pop("_runs")
+    runs = all_runs["relay"]
+    handoff = run_live_handoffs(relay, questions, cfg, log)
+    handoff["decode_step_s"] = decode_step_s(all_runs["single-large"])
+    # the format replay needs handoffs: the relay runs with the most switches, one per question
     best: dict[str, RelayResult] = {}
     for res, q in zip(runs, [q for _ in range(cfg.reps) for q in questions]):
         if q not in best or res.stats.switches > best[q].stats.switches:
             best[q] = res
-    handoff = run_handoff(relay, list(best.values()), list(best))
+    handoff["replay"] = run_handoff(relay, list(best.values()), list(best))
     load = run_load(relay, questions, cfg, log)
     result = {
         "preset": cfg.preset, "config": asdict(cfg), "machine": machine.describe(), "machine_summary": machine.short(),
@@ -194,90 +249,14 @@ def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str]
         "handoff": handoff, "overhead": speed.pop("overhead"), "speedup": speed.pop("speedup"), "speed": speed,
         "load": load,
     }
+    write_report(result, out_dir)
+    return result
+
+
+def write_report(result: dict[str, Any], out_dir: Path) -> None:
+    from .bench_report import markdown, plot
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     (out_dir / "bench.md").write_text(markdown(result))
     plot(result, out_dir / "bench.png")
-    return result
-
-
-def markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
-    lines = [f"# relaygen bench: {r['preset']}", "",
-             f"Machine: {r.get('machine_summary') or m['cpu']}; "
-             f"sglang {m['versions'].get('sglang')}, torch {m['versions'].get('torch')}. "
-             f"Medians (min-max) over interleaved runs; {r['elapsed_s']} s in all.", "",
-             "## Handoff cost (per handoff, replayed trajectories)", "",
-             "| format | handoffs | re-prefilled tokens | handoff latency (s) | vs tokens (prefill / latency) |",
-             "|---|---|---|---|---|"]
-    for fmt in FORMATS:
-        h = r["handoff"][fmt]
-        ratio = ("1 / 1" if fmt == "tokens" else
-                 f"{h.get('reprefill_ratio_vs_tokens')}x / {h.get('latency_ratio_vs_tokens')}x")
-        lines.append(f"| {fmt} | {h['handoffs']} | {h['mean_reprefilled_tokens']} | {h['mean_handoff_latency_s']} | "
-                     f"{ratio} |")
-    o = r["overhead"]["relay_e2e_over_server_time"]
-    lines += ["", "## Relay overhead at batch 1", "",
-              f"relay end-to-end / sum of its segments' server time: **{o['median']}** "
-              f"({o['min']}-{o['max']}, n={o['n']}); target <= {r['overhead']['target']}", "",
-              "## Speed at batch 1", "",
-              "| method | latency (s) | completion tokens | s/token | large share | switches |",
-              "|---|---|---|---|---|---|"]
-
-    def f(d: dict[str, float]) -> str:
-        return f"{d['median']} ({d['min']}-{d['max']})"
-
-    for method in METHODS:
-        s = r["speed"][method]
-        lines.append(f"| {method} | {f(s['latency_s'])} | {f(s['completion_tokens'])} | {f(s['s_per_token'])} | "
-                     f"{f(s['large_share'])} | {f(s['switches'])} |")
-    sp = r["speedup"]
-    lines += ["", f"Relay vs single-large, all runs' time over all their tokens: measured speedup "
-                  f"**{sp['measured_per_token']}x** (median latency ratio {sp['measured_latency']}x); cost model "
-                  f"1/(share_L + share_S * t_S/t_L) = **{sp['predicted']}x** with share_L={sp['relay_large_share']} "
-                  f"(relay tokens written by the large model), t_S/t_L={sp['t_small_over_t_large']} measured in this "
-                  "run.", ""]
-    bd = sp.get("breakdown") or {}
-    if bd:
-        lines += ["Where the relay's time goes (server time per token inside the relay vs the role alone):", "",
-                  "| role | turns | tokens/turn | re-prefilled/turn | s/token in relay | s/token alone |",
-                  "|---|---|---|---|---|---|"]
-        for role, b in bd.items():
-            lines.append(f"| {role} | {b['turns']} | {b['mean_tokens_per_turn']} | {b['mean_reprefilled_per_turn']} | "
-                         f"{b['s_per_token_in_relay']} | {b['s_per_token_alone']} |")
-        lines += ["", f"Cost model with the in-relay rates: {sp.get('predicted_with_in_relay_rates')}x.", ""]
-    lines += [
-              "## Throughput under load", "",
-              "| concurrent | method | tokens/s | p50 latency (s) | p95 latency (s) |", "|---|---|---|---|---|"]
-    for level, by in r["load"].items():
-        for method, d in by.items():
-            lines.append(f"| {level} | {method} | {d['tokens_per_s']} | {d['p50_latency_s']} | {d['p95_latency_s']} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(r: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    vals = [r["handoff"][f]["mean_reprefilled_tokens"] or 0 for f in FORMATS]
-    a.bar(FORMATS, vals, color=["#1f77b4", "#ff7f0e", "#d62728"])
-    a.set_ylabel("tokens re-prefilled per handoff (mean)")
-    a.set_title("handoff cost")
-    for i, v in enumerate(vals):
-        a.annotate(f"{v:.1f}", (i, v), ha="center", va="bottom")
-    levels = sorted(r["load"], key=int)
-    for method, color in (("relay", "#1f77b4"), ("single-large", "#7f7f7f")):
-        b.plot([int(x) for x in levels], [r["load"][x][method]["tokens_per_s"] for x in levels], "o-",
-               color=color, label=method)
-    b.set_xscale("log", base=2)
-    b.set_xlabel("concurrent trajectories")
-    b.set_ylabel("total tokens/s")
-    b.set_title("throughput under load")
-    b.legend()
-    fig.suptitle(f"{r['preset']} on {r.get('machine_summary') or r['machine']['cpu']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

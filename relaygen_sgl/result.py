@@ -26,6 +26,7 @@ class Segment:
     requests: int = 0
     discarded_tokens: int = 0
     rerouted_from: str | None = None  # "small": the large model ran this turn after the small failed
+    handoff_s: float | None = None  # the previous model turn's end to this turn's first token
 
     @property
     def reprefilled(self) -> int:

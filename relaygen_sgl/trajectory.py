@@ -37,6 +37,7 @@ class Trajectory:
         self.prefetch: bool | None = None  # None: the backend's default
         self.t0 = time.perf_counter()
         self.ttft: float | None = None
+        self._last_end: float | None = None  # when the last model turn finished
 
     # ------------------------------------------------------------------ reading
     @property
@@ -75,8 +76,13 @@ class Trajectory:
 
     def add(self, segment: Segment) -> None:
         """A model turn that finished; its text is what the program's text grew by."""
+        now = time.perf_counter()
+        first_token_at = now - segment.latency_s + segment.ttft_s
         if self.ttft is None:
-            self.ttft = (time.perf_counter() - self.t0) - segment.latency_s + segment.ttft_s
+            self.ttft = first_token_at - self.t0
+        if self._last_end is not None:
+            segment.handoff_s = round(first_token_at - self._last_end, 4)
+        self._last_end = now
         self.segments.append(segment)
         self.consumed += len(segment.text)
 

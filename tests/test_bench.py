@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.bench import BenchConfig, markdown, run_speed, spread
+from relaygen_sgl.bench import BenchConfig, handoff_samples, handoff_summary, run_speed, spread
+from relaygen_sgl.bench_report import markdown
 from relaygen_sgl.engine import ClientConfig
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
@@ -41,12 +42,37 @@ def test_spread_and_markdown():
     speed = {m: {k: s for k in ("latency_s", "completion_tokens", "s_per_token", "large_share", "switches")}
              for m in ("relay", "single-large", "single-small")}
     result = {"preset": "p", "elapsed_s": 1, "machine": {"cpu": "c", "cores": 2, "memory_gib": 1, "versions": {}},
-              "handoff": {f: {"handoffs": 1, "mean_reprefilled_tokens": 2.0, "mean_handoff_latency_s": 0.1,
-                              "reprefill_ratio_vs_tokens": 1.0, "latency_ratio_vs_tokens": 1.0}
-                          for f in ("tokens", "text", "chat")},
+              "handoff": {"replay": {f: {"handoffs": 1, "mean_reprefilled_tokens": 2.0, "mean_handoff_latency_s": 0.1,
+                                         "reprefill_ratio_vs_tokens": 1.0, "latency_ratio_vs_tokens": 1.0}
+                                     for f in ("tokens", "text", "chat")},
+                          "prefetch": {"handoffs": 3, "mean_reprefilled_tokens": 1.3, "mean_handoff_latency_s": 0.06},
+                          "tokens": {"handoffs": 3, "mean_reprefilled_tokens": 14.0, "mean_handoff_latency_s": 0.2},
+                          "decode_step_s": 0.05},
               "overhead": {"relay_e2e_over_server_time": s, "target": 1.05}, "speed": speed,
               "speedup": {"measured_per_token": 1.0, "measured_latency": 1.0, "predicted": 1.0,
                           "relay_large_share": 1.0, "t_small_over_t_large": 1.0},
-              "load": {"1": {"relay": {"tokens_per_s": 1, "p50_latency_s": 1, "p95_latency_s": 1}}}}
+              "load": {"1": {"relay": {"tokens_per_s": 1, "p50_latency_s": 1, "p95_latency_s": 1},
+                             "single-large": {"tokens_per_s": 2, "p50_latency_s": 1, "p95_latency_s": 1},
+                             "relay_over_single_large": 0.5}}}
     md = markdown(result)
-    assert "Handoff cost" in md and "target <= 1.05" in md and "Throughput under load" in md
+    assert "Handoffs in live relays" in md and "target <= 1.05" in md and "Throughput under load" in md
+    assert "| token-exact + prefetch | 3 | 1.3 | 0.06 | 1.2 |" in md and "| 0.5 |" in md
+
+
+def test_handoffs_are_the_turns_after_the_other_roles_turn(fake):
+    for url in (LARGE, SMALL):
+        fake.add_host(url, [])
+    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
+                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, prefetch=False)
+    q = "What is 2 + 3?"
+    tape = relay.tokenizer.encode(relay.plan().render(q)) + relay.tokenizer.encode(THINK) + [fake.eos_id]
+    for h in fake.hosts.values():
+        h.tape = tape
+    res = relay.run(q, max_tokens=200)
+    segs = handoff_samples([res])
+    roles = [s.role for s in res.segments if s.role in ("large", "small")]
+    assert len(segs) == sum(1 for a, b in zip(roles, roles[1:]) if a != b) >= 3
+    assert all(s.handoff_s is not None and s.handoff_s >= 0 for s in segs)
+    summary = handoff_summary(segs)
+    assert summary["handoffs"] == len(segs)
+    assert summary["mean_reprefilled_tokens"] == round(sum(s.reprefilled for s in segs) / len(segs), 2)
