@@ -48,6 +48,14 @@ def _seed(text: str) -> int:
     return value
 
 
+def _label(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", text) or text.startswith("graded-"):
+        raise argparse.ArgumentTypeError(f"a label is letters, digits and . _ + - (not graded-*), got {text!r}")
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         sys.stderr.write(f"relaygen: {message}\n")
@@ -112,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", required=True, help="aime25 | aime24 | amc23 | math500 | gpqa:PATH")
     ev.add_argument("--method", action="append", choices=METHODS,
                     help="repeatable; default relay. The report covers every method found in --out")
+    ev.add_argument("--label", type=_label, help="name this run's rows in the report (e.g. relay+eagle3 for the relay on the "
+                    "EAGLE-3 preset); default: the method")
     ev.add_argument("--k", type=_positive_int, default=4, help="samples per problem (seeds 0..k-1)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N problems only")
     ev.add_argument("--out", required=True, help="output folder")

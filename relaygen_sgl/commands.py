@@ -171,6 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except OSError as e:
         raise RelayGenError(f"cannot create {out}: {e}") from e
     methods = args.method or ["relay"]
+    if args.label and len(methods) != 1:
+        raise ConfigError("--label names one method's runs: give exactly one --method with it")
     with open_relay(args) as r:
         for method in methods:
             def run_one(p, method=method):  # type: ignore[no-untyped-def]
@@ -178,7 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              ).to_dict(token_ids=False)
 
             print(f"{method}: {len(prompts)} samples ({len(problems)} problems x k={args.k})", file=sys.stderr)
-            summary = run_method(method, prompts, out, run_one, args.concurrency, progress=not args.no_progress)
+            summary = run_method(method, prompts, out, run_one, args.concurrency, progress=not args.no_progress,
+                                 label=args.label)
             if summary.interrupted:
                 sys.stderr.write("relaygen: interrupted; rerun the same command to finish\n")
                 return 130

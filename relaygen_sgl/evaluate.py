@@ -36,8 +36,17 @@ def build_prompts(problems: list[Problem], k: int) -> list[Prompt]:
 
 
 def run_method(method: str, prompts: list[Prompt], out_dir: Path, run_one: Callable[[Prompt], dict[str, Any]],
-               concurrency: int, progress: bool = True) -> BatchSummary:
-    return run_batch(prompts, out_dir / f"{method}.jsonl", run_one, concurrency=concurrency, progress=progress)
+               concurrency: int, progress: bool = True, label: str | None = None) -> BatchSummary:
+    """One method's samples into DIR/<label>.jsonl (the label defaults to the method; other
+    labels keep runs of the same method on other servers apart, e.g. "relay+eagle3")."""
+    return run_batch(prompts, out_dir / f"{label or method}.jsonl", run_one, concurrency=concurrency,
+                     progress=progress)
+
+
+def run_labels(out_dir: Path) -> list[str]:
+    """The runs found in DIR: the three methods first, then other labels by name."""
+    found = {p.stem for p in out_dir.glob("*.jsonl") if not p.stem.startswith("graded-")}
+    return [m for m in METHODS if m in found] + sorted(found - set(METHODS))
 
 
 def grade_method(out_dir: Path, method: str, workers: int = 2) -> list[dict[str, Any]]:
@@ -89,8 +98,7 @@ def summarize(graded: list[dict[str, Any]], include_degraded: bool = False) -> d
 
 
 def report(out_dir: Path, header: dict[str, Any], workers: int = 2, include_degraded: bool = False) -> dict[str, Any]:
-    methods = [m for m in METHODS if (out_dir / f"{m}.jsonl").is_file()]
-    rows = {m: summarize(grade_method(out_dir, m, workers), include_degraded) for m in methods}
+    rows = {m: summarize(grade_method(out_dir, m, workers), include_degraded) for m in run_labels(out_dir)}
     base = rows.get("single-large")
     for row in rows.values():
         row["speedup_vs_single_large"] = (round(base["mean_latency_s"] / row["mean_latency_s"], 3)
