@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", required=True, help="aime25 | aime24 | amc23 | math500 | gpqa:PATH")
     ev.add_argument("--method", action="append", choices=METHODS,
                     help="repeatable; default relay. The report covers every method found in --out")
-    ev.add_argument("--label", type=_label, help="name this run's rows in the report (e.g. relay+eagle3 for the relay on the "
-                    "EAGLE-3 preset); default: the method")
+    ev.add_argument("--label", type=_label,
+                    help="name this run's rows in the report (e.g. relay+eagle3 for the relay on the EAGLE-3 preset); "
+                         "default: the method")
     ev.add_argument("--k", type=_positive_int, default=4, help="samples per problem (seeds 0..k-1)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N problems only")
     ev.add_argument("--out", required=True, help="output folder")

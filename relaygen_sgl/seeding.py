@@ -122,46 +122,74 @@ class SeededSampler(CustomLogitProcessor):
         except Exception:
             return None
 
-    @staticmethod
-    def _sample_rows(logits, rows, temps, top_ps, top_ks, min_ps, us):
-        """Vectorized over the seeded rows; writes the one-finite-entry rows into `logits`."""
+    @classmethod
+    def _sample_rows(cls, logits, rows, temps, top_ps, top_ks, min_ps, us):
+        """Writes the one-finite-entry rows into `logits`. Rows are grouped by how their
+        candidates are found, decided from each row's own parameters and values, so a row
+        samples the same token whatever else is in the batch: ("k", k) the top k by
+        torch.topk; "all" (no top_k, no top_p) the vocabulary unsorted, as no filter needs
+        an order; "p" (top_p alone) the top 1024 when the mass before rank 1024 already
+        exceeds top_p for that row (exact then), else the full sort."""
         import torch
 
         dev = logits.device
         vocab = logits.shape[-1]
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
-        f64 = dict(dtype=torch.float64, device=dev)
-        x = logits.index_select(0, idx).to(torch.float64) / torch.tensor(temps, **f64).view(-1, 1)
-        probs = torch.softmax(x, dim=-1)
-        kmax = max(top_ks)
-        if kmax < vocab:  # as SGLang's max_top_k: only the kmax leading columns can survive
-            vals, order = torch.topk(probs, k=kmax, dim=-1, sorted=True)
-        else:
-            vals, order = probs.sort(dim=-1, descending=True)
-        n = vals.shape[-1]
-        csum = torch.cumsum(vals, dim=-1)
-        ranks = torch.arange(n, device=dev).view(1, -1)
-        keep = ranks < torch.tensor(top_ks, dtype=torch.long, device=dev).view(-1, 1)
-        # top_p as the sampler: drop a rank when the mass before it exceeds top_p;
-        # top_p >= 1 means no top-p filter at all (need_top_p_sampling is False then)
-        p = torch.tensor([tp if tp < 1.0 else float("inf") for tp in top_ps], **f64).view(-1, 1)
-        keep &= (csum - vals) <= p
-        mp = torch.tensor(min_ps, **f64).view(-1, 1)
-        keep &= vals >= vals[:, :1] * mp  # min_p against the top probability
-        w = torch.where(keep, vals, torch.zeros_like(vals))
-        cdf = torch.cumsum(w, dim=-1)
-        total = cdf[:, -1:]
-        target = torch.tensor(us, **f64).view(-1, 1) * total
-        pick = torch.searchsorted(cdf, target, right=True).clamp_(max=n - 1)
-        # never a zero-weight rank (rounding at the top end): step back to the last kept one
-        last_kept = (keep * ranks).amax(dim=-1, keepdim=True)
-        pick = torch.minimum(pick, last_kept)
-        token = order.gather(1, pick)
+        x = logits.index_select(0, idx).to(torch.float64)
+        probs = torch.softmax(x / torch.tensor(temps, dtype=torch.float64, device=dev).view(-1, 1), dim=-1)
+        groups = {}
+        for j in range(len(rows)):
+            key = ("k", top_ks[j]) if top_ks[j] < vocab else ("all" if top_ps[j] >= 1.0 else "p")
+            groups.setdefault(key, []).append(j)
+        token = torch.empty((len(rows), 1), dtype=torch.long, device=dev)
+        for key, js in groups.items():
+            sel = torch.tensor(js, dtype=torch.long, device=dev)
+            pr = probs.index_select(0, sel)
+            if key[0] == "k":
+                vals, order = torch.topk(pr, k=key[1], dim=-1, sorted=True)
+            elif key == "all":
+                vals, order = pr, torch.arange(vocab, device=dev).expand(len(js), -1)
+            else:
+                vals, order = torch.topk(pr, k=min(1024, vocab), dim=-1, sorted=True)
+                enough = vals.sum(-1) > torch.tensor([top_ps[j] for j in js], dtype=torch.float64, device=dev)
+                if not bool(enough.all()):
+                    full_v, full_o = pr.sort(dim=-1, descending=True)
+                    full = torch.nonzero(~enough).view(-1)
+                    for g in full.tolist():  # row by row: a row's result must not depend on the group
+                        token[js[g]] = cls._pick(full_v[g:g + 1], full_o[g:g + 1], [top_ps[js[g]]],
+                                                 [min_ps[js[g]]], [us[js[g]]])
+                    sel_ok = torch.nonzero(enough).view(-1)
+                    js = [js[g] for g in sel_ok.tolist()]
+                    vals, order = vals.index_select(0, sel_ok), order.index_select(0, sel_ok)
+                    if not js:
+                        continue
+            token[js] = cls._pick(vals, order, [top_ps[j] for j in js], [min_ps[j] for j in js],
+                                  [us[j] for j in js])
         out = torch.full((len(rows), vocab), float("-inf"), dtype=logits.dtype, device=dev)
         out.scatter_(1, token, 0.0)
-        ok = torch.isfinite(total) & (total > 0)  # an all -inf / NaN row stays the server's
+        ok = torch.isfinite(probs).all(-1, keepdim=True)  # an all -inf / NaN row stays the server's
         out = torch.where(ok, out, logits.index_select(0, idx))
         logits.index_copy_(0, idx, out)
+
+    @staticmethod
+    def _pick(vals, order, top_ps, min_ps, us):
+        """Inverse CDF over candidates `vals` (probabilities; in descending order whenever a
+        top_p applies) with the sampler's filters: a rank is dropped when the mass before it
+        exceeds top_p (top_p >= 1: no filter) or its probability is below min_p times the top one."""
+        import torch
+
+        dev, n = vals.device, vals.shape[-1]
+        f64 = dict(dtype=torch.float64, device=dev)
+        p = torch.tensor([tp if tp < 1.0 else float("inf") for tp in top_ps], **f64).view(-1, 1)
+        keep = (torch.cumsum(vals, dim=-1) - vals) <= p
+        keep &= vals >= vals.amax(dim=-1, keepdim=True) * torch.tensor(min_ps, **f64).view(-1, 1)
+        cdf = torch.cumsum(torch.where(keep, vals, torch.zeros_like(vals)), dim=-1)
+        target = torch.tensor(us, **f64).view(-1, 1) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, target, right=True).clamp_(max=n - 1)
+        # never a zero-weight rank (rounding at the top end): step back to the last kept one
+        ranks = torch.arange(n, device=dev).view(1, -1)
+        pick = torch.minimum(pick, (keep * ranks).amax(dim=-1, keepdim=True))
+        return order.gather(1, pick)
 
     @classmethod
     def to_str(cls) -> str:

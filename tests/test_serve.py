@@ -222,7 +222,7 @@ def test_shaper_rewind_reports_what_the_client_already_got():
 def test_a_small_failure_mid_turn_is_announced_and_never_spliced(make):
     s = make()
     small = s.fake.hosts["small.test:2"]
-    small.stream_error_after_tokens, small.faults_on = 3, {1}
+    small.stream_error_after_tokens = 3  # every small stream fails after 3 tokens
     with s.client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
             "messages": [{"role": "user", "content": Q}], "max_tokens": 200, "stream": True}) as resp:
         events = sse_events(resp.iter_lines())
