@@ -287,12 +287,30 @@ class EngineClient:
 
     @functools.cached_property
     def context_length(self) -> int | None:
-        """The server's max_model_len (SGLang refuses input + max_new_tokens beyond it)."""
+        """What a request may fill: the server's max_model_len less the output slots an EAGLE
+        server reserves for its drafts (SGLang refuses input + max_new_tokens beyond it)."""
         try:
             data = self.get_json("/v1/models").get("data") or []
-            return int(data[0]["max_model_len"]) if data and data[0].get("max_model_len") else None
+            if not (data and data[0].get("max_model_len")):
+                return None
+            return int(data[0]["max_model_len"]) - self.reserved_tokens
         except (EngineError, KeyError, ValueError, TypeError, AttributeError):
             return None
+
+    @functools.cached_property
+    def reserved_tokens(self) -> int:
+        """sglang/srt/managers/utils.py compute_num_reserved_tokens: EAGLE, EAGLE3 (and
+        FROZEN_KV_MTP) keep max(topk * steps, draft tokens) output slots per request."""
+        try:
+            info = self.server_info()
+        except EngineError:
+            return 0
+        if str(info.get("speculative_algorithm") or "").upper() not in ("EAGLE", "EAGLE3", "FROZEN_KV_MTP"):
+            return 0
+        topk, steps = int(info.get("speculative_eagle_topk") or 0), int(info.get("speculative_num_steps") or 0)
+        drafts = max(int(info.get("speculative_num_draft_tokens") or 0),
+                     int(info.get("max_speculative_num_draft_tokens") or 0))
+        return max(topk * steps, drafts)
 
     def server_info(self) -> dict[str, Any]:
         return self._info("server_info")

@@ -121,6 +121,9 @@ class Host:
     max_input: int | None = None  # longer inputs get SGLang's 400 (prompt longer than the context)
     dp_size: int | None = None  # answer /server_info with this --dp
     context_len: int | None = None  # max_model_len: input + max_new_tokens beyond it gets a 400, as in SGLang
+    # an EAGLE server: {"speculative_algorithm": "EAGLE3", "speculative_eagle_topk": .., "speculative_num_steps":
+    # .., "speculative_num_draft_tokens": ..}; it reserves max(topk * steps, drafts) of the context per request
+    speculative: dict | None = None
     down_after: int | None = None  # /generate requests after this count get a connection error
     chunk_tokens: int = 1  # SGLang's stream_interval: a stream chunk every this many tokens
     chunk_delay_s: float = 0.0  # time between stream chunks (a decode step), for timing-sensitive tests
@@ -186,7 +189,8 @@ class FakeSGLang:
             return httpx.Response(200, json={"object": "list", "data": [card]})
         if path == "/server_info" and not host.router:
             return httpx.Response(200, json={"dp_size": host.dp_size or 1, "tp_size": 1, "version": "0.5.23",
-                                             "frontend": "python", "internal_states": [{}]})
+                                             "frontend": "python", "internal_states": [{}],
+                                             **(host.speculative or {})})
         if path == "/flush_cache":
             host.cache.clear()
             return httpx.Response(200, text="Cache flushed.\nPlease check backend logs for more details. (When there "
@@ -254,7 +258,10 @@ class FakeSGLang:
         n_input = len(body["input_ids"]) if body.get("input_ids") is not None else len(self.tok.encode(body["text"]))
         if host.max_input is not None and n_input > host.max_input:
             return "The input is longer than the context length"
-        if host.context_len is not None and n_input + sp.get("max_new_tokens", 128) > host.context_len:
+        spec = host.speculative or {}
+        reserved = max(spec.get("speculative_eagle_topk", 0) * spec.get("speculative_num_steps", 0),
+                       spec.get("speculative_num_draft_tokens", 0))  # managers/utils.py compute_num_reserved_tokens
+        if host.context_len is not None and n_input + sp.get("max_new_tokens", 128) + reserved > host.context_len:
             return "Requested token count exceeds the model's maximum context length"
         return None
 

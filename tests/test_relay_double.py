@@ -299,6 +299,21 @@ def test_requests_stay_within_the_servers_context(fake):
         assert all(len(r["input_ids"]) + r["sampling_params"]["max_new_tokens"] <= h.context_len for r in h.requests)
 
 
+def test_the_context_clamp_leaves_room_for_an_eagle_servers_drafts(fake):
+    relay, p_ids, _ = setup(fake, THINK * 3, family="qwen3")
+    for h in fake.hosts.values():
+        h.context_len = len(p_ids) + 60
+    fake.hosts["large.test:1"].speculative = {"speculative_algorithm": "EAGLE3", "speculative_eagle_topk": 1,
+                                              "speculative_num_steps": 3, "speculative_num_draft_tokens": 4}
+    relay = make_relay(fake, family="qwen3")
+    res = relay.run(QUESTION)  # without the reserve, the large server would answer HTTP 400
+    assert res.stats.finish == "budget"
+    large = fake.hosts["large.test:1"]
+    assert all(len(r["input_ids"]) + r["sampling_params"]["max_new_tokens"] + 4 <= large.context_len
+               for r in large.requests)
+    assert relay.engines["large"].reserved_tokens == 4 and relay.engines["small"].reserved_tokens == 0
+
+
 def test_a_prompt_longer_than_the_context_is_refused_not_hidden(fake):
     relay, p_ids, _ = setup(fake, THINK, family="qwen3")
     for h in fake.hosts.values():
