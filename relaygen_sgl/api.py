@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import warnings
@@ -138,9 +139,11 @@ class Relay:
     def run(self, question: str | list[dict[str, str]], method: str = "relay", *,
             profile: str | CueProfile | None = None, on_delta: Any = None, **plan_kwargs: Any) -> RelayResult:
         """One relay (method relay) or one-model baseline (single-large, single-small).
-        plan_kwargs: max_tokens, answer_role, temperature, top_p, top_k, seed."""
-        plan = self.backend.plan(method, profile=profile, on_delta=on_delta, **plan_kwargs)
-        result = self._run(load_program(method), {"question": question, "plan": plan})
+        plan_kwargs: max_tokens, answer_role, temperature, top_p, top_k, seed, cue_match,
+        prefetch, cancel (a threading.Event that stops the run), deadline_s."""
+        with _deadline(plan_kwargs):
+            plan = self.backend.plan(method, profile=profile, on_delta=on_delta, **plan_kwargs)
+            result = self._run(load_program(method), {"question": question, "plan": plan})
         if not isinstance(result, RelayResult):
             raise RelayAborted(f"the program {method} returned no RelayResult")
         return result
@@ -150,9 +153,10 @@ class Relay:
         its trajectory's result, then what it returned (a dict's keys, else under "output")."""
         func = load_program(program) if isinstance(program, str) else program
         args = {k: v for k, v in arguments.items() if accepts(func, k)}
-        if accepts(func, "plan"):
-            args["plan"] = self.backend.plan(**plan_kwargs)
-        value, state = self._run(func, args, with_state=True)
+        with _deadline(plan_kwargs):
+            if accepts(func, "plan"):
+                args["plan"] = self.backend.plan(**plan_kwargs)
+            value, state = self._run(func, args, with_state=True)
         record = self._state_result(state).to_dict(token_ids=False)
         if isinstance(value, RelayResult):
             record.update(value.to_dict(token_ids=False))
@@ -200,6 +204,24 @@ class Relay:
             if item[0] == "error":
                 raise item[1]
             yield item
+
+
+@contextlib.contextmanager
+def _deadline(plan_kwargs: dict[str, Any]) -> Iterator[None]:
+    """`deadline_s` in a run's settings: past it the run stops as a cancelled one (its SGLang
+    requests aborted); turned into the plan's cancel event."""
+    deadline_s = plan_kwargs.pop("deadline_s", None)
+    if not deadline_s:
+        yield
+        return
+    cancel = plan_kwargs.setdefault("cancel", threading.Event())
+    timer = threading.Timer(deadline_s, cancel.set)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _empty_stats() -> Any:

@@ -207,6 +207,8 @@ def _add_server_args(p: argparse.ArgumentParser, on_small_failure: str = "large"
     p.add_argument("--answer-role", choices=("small", "large"), default="small")
     p.add_argument("--cue-match", choices=("word", "substring"), default="word",
                    help="cues as words (default) or as the reference's plain substrings ('now' fires in 'know')")
+    p.add_argument("--deadline", type=_positive_int, default=None,
+                   help="stop a run (its SGLang requests aborted) after this many seconds; default none")
     p.add_argument("--prefetch", choices=("on", "off"), default="on",
                    help="warm the other server with the growing trajectory during each turn (never changes a token)")
     p.add_argument("--ids", action="store_true", help="include token ids in the JSON")
@@ -218,7 +220,8 @@ def _add_client_args(p: argparse.ArgumentParser, on_small_failure: str = "large"
     p.add_argument("--on-small-failure", choices=("large", "fail"), default=on_small_failure,
                    help="if the small server fails: go on with the large model alone or fail "
                         f"(default {on_small_failure})")
-    p.add_argument("--timeout", type=_positive_int, default=600, help="read timeout per request, seconds")
+    p.add_argument("--timeout", type=_positive_int, default=3600,
+                   help="longest wait for the next byte of a server's answer, seconds (a queued request may wait long)")
 
 
 def _not_utf8(argv: Sequence[str]) -> str | None:

@@ -39,7 +39,10 @@ _JSON = {"content-type": "application/json"}
 @dataclass(frozen=True)
 class ClientConfig:
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 600.0
+    # Longest wait for the next byte of an answer. A request can sit queued on a busy GPU
+    # server for many minutes before its first token (32k-token trajectories at concurrency
+    # 16), so this is generous; `deadline_s` on a run bounds the whole run instead.
+    read_timeout_s: float = 3600.0
     retries: int = 2
     backoff_s: float = 0.5
     max_connections: int = 256

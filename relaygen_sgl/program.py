@@ -83,7 +83,8 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
         if spec.role is None:
             break
         if traj.cancel.is_set():
-            raise _aborted(s, traj, Cancelled("the caller stopped listening"), plan)
+            raise _aborted(s, traj, Cancelled("the run was stopped: cancelled by its caller or past its deadline"),
+                           plan)
         # Safe to set now: the previous gen has finished (its meta was read below).
         s["route"] = {"role": spec.role, "seed": plan.seed}
         name = f"relay_turn{len(traj.segments)}"

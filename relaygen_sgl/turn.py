@@ -139,7 +139,7 @@ def run_turn(
 
         def on_tokens(ids: list[int], base: list[int] = base) -> None:
             if cancel is not None and cancel.is_set():
-                raise Cancelled("the caller stopped listening")
+                raise Cancelled("the run was stopped: cancelled by its caller or past its deadline")
             streamer.update(base + ids)
             if on_ids is not None:
                 on_ids(base + ids)

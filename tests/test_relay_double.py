@@ -353,3 +353,20 @@ def test_prefetch_warms_the_other_server_and_never_changes_a_token(fake):
     assert all(s.prompt_tokens - s.cached_tokens <= 2 for s in turns), [(s.role, s.reprefilled) for s in turns]
     no = make_relay(fake, family="qwen3", prefetch=True).run(QUESTION, max_tokens=500, prefetch=False)
     assert no.token_ids == cold.token_ids
+
+
+def test_a_deadline_stops_the_run_and_its_requests(fake):
+    from relaygen_sgl.errors import Cancelled
+
+    relay, _, _ = setup(fake, THINK * 4, family="qwen3")
+    for h in fake.hosts.values():
+        h.chunk_delay_s = 0.05  # a decode step
+    with pytest.raises(RelayAborted) as err:
+        relay.run(QUESTION, max_tokens=500, deadline_s=0.6)
+    assert isinstance(err.value.__cause__, Cancelled) and "deadline" in str(err.value)
+    assert err.value.partial is not None
+    sent = sum(len(h.requests) for h in fake.hosts.values())
+    import time
+
+    time.sleep(0.5)
+    assert sum(len(h.requests) for h in fake.hosts.values()) == sent  # nothing more was asked
