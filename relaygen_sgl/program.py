@@ -25,8 +25,12 @@ from .trajectory import Trajectory
 
 
 def backend_of(s: Any) -> Any:
+    from sglang.lang.tracer import StopTracing, TracerProgramState
+
     from .backend import RelayBackend
 
+    if isinstance(s, TracerProgramState):  # run_batch traces programs for a common prefix first
+        raise StopTracing()
     backend = getattr(getattr(s, "stream_executor", None), "backend", None)
     if not isinstance(backend, RelayBackend):
         raise ConfigError("this program needs the relay backend: run it with backend=relaygen_sgl.connect(...)")

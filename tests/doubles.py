@@ -235,6 +235,14 @@ class FakeSGLang:
         host.cache.append(ids + out[:-1])
         meta = {"id": f"req{n}", "finish_reason": finish, "prompt_tokens": len(ids), "weight_version": "default",
                 "completion_tokens": len(out), "cached_tokens": cached}
+        if body.get("return_logprob"):
+            # scheduler_components/logprob_result_processor.py: entry 0 (the token at
+            # logprob_start_len) is None; entry k is [logprob, id, None] of token start + k. The
+            # double's "model" is sure of its tape: -0.1 for the tape's token, -5 otherwise.
+            start = int(body.get("logprob_start_len") or 0)
+            meta["input_token_logprobs"] = [
+                [None if pos == start else (-0.1 if pos < len(host.tape) and host.tape[pos] == ids[pos] else -5.0),
+                 ids[pos], None] for pos in range(start, len(ids))]
         error_at = host.stream_error_after_tokens if faulty else None
         if error_at is not None and error_at >= len(out):
             error_at = None  # the generation finished first
