@@ -10,6 +10,7 @@ written before it kept. Every result that comes back is counted: ok + errors == 
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -133,11 +134,18 @@ class ResultWriter(records.RecordWriter):
         return rec
 
     def close(self) -> None:
-        try:
-            super().close()
-        except OSError as e:  # the buffer could not be flushed: the disk is still full
-            self.failed = self.failed or e.strerror or str(e)
-            with self._lock:
+        """Flush, fsync and close; a failure is kept in `failed`, never raised. A device or
+        a pipe (-o /dev/stdout) cannot fsync, and needs not."""
+        with self._lock:
+            if self._f.closed:
+                return
+            try:
+                self._f.flush()
+                if self.path.is_file():
+                    os.fsync(self._f.fileno())
+            except OSError as e:  # the buffer could not be flushed: the disk is still full
+                self.failed = self.failed or e.strerror or str(e)
+            finally:
                 try:
                     self._f.close()
                 except OSError:

@@ -20,14 +20,14 @@ def _emit_json(obj: object) -> None:
 
 
 def open_relay(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The one place the CLI builds a Relay from its endpoint and client arguments; the
-    SGLang servers' API key comes from $RELAYGEN_SGLANG_API_KEY."""
+    """The one place the CLI builds a Relay from its endpoint and client arguments (the
+    servers' API key from $RELAYGEN_SGLANG_API_KEY)."""
     from .api import Relay
     from .launcher import sglang_api_key
 
-    client = ClientConfig(read_timeout_s=args.timeout, api_key=sglang_api_key())
     return Relay(preset=args.preset, large=args.large, small=args.small, profile=getattr(args, "profile", None),
-                 on_small_failure=args.on_small_failure, client=client)
+                 on_small_failure=args.on_small_failure,
+                 client=ClientConfig(read_timeout_s=args.timeout, api_key=sglang_api_key()))
 
 
 def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
@@ -50,9 +50,8 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     if not args.preset and not args.name:
         raise ConfigError("give --preset P or --name NAME (local models: " + ", ".join(sorted(specs)) + ")")
     names = load_preset(args.preset).local_models if args.preset else tuple(args.name)
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        raise ConfigError(f"unknown local model {unknown[0]!r}; choose one of {', '.join(sorted(specs))}")
+    for unknown in (n for n in names if n not in specs):
+        raise ConfigError(f"unknown local model {unknown!r}; choose one of {', '.join(sorted(specs))}")
     if not names:
         raise RelayGenError(f"preset {args.preset} serves no local model; nothing to fetch")
     for name in names:

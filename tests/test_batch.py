@@ -124,3 +124,40 @@ def test_the_result_writer_drops_writes_after_close(tmp_path):
 def test_missing_prompts_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         read_prompts(tmp_path / "nope.jsonl")
+
+
+def test_results_json_cannot_hold_become_error_records_and_every_result_is_counted(tmp_path):
+    out = tmp_path / "out.jsonl"
+    prompts = [Prompt(f"p{i}", f"q{i}", i, {"source": "s"}) for i in range(6)]
+
+    def run_one(p: Prompt) -> dict:
+        odd = int(p.id[1:]) % 2
+        return {"value": {1, 2} if odd else 1, "id": "not-mine"}  # a set, and a program's own id
+
+    summary = run_batch(prompts, out, run_one, concurrency=3, progress=False)
+    assert summary.ok + summary.errors == summary.attempted == len(prompts)
+    assert (summary.ok, summary.errors) == (3, 3)
+    recs = {r["id"]: r for r in records(out)}
+    assert sorted(recs) == [p.id for p in prompts]  # each filed under its own prompt
+    assert recs["p1"]["status"] == "error" and recs["p1"]["error"].startswith("result not JSON-serializable")
+    assert recs["p1"]["source"] == "s" and recs["p0"]["value"] == 1
+
+
+def test_a_full_disk_stops_the_run_with_one_error_and_counts_what_came_back():
+    from pathlib import Path
+
+    from relaygen_sgl.batch import BatchWriteError
+
+    prompts = [Prompt(f"p{i}", f"q{i}", i) for i in range(4)]
+    with pytest.raises(BatchWriteError, match="cannot write /dev/full: No space left on device") as info:
+        run_batch(prompts, Path("/dev/full"), lambda p: {"text": "x" * 10000}, concurrency=1, progress=False)
+    s = info.value.summary
+    assert s.write_error and s.attempted >= 1 and s.ok + s.errors == s.attempted and s.errors >= 1
+
+
+def test_a_results_file_of_something_else_is_refused_untouched(tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_bytes(b"keep me\n")
+    with pytest.raises(ConfigError, match="not a file of run records"):
+        run_batch([Prompt("a", "q", 1)], out, lambda p: {}, progress=False)
+    assert out.read_bytes() == b"keep me\n"

@@ -125,8 +125,8 @@ def _fake_wheel(folder, gguf_name: str, payload: bytes = b"GGUF-bytes"):
 
     folder.mkdir(parents=True, exist_ok=True)
     wheel = folder / "llm_fake-0.1-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(f"llm_fake/{gguf_name}", payload)
+    with zipfile.ZipFile(wheel, "w") as zf:  # a fixed timestamp: the same content, the same hash
+        zf.writestr(zipfile.ZipInfo(f"llm_fake/{gguf_name}", date_time=(2020, 1, 1, 0, 0, 0)), payload)
     return wheel
 
 

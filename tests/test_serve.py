@@ -188,12 +188,12 @@ def test_stop_strings_cut_the_answer_plain_and_streamed(served):
     assert r["choices"][0]["message"]["content"] == "The answer "
     assert r["choices"][0]["finish_reason"] == "stop"
     assert r["choices"][0]["message"]["reasoning_content"].startswith("First we add 2")  # never cut
-    with served.client.stream("POST", "/v1/chat/completions", json={**body, "stop": "answer", "stream": True},
+    # "swer is" spans two tokens: " answer" must wait until " is" decides it
+    with served.client.stream("POST", "/v1/chat/completions", json={**body, "stop": "swer is", "stream": True},
                               headers=AUTH) as resp:
         events = sse_events(resp.iter_lines())
     pieces = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
-    assert "".join(p for p in pieces if p) == "The "
-    assert not any(p and "ans" in p for p in pieces)  # a stop prefix was held back, never sent
+    assert "".join(p for p in pieces if p) == "The an"  # what was held back was never sent
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
@@ -331,7 +331,7 @@ def test_past_concurrency_and_queue_a_request_gets_429(make):
         next(lines)
         r = chat(s, {"messages": [{"role": "user", "content": Q}], "max_tokens": 200})
         assert r.status_code == 429 and is_openai_error(r) and int(r.headers["retry-after"]) >= 1, \
-            (r.text[:300], [next(lines)[:300] for _ in range(3)])
+            (r.text[:200], [line[:200] for line in lines if "error" in line or "DONE" in line])
     assert wait_for(lambda: s.app.state.gate.running == 0, 8.0)
     s.transport.delay = 0
     assert chat(s, {"messages": [{"role": "user", "content": Q}], "max_tokens": 200}).status_code == 200

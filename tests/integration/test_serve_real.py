@@ -1,0 +1,146 @@
+"""`relaygen serve` on the real CPU pair: clients that leave stop their generation on both
+SGLang servers, the others get their own greedy answers, and no thread is left behind."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TOPICS = ["apples", "rivers", "prime numbers", "the moon", "chess", "volcanoes", "violins", "glaciers"]
+MAX_TOKENS = 32
+IDLE_WITHIN_S = 10.0
+
+
+def relaygen_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "relaygen_sgl.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def server(cpu_pair):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen(relaygen_cmd("serve", "--large", cpu_pair.large, "--small", cpu_pair.small,
+                                         "--port", str(port), "--health-interval", "0"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    yield url, proc
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err[-3000:]
+
+
+def threads(pid: int) -> int:
+    return int(re.search(r"Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+
+
+def busy(url: str) -> int:
+    """Running plus waiting requests on one SGLang server (0.5.23's GET /v1/loads)."""
+    loads = httpx.get(f"{url}/v1/loads", params={"include": "core"}, timeout=10).json()["loads"]
+    return sum(int(x.get("num_running_reqs", 0)) + int(x.get("num_waiting_reqs", 0)) for x in loads)
+
+
+def wait_idle(pair, since: float, limit: float = 30.0) -> float:
+    """Seconds from `since` until both servers run nothing (the limit if never)."""
+    while time.monotonic() - since < limit:
+        if busy(pair.large) == 0 and busy(pair.small) == 0:
+            return time.monotonic() - since
+        time.sleep(0.1)
+    return limit
+
+
+def wait_threads(pid: int, want: int, since: float, limit: float = 30.0) -> tuple[float, int]:
+    while time.monotonic() - since < limit:
+        n = threads(pid)
+        if n <= want:
+            return time.monotonic() - since, n
+        time.sleep(0.1)
+    return limit, threads(pid)
+
+
+def stream(client: httpx.Client, url: str, prompt: str, max_tokens: int, leave_after: int | None = None):
+    """(text, time left): the streamed reasoning + answer, or None and the time the client
+    closed the connection after `leave_after` data events."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    text, n = "", 0
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = orjson.loads(line[6:])
+            assert "error" not in event and "relay_event" not in event, event
+            n += 1
+            for c in event["choices"]:
+                text += (c["delta"].get("reasoning_content") or "") + (c["delta"].get("content") or "")
+            if leave_after is not None and n >= leave_after:
+                break
+    return (None, time.monotonic()) if leave_after is not None else (text, time.monotonic())
+
+
+def test_64_streams_a_quarter_leave_early_the_rest_get_their_greedy_answers(server, cpu_pair):
+    url, proc = server
+    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=128)) as client:
+        prompts = [f"Write one sentence about {t}." for t in TOPICS]
+        expected = [stream(client, url, p, MAX_TOKENS)[0] for p in prompts]  # greedy, one at a time
+        assert all(expected) and len(set(expected)) >= len(TOPICS) - 1
+        assert wait_idle(cpu_pair, time.monotonic()) < IDLE_WITHIN_S
+        base = threads(proc.pid)
+
+        def one(i: int):
+            prompt = prompts[i % len(prompts)]
+            if i % 4 == 0:  # a quarter leave after the first content chunk or two, with a long budget
+                return i, *stream(client, url, prompt, 1000, leave_after=2 + (i // 4) % 2)
+            return i, *stream(client, url, prompt, MAX_TOKENS)
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            results = list(pool.map(one, range(64)))
+        done = time.monotonic()
+        peak = threads(proc.pid)
+    left = [t for i, text, t in results if text is None]
+    completed = [(i, text) for i, text, _ in results if text is not None]
+    assert len(left) == 16 and len(completed) == 48
+    wrong = [(i, text) for i, text in completed if text != expected[i % len(prompts)]]
+    assert not wrong, f"{len(wrong)} answers differ from their greedy answer, e.g. {wrong[0]}"
+    last_leave = max(left)
+    idle_s = wait_idle(cpu_pair, done)
+    threads_s, after = wait_threads(proc.pid, base, done)
+    print(f"\n64 streams in {done - t0:.1f} s; last leave {done - last_leave:.1f} s before the last answer; "
+          f"both servers idle {idle_s:.2f} s after the last answer ({done - last_leave + idle_s:.2f} s after the "
+          f"last leave); threads {base} before, {peak} at the end of the burst, {after} after {threads_s:.2f} s")
+    assert idle_s < IDLE_WITHIN_S
+    assert after <= base, f"{after} threads, {base} before"
+
+
+def test_a_long_stream_whose_client_leaves_after_two_chunks_frees_both_servers(server, cpu_pair):
+    url, proc = server
+    base = threads(proc.pid)
+    with httpx.Client(timeout=600) as client:
+        _, left_at = stream(client, url, "Tell me a very long story about a dragon.", 2000, leave_after=3)
+    idle_s = wait_idle(cpu_pair, left_at)
+    threads_s, after = wait_threads(proc.pid, base, left_at)
+    print(f"\nmax_tokens 2000, left after two chunks: both servers idle {idle_s:.2f} s later; threads {base} -> "
+          f"{after} in {threads_s:.2f} s")
+    assert idle_s < IDLE_WITHIN_S and after <= base

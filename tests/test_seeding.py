@@ -1,0 +1,269 @@
+"""SeededSampler on synthetic logits (no server): reproducibility, filters, distribution."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from relaygen_sgl.seeding import SeededSampler, processor_str, seeded_fields, server_supports_seeding, uniform
+
+LOGITS5 = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+
+
+def fake_req(position=10, temperature=0.8, top_p=1.0, top_k=1 << 30, min_p=0.0, kv=True):
+    """What the processor reads from SGLang's Req: normalized sampling params, ids, KV length."""
+    sp = SimpleNamespace(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    origin = list(range(position - 3))
+    req = SimpleNamespace(sampling_params=sp, origin_input_ids=origin, output_ids=[5, 6, 7])
+    if kv:
+        req.kv = SimpleNamespace(kv_committed_len=position)
+    return req
+
+
+def sample(logits, seed=0, **req_kw):
+    """The token the processor picks for one row; asserts the row has one finite entry."""
+    out = SeededSampler()(logits.clone().view(1, -1), [{"seed": seed, "__req__": fake_req(**req_kw)}])
+    finite = torch.isfinite(out[0]).nonzero().view(-1).tolist()
+    assert len(finite) == 1 and out[0, finite[0]].item() == 0.0
+    return finite[0]
+
+
+def draws(n=5000, logits=LOGITS5, **req_kw):
+    counts = [0] * logits.numel()
+    for seed in range(n):
+        counts[sample(logits, seed=seed, **req_kw)] += 1
+    return counts
+
+
+def chi2(counts, probs):
+    n = sum(counts)
+    return sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs) if p > 0)
+
+
+def test_uniform_is_a_pure_function_in_range():
+    us = [uniform(s, p) for s in range(50) for p in range(50)]
+    assert all(0.0 <= u < 1.0 for u in us)
+    assert uniform(3, 17) == uniform(3, 17) == SeededSampler.uniform(3, 17)
+    assert len(set(us)) == len(us)
+    assert abs(sum(us) / len(us) - 0.5) < 0.02
+
+
+def test_same_seed_and_position_same_token():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    for seed in range(20):
+        assert sample(logits, seed=seed, position=33) == sample(logits, seed=seed, position=33)
+
+
+def test_different_positions_and_seeds_draw_differently():
+    logits = torch.zeros(1000)  # flat: any two draws collide with probability 1/1000
+    by_position = {sample(logits, seed=1, position=p) for p in range(10, 60)}
+    by_seed = {sample(logits, seed=s, position=10) for s in range(50)}
+    assert len(by_position) > 40 and len(by_seed) > 40
+
+
+def test_position_is_the_kv_length_else_origin_plus_output():
+    assert SeededSampler._position(fake_req(position=42)) == 42
+    assert SeededSampler._position(fake_req(position=42, kv=False)) == 42  # 39 + 3 ids
+    logits = torch.zeros(1000)
+    assert sample(logits, seed=5, position=42) == sample(logits, seed=5, position=42, kv=False)
+
+
+def test_distribution_matches_softmax_over_temperature():
+    t = 0.7
+    probs = torch.softmax(LOGITS5 / t, -1).tolist()
+    counts = draws(temperature=t)
+    assert chi2(counts, probs) < 18.47  # chi-square, 4 dof, p = 0.001
+    assert 0.5 * sum(abs(c / 5000 - p) for c, p in zip(counts, probs)) < 0.02
+
+
+def test_top_k_keeps_the_k_best_with_renormalized_mass():
+    counts = draws(top_k=2, temperature=1.0)
+    assert counts[2:] == [0, 0, 0]
+    p = torch.softmax(LOGITS5[:2], -1).tolist()
+    assert chi2(counts[:2], p) < 10.83  # 1 dof, p = 0.001
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    best = set(torch.topk(logits, 20).indices.tolist())
+    assert all(sample(logits, seed=s, top_k=20) in best for s in range(300))
+
+
+def test_top_k_per_row_in_a_mixed_batch():
+    logits = LOGITS5.repeat(2, 1)
+    seen = set()
+    for s in range(400):
+        params = [{"seed": s, "__req__": fake_req(top_k=2, temperature=1.0)},
+                  {"seed": s, "__req__": fake_req(top_k=4, temperature=1.0)}]
+        out = SeededSampler()(logits.clone(), params)
+        a, b = (int(r.argmax()) for r in out)
+        assert a < 2 and b < 4
+        seen.add(b)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_top_p_drops_ranks_whose_preceding_mass_exceeds_it():
+    probs = torch.softmax(LOGITS5, -1)  # 0.563 0.207 0.126 0.076 0.028; mass before: 0 .563 .770 .896 .972
+    # SGLang keeps a rank while the mass before it is <= top_p: 0.7 keeps the first two
+    counts = draws(top_p=0.7, temperature=1.0)
+    assert counts[2:] == [0, 0, 0] and min(counts[:2]) > 0
+    assert chi2(counts[:2], (probs[:2] / probs[:2].sum()).tolist()) < 10.83
+    counts = draws(n=2000, top_p=0.85, top_k=20, temperature=1.0)
+    assert counts[3:] == [0, 0] and min(counts[:3]) > 0
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability():
+    probs = torch.softmax(LOGITS5, -1)
+    keep = probs >= 0.2 * probs[0]  # 0.563, 0.207, 0.126 (0.076 < 0.113)
+    counts = draws(n=2000, min_p=0.2, temperature=1.0)
+    assert [c > 0 for c in counts] == keep.tolist()
+
+
+def test_greedy_and_unseeded_rows_are_left_untouched():
+    logits = torch.randn(3, 50)
+    params = [
+        {"seed": 1, "__req__": fake_req(temperature=1.0, top_k=1)},  # temperature 0 as SGLang stores it
+        None,
+        {"other": 1, "__req__": fake_req()},
+    ]
+    out = SeededSampler()(logits.clone(), params)
+    assert torch.equal(out, logits)
+    assert SeededSampler()(logits.clone(), None).equal(logits)
+
+
+def test_each_sampled_row_has_exactly_one_finite_entry_and_others_stay():
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(2))
+    params = [{"seed": i, "__req__": fake_req(position=20 + i, top_k=40, top_p=0.9)} if i % 2 == 0 else None
+              for i in range(4)]
+    out = SeededSampler()(logits.clone(), params)
+    assert torch.isfinite(out).sum(-1).tolist() == [1, 300, 1, 300]
+    assert torch.equal(out[1], logits[1]) and torch.equal(out[3], logits[3])
+    assert out.dtype == logits.dtype and out.shape == logits.shape
+
+
+def test_a_row_it_cannot_read_is_left_to_the_server_and_nothing_raises():
+    logits = torch.randn(2, 10)
+    bad_req = SimpleNamespace(sampling_params=None)
+    out = SeededSampler()(logits.clone(), [{"seed": 1, "__req__": bad_req}, {"seed": "x", "__req__": fake_req()}])
+    assert torch.equal(out, logits)
+    nan_row = torch.full((1, 10), float("nan"))
+    out = SeededSampler()(nan_row.clone(), [{"seed": 1, "__req__": fake_req()}])
+    assert torch.isnan(out).all()
+
+
+def test_masked_tokens_are_never_chosen():
+    logits = torch.zeros(100)
+    logits[::2] = float("-inf")  # as a grammar mask or logit_bias leaves them
+    assert all(sample(logits, seed=s) % 2 == 1 for s in range(200))
+
+
+def test_serialized_processor_loads_by_value_without_relaygen():
+    """The server unpickles the class where relaygen_sgl may not be importable."""
+    blob = processor_str()
+    code = textwrap.dedent(
+        """
+        import sys, types
+        sys.modules["relaygen_sgl"] = None  # importing it now fails
+        import torch
+        from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+        p = CustomLogitProcessor.from_str(sys.stdin.read())
+        sp = types.SimpleNamespace(temperature=0.8, top_p=0.95, top_k=20, min_p=0.0)
+        picks = []
+        for seed in range(30):
+            req = types.SimpleNamespace(sampling_params=sp, origin_input_ids=[], output_ids=[],
+                                        kv=types.SimpleNamespace(kv_committed_len=50))
+            logits = torch.arange(100, dtype=torch.float32).view(1, -1) / 10
+            picks.append(int(p(logits, [{"seed": seed, "__req__": req}])[0].argmax()))
+        print(type(p).__module__, isinstance(p, CustomLogitProcessor), picks)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    logits = torch.arange(100, dtype=torch.float32) / 10
+    here = [sample(logits, seed=s, position=50, temperature=0.8, top_p=0.95, top_k=20) for s in range(30)]
+    assert run.stdout.strip().split(maxsplit=2) == ["__main__", "True", str(here)]
+
+
+def test_seeded_fields_shape():
+    extra, add = seeded_fields(7, {"temperature": 0.8, "top_p": 0.95, "custom_params": {"keep": 1}})
+    assert extra == {"custom_logit_processor": processor_str()}
+    assert add == {"custom_params": {"keep": 1, "seed": 7}}
+    assert seeded_fields(-1, {"temperature": 1.0})[1]["custom_params"]["seed"] == (1 << 64) - 1
+    assert seeded_fields(7, {"temperature": 0.0}) == ({}, {})
+    assert seeded_fields(7, {"temperature": 0.7, "top_k": 1}) == ({}, {})
+    with pytest.raises(TypeError):
+        seeded_fields(True, {})
+
+
+def test_server_supports_seeding():
+    info = {"enable_custom_logit_processor": True, "enable_deterministic_inference": False,
+            "speculative_algorithm": None, "enable_watermark": False}
+    assert server_supports_seeding(info)
+    assert not server_supports_seeding(info | {"enable_custom_logit_processor": False})
+    assert not server_supports_seeding(info | {"speculative_algorithm": "EAGLE3"})
+    assert not server_supports_seeding({"version": "0.5.23"})
+    assert not server_supports_seeding(None)  # type: ignore[arg-type]
+
+
+def test_uniform_bits_are_not_position_aligned():
+    # the hash must not leave consecutive positions correlated (a bad mix would)
+    us = [uniform(9, p) for p in range(4000)]
+    pairs = sum((a - 0.5) * (b - 0.5) for a, b in zip(us, us[1:])) / (len(us) - 1)
+    assert abs(pairs / (1 / 12)) < 0.06
+    assert math.isclose(sum(us) / len(us), 0.5, abs_tol=0.02)
+
+
+def chi2_crit(df, z=3.09):
+    """Wilson-Hilferty: the chi-square value exceeded with probability ~0.001."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (0.8, 20, 0.95, 0.0), (1.0, 1 << 30, 0.9, 0.0), (0.7, 1 << 30, 1.0, 0.05), (1.5, 50, 0.8, 0.02),
+])
+def test_matches_sglangs_own_filtered_distribution(temperature, top_k, top_p, min_p):
+    """Against the CPU servers' sampler itself (pytorch backend): same support, same weights."""
+    from sglang.srt.layers.sampler import top_k_top_p_min_p_sampling_from_probs_torch as sglang_filter
+
+    logits = torch.randn(2000, generator=torch.Generator().manual_seed(3)) * 2.5
+    probs = torch.softmax(logits / temperature, -1).view(1, -1)
+    _, fprobs, fidx, _ = sglang_filter(probs.clone(), torch.tensor([top_k]), torch.tensor([top_p]),
+                                       torch.tensor([min_p]), min_p > 0, None, torch.tensor([0]),
+                                       return_filtered_probs=True)
+    q = torch.zeros(2000, dtype=torch.float64)
+    q[fidx[0].long()] = fprobs[0].double()
+    q /= q.sum()
+    n = 4000
+    counts = torch.zeros(2000, dtype=torch.float64)
+    for seed in range(n):
+        counts[sample(logits, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)] += 1
+    assert (counts[q == 0] == 0).all(), "picked a token SGLang's filter drops"
+    big = q * n >= 5  # chi-square over the well-filled cells, the rest pooled into one
+    exp = torch.cat([q[big] * n, (q[~big] * n).sum().view(1)])
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    keep = exp > 0
+    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    assert stat < chi2_crit(int(keep.sum()) - 1), (stat, int(keep.sum()))
+
+
+def test_top_p_beyond_the_first_1024_ranks_falls_back_to_the_full_sort():
+    logits = -torch.arange(3000, dtype=torch.float32) * 1e-4  # nearly flat, strictly decreasing
+    probs = torch.softmax(logits.double(), -1)
+    allowed = int(((torch.cumsum(probs, -1) - probs) <= 0.5).sum())  # ranks kept by top_p 0.5: ~1400
+    picks = [sample(logits, seed=s, temperature=1.0, top_p=0.5) for s in range(400)]
+    assert max(picks) < allowed and max(picks) >= 1024
+
+
+def test_a_rows_token_does_not_depend_on_the_rest_of_the_batch():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 3000, generator=gen) * 2
+    kws = [dict(top_k=20, top_p=0.95), dict(top_p=0.9), dict(top_p=0.99), dict(), dict(top_k=20, top_p=0.5)]
+    logits[2] = -torch.arange(3000, dtype=torch.float32) * 1e-4  # a row that needs the full sort
+    for seed in range(20):
+        params = [{"seed": seed, "__req__": fake_req(position=30 + i, **kw)} for i, kw in enumerate(kws)]
+        batch = SeededSampler()(logits.clone(), params).argmax(-1).tolist()
+        alone = [int(SeededSampler()(logits[i:i + 1].clone(), [params[i]]).argmax()) for i in range(5)]
+        assert batch == alone
