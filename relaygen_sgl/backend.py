@@ -147,14 +147,8 @@ class RelayBackend(BaseBackend):
 
     def _prefill(self, ids: list[int], traj: Trajectory) -> None:
         """Put a prefix into both servers' radix caches (nothing is generated)."""
-        for role, engine in self._distinct_engines():
-            engine.generate(ids, {"max_new_tokens": 0}, extra=self._pin(role, traj) or None)
-
-    def _distinct_engines(self) -> list[tuple[str, EngineClient]]:
-        seen: dict[int, tuple[str, EngineClient]] = {}
-        for role in ROLES:
-            seen.setdefault(id(self.engines[role]), (role, self.engines[role]))
-        return list(seen.values())
+        for role in ("large", "small")[: 1 if self.engines["small"] is self.engines["large"] else 2]:
+            self.engines[role].generate(ids, {"max_new_tokens": 0}, extra=self._pin(role, traj) or None)
 
     # ------------------------------------------------------------------ BaseBackend
     def commit_lazy_operations(self, s: StreamExecutor) -> None:
@@ -172,7 +166,7 @@ class RelayBackend(BaseBackend):
     def generate(self, s: StreamExecutor, sampling_params: SglSamplingParams, spec_var_name: str | None = None):
         traj = self.trajectory(s)
         seg = self._guarded(traj, lambda: self._turn(s, traj, sampling_params, traj.on_delta))
-        return seg.text, _meta(seg)
+        return seg.text, seg.meta_info()
 
     def generate_stream(self, s: StreamExecutor, sampling_params: SglSamplingParams) -> Iterator[tuple[str, dict]]:
         traj = self.trajectory(s)
@@ -218,7 +212,7 @@ class RelayBackend(BaseBackend):
         if not seg.text.startswith(sent):  # the interpreter's text must stay the trajectory's
             traj.error = EngineFailed(f"streamed text diverged from the turn's tokens: {sent!r} vs {seg.text!r}")
             raise traj.error
-        yield seg.text[len(sent):], _meta(seg)
+        yield seg.text[len(sent):], seg.meta_info()
 
     def select(self, s: StreamExecutor, choices: list[str], temperature: float,
                choices_method: ChoicesSamplingMethod | None = None) -> ChoicesDecision:
@@ -300,10 +294,3 @@ class RelayBackend(BaseBackend):
         traj.add(seg)
         return seg
 
-
-def _meta(seg: Segment) -> dict[str, Any]:
-    """SGLang-like meta_info for the interpreter (`s.get_meta_info(name)`)."""
-    return {"role": seg.role, "finish_reason": {"type": seg.finish, "matched": seg.matched},
-            "prompt_tokens": seg.prompt_tokens, "completion_tokens": seg.completion_tokens,
-            "cached_tokens": seg.cached_tokens, "e2e_latency": seg.server_latency_s,
-            "rerouted_from": seg.rerouted_from}

@@ -32,6 +32,13 @@ class Segment:
     def reprefilled(self) -> int:
         return self.prompt_tokens - self.cached_tokens
 
+    def meta_info(self) -> dict[str, Any]:
+        """SGLang-like meta_info for the interpreter (`s.get_meta_info(name)`)."""
+        return {"role": self.role, "finish_reason": {"type": self.finish, "matched": self.matched},
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens, "e2e_latency": self.server_latency_s,
+                "rerouted_from": self.rerouted_from}
+
 
 @dataclass
 class RelayStats:
