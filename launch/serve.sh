@@ -3,6 +3,8 @@
 # Usable by hand on a GPU box:  launch/serve.sh large qwen3-32b-1.7b [HOST]
 # HOST defaults to 127.0.0.1; give 0.0.0.0 to serve other machines. DRY_RUN=1 prints only.
 # The command line comes from launch/presets.toml (the same code path as `relaygen up`).
+# GPUs: the first block of ROLE as `relaygen up` allocates them (large first, then small,
+# inside $CUDA_VISIBLE_DEVICES when set, else nvidia-smi's list); exported as CUDA_VISIBLE_DEVICES.
 # With RELAYGEN_SGLANG_API_KEY set the server requires that key (SGLang's --api-key): it is
 # passed in a 0600 YAML file under $RELAYGEN_HOME/run/auth (--config), never on the command line.
 set -euo pipefail

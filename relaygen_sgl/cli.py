@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas-small", type=_positive_int, default=1)
     up.add_argument("--kv-tokens", type=_positive_int, default=None,
                     help="override --max-total-tokens per server (keep memory in check with replicas)")
+    up.add_argument("--dry-run", action="store_true",
+                    help="start nothing: print each server's and router's env and argv (GPUs allocated as `up` "
+                    "would; with none visible, devices 0..N-1 assumed), as shell lines or with --json")
+    up.add_argument("--json", action="store_true", help="print JSON: the --dry-run plan, or the status once up")
     up.set_defaults(func=c.cmd_up)
 
     st = sub.add_parser("status", help="show the servers `up` started")

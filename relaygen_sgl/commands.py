@@ -62,16 +62,16 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from .config import load_preset, load_settings
-    from .stack import up
+    from .stack import up, up_lines
 
     preset = load_preset(args.preset)
-    print(f"starting {preset.name}: {preset.description}", file=sys.stderr)
-    st = up(preset, load_settings(), host=args.host, timeout_s=args.timeout, kv_tokens=args.kv_tokens,
-            replicas={"large": args.replicas_large, "small": args.replicas_small})
-    for role in ("large", "small"):
-        r = st[role]
-        extra = f" (router over {len(r['replicas'])} replicas)" if r.get("replicas") else ""
-        print(f"{role}: {r['url']} pid {r['pid']}{extra} log {r['log']}")
+    sys.stderr.write("" if args.dry_run else f"starting {preset.name}: {preset.description}\n")
+    out = up(preset, load_settings(), host=args.host, timeout_s=args.timeout, kv_tokens=args.kv_tokens,
+             replicas={"large": args.replicas_large, "small": args.replicas_small}, dry_run=args.dry_run)
+    if args.json:
+        _emit_json(out)
+    else:
+        print("\n".join(up_lines(out, args.dry_run)))
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .gpus import CVD, parallel_size
 
 ROLES = ("large", "small")
 _PKG = Path(__file__).resolve().parent
@@ -93,6 +94,7 @@ class RoleSpec:
     local_model: str | None = None  # built by `relaygen models fetch`
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    gpus: int = 0  # GPUs one server of this role needs (= its tp x pp x dp); devices are allocated at `up`
 
     def model_path(self, settings: Settings) -> str:
         if self.local_model:
@@ -147,7 +149,7 @@ def preset_names() -> list[str]:
 def _role(preset: str, role: str, raw: Any) -> RoleSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"preset {preset}: role {role!r} is missing")
-    unknown = set(raw) - {"port", "model", "local_model", "args", "env"}
+    unknown = set(raw) - {"port", "model", "local_model", "args", "env", "gpus"}
     if unknown:
         raise ConfigError(f"preset {preset}.{role}: unknown keys {sorted(unknown)}")
     if bool(raw.get("model")) == bool(raw.get("local_model")):
@@ -160,8 +162,18 @@ def _role(preset: str, role: str, raw: Any) -> RoleSpec:
         raise ConfigError(f"preset {preset}.{role}: the relay needs the radix cache on")
     if "--port" in args or "--model-path" in args:
         raise ConfigError(f"preset {preset}.{role}: port and model are keys, not args")
+    env = {str(k): str(v) for k, v in raw.get("env", {}).items()}
+    if CVD in env:
+        raise ConfigError(f"preset {preset}.{role}: env sets {CVD}; give `gpus = N` (GPUs per server) instead: "
+                          f"devices are allocated at `relaygen up`, within the user's own {CVD}")
+    gpus = raw.get("gpus", 0)
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
+        raise ConfigError(f"preset {preset}.{role}: gpus must be an integer >= 0")
+    if gpus and gpus != parallel_size(args):
+        raise ConfigError(f"preset {preset}.{role}: gpus = {gpus} but its args use {parallel_size(args)} "
+                          f"(--tp x --pp-size x --dp)")
     return RoleSpec(port=port, model=raw.get("model"), local_model=raw.get("local_model"),
-                    args=args, env={str(k): str(v) for k, v in raw.get("env", {}).items()})
+                    args=args, env=env, gpus=gpus)
 
 
 def load_preset(name: str) -> Preset:
@@ -175,6 +187,10 @@ def load_preset(name: str) -> Preset:
     device = spec.get("device")
     if device not in DEVICES:
         raise ConfigError(f"preset {name}: device must be one of {DEVICES}")
+    for role, r in roles.items():
+        if (device == "cuda") != (r.gpus > 0):
+            raise ConfigError(f"preset {name}.{role}: " + ("a cuda server needs `gpus = N` (its --tp x --dp)"
+                                                           if device == "cuda" else "a cpu server takes no gpus"))
     for role in roles.values():
         if role.local_model and role.local_model not in raw.get("local_models", {}):
             raise ConfigError(f"preset {name}: unknown local model {role.local_model!r}")

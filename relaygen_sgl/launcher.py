@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def auth_config(settings: Settings, name: str, api_key: str) -> Path:
 
 def server_command(preset: Preset, role: str, settings: Settings, host: str = "127.0.0.1",
                    python: str = sys.executable, port: int | None = None,
-                   kv_tokens: int | None = None, api_key: str | None = None) -> ServerCommand:
-    """With `api_key` the server requires it (written to a --config file, see auth_config)."""
+                   kv_tokens: int | None = None, api_key: str | None = None,
+                   devices: Sequence[str] | None = None) -> ServerCommand:
+    """With `api_key` the server requires it (written to a --config file, see auth_config);
+    with `devices` (its block from gpus.allocate) it sees only those GPUs."""
     spec = preset.roles[role]
     args = _override(spec.args, "--max-total-tokens", str(kv_tokens) if kv_tokens else None)
     argv = (python, "-m", "sglang.launch_server", "--model-path", spec.model_path(settings),
@@ -70,6 +73,8 @@ def server_command(preset: Preset, role: str, settings: Settings, host: str = "1
     if api_key:
         argv += ("--config", str(auth_config(settings, f"{preset.name}-{role}-{port or spec.port}", api_key)))
     env = dict(spec.env)
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     if preset.device == "cpu":
         # The stand-in for sgl-kernel's missing CPU ops: on CPU server processes only.
         shim = str(cpu_shim_dir())

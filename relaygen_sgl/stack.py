@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import gpus
 from .config import ROLES, Preset, Settings, check_models
 from .errors import LaunchError, RelayGenError, StackError
+from .gpus import CVD, devices_for
 from .launcher import (
     API_KEY_ENV,
     answers_generation,
@@ -38,6 +40,7 @@ class ServerRecord:
     port: int
     kind: str = "server"  # "server" | "router"
     start_ticks: int | None = None  # /proc start time: the pid is still the process we started
+    devices: str | None = None  # the server's CUDA_VISIBLE_DEVICES, when it got GPUs
 
 
 def _valid_record(rec: Any) -> bool:
@@ -93,11 +96,41 @@ def _lock(settings: Settings) -> Any:
     return exclusive(settings.run_dir / "stack.lock", BUSY)
 
 
+def check_counts(replicas: dict[str, int] | None, api_key: str | None) -> dict[str, int]:
+    """Servers per role (default 1), checked."""
+    counts = {role: (replicas or {}).get(role, 1) for role in ROLES}
+    if any(n < 1 for n in counts.values()):
+        raise StackError("replica counts must be at least 1")
+    if api_key and any(n > 1 for n in counts.values()):
+        raise StackError(f"${API_KEY_ENV} with more than one replica is not supported (SGLang's router would "
+                         "need the key on its command line); unset it or use one replica per role")
+    return counts
+
+
+def plan(preset: Preset, counts: dict[str, int]) -> list[tuple[str, str, int, int]]:
+    """(role, kind, replica, port) of every process `up` starts, in order: a role with one
+    server serves on its own port; with more, replica i on replica_port(base, i) and a router
+    on the role's port, after its workers."""
+    steps: list[tuple[str, str, int, int]] = []
+    for role in ROLES:
+        base = preset.roles[role].port
+        if counts[role] == 1:
+            steps.append((role, "server", 0, base))
+        else:
+            steps += [(role, "server", i, replica_port(base, i)) for i in range(counts[role])]
+            steps.append((role, "router", counts[role], base))
+    return steps
+
+
 def up(preset: Preset, settings: Settings, host: str = "127.0.0.1", timeout_s: float | None = None,
-       replicas: dict[str, int] | None = None, kv_tokens: int | None = None) -> dict[str, Any]:
+       replicas: dict[str, int] | None = None, kv_tokens: int | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Start both roles. With replicas {role: n>1}, n servers for that role behind one
     SGLang router (cache-aware) on the role's own port. With $RELAYGEN_SGLANG_API_KEY set
-    every server requires that key. One `up`/`down` at a time (run/stack.lock)."""
+    every server requires that key. Each server gets its own block of GPUs (gpus.allocate).
+    One `up`/`down` at a time (run/stack.lock). With `dry_run`, starts and writes nothing and
+    returns the plan instead (gpus.dry_run)."""
+    if dry_run:
+        return gpus.dry_run(preset, settings, host=host, replicas=replicas, kv_tokens=kv_tokens)
     with _lock(settings):
         return _up(preset, settings, host, timeout_s, replicas, kv_tokens)
 
@@ -108,32 +141,21 @@ def _up(preset: Preset, settings: Settings, host: str, timeout_s: float | None,
         state = read_state(settings) or {}
         raise StackError(f"servers of preset {state.get('preset')!r} are already up; run `relaygen down` first")
     check_models(preset, settings)
-    counts = {role: (replicas or {}).get(role, 1) for role in ROLES}
-    if any(n < 1 for n in counts.values()):
-        raise StackError("replica counts must be at least 1")
     api_key = sglang_api_key()
-    if api_key and any(n > 1 for n in counts.values()):
-        raise StackError(f"${API_KEY_ENV} with more than one replica is not supported (SGLang's router would "
-                         "need the key on its command line); unset it or use one replica per role")
-    plan: list[tuple[str, str, int]] = []  # (role, kind, port)
-    for role in ROLES:
-        base = preset.roles[role].port
-        if counts[role] == 1:
-            plan.append((role, "server", base))
-        else:
-            plan += [(role, "server", replica_port(base, i)) for i in range(counts[role])]
-            plan.append((role, "router", base))
-    for role, kind, port in plan:
+    counts = check_counts(replicas, api_key)
+    devices, _ = devices_for(preset, counts)  # ConfigError (one line) when too few GPUs are visible
+    steps = plan(preset, counts)
+    for role, kind, _i, port in steps:
         if port_in_use(port, host):
             raise LaunchError(f"port {port} for the {role} {kind} is already in use on {host}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started: list[tuple[ServerRecord, Any]] = []
     timeout = timeout_s or preset.startup_timeout_s
     try:
-        for role, kind, port in plan:
+        for role, kind, index, port in steps:
             if kind == "server":
                 cmd = server_command(preset, role, settings, host=host, port=port, kv_tokens=kv_tokens,
-                                     api_key=api_key)
+                                     api_key=api_key, devices=devices[(role, index)])
             else:
                 workers = [r.url for r, _ in started if r.role == role and r.kind == "server"]
                 for rec, proc in started:  # a router needs healthy workers
@@ -143,7 +165,7 @@ def _up(preset: Preset, settings: Settings, host: str, timeout_s: float | None,
             log = settings.run_dir / "logs" / f"{preset.name}-{role}-{kind}-{port}-{stamp}.log"
             proc = start_server(cmd, log)
             rec = ServerRecord(role=role, url=client_url(host, port), pid=proc.pid, log=str(log), port=port,
-                               kind=kind, start_ticks=start_ticks(proc.pid))
+                               kind=kind, start_ticks=start_ticks(proc.pid), devices=cmd.env.get(CVD))
             started.append((rec, proc))
             # Recorded at once, so `down` can clean up even if this process dies mid-start.
             _write_state(settings, {"preset": preset.name, "started": stamp, "replicas": counts, "host": host,
@@ -159,6 +181,18 @@ def _up(preset: Preset, settings: Settings, host: str, timeout_s: float | None,
         for path in (settings.run_dir / "auth").glob(f"{preset.name}-*.yaml"):
             path.unlink(missing_ok=True)
     return status(settings)
+
+
+def up_lines(out: dict[str, Any], dry_run: bool = False) -> list[str]:
+    """What `relaygen up` prints: the dry run as shell lines, or where each role now serves."""
+    if dry_run:
+        return gpus.shell_lines(out)
+    lines = []
+    for role in ROLES:
+        r = out[role]
+        extra = f" (router over {len(r['replicas'])} replicas)" if r.get("replicas") else ""
+        lines.append(f"{role}: {r['url']} pid {r['pid']}{extra} log {r['log']}")
+    return lines
 
 
 def role_urls(state: dict[str, Any]) -> dict[str, str]:

@@ -12,11 +12,14 @@ from relaygen_sgl.launcher import server_command
 
 def test_all_presets_load_keep_the_radix_cache_and_use_lpm():
     names = preset_names()
-    assert {"cpu-tiny", "cpu-tiny-pruned", "qwen3-32b-1.7b", "qwen3-32b-1.7b-eagle3", "r1-32b-1.5b"} <= set(names)
+    assert {"cpu-tiny", "cpu-tiny-pruned", "qwen3-32b-1.7b", "qwen3-32b-1.7b-eagle3", "qwen3-32b-standalone-1.7b",
+            "r1-32b-1.5b"} <= set(names)
     for name in names:
         preset = load_preset(name)
         for spec in preset.roles.values():
             assert "--disable-radix-cache" not in spec.args
+            assert {"--incremental-streaming-output", "--enable-cache-report",
+                    "--enable-custom-logit-processor"} <= set(spec.args), name
             i = spec.args.index("--schedule-policy")
             assert spec.args[i + 1] == "lpm"
         load_profile(preset.profile)
@@ -27,8 +30,10 @@ def test_gpu_presets_follow_the_paper_setting():
     assert q.roles["large"].model == "Qwen/Qwen3-32B" and q.roles["small"].model == "Qwen/Qwen3-1.7B"
     assert q.roles["large"].args[q.roles["large"].args.index("--tp") + 1] == "2"
     assert q.roles["small"].args[q.roles["small"].args.index("--tp") + 1] == "1"
+    assert (q.roles["large"].gpus, q.roles["small"].gpus) == (2, 1)
     e = load_preset("qwen3-32b-1.7b-eagle3").roles["large"].args
-    assert e[e.index("--speculative-algorithm") + 1] == "EAGLE3" and "--speculative-draft-model-path" in e
+    assert e[e.index("--speculative-algorithm") + 1] == "EAGLE3"
+    assert e[e.index("--speculative-draft-model-path") + 1] == "AngelSlim/Qwen3-32B_eagle3"
     r1 = load_preset("r1-32b-1.5b")
     assert "R1-Distill-Qwen-32B" in r1.roles["large"].model and "1.5B" in r1.roles["small"].model
 
@@ -81,6 +86,11 @@ def test_launch_serve_sh_builds_the_same_command_as_up():
     gpu = subprocess.run([str(root / "launch" / "serve.sh"), "large", "qwen3-32b-1.7b", "0.0.0.0"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert "--host 0.0.0.0" in gpu.stderr and "--tp 2" in gpu.stderr and "_cpu_shim" not in gpu.stderr
+    inside = {**env, "CUDA_VISIBLE_DEVICES": "4,5,6,7"}  # the first block of the role, inside the user's devices
+    for role, devices in (("large", "4,5"), ("small", "6")):
+        out = subprocess.run([str(root / "launch" / "serve.sh"), role, "qwen3-32b-1.7b"], capture_output=True,
+                             text=True, env=inside, timeout=60)
+        assert out.returncode == 0 and f"CUDA_VISIBLE_DEVICES={devices}\n" in out.stderr, out.stderr
     bad = subprocess.run([str(root / "launch" / "serve.sh"), "medium", "cpu-tiny"], capture_output=True, text=True,
                          env=env, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr

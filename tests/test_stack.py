@@ -151,3 +151,32 @@ def test_up_checks_the_ports_on_the_host_it_will_bind(monkeypatch):
     with pytest.raises(LaunchError, match="port 30000 for the large server is already in use on ::"):
         stack.up(load_preset("cpu-tiny"), load_settings(), host="::")
     assert asked == [(30000, "::")]
+
+
+def test_up_gives_each_server_its_own_gpus_and_records_them(monkeypatch):
+    from relaygen_sgl.config import load_preset
+    from relaygen_sgl.launcher import ServerCommand, start_server
+
+    seen = []
+
+    def fake_start(cmd, log):  # a stand-in process per server/router, started as up starts one
+        seen.append(cmd)
+        return start_server(ServerCommand(argv=("sleep", "30"), env={}), log)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    monkeypatch.setattr(stack, "check_models", lambda preset, settings: None)
+    monkeypatch.setattr(stack, "port_in_use", lambda port, host: False)
+    monkeypatch.setattr(stack, "start_server", fake_start)
+    monkeypatch.setattr(stack, "wait_healthy", lambda *a: None)
+    monkeypatch.setattr(stack, "answers_generation", lambda *a, **k: True)
+    settings = load_settings()
+    try:
+        st = stack.up(load_preset("qwen3-32b-1.7b"), settings, replicas={"large": 2, "small": 1})
+        assert [c.env.get("CUDA_VISIBLE_DEVICES") for c in seen] == ["0,1", "2,3", None, "4"]
+        assert "sglang_router.launch_router" in seen[2].argv and st["large"]["replicas"]
+        recorded = json.loads(settings.state_file.read_text())["servers"]
+        assert [r.get("devices") for r in recorded] == ["0,1", "2,3", None, "4"]
+    finally:
+        stack.down(settings)
+    assert [s[:3] for s in stack.plan(load_preset("cpu-tiny"), {"large": 1, "small": 2})] == [
+        ("large", "server", 0), ("small", "server", 0), ("small", "server", 1), ("small", "router", 2)]

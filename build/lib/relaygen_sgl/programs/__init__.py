@@ -1,1 +1,0 @@
-"""The bundled SGLang programs (installed as relaygen_sgl.programs)."""
