@@ -33,6 +33,7 @@ from .errors import ConfigError, EngineFailed, EngineRejected, EngineUnreachable
 from .policy import DEFAULT_BUDGET, RelayPlan
 from .prefetch import Prefetcher
 from .result import Segment
+from .seeding import SeedSupport
 from .tokenizer import Tokenizer
 from .trajectory import KEY, Trajectory
 from .turn import DeltaSink, TurnSpec, run_turn
@@ -60,6 +61,7 @@ class RelayBackend(BaseBackend):
         self.prefetch = prefetch  # the default; a plan may say otherwise for its trajectory
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="relaygen-prefetch")
         self._profiles: dict[str, CueProfile] = {}
+        self._seeds = SeedSupport()
         self._fork_lock = threading.Lock()
         self._shared: dict[int, None] = {}  # prefixes already prefilled for forks (oldest first)
         self.chat_template: ChatTemplate = get_chat_template(family.sgl_chat_template)
@@ -72,9 +74,8 @@ class RelayBackend(BaseBackend):
              seed: int | None = None, on_delta: DeltaSink | None = None,
              cancel: threading.Event | None = None, cue_match: str = "word",
              prefetch: bool | None = None) -> RelayPlan:
-        """A run's settings on this backend: its family and tokenizer, the given profile (a
-        name, a path or a CueProfile; default the backend's), the family's sampling with
-        any override."""
+        """A run's settings here: the backend's family and tokenizer, a profile (name, path or
+        CueProfile; default the backend's), the family's sampling with any override."""
         sampling = dict(self.family.sampling)
         for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
             if value is not None:
@@ -263,6 +264,8 @@ class RelayBackend(BaseBackend):
             sink(r, delta)
 
         def run(on: str) -> Segment:
+            extra, add, ok = self._seeds.fields(self.engines[on], seed, sampling)
+            traj.unseeded |= not ok
             other = "small" if on == "large" else "large"
             warm = (traj.prefetch if traj.prefetch is not None else self.prefetch) and not traj.degraded \
                 and self.engines[other] is not self.engines[on]
@@ -270,8 +273,9 @@ class RelayBackend(BaseBackend):
             if pf is not None:
                 pf.offer([])  # the prefix now: the first turn's prompt prefill overlaps this turn
             try:
-                return run_turn(self.engines[on], self.tokenizer, ids, text, replace(spec, role=on,
-                                extra=self._pin(on, traj)), sink=tap if sink else None, cancel=traj.cancel,
+                return run_turn(self.engines[on], self.tokenizer, ids, text, replace(
+                    spec, role=on, extra={**self._pin(on, traj), **extra}, sampling={**sampling, **add}),
+                    sink=tap if sink else None, cancel=traj.cancel,
                                 on_ids=pf.offer if pf is not None else None)
             finally:
                 if pf is not None:

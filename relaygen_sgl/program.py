@@ -103,6 +103,9 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
     traj = trajectory_of(s)  # takes in a trailing insert
     result = traj.result(plan.method, spec.finish, plan.family.think_end, plan.budget)
     result.extra.update(family=plan.family.name, profile=plan.profile.name, cue_match=plan.cue_match)
+    if plan.seed is not None:
+        # a seed reproduces a sampled run only where every server ran the seeded sampler
+        result.extra["seed"] = {"value": plan.seed, "reproducible": not traj.unseeded}
     if first:  # the relay ran after other turns of this program: its stats cover its own
         result.extra["relay_from_segment"] = first
     return result

@@ -269,3 +269,25 @@ def server_supports_seeding(server_info: dict[str, Any]) -> bool:
     return (server_info.get("enable_custom_logit_processor") is True
             and server_info.get("speculative_algorithm") in (None, "", "NONE")
             and not server_info.get("enable_watermark"))
+
+
+class SeedSupport:
+    """Which servers run SeededSampler (asked once per server): the relay backend's view."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, bool] = {}
+
+    def fields(self, engine: Any, seed: int | None, sampling: dict[str, Any]) -> tuple[dict, dict, bool]:
+        """(extra, sampling_additions, reproducible) for one request of a run with `seed`."""
+        if seed is None:
+            return {}, {}, True
+        extra, add = seeded_fields(int(seed), sampling)
+        if not extra:  # greedy: reproducible without help
+            return {}, {}, True
+        key = id(engine)
+        if key not in self._known:
+            try:
+                self._known[key] = server_supports_seeding(engine.server_info())
+            except Exception:  # an info endpoint that fails (a router): no seeding there
+                self._known[key] = False
+        return (extra, add, True) if self._known[key] else ({}, {}, False)

@@ -222,6 +222,10 @@ def print_result(result: RelayResult, console: Console | None = None) -> None:
                   f"{s.e2e_s:.2f}", f"{s.ttft_s:.2f}", s.finish)
     console.print(table)
     console.print(_answer_line(result.answer))
+    seed = result.extra.get("seed") or {}
+    if seed and not seed.get("reproducible"):
+        console.print(Text(f"warning: seed {seed.get('value')} does not reproduce this sampled run: a server "
+                           "does not run the seeded sampler (see README, Seeds)", style="yellow"))
 
 
 # ---------------------------------------------------------------- HTML (show_html)

@@ -35,6 +35,7 @@ class Trajectory:
         self.on_delta: DeltaSink | None = None
         self.cancel = threading.Event()  # set by a caller that stopped listening
         self.prefetch: bool | None = None  # None: the backend's default
+        self.unseeded = False  # a seeded, sampled turn ran where the seed cannot reproduce it
         self.t0 = time.perf_counter()
         self.ttft: float | None = None
         self._last_end: float | None = None  # when the last model turn finished
