@@ -100,3 +100,14 @@ def test_prefetch_never_changes_a_token_and_warms_each_handoff(cpu_pair):
     # bench measures it on a quiet machine); against no prefetch it is always far less
     assert sum(handoffs(on)) / len(handoffs(on)) < sum(handoffs(off)) / len(handoffs(off)) / 2, \
         (handoffs(on), handoffs(off))
+
+
+def test_a_seeded_sampled_relay_repeats_exactly_and_another_seed_differs(cpu_pair):
+    q = "Name three colors and explain why the sky is blue."
+    with Relay(preset="cpu-tiny", large=cpu_pair.large, small=cpu_pair.small) as r:
+        a = r.run(q, max_tokens=60, temperature=0.8, seed=1)
+        b = r.run(q, max_tokens=60, temperature=0.8, seed=1)  # its prefixes cached now: must not matter
+        c = r.run(q, max_tokens=60, temperature=0.8, seed=2)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert c.token_ids != a.token_ids
+    assert a.to_dict()["seed"] == {"value": 1, "reproducible": True}
