@@ -137,40 +137,44 @@ class SeededSampler(CustomLogitProcessor):
         dev = logits.device
         vocab = logits.shape[-1]
         idx = torch.tensor(rows, dtype=torch.long, device=dev)
-        x = logits.index_select(0, idx).to(torch.float64)
-        probs = torch.softmax(x / torch.tensor(temps, dtype=torch.float64, device=dev).view(-1, 1), dim=-1)
+        # softmax(logits / T) = exp(z - lse): z and lse over the vocabulary in float32, the
+        # candidates' probabilities in float64; ranking z ranks the probabilities
+        z = logits.index_select(0, idx).float() / torch.tensor(temps, device=dev).view(-1, 1)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
         groups = {}
         for j in range(len(rows)):
             key = ("k", top_ks[j]) if top_ks[j] < vocab else ("all" if top_ps[j] >= 1.0 else "p")
             groups.setdefault(key, []).append(j)
         token = torch.empty((len(rows), 1), dtype=torch.long, device=dev)
         for key, js in groups.items():
-            sel = torch.tensor(js, dtype=torch.long, device=dev)
-            pr = probs.index_select(0, sel)
+            sel = torch.tensor(js, device=dev)
+            zg, lg = (z, lse) if len(js) == len(rows) else (z.index_select(0, sel), lse.index_select(0, sel))
             if key[0] == "k":
-                vals, order = torch.topk(pr, k=key[1], dim=-1, sorted=True)
+                zv, order = torch.topk(zg, k=key[1], dim=-1, sorted=True)
             elif key == "all":
-                vals, order = pr, torch.arange(vocab, device=dev).expand(len(js), -1)
+                zv, order = zg, torch.arange(vocab, device=dev).expand(len(js), -1)
             else:
-                vals, order = torch.topk(pr, k=min(1024, vocab), dim=-1, sorted=True)
+                zv, order = torch.topk(zg, k=min(1024, vocab), dim=-1, sorted=True)
+            vals = torch.exp(zv.double() - lg.double())
+            if key == "p":
                 enough = vals.sum(-1) > torch.tensor([top_ps[j] for j in js], dtype=torch.float64, device=dev)
                 if not bool(enough.all()):
-                    full_v, full_o = pr.sort(dim=-1, descending=True)
-                    full = torch.nonzero(~enough).view(-1)
-                    for g in full.tolist():  # row by row: a row's result must not depend on the group
-                        token[js[g]] = cls._pick(full_v[g:g + 1], full_o[g:g + 1], [top_ps[js[g]]],
-                                                 [min_ps[js[g]]], [us[js[g]]])
-                    sel_ok = torch.nonzero(enough).view(-1)
-                    js = [js[g] for g in sel_ok.tolist()]
-                    vals, order = vals.index_select(0, sel_ok), order.index_select(0, sel_ok)
+                    for g in torch.nonzero(~enough).view(-1).tolist():  # these rows need the full sort
+                        zs, os_ = zg[g:g + 1].sort(dim=-1, descending=True)
+                        vs = torch.exp(zs.double() - lg[g:g + 1].double())
+                        token[js[g]] = cls._pick(vs, os_, [top_ps[js[g]]], [min_ps[js[g]]], [us[js[g]]])
+                    keep_rows = torch.nonzero(enough).view(-1)
+                    js = [js[g] for g in keep_rows.tolist()]
                     if not js:
                         continue
+                    vals, order = vals.index_select(0, keep_rows), order.index_select(0, keep_rows)
             token[js] = cls._pick(vals, order, [top_ps[j] for j in js], [min_ps[j] for j in js],
                                   [us[j] for j in js])
         out = torch.full((len(rows), vocab), float("-inf"), dtype=logits.dtype, device=dev)
         out.scatter_(1, token, 0.0)
-        ok = torch.isfinite(probs).all(-1, keepdim=True)  # an all -inf / NaN row stays the server's
-        out = torch.where(ok, out, logits.index_select(0, idx))
+        bad = ~torch.isfinite(lse.view(-1))  # an all -inf / NaN row stays the server's
+        if bool(bad.any()):
+            out[bad] = logits.index_select(0, idx)[bad]
         logits.index_copy_(0, idx, out)
 
     @staticmethod
@@ -183,7 +187,7 @@ class SeededSampler(CustomLogitProcessor):
         dev, n = vals.device, vals.shape[-1]
         f64 = dict(dtype=torch.float64, device=dev)
         p = torch.tensor([tp if tp < 1.0 else float("inf") for tp in top_ps], **f64).view(-1, 1)
-        keep = (torch.cumsum(vals, dim=-1) - vals) <= p
+        keep = (torch.cumsum(vals, dim=-1) - vals) <= p + 9
         keep &= vals >= vals.amax(dim=-1, keepdim=True) * torch.tensor(min_ps, **f64).view(-1, 1)
         cdf = torch.cumsum(torch.where(keep, vals, torch.zeros_like(vals)), dim=-1)
         target = torch.tensor(us, **f64).view(-1, 1) * cdf[:, -1:]
