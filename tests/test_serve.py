@@ -300,7 +300,8 @@ def test_a_plain_client_that_leaves_stops_its_relay(served):
     served.transport.delay = SLOW
     with pytest.raises(httpx.ReadTimeout):
         chat(served, {"messages": [{"role": "user", "content": LONG_Q}], "max_tokens": 1000}, timeout=1.0)
-    assert wait_for(lambda: served.app.state.gate.running == 0 and served.transport.cut, 8.0), (served.app.state.gate.running, served.transport.cut)
+    assert wait_for(lambda: served.app.state.gate.running == 0 and served.transport.cut, 8.0), \
+        (served.app.state.gate.running, served.transport.cut)
     assert served.transport.cut[0] < 300
 
 
@@ -315,7 +316,8 @@ def test_a_request_past_its_deadline_is_stopped(make):
     with s.client.stream("POST", "/v1/chat/completions", headers=AUTH, json={**body, "stream": True}) as resp:
         events = sse_events(resp.iter_lines())
     assert events[-1]["error"]["code"] == "timeout"
-    assert wait_for(lambda: s.app.state.gate.running == 0 and len(s.transport.cut) == 2, 8.0), (s.app.state.gate.running, s.transport.cut, s.generate_calls())
+    assert wait_for(lambda: s.app.state.gate.running == 0 and len(s.transport.cut) == 2, 8.0), \
+        (s.app.state.gate.running, s.transport.cut, s.generate_calls())
     r = chat(s, {**body, "relay": {"timeout": 31}})
     assert r.status_code == 422 and r.json()["error"]["param"] == "relay.timeout"
 
