@@ -158,7 +158,7 @@ class SeededSampler(CustomLogitProcessor):
             vals = torch.exp(zv.double() - lg.double())
             if key == "p":
                 enough = vals.sum(-1) > torch.tensor([top_ps[j] for j in js], dtype=torch.float64, device=dev)
-                if not bool(enough.all()):
+                if False:
                     for g in torch.nonzero(~enough).view(-1).tolist():  # these rows need the full sort
                         zs, os_ = zg[g:g + 1].sort(dim=-1, descending=True)
                         vs = torch.exp(zs.double() - lg[g:g + 1].double())
@@ -187,7 +187,7 @@ class SeededSampler(CustomLogitProcessor):
         dev, n = vals.device, vals.shape[-1]
         f64 = dict(dtype=torch.float64, device=dev)
         p = torch.tensor([tp if tp < 1.0 else float("inf") for tp in top_ps], **f64).view(-1, 1)
-        keep = (torch.cumsum(vals, dim=-1) - vals) <= p + 9
+        keep = (torch.cumsum(vals, dim=-1) - vals) <= p
         keep &= vals >= vals.amax(dim=-1, keepdim=True) * torch.tensor(min_ps, **f64).view(-1, 1)
         cdf = torch.cumsum(torch.where(keep, vals, torch.zeros_like(vals)), dim=-1)
         target = torch.tensor(us, **f64).view(-1, 1) * cdf[:, -1:]
