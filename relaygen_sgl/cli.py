@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="a non-loopback address needs an API key (or --insecure)")
     sv.add_argument("--port", type=_positive_int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
-                    "(visible in `ps`: prefer --api-key-file or $RELAYGEN_API_KEY)")
+                    "and /openapi.json (visible in `ps`: prefer --api-key-file or $RELAYGEN_API_KEY)")
     sv.add_argument("--api-key-file", default=None, metavar="PATH", help="the API key is this file's first line")
     sv.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     sv.add_argument("--model-name", default="relaygen")

@@ -93,10 +93,10 @@ class SeededSampler(CustomLogitProcessor):
 
     @classmethod
     def _position(cls, req):
-        """The absolute index of the token being sampled. kv_committed_len is set when the
-        batch is scheduled (allocation.py alloc_for_extend / alloc_for_decode) and counts
-        every token fed so far, the cached prefix included; origin + output is the fallback
-        (it lags by one under the overlap scheduler, where results land after the launch)."""
+        """The absolute index of the token being sampled: kv_committed_len, set when the batch
+        is scheduled (mem_cache/allocation.py:485 extend, :686 decode), counts every token fed,
+        the cached prefix included. origin + output is only the fallback: under the overlap
+        scheduler it lags by one on most decode steps (results land after the next launch)."""
         kv = getattr(req, "kv", None)
         n = getattr(kv, "kv_committed_len", None)
         if isinstance(n, int) and n > 0:
@@ -158,7 +158,7 @@ class SeededSampler(CustomLogitProcessor):
             vals = torch.exp(zv.double() - lg.double())
             if key == "p":
                 enough = vals.sum(-1) > torch.tensor([top_ps[j] for j in js], dtype=torch.float64, device=dev)
-                if False:
+                if not bool(enough.all()):
                     for g in torch.nonzero(~enough).view(-1).tolist():  # these rows need the full sort
                         zs, os_ = zg[g:g + 1].sort(dim=-1, descending=True)
                         vs = torch.exp(zs.double() - lg[g:g + 1].double())

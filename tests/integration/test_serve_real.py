@@ -52,8 +52,21 @@ def server(cpu_pair, tmp_path_factory):
     assert "Traceback" not in err, err[-3000:]
 
 
-def threads(pid: int) -> int:
-    return int(re.search(r"Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+POOL = "relaygen-prefet"  # the backend's prefix-prefetch executor (bounded; its idle workers stay)
+
+
+def threads(pid: int, pooled: bool = False) -> int:
+    """The process's threads; without `pooled`, those of the prefetch pool left out."""
+    total = int(re.search(r"Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+    if pooled:
+        return total
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return total - sum(1 for n in names if n.startswith(POOL))
 
 
 def busy(url: str) -> int:
@@ -110,7 +123,7 @@ def test_64_streams_a_quarter_leave_early_the_rest_get_their_greedy_answers(serv
         print(f"\n{len(prompts)} greedy answers one at a time in {time.monotonic() - t0:.1f} s", flush=True)
         assert all(expected) and len(set(expected)) >= len(TOPICS) - 1
         assert wait_idle(cpu_pair, time.monotonic()) < IDLE_WITHIN_S
-        base = threads(proc.pid)
+        base, base_all = threads(proc.pid), threads(proc.pid, pooled=True)
 
         def one(i: int):
             prompt = prompts[i % len(prompts)]
@@ -122,7 +135,7 @@ def test_64_streams_a_quarter_leave_early_the_rest_get_their_greedy_answers(serv
         with ThreadPoolExecutor(max_workers=64) as pool:
             results = list(pool.map(one, range(64)))
         done = time.monotonic()
-        peak = threads(proc.pid)
+        peak = threads(proc.pid, pooled=True)
     left = [t for i, text, t in results if text is None]
     completed = [(i, text) for i, text, _ in results if text is not None]
     assert len(left) == 16 and len(completed) == 48
@@ -133,7 +146,8 @@ def test_64_streams_a_quarter_leave_early_the_rest_get_their_greedy_answers(serv
     threads_s, after = wait_threads(proc.pid, base, done)
     print(f"\n64 streams in {done - t0:.1f} s; last leave {done - last_leave:.1f} s before the last answer; "
           f"both servers idle {idle_s:.2f} s after the last answer ({done - last_leave + idle_s:.2f} s after the "
-          f"last leave); threads {base} before, {peak} at the end of the burst, {after} after {threads_s:.2f} s")
+          f"last leave); threads (prefetch pool left out) {base} before, {after} after {threads_s:.2f} s; "
+          f"with the pool {base_all} before, {peak} at the end of the burst, {threads(proc.pid, pooled=True)} now")
     assert idle_s < IDLE_WITHIN_S
     assert after <= base, f"{after} threads, {base} before"
 
