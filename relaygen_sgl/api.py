@@ -61,7 +61,7 @@ def _dp_size(engine: EngineClient) -> int:
 def connect(*, preset: str | None = None, large: str | None = None, small: str | None = None,
             profile: str | CueProfile | None = None, family: str | None = None,
             client: ClientConfig = ClientConfig(), transport: Any = None,
-            on_small_failure: str = "large", prefetch: bool = True) -> RelayBackend:
+            on_small_failure: str = "large", prefetch: bool | None = None) -> RelayBackend:
     """The routing backend over two servers, for `sgl.set_default_backend(...)` or
     `prog.run(..., backend=...)`. With a preset (or no URLs: the preset `relaygen up`
     recorded, else cpu-tiny) the served models are checked against it; with only URLs the
@@ -92,12 +92,22 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
     tokenizer = load_tokenizer(paths["large"])
     check_same_vocabulary(tokenizer, load_tokenizer(paths["small"] or paths["large"]))
     backend = RelayBackend(engines, tokenizer, fam, prof, on_small_failure=on_small_failure,
-                           dp_sizes={role: _dp_size(e) for role, e in engines.items()}, prefetch=prefetch)
+                           dp_sizes={role: _dp_size(e) for role, e in engines.items()},
+                           prefetch=_prefetch_default(prefetch, spec))
     backend.preset, backend.urls = spec, urls
     # A failed turn reaches the caller as a typed exception carrying the partial result;
     # SGLang's worker thread would also print its traceback as a warning.
     warnings.filterwarnings("ignore", message=r"Error in stream_executor:(?s:.*)relaygen_sgl\.errors\.")
     return backend
+
+
+def _prefetch_default(prefetch: bool | None, preset: Any) -> bool:
+    """On where each server has its own accelerator. Off on the CPU presets until a benchmark
+    shows it faster there: on 2 cores it keeps both server processes busy at once, the
+    OpenMP contention the CPU thread policy has yet to settle (issue 15)."""
+    if prefetch is not None:
+        return prefetch
+    return preset is None or preset.device != "cpu"
 
 
 def close(backend: RelayBackend) -> None:
@@ -111,7 +121,7 @@ class Relay:
     def __init__(self, *, preset: str | None = None, large: str | None = None, small: str | None = None,
                  profile: str | CueProfile | None = None, family: str | None = None,
                  client: ClientConfig = ClientConfig(), transport: Any = None,
-                 on_small_failure: str = "large", prefetch: bool = True) -> None:
+                 on_small_failure: str = "large", prefetch: bool | None = None) -> None:
         self.backend = connect(preset=preset, large=large, small=small, profile=profile, family=family,
                                client=client, transport=transport, on_small_failure=on_small_failure,
                                prefetch=prefetch)

@@ -213,8 +213,9 @@ def _add_server_args(p: argparse.ArgumentParser, on_small_failure: str = "large"
                    help="cues as words (default) or as the reference's plain substrings ('now' fires in 'know')")
     p.add_argument("--deadline", type=_positive_int, default=None,
                    help="stop a run (its SGLang requests aborted) after this many seconds; default none")
-    p.add_argument("--prefetch", choices=("on", "off"), default="on",
-                   help="warm the other server with the growing trajectory during each turn (never changes a token)")
+    p.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                   help="warm the other server with the growing trajectory during each turn (never changes a token); "
+                        "auto: on for GPU presets, off for CPU presets (unmeasured there)")
     p.add_argument("--ids", action="store_true", help="include token ids in the JSON")
     _add_client_args(p, on_small_failure)
 

@@ -37,7 +37,7 @@ def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
 def _plan_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                 answer_role=args.answer_role, cue_match=args.cue_match,
-                prefetch=args.prefetch == "on", deadline_s=args.deadline)
+                prefetch={"on": True, "off": False}.get(args.prefetch), deadline_s=args.deadline)
 
 
 # ---------------------------------------------------------------- commands
