@@ -1,8 +1,9 @@
 """Pick the CPU presets' thread policy by measurement (issue 15).
 
-One cpu-tiny pair per candidate policy (each on its own ports and home), all started
-before any load runs; then `bench.run_load` (relay and single-large interleaved per
-level) on every pair in turn, for several rounds, the order of pairs rotated each round.
+One cpu-tiny pair per candidate policy (each on its own ports and home; at most 3 pairs
+on 24 GiB: a CPU server holds about 3.5 GB), all started before any load runs; then
+`bench.run_load` (relay and single-large interleaved per level) on every pair in turn,
+for several rounds, the order of pairs rotated each round.
 An idle pair sleeps (--sleep-on-idle), so the pairs do not disturb each other.
 
     .venv/bin/python scripts/cpu_threads.py --out runs/threads.json [--policies today passive ...]
@@ -28,6 +29,7 @@ from relaygen_sgl.api import Relay
 from relaygen_sgl.bench import BenchConfig, run_load
 from relaygen_sgl.config import Settings, load_preset, load_settings
 from relaygen_sgl.datasets import load_problems
+from relaygen_sgl.errors import RelayGenError
 
 # env per role; {} is what the preset sets today
 POLICIES: dict[str, dict[str, dict[str, str]]] = {
@@ -39,14 +41,22 @@ POLICIES: dict[str, dict[str, dict[str, str]]] = {
                       "small": {"OMP_NUM_THREADS": "1", "GOMP_CPU_AFFINITY": "1"}},
     "one-thread-each": {r: {"OMP_NUM_THREADS": "1"} for r in ("large", "small")},
     "small-one-passive": {"large": {}, "small": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
+    "small-one-passive-large-spin10k": {"large": {"GOMP_SPINCOUNT": "10000"},
+                                        "small": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
+    "small-one-passive-mixed": {"large": {}, "small": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
+    "small-one-passive-large-spin10k-mixed": {"large": {"GOMP_SPINCOUNT": "10000"},
+                                              "small": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
 }
+# server arguments added to both roles' (SGLang's own scheduling, beside the threads)
+EXTRA_ARGS: dict[str, tuple[str, ...]] = {n: ("--enable-mixed-chunk",) for n in POLICIES if n.endswith("mixed")}
 
 
 def start(name: str, k: int, base: Settings, root: Path) -> dict[str, str]:
     preset = load_preset("cpu-tiny")
-    roles = {r: dataclasses.replace(s, port=s.port + 400 + 2 * k, env=s.env | POLICIES[name][r])
+    roles = {r: dataclasses.replace(s, port=s.port + 400 + 2 * k, env=s.env | POLICIES[name][r],
+                                    args=(*s.args, *EXTRA_ARGS.get(name, ())))
              for r, s in preset.roles.items()}
-    settings = Settings(home=root / name, models_override=base.models)
+    settings = Settings(home=root / name, models_override=base.models_dir)
     st = stack.up(dataclasses.replace(preset, roles=roles), settings)
     return {"large": st["large"]["url"], "small": st["small"]["url"], "home": str(settings.home)}
 
@@ -68,10 +78,16 @@ def main() -> int:
     runs: dict[str, list[dict]] = {n: [] for n in a.policies}
     try:
         for k, name in enumerate(a.policies):
-            pairs[name] = start(name, k, base, root)
+            try:
+                pairs[name] = start(name, k, base, root)
+            except RelayGenError as e:  # a policy the server cannot start under is a result too
+                print(f"{name}: did not start: {e}".splitlines()[0], flush=True)
+                del runs[name]
+                continue
             print(f"{name}: up {pairs[name]['large']} {pairs[name]['small']}", flush=True)
+        live = [n for n in a.policies if n in pairs]
         for rnd in range(a.rounds):
-            order = a.policies[rnd % len(a.policies):] + a.policies[:rnd % len(a.policies)]
+            order = live[rnd % len(live):] + live[:rnd % len(live)]
             for name in order:
                 with Relay(preset="cpu-tiny", large=pairs[name]["large"], small=pairs[name]["small"]) as r:
                     if rnd == 0:
@@ -81,7 +97,7 @@ def main() -> int:
             write(a.out, a, runs)
     finally:
         for p in pairs.values():
-            stack.down(Settings(home=Path(p["home"]), models_override=base.models))
+            stack.down(Settings(home=Path(p["home"]), models_override=base.models_dir))
     return 0
 
 
@@ -96,7 +112,7 @@ def write(out: Path, a: argparse.Namespace, runs: dict[str, list[dict]]) -> None
                 row[m] = {"median": round(statistics.median(v), 2), "min": min(v), "max": max(v), "runs": v}
             row["relay_over_single_large"] = round(row["relay"]["median"] / row["single-large"]["median"], 3)
             per[lvl] = row
-        summary[name] = {"env": POLICIES[name], "load": per}
+        summary[name] = {"env": POLICIES[name], "args": EXTRA_ARGS.get(name, ()), "load": per}
     doc = {"machine": machine.short(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "rounds": len(next(iter(runs.values()))), "max_tokens": a.max_tokens, "policies": summary, "raw": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
