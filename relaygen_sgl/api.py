@@ -102,9 +102,9 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
 
 
 def _prefetch_default(prefetch: bool | None, preset: Any) -> bool:
-    """On where each server has its own accelerator. Off on the CPU presets until a benchmark
-    shows it faster there: on 2 cores it keeps both server processes busy at once, the
-    OpenMP contention the CPU thread policy has yet to settle (issue 15)."""
+    """On where each server has its own accelerator. Off on the CPU presets: measured there
+    (2 cores, thread policy in place) it cut re-prefill per handoff from 116 to 1.75 tokens
+    but nearly doubled a relay's time, the other server's passes taking the writer's cores."""
     if prefetch is not None:
         return prefetch
     return preset is None or preset.device != "cpu"
