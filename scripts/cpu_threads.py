@@ -6,7 +6,7 @@ on 24 GiB: a CPU server holds about 3.5 GB), all started before any load runs; t
 for several rounds, the order of pairs rotated each round.
 An idle pair sleeps (--sleep-on-idle), so the pairs do not disturb each other.
 
-    .venv/bin/python scripts/cpu_threads.py --out runs/threads.json [--policies today passive ...]
+    .venv/bin/python scripts/cpu_threads.py --out runs/threads.json [--policies defaults preset ...]
 
 Writes JSON: for each policy, level and method the tokens/s of every round, the median,
 min and max, and the ratio of the relay's median to single-large's.
@@ -31,9 +31,17 @@ from relaygen_sgl.config import Settings, load_preset, load_settings
 from relaygen_sgl.datasets import load_problems
 from relaygen_sgl.errors import RelayGenError
 
-# env per role; {} is what the preset sets today
+
+def _thread_var(name: str) -> bool:
+    return name.startswith(("OMP_", "GOMP_"))
+
+
+# env per role, in place of the preset's own thread settings (OMP_*, GOMP_*): "defaults" runs
+# with none (OpenMP's defaults), "preset" with what presets.toml sets now
 POLICIES: dict[str, dict[str, dict[str, str]]] = {
-    "today": {"large": {}, "small": {}},
+    "defaults": {"large": {}, "small": {}},
+    "preset": {r: {k: v for k, v in load_preset("cpu-tiny").roles[r].env.items() if _thread_var(k)}
+               for r in ("large", "small")},
     "passive": {r: {"OMP_WAIT_POLICY": "PASSIVE"} for r in ("large", "small")},
     "spin10k": {r: {"GOMP_SPINCOUNT": "10000"} for r in ("large", "small")},
     "spin1k": {r: {"GOMP_SPINCOUNT": "1000"} for r in ("large", "small")},
@@ -53,7 +61,8 @@ EXTRA_ARGS: dict[str, tuple[str, ...]] = {n: ("--enable-mixed-chunk",) for n in 
 
 def start(name: str, k: int, base: Settings, root: Path) -> dict[str, str]:
     preset = load_preset("cpu-tiny")
-    roles = {r: dataclasses.replace(s, port=s.port + 400 + 2 * k, env=s.env | POLICIES[name][r],
+    roles = {r: dataclasses.replace(s, port=s.port + 400 + 2 * k,
+                                    env={n: v for n, v in s.env.items() if not _thread_var(n)} | POLICIES[name][r],
                                     args=(*s.args, *EXTRA_ARGS.get(name, ())))
              for r, s in preset.roles.items()}
     settings = Settings(home=root / name, models_override=base.models_dir)
@@ -63,7 +72,7 @@ def start(name: str, k: int, base: Settings, root: Path) -> dict[str, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policies", nargs="+", default=["today", "passive", "spin10k", "one-core-each"],
+    ap.add_argument("--policies", nargs="+", default=["defaults", "preset", "spin10k"],
                     choices=sorted(POLICIES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 16])
