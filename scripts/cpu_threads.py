@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import tempfile
 import time
@@ -26,8 +25,8 @@ import orjson
 
 from relaygen_sgl import machine, stack
 from relaygen_sgl.api import Relay
-from relaygen_sgl.bench import BenchConfig, run_load
-from relaygen_sgl.config import Settings, load_preset, load_settings
+from relaygen_sgl.bench import BenchConfig, run_load, spread
+from relaygen_sgl.config import Preset, Settings, load_preset, load_settings
 from relaygen_sgl.datasets import load_problems
 from relaygen_sgl.errors import RelayGenError
 
@@ -36,33 +35,40 @@ def _thread_var(name: str) -> bool:
     return name.startswith(("OMP_", "GOMP_"))
 
 
+ONE_PASSIVE = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+SPIN10K = {"GOMP_SPINCOUNT": "10000"}
+
 # env per role, in place of the preset's own thread settings (OMP_*, GOMP_*): "defaults" runs
-# with none (OpenMP's defaults), "preset" with what presets.toml sets now
+# with none (OpenMP's defaults), "preset" with what presets.toml sets now (read at start)
 POLICIES: dict[str, dict[str, dict[str, str]]] = {
     "defaults": {"large": {}, "small": {}},
-    "preset": {r: {k: v for k, v in load_preset("cpu-tiny").roles[r].env.items() if _thread_var(k)}
-               for r in ("large", "small")},
+    "preset": {},
     "passive": {r: {"OMP_WAIT_POLICY": "PASSIVE"} for r in ("large", "small")},
-    "spin10k": {r: {"GOMP_SPINCOUNT": "10000"} for r in ("large", "small")},
+    "spin10k": {r: SPIN10K for r in ("large", "small")},
     "spin1k": {r: {"GOMP_SPINCOUNT": "1000"} for r in ("large", "small")},
     "one-core-each": {"large": {"OMP_NUM_THREADS": "1", "GOMP_CPU_AFFINITY": "0"},
                       "small": {"OMP_NUM_THREADS": "1", "GOMP_CPU_AFFINITY": "1"}},
     "one-thread-each": {r: {"OMP_NUM_THREADS": "1"} for r in ("large", "small")},
-    "small-one-passive": {"large": {}, "small": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
-    "small-one-passive-large-spin10k": {"large": {"GOMP_SPINCOUNT": "10000"},
-                                        "small": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
-    "small-one-passive-mixed": {"large": {}, "small": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
-    "small-one-passive-large-spin10k-mixed": {"large": {"GOMP_SPINCOUNT": "10000"},
-                                              "small": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}},
+    "small-one-passive": {"large": {}, "small": ONE_PASSIVE},
+    "small-one-passive-large-spin10k": {"large": SPIN10K, "small": ONE_PASSIVE},
 }
-# server arguments added to both roles' (SGLang's own scheduling, beside the threads)
-EXTRA_ARGS: dict[str, tuple[str, ...]] = {n: ("--enable-mixed-chunk",) for n in POLICIES if n.endswith("mixed")}
+# the same threads with SGLang's mixed prefill/decode batches on both roles
+MIXED = ("small-one-passive", "small-one-passive-large-spin10k")
+POLICIES |= {f"{n}-mixed": POLICIES[n] for n in MIXED}
+EXTRA_ARGS: dict[str, tuple[str, ...]] = {f"{n}-mixed": ("--enable-mixed-chunk",) for n in MIXED}
+
+
+def policy_env(name: str, role: str, preset: Preset) -> dict[str, str]:
+    if name == "preset":
+        return {n: v for n, v in preset.roles[role].env.items() if _thread_var(n)}
+    return POLICIES[name][role]
 
 
 def start(name: str, k: int, base: Settings, root: Path) -> dict[str, str]:
     preset = load_preset("cpu-tiny")
     roles = {r: dataclasses.replace(s, port=s.port + 400 + 2 * k,
-                                    env={n: v for n, v in s.env.items() if not _thread_var(n)} | POLICIES[name][r],
+                                    env={n: v for n, v in s.env.items() if not _thread_var(n)}
+                                    | policy_env(name, r, preset),
                                     args=(*s.args, *EXTRA_ARGS.get(name, ())))
              for r, s in preset.roles.items()}
     settings = Settings(home=root / name, models_override=base.models_dir)
@@ -95,6 +101,9 @@ def main() -> int:
                 continue
             print(f"{name}: up {pairs[name]['large']} {pairs[name]['small']}", flush=True)
         live = [n for n in a.policies if n in pairs]
+        if not live:
+            print("no policy started a pair: nothing to measure", file=sys.stderr)
+            return 1
         for rnd in range(a.rounds):
             order = live[rnd % len(live):] + live[:rnd % len(live)]
             for name in order:
@@ -118,10 +127,11 @@ def write(out: Path, a: argparse.Namespace, runs: dict[str, list[dict]]) -> None
             row: dict[str, dict | float] = {}
             for m in ("relay", "single-large"):
                 v = [r[lvl][m]["tokens_per_s"] for r in rs]
-                row[m] = {"median": round(statistics.median(v), 2), "min": min(v), "max": max(v), "runs": v}
+                row[m] = spread(v) | {"runs": v}
             row["relay_over_single_large"] = round(row["relay"]["median"] / row["single-large"]["median"], 3)
             per[lvl] = row
-        summary[name] = {"env": POLICIES[name], "args": EXTRA_ARGS.get(name, ()), "load": per}
+        summary[name] = {"env": {r: policy_env(name, r, load_preset("cpu-tiny")) for r in ("large", "small")},
+                         "args": EXTRA_ARGS.get(name, ()), "load": per}
     doc = {"machine": machine.short(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "rounds": len(next(iter(runs.values()))), "max_tokens": a.max_tokens, "policies": summary, "raw": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
