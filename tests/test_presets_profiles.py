@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from relaygen_sgl.config import data_path, load_preset, load_settings, preset_names
+from relaygen_sgl.config import cpu_shim_dir, data_path, load_preset, load_settings, preset_names
 from relaygen_sgl.cues import available_profiles, load_profile
 from relaygen_sgl.errors import ConfigError
 from relaygen_sgl.launcher import server_command
@@ -56,6 +57,9 @@ def test_cpu_servers_start_with_the_measured_thread_policy(name):
     small = server_command(load_preset(name), "small", settings).env
     assert large["OMP_NUM_THREADS"] == small["OMP_NUM_THREADS"] == "1"
     assert large["GOMP_SPINCOUNT"] == "10000" and small["OMP_WAIT_POLICY"] == "PASSIVE"  # as measured
+    # and the extend attention that computes only the new rows (relaygen_sgl/cpu_attention.py)
+    assert large["RELAYGEN_EXTEND_ATTENTION"] == small["RELAYGEN_EXTEND_ATTENTION"] == "new-rows"
+    assert str(cpu_shim_dir()) in large["PYTHONPATH"].split(os.pathsep)
 
 
 def test_unknown_preset_lists_the_choices():
