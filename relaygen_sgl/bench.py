@@ -197,11 +197,15 @@ def run_handoff(relay: Relay, results: list[RelayResult], questions: list[str]) 
 
 
 def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """tokens/s at each concurrency: every question at least once, in waves of `level`
+    trajectories (so level 1 is not one sample), relay and single-large interleaved, the
+    order alternating from level to level."""
     out: dict[str, Any] = {}
-    for level in cfg.load_levels:
+    for k, level in enumerate(cfg.load_levels):
         out[str(level)] = {}
-        for method in ("relay", "single-large"):  # interleaved per level
-            qs = [questions[i % len(questions)] for i in range(level)]
+        count = -(-max(level, len(questions)) // level) * level
+        for method in ("relay", "single-large") if k % 2 == 0 else ("single-large", "relay"):
+            qs = [questions[i % len(questions)] for i in range(count)]
             lat: list[float] = []
             tokens = 0
             lock = threading.Lock()
@@ -217,7 +221,7 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
             with ThreadPoolExecutor(max_workers=level) as pool:
                 list(pool.map(lambda a: one(*a), enumerate(qs)))
             wall = time.perf_counter() - t0
-            out[str(level)][method] = {"trajectories": level, "wall_s": round(wall, 3), "tokens": tokens,
+            out[str(level)][method] = {"trajectories": count, "wall_s": round(wall, 3), "tokens": tokens,
                                        "tokens_per_s": round(tokens / wall, 2), "p50_latency_s": _pct(lat, 0.5),
                                        "p95_latency_s": _pct(lat, 0.95)}
             log(f"load {level} {method}: {tokens / wall:.1f} tok/s")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.bench import BenchConfig, handoff_samples, handoff_summary, run_speed, spread
+from relaygen_sgl.bench import BenchConfig, handoff_samples, handoff_summary, run_load, run_speed, spread
 from relaygen_sgl.bench_report import markdown
 from relaygen_sgl.engine import ClientConfig
 
@@ -76,3 +76,28 @@ def test_handoffs_are_the_turns_after_the_other_roles_turn(fake):
     summary = handoff_summary(segs)
     assert summary["handoffs"] == len(segs)
     assert summary["mean_reprefilled_tokens"] == round(sum(s.reprefilled for s in segs) / len(segs), 2)
+
+
+def test_load_levels_run_every_question_in_waves_and_interleave(fake):
+    for url in (LARGE, SMALL):
+        fake.add_host(url, [])
+    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
+                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, prefetch=False)
+    qs = ["What is 2 + 3?", "What is 3 + 2?", "What is 1 + 4?"]
+    tape = relay.tokenizer.encode(relay.plan().render(qs[0])) + relay.tokenizer.encode(THINK) + [fake.eos_id]
+    for h in fake.hosts.values():
+        h.tape = tape
+    order: list[str] = []
+    run = relay.run
+    relay.run = lambda q, method, **kw: order.append(method) or run(q, method, **kw)  # type: ignore[method-assign]
+    cfg = BenchConfig(preset="cpu-tiny", questions=3, load_levels=(1, 2, 4), load_max_tokens=60)
+    out = run_load(relay, qs, cfg, log=lambda m: None)
+    # level 1: each question once, one after another; 2: two waves of 2; 4: one wave of 4
+    assert [out[k]["relay"]["trajectories"] for k in ("1", "2", "4")] == [3, 4, 4]
+    assert all(out[k]["relay"]["trajectories"] == out[k]["single-large"]["trajectories"] for k in out)
+    firsts = [order[0], order[6], order[14]]  # the first run of each level (3+3, then 4+4)
+    assert firsts == ["relay", "single-large", "relay"]
+    for k in out:
+        by = out[k]
+        assert by["relay"]["tokens"] > 0 and by["relay_over_single_large"] == round(
+            by["relay"]["tokens_per_s"] / by["single-large"]["tokens_per_s"], 3)
