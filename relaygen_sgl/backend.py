@@ -270,7 +270,7 @@ class RelayBackend(BaseBackend):
             warm = (traj.prefetch if traj.prefetch is not None else self.prefetch) and not traj.degraded \
                 and self.engines[other] is not self.engines[on]
             pf = Prefetcher(self._pool, self.engines[other], self._pin(other, traj), ids) if warm else None
-            if pf is not None:
+            if pf is not None and traj.last_writer != other:  # else it holds all but a token
                 pf.offer([])  # the prefix now: the first turn's prompt prefill overlaps this turn
             try:
                 return run_turn(self.engines[on], self.tokenizer, ids, text, replace(

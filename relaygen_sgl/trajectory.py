@@ -50,6 +50,12 @@ class Trajectory:
     def completion_ids(self) -> list[int]:
         return [t for s in self.segments for t in s.token_ids]
 
+    @property
+    def last_writer(self) -> str | None:
+        """The role whose turn the trajectory ends with (None before any, or after inserted
+        text): that server holds all of it but the last token."""
+        return self.segments[-1].role if self.segments and self.segments[-1].role != INSERTED else None
+
     def model_tokens(self) -> int:
         return sum(s.completion_tokens for s in self.segments if s.role != INSERTED)
 

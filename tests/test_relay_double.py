@@ -351,6 +351,20 @@ def test_prefetch_warms_the_other_server_and_never_changes_a_token(fake):
     # (the small server's first turn included: its prompt prefill overlapped the large turn)
     turns = [s for s in warm.segments if s.role in ("large", "small")][1:]
     assert all(s.prompt_tokens - s.cached_tokens <= 2 for s in turns), [(s.role, s.reprefilled) for s in turns]
+    # the prefix goes out at a turn's start only where the other server lacks more than the
+    # last token: the small one on the first turn, never the role that has just written
+    starts, pos, prev = [], len(warm.prompt_ids), None
+    for seg in warm.segments:
+        if seg.role in ("large", "small"):
+            starts.append((seg.role, prev, pos))
+            prev = seg.role
+        pos += len(seg.token_ids)
+    ids = warm.prompt_ids + warm.token_ids
+    for role, before, at in starts:
+        other = SMALL if role == "large" else LARGE
+        sent = [r for r in fake.hosts[other.split("//")[1]].requests
+                if r["sampling_params"]["max_new_tokens"] == 0 and r["input_ids"] == ids[:at]]
+        assert len(sent) == (0 if before == ("small" if role == "large" else "large") else 1), (role, before, at)
     no = make_relay(fake, family="qwen3", prefetch=True).run(QUESTION, max_tokens=500, prefetch=False)
     assert no.token_ids == cold.token_ids
 
