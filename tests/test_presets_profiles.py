@@ -57,8 +57,9 @@ def test_cpu_servers_start_with_the_measured_thread_policy(name):
     small = server_command(load_preset(name), "small", settings).env
     assert large["OMP_NUM_THREADS"] == small["OMP_NUM_THREADS"] == "1"
     assert large["GOMP_SPINCOUNT"] == "10000" and small["OMP_WAIT_POLICY"] == "PASSIVE"  # as measured
-    # and the extend attention that computes only the new rows (relaygen_sgl/cpu_attention.py)
+    # and the CPU compute patches (relaygen_sgl/cpu_attention.py, cpu_linear.py)
     assert large["RELAYGEN_EXTEND_ATTENTION"] == small["RELAYGEN_EXTEND_ATTENTION"] == "new-rows"
+    assert large["RELAYGEN_LINEAR"] == small["RELAYGEN_LINEAR"] == "few-rows-as-columns"
     assert str(cpu_shim_dir()) in large["PYTHONPATH"].split(os.pathsep)
 
 
