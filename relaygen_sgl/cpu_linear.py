@@ -4,7 +4,7 @@ On the development CPU torch's fp32 `F.linear` for 2-5 rows is far slower than f
 (matrix-vector): SmolLM2-135M's 30 layers of linear maps took 24 ms for 1 row and 33-41 ms
 for 2-5, while the same product as `W @ x.T` took 18-35 ms (from 6 rows on it is slower).
 Rows of 2-5 are what a handoff prefill of a few tokens and a decode step at 2-5 concurrent
-requests compute (README, "CPU extend attention").
+requests compute (README, "CPU compute patches").
 
 Only fp32 CPU tensors of 2-5 rows without AMX packing take this path; everything else runs
 SGLang's `UnquantizedLinearMethod.apply`. The result equals F.linear's up to float rounding
