@@ -58,7 +58,7 @@ class RelayBackend(BaseBackend):
         # routed_dp_rank): the rank's radix cache then holds the whole shared prefix.
         self.dp_sizes = {r: n for r, n in (dp_sizes or {}).items() if n > 1}
         self._slots = itertools.count()
-        self.prefetch = prefetch  # the default; a plan may say otherwise for its trajectory
+        self.prefetch, self.prefetch_every = prefetch, 1  # defaults; a plan may turn it off; connect: every
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="relaygen-prefetch")
         self._profiles: dict[str, CueProfile] = {}
         self._seeds = SeedSupport()
@@ -269,9 +269,8 @@ class RelayBackend(BaseBackend):
             other = "small" if on == "large" else "large"
             warm = (traj.prefetch if traj.prefetch is not None else self.prefetch) and not traj.degraded \
                 and self.engines[other] is not self.engines[on]
-            pf = Prefetcher(self._pool, self.engines[other], self._pin(other, traj), ids) if warm else None
-            if pf is not None and traj.last_writer != other:  # else it holds all but a token
-                pf.offer([])  # the prefix now: the first turn's prompt prefill overlaps this turn
+            pf = Prefetcher(self._pool, self.engines[other], self._pin(other, traj), ids, self.prefetch_every,
+                            prefix=traj.last_writer != other) if warm else None  # else it has all but a token
             try:
                 return run_turn(self.engines[on], self.tokenizer, ids, text, replace(
                     spec, role=on, extra={**self._pin(on, traj), **extra}, sampling={**sampling, **add}),

@@ -112,6 +112,7 @@ class Preset:
     profile: str
     roles: dict[str, RoleSpec]
     startup_timeout_s: float = 600.0
+    prefetch_every: int = 1  # tokens between handoff prefetches (presets.toml says why per preset)
 
     def url(self, role: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.roles[role].port}"
@@ -194,9 +195,13 @@ def load_preset(name: str) -> Preset:
     for role in roles.values():
         if role.local_model and role.local_model not in raw.get("local_models", {}):
             raise ConfigError(f"preset {name}: unknown local model {role.local_model!r}")
+    every = spec.get("prefetch_every", 1)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError(f"preset {name}: prefetch_every must be an integer >= 1")
     return Preset(name=name, description=spec.get("description", ""), device=device,
                   family=spec["family"], profile=spec["profile"], roles=roles,
-                  startup_timeout_s=float(spec.get("startup_timeout_s", 600)))
+                  startup_timeout_s=float(spec.get("startup_timeout_s", 600)),
+                  prefetch_every=every)
 
 
 def check_models(preset: Preset, settings: Settings) -> None:

@@ -10,6 +10,9 @@ went out the moment the last request ended, mid-way between two tokens, so the r
 server was busy at nearly every instant, the handoff's included: on the CPU pair 9 of 10
 handoffs waited 0.04-0.08 s behind a prefetch. Sent only as tokens arrive, a prefetch
 started one token before the turn ends is the only one still running at the handoff.
+A preset can space them out (`prefetch_every`): on the CPU pair a prefill pass costs the
+receiver what a decode step costs the writer, and every 6th token measured faster than
+every token, in handoff latency and in a whole relay (README, "CPU compute patches").
 """
 
 from __future__ import annotations
@@ -27,17 +30,24 @@ class Prefetcher:
     """Keeps one server warm with one trajectory's prefix."""
 
     def __init__(self, pool: ThreadPoolExecutor, engine: EngineClient, extra: dict[str, Any] | None,
-                 base: Sequence[int]) -> None:
+                 base: Sequence[int], every: int = 1, prefix: bool = True) -> None:
+        """`prefix`: send `base` now, so that (on the first turn) the small server's prefill of
+        the prompt overlaps the large model's turn. Then every `every`th token of the turn."""
         self.pool, self.engine, self.extra, self.base = pool, engine, extra or None, base
+        self.every = every
         self._lock = threading.Lock()
         self._busy = False
         self._sent = 0  # length of the longest prefix sent
         self.closed = False
         self.requests = 0
+        if prefix:
+            self.offer([])
 
     def offer(self, turn_ids: Sequence[int]) -> None:
         """The turn's tokens so far (the prefix before the turn is `base`): sent unless a
-        prefetch is still running or the turn is over."""
+        prefetch is still running, the turn is over or it is not an Nth token."""
+        if len(turn_ids) % self.every:
+            return
         with self._lock:
             if self.closed or self._busy or len(self.base) + len(turn_ids) <= self._sent:
                 return

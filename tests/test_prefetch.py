@@ -29,7 +29,7 @@ def settle(pool: ThreadPoolExecutor) -> None:
 
 def test_offers_while_one_runs_are_dropped_not_queued():
     eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
-    pf = Prefetcher(pool, eng, None, [1, 2])
+    pf = Prefetcher(pool, eng, None, [1, 2], prefix=False)
     pf.offer([3])
     pf.offer([3, 4])  # arrives while [1, 2, 3] runs
     pf.offer([3, 4, 5])
@@ -49,7 +49,7 @@ def test_nothing_is_sent_after_close_and_a_failure_is_only_a_colder_handoff():
     eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
     eng.fail = True
     eng.release.set()
-    pf = Prefetcher(pool, eng, None, [1])
+    pf = Prefetcher(pool, eng, None, [1], prefix=False)
     pf.offer([2])
     settle(pool)
     pf.offer([2, 3])  # the failed one freed the slot
@@ -59,3 +59,15 @@ def test_nothing_is_sent_after_close_and_a_failure_is_only_a_colder_handoff():
     pf.offer([2, 3, 4])
     settle(pool)
     assert len(eng.sent) == 2
+
+
+def test_the_prefix_at_once_then_every_nth_token():
+    eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
+    eng.release.set()
+    pf = Prefetcher(pool, eng, None, [1, 2], every=3)
+    settle(pool)
+    assert eng.sent == [[1, 2]]  # the prefix, before any token of the turn
+    for n in range(1, 8):
+        pf.offer(list(range(10, 10 + n)))
+        settle(pool)
+    assert eng.sent == [[1, 2], [1, 2, 10, 11, 12], [1, 2, 10, 11, 12, 13, 14, 15]]

@@ -110,3 +110,20 @@ def test_launch_serve_sh_builds_the_same_command_as_up():
     bad = subprocess.run([str(root / "launch" / "serve.sh"), "medium", "cpu-tiny"], capture_output=True, text=True,
                          env=env, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.parametrize("value", [0, -1, "6", 1.5, True])
+def test_prefetch_every_must_be_a_positive_integer(monkeypatch, value):
+    import relaygen_sgl.config as config
+
+    raw = config._raw()
+    raw["cpu-tiny"]["prefetch_every"] = value
+    monkeypatch.setattr(config, "_raw", lambda: raw)
+    with pytest.raises(ConfigError, match="prefetch_every must be an integer >= 1"):
+        load_preset("cpu-tiny")
+
+
+def test_cpu_presets_space_the_prefetch_gpu_presets_do_not():
+    # CPU: measured (README, CPU compute patches); GPU: every token, as the issue asks
+    assert {n: load_preset(n).prefetch_every for n in preset_names()} == {
+        n: 6 if load_preset(n).device == "cpu" else 1 for n in preset_names()}

@@ -88,8 +88,10 @@ def test_prefetch_never_changes_a_token_and_warms_each_handoff(cpu_pair):
     question = QUESTION + " Be careful."  # not cached by earlier tests
     with Relay(preset="cpu-tiny", large=cpu_pair.large, small=cpu_pair.small) as r:
         off = r.run(question, max_tokens=160, temperature=0.0, prefetch=False)
+        again = r.run(question, max_tokens=160, temperature=0.0, prefetch=True)  # the preset's spacing
+        assert r.backend.prefetch_every > 1
+        r.backend.prefetch_every = 1  # every token: the closest the prefetch can keep
         on = r.run(question + " ", max_tokens=160, temperature=0.0, prefetch=True)
-        again = r.run(question, max_tokens=160, temperature=0.0, prefetch=True)
     assert again.token_ids == off.token_ids, "prefetch changed the greedy trajectory"
 
     def handoffs(res):  # every model turn after the first; the small server's first one included
