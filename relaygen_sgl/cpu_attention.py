@@ -9,16 +9,12 @@ patches"), so every handoff, prefetch and follow-up turn paid for the prefix aga
 
 `extend_new_rows` gives the same rows: query row i (position P+i) attends keys 0..P+i,
 the causal mask aligned to the bottom right. Sliding windows and encoder (cross)
-attention keep SGLang's code. The CPU servers get it through the shim's sitecustomize
-when their preset sets RELAYGEN_EXTEND_ATTENTION=new-rows.
+attention keep SGLang's code. The CPU servers get it as relaygen_sgl.cpu_patches says.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-ENV = "RELAYGEN_EXTEND_ATTENTION"
-NEW_ROWS = "new-rows"
 
 
 def extend_new_rows(original: Any) -> Any:
@@ -62,10 +58,3 @@ def extend_new_rows(original: Any) -> Any:
 
     run.__wrapped__ = original  # type: ignore[attr-defined]
     return run
-
-
-def patch(backend_cls: Any) -> None:
-    """Replace the class's extend attention (once)."""
-    current = backend_cls._run_sdpa_forward_extend
-    if getattr(current, "__wrapped__", None) is None:
-        backend_cls._run_sdpa_forward_extend = extend_new_rows(current)

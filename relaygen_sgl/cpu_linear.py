@@ -8,16 +8,13 @@ requests compute (README, "CPU compute patches").
 
 Only fp32 CPU tensors of 2-5 rows without AMX packing take this path; everything else runs
 SGLang's `UnquantizedLinearMethod.apply`. The result equals F.linear's up to float rounding
-(another summation order). The CPU servers get it through the shim's sitecustomize when
-their preset sets RELAYGEN_LINEAR=few-rows-as-columns.
+(another summation order). The CPU servers get it as relaygen_sgl.cpu_patches says.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-ENV = "RELAYGEN_LINEAR"
-FEW_ROWS = "few-rows-as-columns"
 ROWS = range(2, 6)
 
 
@@ -36,10 +33,3 @@ def few_rows_as_columns(original: Any) -> Any:
 
     apply.__wrapped__ = original  # type: ignore[attr-defined]
     return apply
-
-
-def patch(method_cls: Any) -> None:
-    """Replace the class's apply (once)."""
-    current = method_cls.apply
-    if getattr(current, "__wrapped__", None) is None:
-        method_cls.apply = few_rows_as_columns(current)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relaygen_sgl.cpu_attention import extend_new_rows, patch
+from relaygen_sgl.cpu_attention import extend_new_rows
 
 TorchNativeAttnBackend = pytest.importorskip(
     "sglang.srt.layers.attention.torch_native_backend").TorchNativeAttnBackend
@@ -54,13 +54,3 @@ def test_sliding_windows_keep_sglangs_code():
     b = batch([10], [3])
     run(fallback, b, enable_gqa=True, causal=True, sliding_window_size=4)
     assert seen == [4]
-
-
-def test_patch_is_applied_once():
-    class Backend:
-        _run_sdpa_forward_extend = SGLANGS
-
-    patch(Backend)
-    first = Backend._run_sdpa_forward_extend
-    patch(Backend)
-    assert Backend._run_sdpa_forward_extend is first and first.__wrapped__ is SGLANGS

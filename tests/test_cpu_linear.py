@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from relaygen_sgl.cpu_linear import few_rows_as_columns, patch
+from relaygen_sgl.cpu_linear import few_rows_as_columns
 
 unquant = pytest.importorskip("sglang.srt.layers.quantization.unquant")
 SGLANGS = unquant.UnquantizedLinearMethod.__dict__["apply"]
@@ -43,13 +43,3 @@ def test_everything_else_runs_sglangs_code(case):
     assert apply(None, layer, x) == "sglang" and seen == [tuple(x.shape)]
     ours = few_rows_as_columns(lambda *a, **k: pytest.fail("SGLang's path taken"))
     assert ours(None, Layer(8, 16), torch.randn(3, 16)).shape == (3, 8)
-
-
-def test_patch_is_applied_once():
-    class Method:
-        apply = SGLANGS
-
-    patch(Method)
-    first = Method.apply
-    patch(Method)
-    assert Method.apply is first and first.__wrapped__ is SGLANGS
