@@ -104,10 +104,10 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
 
 def _prefetch_default(prefetch: bool | None, preset: Any) -> bool:
     """On where each server has its own accelerator. Off on the CPU presets: measured there
-    (2 cores, one thread per server, every 6th token) it cut re-prefill per handoff from 116
-    to 2.75 tokens and the handoff from 6.9 decode steps to 1.7, but a relay was 1.4% slower
-    in the median at batch 1: faster when it switched, slower when it never did (the other
-    server's passes take CPU and memory bandwidth the writer could use)."""
+    (2 cores, one thread per server, every 2nd token) it cuts a handoff to ~1.6 re-prefilled
+    tokens and ~1.1-1.2 decode steps, but relays under load lost 2-3% of their speed at batch
+    1 and 15-17% at 4 and 16 concurrent: the other server's prefill passes take memory
+    bandwidth and CPU the writers could use."""
     if prefetch is not None:
         return prefetch
     return preset is None or preset.device != "cpu"

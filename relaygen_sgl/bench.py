@@ -36,11 +36,14 @@ class BenchConfig:
     load_levels: tuple[int, ...] = (1, 2, 4, 16)
     load_max_tokens: int = 256
     dataset: str = "aime25"
+    # Live handoffs, once per question: most relays on a short budget switch once or never,
+    # and a mean over the 4 handoffs of the speed questions was one collision away from another.
+    handoff_questions: int = 12
 
     @classmethod
     def quick(cls, preset: str) -> BenchConfig:
         return cls(preset=preset, questions=3, reps=2, max_tokens=160, load_levels=(1, 2, 4, 16),
-                   load_max_tokens=200, dataset="amc23")
+                   load_max_tokens=200, dataset="amc23", handoff_questions=12)
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -125,18 +128,22 @@ def run_speed(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callabl
     return out
 
 
-def handoff_samples(results: list[RelayResult]) -> list[Segment]:
-    """Every turn that follows the other role's turn: the handoffs (the small server's first
-    turn included; the trajectory's first turn is not one)."""
+def handoff_samples(results: list[RelayResult], after_text: bool = False) -> list[Segment]:
+    """Every turn that follows the other role's turn at a cue: the switch and the hand-back
+    (the small server's first turn included; the trajectory's first turn is not one). With
+    `after_text`, instead the turns that follow the other role's after text the program
+    inserted (the forced "</think>"): no cue ends the turn before them, and no prefetch can
+    send text the program has not written yet, so they re-prefill that text."""
     out = []
     for res in results:
-        prev = None
+        prev, inserted = None, False
         for seg in res.segments:
             if seg.role not in ("large", "small"):
+                inserted = True
                 continue
-            if prev is not None and seg.role != prev:
+            if prev is not None and seg.role != prev and inserted == after_text:
                 out.append(seg)
-            prev = seg.role
+            prev, inserted = seg.role, False
     return out
 
 
@@ -151,19 +158,21 @@ def handoff_summary(segs: list[Segment]) -> dict[str, Any]:
 def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
                       log: Callable[[str], None]) -> dict[str, Any]:
     """The same relays with the handoff prefetch on and off (plain token-exact handoffs),
-    interleaved, each from cold caches: what each handoff re-prefills and how long the
-    receiving role takes from the cue to its first token."""
+    interleaved (the order alternating), each from cold caches: what each handoff
+    re-prefills and how long the receiving role takes from the cue to its first token."""
     runs: dict[str, list[RelayResult]] = {"prefetch": [], "tokens": []}
     engines = {id(e): e for e in relay.engines.values()}.values()
-    for rep in range(cfg.reps):
-        for qi, q in enumerate(questions):
-            for name, on in (("prefetch", True), ("tokens", False)):
-                for e in engines:
-                    e.flush_cache(timeout_s=30)
-                res = relay.run(q, "relay", max_tokens=cfg.max_tokens, seed=rep, prefetch=on)
-                runs[name].append(res)
-                log(f"handoff rep {rep} q{qi} {name}: {res.stats.e2e_s:.2f}s, {res.stats.switches} switches")
-    return {name: handoff_summary(handoff_samples(rs)) for name, rs in runs.items()}
+    variants = (("prefetch", True), ("tokens", False))
+    for qi, q in enumerate(questions):
+        for name, on in variants if qi % 2 == 0 else variants[::-1]:
+            for e in engines:
+                e.flush_cache(timeout_s=30)
+            res = relay.run(q, "relay", max_tokens=cfg.max_tokens, seed=0, prefetch=on)
+            runs[name].append(res)
+            log(f"handoff q{qi} {name}: {res.stats.e2e_s:.2f}s, {res.stats.switches} switches")
+    return {name: {**handoff_summary(handoff_samples(rs)),
+                   "after_inserted_text": handoff_summary(handoff_samples(rs, after_text=True))}
+            for name, rs in runs.items()}
 
 
 def decode_step_s(results: list[RelayResult]) -> float | None:
@@ -238,7 +247,8 @@ def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str]
     speed = run_speed(relay, questions, cfg, log)
     all_runs = speed.pop("_runs")
     runs = all_runs["relay"]
-    handoff = run_live_handoffs(relay, questions, cfg, log)
+    handoff = run_live_handoffs(relay, [p.question for p in load_problems(cfg.dataset)[: cfg.handoff_questions]],
+                                cfg, log)
     handoff["decode_step_s"] = decode_step_s(all_runs["single-large"])
     # the format replay needs handoffs: the relay runs with the most switches, one per question
     best: dict[str, RelayResult] = {}

@@ -20,14 +20,17 @@ def markdown(r: dict[str, Any]) -> str:
     step = ho.get("decode_step_s")
     lines += ["## Handoffs in live relays (batch 1, cold caches, interleaved)", "",
               f"One decode step of the large model alone: {step} s. Handoff latency: from the end of one role's "
-              "turn to the other role's first token.", "",
-              "| handoff | handoffs | re-prefilled tokens (mean) | handoff latency (s, mean) | latency / decode step |",
-              "|---|---|---|---|---|"]
+              "turn to the other role's first token. At a cue: the switch and the hand-back. After inserted "
+              "text: the answer turn after a forced \"</think>\", which no prefetch can send ahead.", "",
+              "| handoff | where | handoffs | re-prefilled tokens (mean) | handoff latency (s, mean) | "
+              "latency / decode step |",
+              "|---|---|---|---|---|---|"]
     for name, label in (("prefetch", "token-exact + prefetch"), ("tokens", "token-exact, no prefetch")):
-        h = ho.get(name) or {}
-        lat = h.get("mean_handoff_latency_s")
-        lines.append(f"| {label} | {h.get('handoffs')} | {h.get('mean_reprefilled_tokens')} | {lat} | "
-                     f"{round(lat / step, 2) if lat and step else 'n/a'} |")
+        for where, h in (("at a cue", ho.get(name) or {}),
+                         ("after inserted text", (ho.get(name) or {}).get("after_inserted_text") or {})):
+            lat = h.get("mean_handoff_latency_s")
+            lines.append(f"| {label} | {where} | {h.get('handoffs')} | {h.get('mean_reprefilled_tokens')} | {lat} | "
+                         f"{round(lat / step, 2) if lat and step else 'n/a'} |")
     lines += ["", "## Handoff format (per handoff, replayed trajectories)", "",
               "| format | handoffs | re-prefilled tokens | handoff latency (s) | vs tokens (prefill / latency) |",
               "|---|---|---|---|---|"]
@@ -91,7 +94,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     names = ["prefetch", *FORMATS]
     vals = [(ho.get("prefetch") or {}).get("mean_reprefilled_tokens") or 0,
             *[ho["replay"][f]["mean_reprefilled_tokens"] or 0 for f in FORMATS]]
-    a.bar(["tokens+prefetch", *FORMATS], vals, color=["#2ca02c", "#1f77b4", "#ff7f0e", "#d62728"])
+    a.bar(["tokens+prefetch\n(at cues)", *FORMATS], vals, color=["#2ca02c", "#1f77b4", "#ff7f0e", "#d62728"])
     a.set_ylabel("tokens re-prefilled per handoff (mean)")
     a.set_title("handoff cost")
     for i, v in enumerate(vals[: len(names)]):

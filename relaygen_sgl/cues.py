@@ -90,6 +90,18 @@ def find_cue(text: str, patterns: Iterable[str], *, after: int = 0) -> CueMatch 
     return best[1] if best else None
 
 
+# Characters that end a word: if one of them would complete a cue after the text so far,
+# the model's next token may end the turn.
+NEXT_CHARS = (" ", ",", ".", ":", "\n")
+
+
+def cue_next(text: str, patterns: Iterable[str]) -> bool:
+    """One more non-word character after `text` could complete a cue ("... Therefore" + " ",
+    "... Now" + ","). `text` needs the characters before the cue, so `\\b` sees them."""
+    return any(m.end() > len(text)  # not a match the server has already seen
+               for pattern in patterns for ch in NEXT_CHARS for m in re.finditer(pattern, text + ch))
+
+
 def cue_patterns(cues: Sequence[str], match: str = "word") -> tuple[str, ...]:
     if len(cues) > MAX_STOP_REGEXES:
         raise ConfigError(f"{len(cues)} cues, but SGLang takes at most {MAX_STOP_REGEXES} stop_regex patterns")

@@ -119,13 +119,14 @@ class EngineClient(ServerCalls):
         input_ids: Sequence[int],
         sampling: dict[str, Any],
         *,
-        on_tokens: Callable[[list[int]], None] | None = None,
+        on_tokens: Callable[[list[int], bool], None] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Generation:
         """One /generate call. With `on_tokens`, the answer is streamed and the callback
         receives the cumulative output_ids as they arrive (the client's own list: copy it
-        to keep it). An exception from the callback ends the request (the stream is
-        closed, which aborts it in SGLang) and propagates."""
+        to keep it) and whether the chunk is the request's last. An exception from the
+        callback ends the request (the stream is closed, which aborts it in SGLang) and
+        propagates."""
         return self._generate({"input_ids": list(input_ids)}, sampling, on_tokens, extra)
 
     def generate_text(
@@ -133,14 +134,14 @@ class EngineClient(ServerCalls):
         text: str,
         sampling: dict[str, Any],
         *,
-        on_tokens: Callable[[list[int]], None] | None = None,
+        on_tokens: Callable[[list[int], bool], None] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Generation:
         """generate() with `text` for the server to tokenize instead of input_ids."""
         return self._generate({"text": text}, sampling, on_tokens, extra)
 
     def _generate(self, body: dict[str, Any], sampling: dict[str, Any],
-                  on_tokens: Callable[[list[int]], None] | None, extra: dict[str, Any] | None) -> Generation:
+                  on_tokens: Callable[[list[int], bool], None] | None, extra: dict[str, Any] | None) -> Generation:
         body["sampling_params"] = sampling
         if extra:
             body.update(extra)
@@ -165,7 +166,7 @@ class EngineClient(ServerCalls):
         return self._to_generation(out, regexes, dt, dt, what)
 
     def _generate_stream(self, body: dict[str, Any], regexes: Sequence[str],
-                         on_tokens: Callable[[list[int]], None], attempt: _Attempt) -> Generation:
+                         on_tokens: Callable[[list[int], bool], None], attempt: _Attempt) -> Generation:
         what = "POST /generate"
         t0 = time.perf_counter()
         ttft: float | None = None
@@ -219,7 +220,7 @@ class EngineClient(ServerCalls):
                     attempt.tokens = len(ids)
                     if ttft is None:
                         ttft = time.perf_counter() - t0
-                    on_tokens(ids)
+                    on_tokens(ids, finished)
         if meta is None:
             raise _err(EngineFailed, f"{self.url}: {what}: the stream ended with no data", self.url, retryable=True)
         if not finished:

@@ -61,12 +61,12 @@ def replay(result: RelayResult, question: str, engines: dict[str, EngineClient],
             eng = engines[seg.role]
             completion = prefix[len(result.prompt_ids):]
             if fmt == "tokens":
-                g = eng.generate(prefix, ONE_TOKEN, on_tokens=lambda ids: None)
+                g = eng.generate(prefix, ONE_TOKEN, on_tokens=lambda ids, last: None)
                 sample = (g.prompt_tokens, g.cached_tokens, g.ttft_s)
                 as_sent = prefix
             elif fmt == "text":
                 text = tok.decode(prefix, skip_special=False)
-                g = eng.generate_text(text, ONE_TOKEN, on_tokens=lambda ids: None)
+                g = eng.generate_text(text, ONE_TOKEN, on_tokens=lambda ids, last: None)
                 sample = (g.prompt_tokens, g.cached_tokens, g.ttft_s)
                 as_sent = _server_tokens(eng, text, tok)
             else:

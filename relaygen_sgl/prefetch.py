@@ -9,10 +9,15 @@ token arrives; offers that arrive while it runs are dropped, not queued. A queue
 went out the moment the last request ended, mid-way between two tokens, so the receiving
 server was busy at nearly every instant, the handoff's included: on the CPU pair 9 of 10
 handoffs waited 0.04-0.08 s behind a prefetch. Sent only as tokens arrive, a prefetch
-started one token before the turn ends is the only one still running at the handoff.
+started one token before the turn ends is the only one still running at the handoff. The
+request's last chunk is never offered (`run_turn`): the handoff request follows it within a
+millisecond, and a prefetch sent then ran ahead of it on the receiving server, doubling the
+handoff's time at every token's spacing (0.085 -> 0.058 s median, per-token prefetch).
+For the same reason nothing is sent at a token that the next one may turn into a cue.
 A preset can space them out (`prefetch_every`): on the CPU pair a prefill pass costs the
-receiver what a decode step costs the writer, and every 6th token measured faster than
-every token, in handoff latency and in a whole relay (README, "CPU compute patches").
+receiver what a decode step costs the writer, and a prefetch at every token cost a whole
+relay 4-5% of its speed; at every 2nd the handoffs were as fast and the relay lost about 1%
+(README, "CPU compute patches").
 """
 
 from __future__ import annotations
@@ -43,10 +48,13 @@ class Prefetcher:
         if prefix:
             self.offer([])
 
-    def offer(self, turn_ids: Sequence[int]) -> None:
-        """The turn's tokens so far (the prefix before the turn is `base`): sent unless a
-        prefetch is still running, the turn is over or it is not an Nth token."""
-        if len(turn_ids) % self.every:
+    def offer(self, turn_ids: Sequence[int], cue_next: bool = False) -> None:
+        """The turn's tokens so far (the prefix before the turn is `base`): sent at every Nth
+        token unless a prefetch is still running, the turn is over or the next token may
+        complete a cue (`cue_next`). Then the handoff may come one token later, and it
+        recomputes the cue's last token anyway (the +1): a prefetch now would only keep the
+        receiving server busy when it comes."""
+        if len(turn_ids) % self.every or cue_next:
             return
         with self._lock:
             if self.closed or self._busy or len(self.base) + len(turn_ids) <= self._sent:

@@ -13,13 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cues import CONTEXT_CHARS, find_cue
+from .cues import CONTEXT_CHARS, cue_next, find_cue
 from .engine import EngineClient, Finish, Generation
 from .errors import Cancelled
 from .result import Segment
 from .tokenizer import Tokenizer
 
 DeltaSink = Callable[[str, str], None]  # (role, text delta)
+CUE_WINDOW_TOKENS = 12  # tokens decoded to see whether the next one may complete a cue
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,16 @@ def _straddling_stop(ctx: str, before: str, text: str, stops: Sequence[str]) -> 
     return best
 
 
+def _cue_next(tok: Tokenizer, ctx: str, ids: list[int], patterns: Sequence[str]) -> bool:
+    """The next token may complete a cue: the text so far ends with a cue word, or with all
+    of a cue but its last punctuation. Decodes a window of the last tokens."""
+    if not patterns:
+        return False
+    window = ids[-CUE_WINDOW_TOKENS:]
+    text = tok.decode(window)
+    return cue_next(ctx + text if len(window) == len(ids) else text, patterns)
+
+
 def run_turn(
     engine: EngineClient,
     tok: Tokenizer,
@@ -106,12 +117,13 @@ def run_turn(
     spec: TurnSpec,
     sink: DeltaSink | None = None,
     cancel: threading.Event | None = None,
-    on_ids: Callable[[list[int]], None] | None = None,
+    on_ids: Callable[[list[int], bool], None] | None = None,
 ) -> Segment:
     """Run `spec` on `engine` from `prefix_ids`; `context_text` is the trajectory text before
     it (the left side of a cue's word boundary). A set `cancel` stops it between tokens (the
     stream to SGLang is closed, which aborts the request there). `on_ids` hears the turn's
-    tokens so far as they arrive (the handoff prefetch)."""
+    tokens so far as they arrive, but for a request's last chunk, and whether the next token
+    may complete a cue (the handoff prefetch)."""
     assert spec.role is not None
     kept: list[int] = []
     first: Generation | None = None
@@ -137,12 +149,15 @@ def run_turn(
             sampling["stop_regex"] = list(spec.cue_patterns)
         base = list(kept)
 
-        def on_tokens(ids: list[int], base: list[int] = base) -> None:
+        def on_tokens(ids: list[int], last: bool, base: list[int] = base) -> None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the run was stopped: cancelled by its caller or past its deadline")
-            streamer.update(base + ids)
-            if on_ids is not None:
-                on_ids(base + ids)
+            turn = base + ids
+            streamer.update(turn)
+            # The request's last chunk is not offered: what follows it at once is the next
+            # request (the handoff, or this turn's next one), which a prefetch would delay.
+            if on_ids is not None and not last:
+                on_ids(turn, _cue_next(tok, ctx, turn, spec.cue_patterns))
 
         gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens, extra=spec.extra or None)
         requests += 1

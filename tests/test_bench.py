@@ -45,7 +45,9 @@ def test_spread_and_markdown():
               "handoff": {"replay": {f: {"handoffs": 1, "mean_reprefilled_tokens": 2.0, "mean_handoff_latency_s": 0.1,
                                          "reprefill_ratio_vs_tokens": 1.0, "latency_ratio_vs_tokens": 1.0}
                                      for f in ("tokens", "text", "chat")},
-                          "prefetch": {"handoffs": 3, "mean_reprefilled_tokens": 1.3, "mean_handoff_latency_s": 0.06},
+                          "prefetch": {"handoffs": 3, "mean_reprefilled_tokens": 1.3, "mean_handoff_latency_s": 0.06,
+                                       "after_inserted_text": {"handoffs": 1, "mean_reprefilled_tokens": 8.0,
+                                                               "mean_handoff_latency_s": 0.1}},
                           "tokens": {"handoffs": 3, "mean_reprefilled_tokens": 14.0, "mean_handoff_latency_s": 0.2},
                           "decode_step_s": 0.05},
               "overhead": {"relay_e2e_over_server_time": s, "target": 1.05}, "speed": speed,
@@ -56,7 +58,8 @@ def test_spread_and_markdown():
                              "relay_over_single_large": 0.5}}}
     md = markdown(result)
     assert "Handoffs in live relays" in md and "target <= 1.05" in md and "Throughput under load" in md
-    assert "| token-exact + prefetch | 3 | 1.3 | 0.06 | 1.2 |" in md and "| 0.5 |" in md
+    assert "| token-exact + prefetch | at a cue | 3 | 1.3 | 0.06 | 1.2 |" in md
+    assert "| token-exact + prefetch | after inserted text | 1 | 8.0 | 0.1 | 2.0 |" in md and "| 0.5 |" in md
 
 
 def test_handoffs_are_the_turns_after_the_other_roles_turn(fake):
@@ -65,17 +68,27 @@ def test_handoffs_are_the_turns_after_the_other_roles_turn(fake):
     relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
                   client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, prefetch=False)
     q = "What is 2 + 3?"
-    tape = relay.tokenizer.encode(relay.plan().render(q)) + relay.tokenizer.encode(THINK) + [fake.eos_id]
-    for h in fake.hosts.values():
-        h.tape = tape
-    res = relay.run(q, max_tokens=200)
-    segs = handoff_samples([res])
-    roles = [s.role for s in res.segments if s.role in ("large", "small")]
-    assert len(segs) == sum(1 for a, b in zip(roles, roles[1:]) if a != b) >= 3
-    assert all(s.handoff_s is not None and s.handoff_s >= 0 for s in segs)
-    summary = handoff_summary(segs)
-    assert summary["handoffs"] == len(segs)
-    assert summary["mean_reprefilled_tokens"] == round(sum(s.reprefilled for s in segs) / len(segs), 2)
+    results = []
+    # the model closes thinking itself; then it ends thinking with an EOS, and the program
+    # inserts "</think>" before the small model's answer turn
+    for think in (THINK, "We add. Therefore the sum is 5. Now, check it. So 5"):
+        tape = relay.tokenizer.encode(relay.plan().render(q)) + relay.tokenizer.encode(think) + [fake.eos_id]
+        for h in fake.hosts.values():
+            h.tape = tape
+        results.append(relay.run(q, max_tokens=200))
+    at_cues, after_text = handoff_samples(results), handoff_samples(results, after_text=True)
+    changes = inserted = 0
+    for res in results:
+        seq = [s.role for s in res.segments]
+        model = [r for r in seq if r in ("large", "small")]
+        changes += sum(1 for a, b in zip(model, model[1:]) if a != b)
+        inserted += sum(1 for a, b, c in zip(seq, seq[1:], seq[2:]) if b == "inserted" and a != c)
+    assert len(at_cues) + len(after_text) == changes and len(after_text) == inserted == 1 and len(at_cues) >= 3
+    assert after_text[0].role == "small" and after_text[0] is results[1].segments[-1]
+    assert all(s.handoff_s is not None and s.handoff_s >= 0 for s in at_cues + after_text)
+    summary = handoff_summary(at_cues)
+    assert summary["handoffs"] == len(at_cues)
+    assert summary["mean_reprefilled_tokens"] == round(sum(s.reprefilled for s in at_cues) / len(at_cues), 2)
 
 
 def test_load_levels_run_every_question_in_waves_and_interleave(fake):

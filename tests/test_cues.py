@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relaygen_sgl.cues import cue_pattern, cue_patterns, find_cue, word_occurrences
+from relaygen_sgl.cues import cue_next, cue_pattern, cue_patterns, find_cue, word_occurrences
 from relaygen_sgl.errors import ConfigError
 
 
@@ -38,6 +38,22 @@ def test_left_boundary_is_checked_against_the_text_before_the_output():
 def test_a_letter_ending_cue_needs_the_next_character():
     assert find_cue("Therefore", [cue_pattern("Therefore")]) is None
     assert word_occurrences("so Therefore", "Therefore") == [(3, 12)]
+
+
+@pytest.mark.parametrize("text,soon", [
+    ("We add. Therefore", True),  # " " or "," completes it
+    ("We add. Now", True),  # "," completes "Now,"
+    ("Thus", True),
+    ("And So", True),  # "So " with its space
+    ("We add. The", False),  # a word that only begins like a cue
+    ("Nowhere", False),
+    ("and so", False),  # other case
+    ("x Now,", False),  # complete already: the server has seen it
+    ("Therefore, x", False),
+])
+def test_cue_next_says_whether_one_more_character_could_complete_a_cue(text, soon):
+    patterns = cue_patterns(["Therefore", "Now,", "Thus,", "So "])
+    assert cue_next(text, patterns) is soon
 
 
 def test_patterns_fit_sglangs_stop_window_limits():

@@ -44,9 +44,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[list[int]] = []
+        self.last: list[bool] = []
 
-    def __call__(self, ids: list[int]) -> None:
+    def __call__(self, ids: list[int], last: bool = False) -> None:
         self.calls.append(list(ids))
+        self.last.append(last)
 
 
 # ---------------------------------------------------------------- the stream as SGLang sends it
@@ -80,7 +82,41 @@ def test_chunks_of_several_tokens_reach_the_callback_whole(fake):
     assert sizes[0] == 1 and sizes[-1] == len(c_ids)
     assert all(b - a == 4 for a, b in zip(sizes, sizes[1:-1]))
     assert all(later[: len(earlier)] == earlier for earlier, later in zip(rec.calls, rec.calls[1:]))
+    assert rec.last == [False] * (len(rec.calls) - 1) + [True]  # the chunk with the finish reason
     assert g.output_ids == c_ids and g.text == COMPLETION and 0 < g.ttft_s <= g.latency_s
+
+
+def test_a_turn_offers_the_prefetch_every_chunk_but_the_last(fake, tiny_tokenizer):
+    # The last chunk ends the request: the next request (the handoff) follows at once, and a
+    # prefetch sent then would only run ahead of it on the receiving server.
+    from relaygen_sgl.tokenizer import load_tokenizer
+    from relaygen_sgl.turn import TurnSpec, run_turn
+
+    p_ids, c_ids = make(fake, chunk_tokens=3)
+    offered: list[list[int]] = []
+    with client(fake) as eng:
+        seg = run_turn(eng, load_tokenizer(tiny_tokenizer), p_ids, PROMPT, TurnSpec(role="large", max_tokens=200),
+                       on_ids=lambda ids, cue_next: offered.append(list(ids)))
+    assert seg.finish == "eos" and seg.token_ids == c_ids
+    assert [len(x) for x in offered] == [1, *range(4, len(c_ids), 3)]
+    assert all(x == c_ids[:len(x)] for x in offered)
+
+
+def test_a_turn_tells_the_prefetch_when_the_next_token_may_complete_a_cue(fake, tiny_tokenizer):
+    from relaygen_sgl.cues import cue_patterns
+    from relaygen_sgl.tokenizer import load_tokenizer
+    from relaygen_sgl.turn import TurnSpec, run_turn
+
+    p_ids, c_ids = make(fake)
+    tok = load_tokenizer(tiny_tokenizer)
+    hints: list[tuple[str, bool]] = []
+    with client(fake) as eng:
+        seg = run_turn(eng, tok, p_ids, PROMPT, TurnSpec(role="large", max_tokens=200,
+                                                         cue_patterns=cue_patterns(["Therefore", "Thus,"])),
+                       on_ids=lambda ids, cue_next: hints.append((tok.decode(ids), cue_next)))
+    assert seg.finish == "cue" and seg.text.endswith("Therefore")
+    # told once: at the token that ends "Therefore" (the server completes the match on the next)
+    assert [text for text, soon in hints if soon] == [seg.text]
 
 
 def test_a_chunk_waits_while_the_output_ends_in_a_stop_strings_prefix(fake):
@@ -145,7 +181,7 @@ def test_the_double_streams_deltas_or_the_whole_output(fake):
 def test_text_generation_is_tokenized_by_the_server(fake):
     p_ids, c_ids = make(fake)
     with client(fake) as eng:
-        by_text = eng.generate_text(PROMPT, GREEDY, on_tokens=lambda ids: None)
+        by_text = eng.generate_text(PROMPT, GREEDY, on_tokens=lambda ids, last: None)
         by_ids = eng.generate(p_ids, GREEDY)
         assert eng.tokenize(PROMPT) == p_ids
     assert by_text.output_ids == by_ids.output_ids == c_ids and by_text.prompt_tokens == len(p_ids)
@@ -312,7 +348,7 @@ def test_a_stream_out_of_step_with_completion_tokens_or_cut_short_is_an_error():
 def test_an_exception_from_the_callback_ends_the_request_unretried(fake):
     p_ids, _ = make(fake)
 
-    def stop_listening(ids: list[int]) -> None:
+    def stop_listening(ids: list[int], last: bool) -> None:
         if len(ids) >= 3:
             raise Cancelled("the caller stopped listening")
 

@@ -71,3 +71,18 @@ def test_the_prefix_at_once_then_every_nth_token():
         pf.offer(list(range(10, 10 + n)))
         settle(pool)
     assert eng.sent == [[1, 2], [1, 2, 10, 11, 12], [1, 2, 10, 11, 12, 13, 14, 15]]
+
+
+def test_nothing_is_sent_where_the_next_token_may_complete_a_cue():
+    # the handoff may come one token later and recomputes the cue's token anyway: the
+    # receiving server should be idle then, not prefilling it
+    eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
+    eng.release.set()
+    pf = Prefetcher(pool, eng, None, [1], every=2, prefix=False)
+    pf.offer([2, 3], cue_next=True)  # "... Therefore"
+    settle(pool)
+    pf.offer([2, 3, 4])  # not an Nth token
+    settle(pool)
+    pf.offer([2, 3, 4, 5])
+    settle(pool)
+    assert eng.sent == [[1, 2, 3, 4, 5]]

@@ -126,4 +126,4 @@ def test_prefetch_every_must_be_a_positive_integer(monkeypatch, value):
 def test_cpu_presets_space_the_prefetch_gpu_presets_do_not():
     # CPU: measured (README, CPU compute patches); GPU: every token, as the issue asks
     assert {n: load_preset(n).prefetch_every for n in preset_names()} == {
-        n: 6 if load_preset(n).device == "cpu" else 1 for n in preset_names()}
+        n: 2 if load_preset(n).device == "cpu" else 1 for n in preset_names()}

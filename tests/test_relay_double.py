@@ -343,7 +343,7 @@ def test_prefetch_warms_the_other_server_and_never_changes_a_token(fake):
         h.requests.clear()
         h.chunk_delay_s = 0.02
     warm_relay = make_relay(fake, family="qwen3", prefetch=True)
-    assert warm_relay.backend.prefetch_every == 6  # the cpu-tiny preset's; every token here
+    assert warm_relay.backend.prefetch_every == 2  # the cpu-tiny preset's; every token here
     warm_relay.backend.prefetch_every = 1
     warm = warm_relay.run(QUESTION, max_tokens=500)
     assert warm.token_ids == cold.token_ids and [s.role for s in warm.segments] == [s.role for s in cold.segments]

@@ -494,10 +494,13 @@ def test_fuzzed_requests_never_500_and_errors_are_openai_shaped(served):
     def check(case):
         r = case.call(headers=AUTH)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
-        assert r.status_code < 500, r.text
         if r.status_code >= 400:
             err = orjson.loads(r.content).get("error")
             assert isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}, r.text
+            # a valid request whose own relay.timeout (down to a few ms) runs out gets the
+            # gateway timeout it asked for, whether it did depends on the machine's speed
+            timed_out = r.status_code == 504 and err["code"] == "timeout" and "deadline" in err["message"]
+            assert r.status_code < 500 or timed_out, r.text
 
     check()
     assert any(code == 200 for code in seen) and any(code >= 400 for code in seen), seen

@@ -98,9 +98,11 @@ def test_prefetch_never_changes_a_token_and_warms_each_handoff(cpu_pair):
         return [s.reprefilled for s in res.segments if s.role in ("large", "small")][1:]
 
     assert on.stats.switches >= 1 and off.stats.switches >= 1
-    # the small server's first turn: its prompt was prefilled while the large model wrote
+    # the small server's first turn: its prompt was prefilled while the large model wrote; at
+    # most the turn's last few tokens are left (offers are dropped while one runs, and none
+    # goes out at the cue's token)
     first_small = next(s for s in on.segments if s.role == "small")
-    assert first_small.reprefilled <= 2, first_small
+    assert first_small.reprefilled <= 4, first_small
     # how close the rest come to the +1 floor depends on how fast the servers keep up (the
     # bench measures it on a quiet machine); against no prefetch it is always far less
     assert sum(handoffs(on)) / len(handoffs(on)) < sum(handoffs(off)) / len(handoffs(off)) / 2, \

@@ -28,7 +28,7 @@ def seeded(client: EngineClient, ids: list[int], seed: int, *, stream: bool = Fa
     sampling = dict(SAMPLING, **over)
     extra, add = seeded_fields(seed, sampling)
     sampling.update(add)
-    return client.generate(ids, sampling, extra=extra or None, on_tokens=(lambda _: None) if stream else None)
+    return client.generate(ids, sampling, extra=extra or None, on_tokens=(lambda *_: None) if stream else None)
 
 
 @pytest.fixture(scope="module")
