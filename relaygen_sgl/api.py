@@ -93,9 +93,9 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
     check_same_vocabulary(tokenizer, load_tokenizer(paths["small"] or paths["large"]))
     backend = RelayBackend(engines, tokenizer, fam, prof, on_small_failure=on_small_failure,
                            dp_sizes={role: _dp_size(e) for role, e in engines.items()},
-                           prefetch=_prefetch_default(prefetch, spec))
+                           prefetch=_prefetch_default(prefetch, spec),
+                           prefetch_every=spec.prefetch_every if spec else 1)
     backend.preset, backend.urls = spec, urls
-    backend.prefetch_every = spec.prefetch_every if spec else 1
     # A failed turn reaches the caller as a typed exception carrying the partial result;
     # SGLang's worker thread would also print its traceback as a warning.
     warnings.filterwarnings("ignore", message=r"Error in stream_executor:(?s:.*)relaygen_sgl\.errors\.")

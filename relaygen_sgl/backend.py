@@ -48,7 +48,8 @@ DEFAULT_ROLE = "large"
 class RelayBackend(BaseBackend):
     def __init__(self, engines: dict[str, EngineClient], tokenizer: Tokenizer, family: Family,
                  profile: CueProfile, *, on_small_failure: str = "large",
-                 dp_sizes: dict[str, int] | None = None, prefetch: bool = True) -> None:
+                 dp_sizes: dict[str, int] | None = None, prefetch: bool = True,
+                 prefetch_every: int = 1) -> None:
         super().__init__()
         if on_small_failure not in FALLBACKS:
             raise ConfigError(f"on_small_failure must be one of {FALLBACKS}, got {on_small_failure!r}")
@@ -58,7 +59,8 @@ class RelayBackend(BaseBackend):
         # routed_dp_rank): the rank's radix cache then holds the whole shared prefix.
         self.dp_sizes = {r: n for r, n in (dp_sizes or {}).items() if n > 1}
         self._slots = itertools.count()
-        self.prefetch, self.prefetch_every = prefetch, 1  # defaults; a plan may turn it off; connect: every
+        self.prefetch = prefetch  # the default; a plan may say otherwise for its trajectory
+        self.prefetch_every = prefetch_every  # tokens between prefetches (the preset's)
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="relaygen-prefetch")
         self._profiles: dict[str, CueProfile] = {}
         self._seeds = SeedSupport()

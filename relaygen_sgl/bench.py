@@ -43,7 +43,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, preset: str) -> BenchConfig:
         return cls(preset=preset, questions=3, reps=2, max_tokens=160, load_levels=(1, 2, 4, 16),
-                   load_max_tokens=200, dataset="amc23", handoff_questions=12)
+                   load_max_tokens=200, dataset="amc23")
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -98,8 +98,9 @@ NEXT_CHARS = (" ", ",", ".", ":", "\n")
 def cue_next(text: str, patterns: Iterable[str]) -> bool:
     """One more non-word character after `text` could complete a cue ("... Therefore" + " ",
     "... Now" + ","). `text` needs the characters before the cue, so `\\b` sees them."""
+    candidates = [text + ch for ch in NEXT_CHARS]
     return any(m.end() > len(text)  # not a match the server has already seen
-               for pattern in patterns for ch in NEXT_CHARS for m in re.finditer(pattern, text + ch))
+               for pattern in patterns for c in candidates for m in re.finditer(pattern, c))
 
 
 def cue_patterns(cues: Sequence[str], match: str = "word") -> tuple[str, ...]:

@@ -23,7 +23,7 @@ relay 4-5% of its speed; at every 2nd the handoffs were as fast and the relay lo
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,16 +48,16 @@ class Prefetcher:
         if prefix:
             self.offer([])
 
-    def offer(self, turn_ids: Sequence[int], cue_next: bool = False) -> None:
+    def offer(self, turn_ids: Sequence[int], cue_next: Callable[[], bool] = lambda: False) -> None:
         """The turn's tokens so far (the prefix before the turn is `base`): sent at every Nth
         token unless a prefetch is still running, the turn is over or the next token may
-        complete a cue (`cue_next`). Then the handoff may come one token later, and it
-        recomputes the cue's last token anyway (the +1): a prefetch now would only keep the
-        receiving server busy when it comes."""
-        if len(turn_ids) % self.every or cue_next:
+        complete a cue (`cue_next()`, asked last: it decodes). Then the handoff may come one
+        token later, and it recomputes the cue's last token anyway (the +1): a prefetch now
+        would only keep the receiving server busy when it comes."""
+        if len(turn_ids) % self.every:
             return
         with self._lock:
-            if self.closed or self._busy or len(self.base) + len(turn_ids) <= self._sent:
+            if self.closed or self._busy or len(self.base) + len(turn_ids) <= self._sent or cue_next():
                 return
             self._busy = True
             ids = [*self.base, *turn_ids]

@@ -117,13 +117,14 @@ def run_turn(
     spec: TurnSpec,
     sink: DeltaSink | None = None,
     cancel: threading.Event | None = None,
-    on_ids: Callable[[list[int], bool], None] | None = None,
+    on_ids: Callable[[list[int], Callable[[], bool]], None] | None = None,
 ) -> Segment:
     """Run `spec` on `engine` from `prefix_ids`; `context_text` is the trajectory text before
     it (the left side of a cue's word boundary). A set `cancel` stops it between tokens (the
     stream to SGLang is closed, which aborts the request there). `on_ids` hears the turn's
-    tokens so far as they arrive, but for a request's last chunk, and whether the next token
-    may complete a cue (the handoff prefetch)."""
+    tokens so far as they arrive, but for a request's last chunk, with a check of whether the
+    next token may complete a cue (the handoff prefetch; it decodes, so it is asked only when
+    needed)."""
     assert spec.role is not None
     kept: list[int] = []
     first: Generation | None = None
@@ -157,7 +158,7 @@ def run_turn(
             # The request's last chunk is not offered: what follows it at once is the next
             # request (the handoff, or this turn's next one), which a prefetch would delay.
             if on_ids is not None and not last:
-                on_ids(turn, _cue_next(tok, ctx, turn, spec.cue_patterns))
+                on_ids(turn, lambda: _cue_next(tok, ctx, turn, spec.cue_patterns))
 
         gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens, extra=spec.extra or None)
         requests += 1

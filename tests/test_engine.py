@@ -113,7 +113,7 @@ def test_a_turn_tells_the_prefetch_when_the_next_token_may_complete_a_cue(fake, 
     with client(fake) as eng:
         seg = run_turn(eng, tok, p_ids, PROMPT, TurnSpec(role="large", max_tokens=200,
                                                          cue_patterns=cue_patterns(["Therefore", "Thus,"])),
-                       on_ids=lambda ids, cue_next: hints.append((tok.decode(ids), cue_next)))
+                       on_ids=lambda ids, cue_next: hints.append((tok.decode(ids), cue_next())))
     assert seg.finish == "cue" and seg.text.endswith("Therefore")
     # told once: at the token that ends "Therefore" (the server completes the match on the next)
     assert [text for text, soon in hints if soon] == [seg.text]

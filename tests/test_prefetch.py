@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from relaygen_sgl.errors import EngineUnreachable
 from relaygen_sgl.prefetch import Prefetcher
 
@@ -79,9 +81,9 @@ def test_nothing_is_sent_where_the_next_token_may_complete_a_cue():
     eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
     eng.release.set()
     pf = Prefetcher(pool, eng, None, [1], every=2, prefix=False)
-    pf.offer([2, 3], cue_next=True)  # "... Therefore"
+    pf.offer([2, 3], cue_next=lambda: True)  # "... Therefore"
     settle(pool)
-    pf.offer([2, 3, 4])  # not an Nth token
+    pf.offer([2, 3, 4], cue_next=lambda: pytest.fail("asked off the spacing"))  # not an Nth token: not asked
     settle(pool)
     pf.offer([2, 3, 4, 5])
     settle(pool)
