@@ -8,7 +8,7 @@
 # With RELAYGEN_SGLANG_API_KEY set the server requires that key (SGLang's --api-key): it is
 # passed in a 0600 YAML file under $RELAYGEN_HOME/run/auth (--config), never on the command line.
 set -euo pipefail
-if [ $# -lt 2 ] || [ $# -gt 3 ]; then
+if [ $# -lt 2 ] || [ $# -gt 3 ] || { [ "$1" != large ] && [ "$1" != small ]; }; then
   echo "usage: launch/serve.sh ROLE PRESET [HOST]   (ROLE: large|small)" >&2
   exit 2
 fi
@@ -18,7 +18,7 @@ if [ -z "$py" ]; then
   if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; else py=python3; fi
 fi
 # Prints "export K=V" lines and then the argv, one item per line, NUL-free.
-plan=$("$py" -m relaygen_sgl.serve_cmd "$@") || exit $?
+plan=$("$py" -m relaygen_sgl.cli server-command "$@") || exit $?
 mapfile -t lines <<<"$plan"
 argv=()
 for line in "${lines[@]}"; do

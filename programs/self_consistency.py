@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import sglang as sgl
 
 from relaygen_sgl import program as rg
-from relaygen_sgl.grading import majority, vote_key
+from relaygen_sgl.core.grading import majority, vote_key
 
 
 @sgl.function

@@ -7,19 +7,17 @@ Heavy imports (sglang, transformers) are deferred until first use.
 
 from __future__ import annotations
 
-from typing import Any
-
 __version__ = "0.1.0"
 __all__ = ["Relay", "RelayResult", "connect", "relay", "stream_relay"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in ("Relay", "connect", "relay", "stream_relay"):
-        from . import api
+        from relaygen_sgl import api
 
         return getattr(api, name)
     if name == "RelayResult":
-        from .result import RelayResult
+        from relaygen_sgl.core.result import RelayResult
 
         return RelayResult
     raise AttributeError(name)

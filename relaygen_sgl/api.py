@@ -16,18 +16,18 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from .backend import RelayBackend
-from .config import ROLES, load_family, load_preset, load_settings
-from .cues import CueProfile, load_profile
-from .engine import ClientConfig, EngineClient
-from .errors import ConfigError, RelayAborted, RelayGenError
-from .loader import accepts, load_program
-from .pairing import check_preset, default_preset, detect, served_models
-from .policy import DEFAULT_BUDGET, RelayPlan
-from .result import RelayResult
-from .stack import read_state, role_urls
-from .tokenizer import check_same_vocabulary, load_tokenizer
-from .trajectory import KEY
+from relaygen_sgl.client.http import ClientConfig, EngineClient
+from relaygen_sgl.client.tokenizer import check_same_vocabulary, load_tokenizer
+from relaygen_sgl.core.config import ROLES, load_family, load_preset, load_settings
+from relaygen_sgl.core.cues import CueProfile, load_profile
+from relaygen_sgl.core.errors import ConfigError, RelayAborted, RelayGenError
+from relaygen_sgl.core.result import RelayResult
+from relaygen_sgl.core.state import read_state, role_urls
+from relaygen_sgl.loader import accepts, load_program
+from relaygen_sgl.runtime.backend import RelayBackend
+from relaygen_sgl.runtime.pairing import check_preset, default_preset, detect, served_models
+from relaygen_sgl.runtime.policy import DEFAULT_BUDGET, RelayPlan
+from relaygen_sgl.runtime.trajectory import KEY
 
 
 def resolve_urls(preset_name: str | None, large: str | None, small: str | None) -> dict[str, str]:
@@ -98,7 +98,7 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
     backend.preset, backend.urls = spec, urls
     # A failed turn reaches the caller as a typed exception carrying the partial result;
     # SGLang's worker thread would also print its traceback as a warning.
-    warnings.filterwarnings("ignore", message=r"Error in stream_executor:(?s:.*)relaygen_sgl\.errors\.")
+    warnings.filterwarnings("ignore", message=r"Error in stream_executor:(?s:.*)relaygen_sgl\.core\.errors\.")
     return backend
 
 
@@ -238,7 +238,7 @@ def _deadline(plan_kwargs: dict[str, Any]) -> Iterator[None]:
 
 
 def _empty_stats() -> Any:
-    from .result import compute_stats
+    from relaygen_sgl.core.result import compute_stats
 
     return compute_stats([], 0.0, 0.0, 0, "done")
 

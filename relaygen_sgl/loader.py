@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from relaygen_sgl.core.errors import ConfigError
 
 # name -> (module in relaygen_sgl.programs, function)
 BUNDLED = {
@@ -24,7 +24,6 @@ BUNDLED = {
     "self-consistency": ("self_consistency", "self_consistency"),
     "multiple-choice": ("multiple_choice", "multiple_choice"),
 }
-METHOD_PROGRAMS = ("relay", "single-large", "single-small")
 
 _LOCK = threading.Lock()  # concurrent first loads must not see a half-executed module
 
@@ -49,7 +48,7 @@ def _load_file(path: Path) -> Any:
 
 def _bundled_file(path: Path) -> str | None:
     """The bundled program a path names (programs/relay.py in a checkout is the bundled relay)."""
-    from . import programs
+    from relaygen_sgl import programs
 
     folder = Path(programs.__file__).resolve().parent
     if path.resolve().parent == folder:

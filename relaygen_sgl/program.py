@@ -18,16 +18,16 @@ from typing import Any
 
 import sglang as sgl
 
-from .errors import Cancelled, ConfigError, RelayAborted, RelayGenError
-from .policy import RelayPlan, RelayPolicy
-from .result import RelayResult
-from .trajectory import Trajectory
+from relaygen_sgl.core.errors import Cancelled, ConfigError, RelayAborted, RelayGenError
+from relaygen_sgl.core.result import RelayResult
+from relaygen_sgl.runtime.policy import RelayPlan, RelayPolicy
+from relaygen_sgl.runtime.trajectory import Trajectory
 
 
 def backend_of(s: Any) -> Any:
     from sglang.lang.tracer import StopTracing, TracerProgramState
 
-    from .backend import RelayBackend
+    from relaygen_sgl.runtime.backend import RelayBackend
 
     if isinstance(s, TracerProgramState):  # run_batch traces programs for a common prefix first
         raise StopTracing()

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import orjson
 
-from relaygen_sgl import machine, stack
 from relaygen_sgl.api import Relay
-from relaygen_sgl.bench import BenchConfig, run_load, spread
-from relaygen_sgl.config import Preset, Settings, load_preset, load_settings
-from relaygen_sgl.datasets import load_problems
-from relaygen_sgl.errors import RelayGenError
+from relaygen_sgl.bench import machine
+from relaygen_sgl.bench.runner import BenchConfig, run_load, spread
+from relaygen_sgl.core.config import Preset, Settings, load_preset, load_settings
+from relaygen_sgl.core.datasets import load_problems
+from relaygen_sgl.core.errors import RelayGenError
+from relaygen_sgl.servers import stack
 
 
 def _thread_var(name: str) -> bool:

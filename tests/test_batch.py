@@ -6,9 +6,9 @@ import orjson
 import pytest
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.batch import Prompt, ResultWriter, parse_prompts, read_prompts, run_batch
-from relaygen_sgl.engine import ClientConfig
-from relaygen_sgl.errors import ConfigError
+from relaygen_sgl.client.http import ClientConfig
+from relaygen_sgl.core.errors import ConfigError
+from relaygen_sgl.jobs.batch import Prompt, ResultWriter, parse_prompts, read_prompts, run_batch
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 FILLER = "Let me think. Therefore it is 5. Now, check: 2 + 3 = 5. "
@@ -146,7 +146,7 @@ def test_results_json_cannot_hold_become_error_records_and_every_result_is_count
 def test_a_full_disk_stops_the_run_with_one_error_and_counts_what_came_back():
     from pathlib import Path
 
-    from relaygen_sgl.batch import BatchWriteError
+    from relaygen_sgl.jobs.batch import BatchWriteError
 
     prompts = [Prompt(f"p{i}", f"q{i}", i) for i in range(4)]
     with pytest.raises(BatchWriteError, match="cannot write /dev/full: No space left on device") as info:

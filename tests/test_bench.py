@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.bench import BenchConfig, handoff_samples, handoff_summary, run_load, run_speed, spread
-from relaygen_sgl.bench_report import markdown
-from relaygen_sgl.engine import ClientConfig
+from relaygen_sgl.bench.report import markdown
+from relaygen_sgl.bench.runner import BenchConfig, handoff_samples, handoff_summary, run_load, run_speed, spread
+from relaygen_sgl.client.http import ClientConfig
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 THINK = "We add. Therefore the sum is 5. Now, check it: 2 + 3 = 5. Thus, it is 5.</think>\n\nThe answer is 5."

@@ -11,11 +11,9 @@ import httpx
 import orjson
 import pytest
 
-from relaygen_sgl.calibrate import CalibrationPaths, CalibrationSettings, check_writable, run_calibration
-from relaygen_sgl.calibration_cache import error_messages, ok_records
-from relaygen_sgl.calibration_scoring import completion_margins, margins_from_meta, probe_logprobs, score_request
-from relaygen_sgl.cli import main
-from relaygen_sgl.cue_stats import (
+from relaygen_sgl.calibration.cache import error_messages, ok_records
+from relaygen_sgl.calibration.calibrate import CalibrationPaths, CalibrationSettings, check_writable, run_calibration
+from relaygen_sgl.calibration.cue_stats import (
     CalibrationStats,
     CueStat,
     ScoredTrajectory,
@@ -24,11 +22,13 @@ from relaygen_sgl.cue_stats import (
     select_cues,
     token_pieces,
 )
-from relaygen_sgl.cues import load_profile
-from relaygen_sgl.datasets import Problem
-from relaygen_sgl.engine import ClientConfig, EngineClient
-from relaygen_sgl.errors import CalibrationError
-from relaygen_sgl.tokenizer import Tokenizer
+from relaygen_sgl.calibration.scoring import completion_margins, margins_from_meta, probe_logprobs, score_request
+from relaygen_sgl.cli.main import main
+from relaygen_sgl.client.http import ClientConfig, EngineClient
+from relaygen_sgl.client.tokenizer import Tokenizer
+from relaygen_sgl.core.cues import load_profile
+from relaygen_sgl.core.datasets import Problem
+from relaygen_sgl.core.errors import CalibrationError
 
 EASY, HARD = 0.9, 0.2
 TEXT_A = "First we add 2 and 3 to get 5. Therefore the answer is 42. Then we multiply by 4! Is it right? Yes."
@@ -423,7 +423,7 @@ def test_the_cli_runs_a_calibration(fake, tok, tmp_path, capsys, monkeypatch):
     import functools
 
     import relaygen_sgl.api
-    from relaygen_sgl.datasets import load_problems
+    from relaygen_sgl.core.datasets import load_problems
 
     relay, double, _, _ = _setup(fake, tok, question=load_problems("amc23")[0].question)
     relay.close()

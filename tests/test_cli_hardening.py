@@ -12,10 +12,12 @@ import orjson
 import pytest
 from test_cli import one_line_error, relaygen
 
-from relaygen_sgl import batch, cli, commands
-from relaygen_sgl.batch_output import check_output, claim_output
-from relaygen_sgl.config import load_settings
-from relaygen_sgl.errors import ConfigError, RelayGenError
+from relaygen_sgl.cli import commands
+from relaygen_sgl.cli import main as cli
+from relaygen_sgl.core.config import load_settings
+from relaygen_sgl.core.errors import ConfigError, RelayGenError
+from relaygen_sgl.jobs import batch
+from relaygen_sgl.jobs.output import check_output, claim_output
 
 PROMPTS = b'{"id": "p0", "question": "What is 2 + 3?"}\n{"id": "p1", "question": "And 4 + 4?"}\n'
 NOWHERE = ("--large", "http://127.0.0.1:9", "--small", "http://127.0.0.1:9")
@@ -193,7 +195,7 @@ def test_status_with_a_dead_server():
 
 
 def test_up_and_down_refuse_while_another_runs():
-    from relaygen_sgl.stack_procs import exclusive
+    from relaygen_sgl.core.files import exclusive
 
     settings = load_settings()
     with exclusive(settings.run_dir / "stack.lock", "held by the test"):
@@ -228,17 +230,16 @@ def test_the_sglang_api_key_reaches_servers_and_clients_but_no_command_line(monk
 
     import httpx
 
-    from relaygen_sgl import launcher
-    from relaygen_sgl.config import load_preset
-    from relaygen_sgl.engine import ClientConfig, EngineClient
+    from relaygen_sgl.client.http import ClientConfig, EngineClient
+    from relaygen_sgl.core.config import load_preset, sglang_api_key
+    from relaygen_sgl.servers import plan, processes
 
     monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "s3cret-key")
-    cmd = launcher.server_command(load_preset("cpu-tiny"), "large", load_settings(),
-                                  api_key=launcher.sglang_api_key())
+    cmd = plan.server_command(load_preset("cpu-tiny"), "large", load_settings(), api_key=sglang_api_key())
     assert "s3cret-key" not in " ".join(cmd.argv) and "--api-key" not in cmd.argv
     config = cmd.argv[cmd.argv.index("--config") + 1]
     assert open(config).read() == 'api-key: "s3cret-key"\n' and stat.S_IMODE(os.stat(config).st_mode) == 0o600
-    shown = subprocess.run([sys.executable, "-m", "relaygen_sgl.serve_cmd", "small", "cpu-tiny"],
+    shown = subprocess.run([sys.executable, "-m", "relaygen_sgl.cli", "server-command", "small", "cpu-tiny"],
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "--config" in shown.stdout and "s3cret-key" not in shown.stdout
 
@@ -250,9 +251,9 @@ def test_the_sglang_api_key_reaches_servers_and_clients_but_no_command_line(monk
     assert seen == ["Bearer from-config", "Bearer own"]
 
     keys = []
-    monkeypatch.setattr(launcher, "EngineClient", lambda url, config, api_key=None: keys.append(api_key)
+    monkeypatch.setattr(processes, "EngineClient", lambda url, config, api_key=None: keys.append(api_key)
                         or EngineClient(url, config, httpx.MockTransport(lambda r: httpx.Response(500))))
-    assert launcher.answers_generation("http://x.test:1", timeout_s=1) is False and keys == ["s3cret-key"]
+    assert processes.answers_generation("http://x.test:1", timeout_s=1) is False and keys == ["s3cret-key"]
 
     import relaygen_sgl.api as api
 
@@ -262,4 +263,4 @@ def test_the_sglang_api_key_reaches_servers_and_clients_but_no_command_line(monk
     assert made[0].api_key == "s3cret-key" and "s3cret" not in repr(made[0])
     monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "two words")
     with pytest.raises(ConfigError, match="printable ASCII"):
-        launcher.sglang_api_key()
+        sglang_api_key()

@@ -8,9 +8,9 @@ import sglang as sgl
 
 from relaygen_sgl import program as rg
 from relaygen_sgl.api import close, connect
-from relaygen_sgl.engine import ClientConfig
-from relaygen_sgl.errors import RelayAborted
-from relaygen_sgl.trajectory import KEY
+from relaygen_sgl.client.http import ClientConfig
+from relaygen_sgl.core.errors import RelayAborted
+from relaygen_sgl.runtime.trajectory import KEY
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 QUESTION = "What is 2 + 3?"

@@ -1,11 +1,11 @@
-"""The CPU servers' extend attention (relaygen_sgl.cpu_attention) against SGLang's own."""
+"""The CPU servers' extend attention (relaygen_sgl.servers.cpu.attention) against SGLang's own."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from relaygen_sgl.cpu_attention import extend_new_rows
+from relaygen_sgl.servers.cpu.attention import extend_new_rows
 
 TorchNativeAttnBackend = pytest.importorskip(
     "sglang.srt.layers.attention.torch_native_backend").TorchNativeAttnBackend

@@ -1,11 +1,11 @@
-"""The CPU servers' linear maps of 2-5 rows (relaygen_sgl.cpu_linear) against SGLang's own."""
+"""The CPU servers' linear maps of 2-5 rows (relaygen_sgl.servers.cpu.linear) against SGLang's own."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from relaygen_sgl.cpu_linear import few_rows_as_columns
+from relaygen_sgl.servers.cpu.linear import few_rows_as_columns
 
 unquant = pytest.importorskip("sglang.srt.layers.quantization.unquant")
 SGLANGS = unquant.UnquantizedLinearMethod.__dict__["apply"]

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from relaygen_sgl.config import cpu_shim_dir
-from relaygen_sgl.cpu_patches import PATCHES, apply, wanted
+from relaygen_sgl.core.config import cpu_shim_dir
+from relaygen_sgl.servers.cpu.patches import PATCHES, apply, wanted
 
 PROBE = ("import sglang.srt.layers.attention.torch_native_backend as a, sglang.srt.layers.quantization.unquant as u; "
          "print(hasattr(a.TorchNativeAttnBackend._run_sdpa_forward_extend, '__wrapped__'), "

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relaygen_sgl.cues import cue_next, cue_pattern, cue_patterns, find_cue, word_occurrences
-from relaygen_sgl.errors import ConfigError
+from relaygen_sgl.core.cues import cue_next, cue_pattern, cue_patterns, find_cue, word_occurrences
+from relaygen_sgl.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("text,cue", [

@@ -5,8 +5,8 @@ import csv
 import orjson
 import pytest
 
-from relaygen_sgl.datasets import BUNDLED, load_problems
-from relaygen_sgl.errors import ConfigError
+from relaygen_sgl.core.datasets import BUNDLED, load_problems
+from relaygen_sgl.core.errors import ConfigError
 
 
 def test_bundled_sets_load_with_their_sizes():

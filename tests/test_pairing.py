@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.cues import CueProfile
-from relaygen_sgl.errors import ConfigError
+from relaygen_sgl.core.cues import CueProfile
+from relaygen_sgl.core.errors import ConfigError
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 

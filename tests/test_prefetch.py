@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from relaygen_sgl.errors import EngineUnreachable
-from relaygen_sgl.prefetch import Prefetcher
+from relaygen_sgl.core.errors import EngineUnreachable
+from relaygen_sgl.runtime.prefetch import Prefetcher
 
 
 class Engine:

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from relaygen_sgl.config import cpu_shim_dir, data_path, load_preset, load_settings, preset_names
-from relaygen_sgl.cues import available_profiles, load_profile
-from relaygen_sgl.errors import ConfigError
-from relaygen_sgl.launcher import server_command
+from relaygen_sgl.core.config import cpu_shim_dir, data_path, load_preset, load_settings, preset_names
+from relaygen_sgl.core.cues import available_profiles, load_profile
+from relaygen_sgl.core.errors import ConfigError
+from relaygen_sgl.servers.plan import server_command
 
 
 def test_all_presets_load_keep_the_radix_cache_and_use_lpm():
@@ -42,7 +42,7 @@ def test_gpu_presets_follow_the_paper_setting():
 def test_the_cpu_shim_goes_on_cpu_servers_only():
     settings = load_settings()
     cpu = server_command(load_preset("cpu-tiny"), "large", settings)
-    assert "_cpu_shim" in cpu.env["PYTHONPATH"] and cpu.env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert "servers/cpu/shim" in cpu.env["PYTHONPATH"] and cpu.env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert "--model-path" in cpu.argv and str(settings.models_dir) in " ".join(cpu.argv)
     gpu = server_command(load_preset("qwen3-32b-1.7b"), "large", settings)
     assert "PYTHONPATH" not in gpu.env
@@ -98,10 +98,10 @@ def test_launch_serve_sh_builds_the_same_command_as_up():
                          env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "sglang.launch_server" in out.stderr and "--port 30001" in out.stderr
-    assert "_cpu_shim" in out.stderr and "SGLANG_USE_CPU_ENGINE=1" in out.stderr
+    assert "servers/cpu/shim" in out.stderr and "SGLANG_USE_CPU_ENGINE=1" in out.stderr
     gpu = subprocess.run([str(root / "launch" / "serve.sh"), "large", "qwen3-32b-1.7b", "0.0.0.0"],
                          capture_output=True, text=True, env=env, timeout=60)
-    assert "--host 0.0.0.0" in gpu.stderr and "--tp 2" in gpu.stderr and "_cpu_shim" not in gpu.stderr
+    assert "--host 0.0.0.0" in gpu.stderr and "--tp 2" in gpu.stderr and "servers/cpu/shim" not in gpu.stderr
     inside = {**env, "CUDA_VISIBLE_DEVICES": "4,5,6,7"}  # the first block of the role, inside the user's devices
     for role, devices in (("large", "4,5"), ("small", "6")):
         out = subprocess.run([str(root / "launch" / "serve.sh"), role, "qwen3-32b-1.7b"], capture_output=True,
@@ -114,7 +114,7 @@ def test_launch_serve_sh_builds_the_same_command_as_up():
 
 @pytest.mark.parametrize("value", [0, -1, "6", 1.5, True])
 def test_prefetch_every_must_be_a_positive_integer(monkeypatch, value):
-    import relaygen_sgl.config as config
+    import relaygen_sgl.core.config as config
 
     raw = config._raw()
     raw["cpu-tiny"]["prefetch_every"] = value

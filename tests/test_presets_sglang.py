@@ -10,8 +10,8 @@ import io
 
 import pytest
 
-from relaygen_sgl.config import ROLES, Settings, load_preset, preset_names
-from relaygen_sgl.launcher import server_command
+from relaygen_sgl.core.config import ROLES, Settings, load_preset, preset_names
+from relaygen_sgl.servers.plan import server_command
 
 
 def _sglang_parser() -> argparse.ArgumentParser:

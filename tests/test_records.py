@@ -10,8 +10,8 @@ import numpy as np
 import orjson
 import pytest
 
-from relaygen_sgl import records
-from relaygen_sgl.errors import ConfigError
+from relaygen_sgl.core import records
+from relaygen_sgl.core.errors import ConfigError
 
 
 def write_lines(path: Path, lines: list) -> Path:

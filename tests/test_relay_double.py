@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.cues import CueProfile
-from relaygen_sgl.engine import ClientConfig
-from relaygen_sgl.errors import ConfigError, RelayAborted
+from relaygen_sgl.client.http import ClientConfig
+from relaygen_sgl.core.cues import CueProfile
+from relaygen_sgl.core.errors import ConfigError, RelayAborted
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 QUESTION = "What is 2 + 3?"
@@ -151,7 +151,7 @@ def test_large_server_error_mid_trajectory_carries_the_partial_result(fake):
 
 
 def test_5xx_is_retried_4xx_is_not(fake):
-    from relaygen_sgl.errors import EngineRejected
+    from relaygen_sgl.core.errors import EngineRejected
 
     relay, _, _ = setup(fake, THINK, family="qwen3", retries=1)
     small = fake.hosts["small.test:2"]
@@ -248,7 +248,7 @@ def test_property_segments_concatenate_to_the_trajectory(fake, words):
 def test_two_roles_with_different_tokenizers_are_refused(fake, tmp_path):
     from doubles import build_tokenizer
 
-    from relaygen_sgl.errors import TokenizerMismatch
+    from relaygen_sgl.core.errors import TokenizerMismatch
 
     fake.add_host(LARGE, [])
     fake.add_host(SMALL, [])
@@ -372,7 +372,7 @@ def test_prefetch_warms_the_other_server_and_never_changes_a_token(fake):
 
 
 def test_a_deadline_stops_the_run_and_its_requests(fake):
-    from relaygen_sgl.errors import Cancelled
+    from relaygen_sgl.core.errors import Cancelled
 
     relay, _, _ = setup(fake, THINK * 4, family="qwen3")
     for h in fake.hosts.values():

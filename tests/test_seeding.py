@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from relaygen_sgl.seeding import SeededSampler, processor_str, seeded_fields, server_supports_seeding, uniform
+from relaygen_sgl.runtime.seeding import SeededSampler, processor_str, seeded_fields, server_supports_seeding, uniform
 
 LOGITS5 = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 

@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from relaygen_sgl import stack
-from relaygen_sgl.config import load_settings
-from relaygen_sgl.errors import LaunchError, StackError
-from relaygen_sgl.launcher import client_url, port_in_use
-from relaygen_sgl.stack_procs import exclusive, start_ticks
+from relaygen_sgl.core.config import client_url, load_settings
+from relaygen_sgl.core.errors import LaunchError, StackError
+from relaygen_sgl.core.files import exclusive
+from relaygen_sgl.servers import stack
+from relaygen_sgl.servers.plan import server_plan
+from relaygen_sgl.servers.processes import port_in_use, start_ticks
 
 
 def write_state(settings, servers, **extra):
@@ -106,7 +107,7 @@ def test_up_and_down_take_a_lock():
     with exclusive(settings.run_dir / "stack.lock", "held by the test"):
         with pytest.raises(StackError, match="another relaygen up/down is running"):
             stack.down(settings)
-        from relaygen_sgl.config import load_preset
+        from relaygen_sgl.core.config import load_preset
 
         with pytest.raises(StackError, match="another relaygen up/down is running"):
             stack.up(load_preset("cpu-tiny"), settings)
@@ -143,7 +144,7 @@ def test_client_urls_for_wildcard_and_ipv6_hosts():
 
 
 def test_up_checks_the_ports_on_the_host_it_will_bind(monkeypatch):
-    from relaygen_sgl.config import load_preset
+    from relaygen_sgl.core.config import load_preset
 
     asked = []
     monkeypatch.setattr(stack, "check_models", lambda preset, settings: None)
@@ -154,8 +155,9 @@ def test_up_checks_the_ports_on_the_host_it_will_bind(monkeypatch):
 
 
 def test_up_gives_each_server_its_own_gpus_and_records_them(monkeypatch):
-    from relaygen_sgl.config import load_preset
-    from relaygen_sgl.launcher import ServerCommand, start_server
+    from relaygen_sgl.core.config import load_preset
+    from relaygen_sgl.servers.plan import ServerCommand
+    from relaygen_sgl.servers.processes import start_server
 
     seen = []
 
@@ -178,5 +180,6 @@ def test_up_gives_each_server_its_own_gpus_and_records_them(monkeypatch):
         assert [r.get("devices") for r in recorded] == ["0,1", "2,3", None, "4"]
     finally:
         stack.down(settings)
-    assert [s[:3] for s in stack.plan(load_preset("cpu-tiny"), {"large": 1, "small": 2})] == [
+    plan = server_plan(load_preset("cpu-tiny"), settings, replicas={"large": 1, "small": 2})
+    assert [(p.role, p.kind, p.replica) for p in plan.processes] == [
         ("large", "server", 0), ("small", "server", 0), ("small", "server", 1), ("small", "router", 2)]

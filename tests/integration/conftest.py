@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from paths import REAL_MODELS
 
-from relaygen_sgl import stack
-from relaygen_sgl.config import Settings, load_preset
+from relaygen_sgl.core.config import Settings, load_preset
+from relaygen_sgl.servers import stack
 
 PORT_SHIFT = 100
 

@@ -17,7 +17,7 @@ import sglang as sgl
 import relaygen_sgl
 from relaygen_sgl.api import Relay, close
 from relaygen_sgl.loader import load_program
-from relaygen_sgl.trajectory import KEY
+from relaygen_sgl.runtime.trajectory import KEY
 
 pytestmark = pytest.mark.integration
 

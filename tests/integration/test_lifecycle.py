@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relaygen_sgl import stack
-from relaygen_sgl.engine import EngineClient
+from relaygen_sgl.client.http import EngineClient
+from relaygen_sgl.servers import stack
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ def test_status_reports_both_servers_healthy(cpu_pair):
 def test_generate_returns_text_and_token_accounting(cpu_pair):
     with EngineClient(cpu_pair.large) as eng:
         info = eng.model_info()
-        from relaygen_sgl.tokenizer import load_tokenizer
+        from relaygen_sgl.client.tokenizer import load_tokenizer
 
         tok = load_tokenizer(info["tokenizer_path"])
         ids = tok.encode("The quick brown fox jumps over the lazy dog. " * 20)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.handoff import handoffs_only, replay
+from relaygen_sgl.bench.handoff import handoffs_only, replay
 
 pytestmark = pytest.mark.integration
 

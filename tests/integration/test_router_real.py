@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 from paths import REAL_MODELS
 
-from relaygen_sgl import stack
 from relaygen_sgl.api import Relay
-from relaygen_sgl.config import Settings, load_preset
+from relaygen_sgl.core.config import Settings, load_preset
+from relaygen_sgl.servers import stack
 
 pytestmark = pytest.mark.integration
 QUESTION = "Tom has 3 apples and buys 5 more. Then he gives 2 away. How many apples does he have? Explain step by step."

@@ -1,4 +1,4 @@
-"""Seeded sampling (relaygen_sgl.seeding) on the real cpu-tiny pair: the same seed gives the
+"""Seeded sampling (relaygen_sgl.runtime.seeding) on the real cpu-tiny pair: the same seed gives the
 same tokens however the request reaches the server. Needs --enable-custom-logit-processor
 in the cpu-tiny preset's args."""
 
@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from relaygen_sgl.engine import EngineClient
-from relaygen_sgl.seeding import processor_str, seeded_fields, server_supports_seeding
+from relaygen_sgl.client.http import EngineClient
+from relaygen_sgl.runtime.seeding import processor_str, seeded_fields, server_supports_seeding
 
 pytestmark = pytest.mark.integration
 

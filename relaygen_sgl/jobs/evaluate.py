@@ -1,0 +1,144 @@
+"""`relaygen eval`: run methods over a benchmark with k samples, grade, and report.
+
+Each method's runs go to DIR/<method>.jsonl through the batch runner (resumable), the
+grades to DIR/graded-<method>.jsonl, and the report covers every method found in DIR,
+so running relay and single-large one after the other yields the speedup.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from relaygen_sgl.core.config import METHODS
+from relaygen_sgl.core.datasets import Problem
+from relaygen_sgl.core.records import read_records, rewrite
+from relaygen_sgl.jobs.batch import BatchSummary, Prompt, run_batch
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    dataset: str
+    k: int = 4
+    limit: int | None = None
+
+
+def build_prompts(problems: list[Problem], k: int) -> list[Prompt]:
+    return [Prompt(id=f"{p.id}#{j}", question=p.question, line=0,
+                   extra={"problem_id": p.id, "sample": j, "seed": j, "gold": p.gold, "kind": p.kind})
+            for p in problems for j in range(k)]
+
+
+def run_method(method: str, prompts: list[Prompt], out_dir: Path, run_one: Callable[[Prompt], dict[str, Any]],
+               concurrency: int, progress: bool = True, label: str | None = None) -> BatchSummary:
+    """One method's samples into DIR/<label>.jsonl (the label defaults to the method; other
+    labels keep runs of the same method on other servers apart, e.g. "relay+eagle3")."""
+    return run_batch(prompts, out_dir / f"{label or method}.jsonl", run_one, concurrency=concurrency,
+                     progress=progress)
+
+
+def run_labels(out_dir: Path) -> list[str]:
+    """The runs found in DIR: the three methods first, then other labels by name."""
+    found = {p.stem for p in out_dir.glob("*.jsonl") if not p.stem.startswith("graded-")}
+    return [m for m in METHODS if m in found] + sorted(found - set(METHODS))
+
+
+def grade_method(out_dir: Path, method: str, workers: int = 2) -> list[dict[str, Any]]:
+    from relaygen_sgl.core.grading import grade_many
+
+    records = read_records(out_dir / f"{method}.jsonl")
+    items = [(r.get("text") or "", str(r["gold"]), r.get("kind", "math")) for r in records]
+    grades = grade_many(items, workers=workers)
+    graded = []
+    for rec, g in zip(records, grades):
+        stats = rec.get("stats") or {}
+        ok = rec.get("status") == "ok"
+        graded.append({
+            "id": rec["id"], "problem_id": rec["problem_id"], "sample": rec["sample"], "status": rec.get("status"),
+            "correct": bool(ok and g["correct"]), "extracted": g.get("extracted"), "gold": rec["gold"],
+            "reason": g.get("reason") if ok else f"run error: {rec.get('error')}",
+            "completion_tokens": int(stats.get("large_tokens", 0)) + int(stats.get("small_tokens", 0)),
+            "large_tokens": int(stats.get("large_tokens", 0)), "switches": int(stats.get("switches", 0)),
+            "e2e_s": float(stats.get("e2e_s", 0.0)),
+            "degraded": rec.get("degraded") is not None,  # the large model finished it alone
+        })
+    rewrite(out_dir / f"graded-{method}.jsonl", sorted(graded, key=lambda g: (g["problem_id"], g["sample"])))
+    return graded
+
+
+def summarize(graded: list[dict[str, Any]], include_degraded: bool = False) -> dict[str, Any]:
+    """pass@1 and speed over the samples; a degraded sample (the small server failed and the
+    large model finished alone) is counted apart and, by default, left out: it is not a relay."""
+    degraded = sum(1 for g in graded if g.get("degraded"))
+    if not include_degraded:
+        graded = [g for g in graded if not g.get("degraded")]
+    by_problem: dict[str, list[bool]] = defaultdict(list)
+    for g in graded:
+        by_problem[g["problem_id"]].append(g["correct"])
+    tokens = sum(g["completion_tokens"] for g in graded)
+    return {
+        "problems": len(by_problem),
+        "samples": len(graded),
+        "degraded": degraded,
+        "degraded_included": include_degraded,
+        "errors": sum(1 for g in graded if g["status"] != "ok"),
+        "pass_at_1": round(100 * statistics.fmean(statistics.fmean(v) for v in by_problem.values()), 2)
+        if by_problem else 0.0,
+        "mean_completion_tokens": round(statistics.fmean(g["completion_tokens"] for g in graded), 1) if graded else 0,
+        "mean_latency_s": round(statistics.fmean(g["e2e_s"] for g in graded), 3) if graded else 0.0,
+        "large_share": round(sum(g["large_tokens"] for g in graded) / tokens, 4) if tokens else 0.0,
+        "switches_per_1k_tokens": round(1000 * sum(g["switches"] for g in graded) / tokens, 2) if tokens else 0.0,
+    }
+
+
+def report(out_dir: Path, header: dict[str, Any], workers: int = 2, include_degraded: bool = False) -> dict[str, Any]:
+    rows = {m: summarize(grade_method(out_dir, m, workers), include_degraded) for m in run_labels(out_dir)}
+    base = rows.get("single-large")
+    for row in rows.values():
+        row["speedup_vs_single_large"] = (round(base["mean_latency_s"] / row["mean_latency_s"], 3)
+                                          if base and row["mean_latency_s"] else None)
+    result = {**header, "methods": rows}
+    (out_dir / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (out_dir / "report.md").write_text(_markdown(result))
+    _plot(rows, out_dir / "accuracy_vs_latency.png", header.get("dataset", ""))
+    return result
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    head = (f"# Evaluation: {result.get('dataset')} on {result.get('preset')}\n\n"
+            f"k={result.get('k')}, limit={result.get('limit')}, budget={result.get('max_tokens')}, "
+            f"machine: {result.get('machine')}\n\n")
+    cols = ["method", "pass@1 (%)", "mean tokens", "mean latency (s)", "large share", "switches/1k tok",
+            "speedup vs single-large", "samples", "degraded", "errors"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for m, r in result["methods"].items():
+        sp = f"{r['speedup_vs_single_large']:.2f}x" if r["speedup_vs_single_large"] else "n/a"
+        lines.append(f"| {m} | {r['pass_at_1']:.2f} | {r['mean_completion_tokens']:.0f} | {r['mean_latency_s']:.2f} | "
+                     f"{r['large_share']:.1%} | {r['switches_per_1k_tokens']:.1f} | {sp} | {r['samples']} | "
+                     f"{r.get('degraded', 0)}{'' if r.get('degraded_included') else ' (left out)'} | {r['errors']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for m, r in rows.items():
+        ax.scatter(r["mean_latency_s"], r["pass_at_1"], s=60, label=m)
+        ax.annotate(m, (r["mean_latency_s"], r["pass_at_1"]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("mean latency per sample (s)")
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_title(f"accuracy vs latency: {title}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,190 @@
+"""One turn of one role: generate until a stop, a verified cue, EOS or the budget.
+
+A turn is usually one /generate call. It takes more only when the server's cue match
+is not a word match once the text before it is seen, or when a cue fires before the
+turn's `min_tokens`: then the same role simply continues from every token it wrote,
+so nothing is lost and its radix cache holds the whole prefix.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from relaygen_sgl.client.http import EngineClient, Finish, Generation
+from relaygen_sgl.client.tokenizer import Tokenizer
+from relaygen_sgl.core.cues import CONTEXT_CHARS, cue_next, find_cue
+from relaygen_sgl.core.errors import Cancelled
+from relaygen_sgl.core.result import Segment
+from relaygen_sgl.runtime.policy import DeltaSink, TurnSpec
+
+CUE_WINDOW_TOKENS = 12  # tokens decoded to see whether the next one may complete a cue
+
+
+class _Streamer:
+    """Turns output_ids as they arrive into text deltas, holding back the last token while
+    a cue may still cut it. Decodes a short window, not the whole prefix, per token."""
+
+    WINDOW = 8
+
+    def __init__(self, tok: Tokenizer, role: str, sink: DeltaSink | None, holdback: int,
+                 ctx: str = "", stops: Sequence[str] = ()) -> None:
+        self.tok, self.role, self.sink, self.holdback = tok, role, sink, holdback
+        self.sent = 0  # tokens whose text was sent
+        # a stop string begun before this turn ends it within its first characters: stream
+        # nothing past it (run_turn cuts there too)
+        self.ctx, self.stops = ctx, [s for s in stops if len(s) > 1]
+        self.watch = bool(self.stops)
+        self.frozen_at: int | None = None
+
+    def update(self, ids: Sequence[int], final: bool = False) -> None:
+        if self.sink is None:
+            return
+        upto = len(ids) if final else max(0, len(ids) - self.holdback)
+        if self.frozen_at is not None:
+            upto = min(upto, self.frozen_at) if not final else upto
+        elif self.watch and not final:
+            text = self.tok.decode(ids[:upto])
+            hit = _straddling_stop(self.ctx, "", text, self.stops)
+            if hit is not None:
+                self.frozen_at = upto = max(1, self.tok.cut_index(ids[:upto], hit[1]))
+            elif len(text) >= max(len(s) for s in self.stops):
+                self.watch = False  # past where a straddling stop could end
+        if upto <= self.sent:
+            return
+        w = max(0, self.sent - self.WINDOW)
+        prev = self.tok.decode(ids[w:self.sent])
+        cur = self.tok.decode(ids[w:upto])
+        if not final and cur.endswith("\ufffd"):  # half a multi-byte character: wait
+            return
+        if cur.startswith(prev) and len(cur) > len(prev):
+            self.sink(self.role, cur[len(prev):])
+        self.sent = upto
+
+
+def _straddling_stop(ctx: str, before: str, text: str, stops: Sequence[str]) -> tuple[str, int] | None:
+    """Earliest stop string that starts before the new output and ends inside it.
+    Returns (stop, end offset in `text`)."""
+    boundary = len(ctx) + len(before)
+    full = ctx + text
+    best: tuple[str, int] | None = None
+    for stop in stops:
+        lo = max(0, boundary - len(stop) + 1)
+        i = full.find(stop, lo)
+        if 0 <= i < boundary < i + len(stop):
+            end = i + len(stop) - len(ctx)
+            if best is None or end < best[1]:
+                best = (stop, end)
+    return best
+
+
+def _cue_next(tok: Tokenizer, ctx: str, ids: list[int], patterns: Sequence[str]) -> bool:
+    """The next token may complete a cue: the text so far ends with a cue word, or with all
+    of a cue but its last punctuation. Decodes a window of the last tokens."""
+    if not patterns:
+        return False
+    window = ids[-CUE_WINDOW_TOKENS:]
+    text = tok.decode(window)
+    return cue_next(ctx + text if len(window) == len(ids) else text, patterns)
+
+
+def run_turn(
+    engine: EngineClient,
+    tok: Tokenizer,
+    prefix_ids: Sequence[int],
+    context_text: str,
+    spec: TurnSpec,
+    sink: DeltaSink | None = None,
+    cancel: threading.Event | None = None,
+    on_ids: Callable[[list[int], Callable[[], bool]], None] | None = None,
+) -> Segment:
+    """Run `spec` on `engine` from `prefix_ids`; `context_text` is the trajectory text before
+    it (the left side of a cue's word boundary). A set `cancel` stops it between tokens (the
+    stream to SGLang is closed, which aborts the request there). `on_ids` hears the turn's
+    tokens so far as they arrive, but for a request's last chunk, with a check of whether the
+    next token may complete a cue (the handoff prefetch; it decodes, so it is asked only when
+    needed)."""
+    assert spec.role is not None
+    kept: list[int] = []
+    first: Generation | None = None
+    latency = server_latency = 0.0
+    requests = 0
+    discarded = 0
+    # Always streamed: it costs little and gives an honest time to first token.
+    ctx = context_text[-CONTEXT_CHARS:]
+    streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0, ctx, spec.stop)
+    ctx_len = engine.context_length
+    while True:
+        remaining = spec.max_tokens - len(kept)
+        if ctx_len is not None:
+            # SGLang refuses a request whose input + max_new_tokens passes the context
+            remaining = min(remaining, ctx_len - len(prefix_ids) - len(kept))
+        if remaining <= 0:
+            finish = Finish("length")
+            break
+        sampling: dict[str, Any] = {**spec.sampling, "max_new_tokens": remaining, "no_stop_trim": True}
+        if spec.stop:
+            sampling["stop"] = list(spec.stop)
+        if spec.cue_patterns:
+            sampling["stop_regex"] = list(spec.cue_patterns)
+        base = list(kept)
+
+        def on_tokens(ids: list[int], last: bool, base: list[int] = base) -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the run was stopped: cancelled by its caller or past its deadline")
+            turn = base + ids
+            streamer.update(turn)
+            # The request's last chunk is not offered: what follows it at once is the next
+            # request (the handoff, or this turn's next one), which a prefetch would delay.
+            if on_ids is not None and not last:
+                on_ids(turn, lambda: _cue_next(tok, ctx, turn, spec.cue_patterns))
+
+        gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens, extra=spec.extra or None)
+        requests += 1
+        first = first or gen
+        latency += gen.latency_s
+        server_latency += gen.server_latency_s
+        new = gen.output_ids
+        finish = gen.finish
+        if new and new[-1] in tok.eos_ids and finish.kind in ("regex", "stop"):
+            # SGLang checks stop strings before EOS, on text decoded with special tokens: an
+            # EOS can complete a match ("Therefore" + "<|im_end|>" fits \W). The model ended.
+            finish = Finish("eos", new[-1])
+        if finish.kind == "regex":
+            full = kept + new
+            seg_text = tok.decode(full)
+            before = len(tok.decode(kept))
+            hit = find_cue(ctx + seg_text, spec.cue_patterns, after=len(ctx) + before)
+            if hit is not None:
+                cut = tok.cut_index(full, hit.end - len(ctx))
+                if cut >= spec.min_tokens:
+                    kept = full[:cut]
+                    discarded += len(full) - cut
+                    finish = Finish("cue", hit.cue)
+                    break
+            # Not a word match, or too early: keep every token and let the same role go on
+            # (the loop's budget check ends the turn if nothing remains).
+            kept = full
+            continue
+        full = kept + new
+        straddle = _straddling_stop(ctx, tok.decode(kept), tok.decode(full), spec.stop)
+        if straddle is not None:
+            # The server only searches its own output, so a stop string that began in the
+            # text before this request ("." + "</" | "think>") is found here.
+            stop_str, end = straddle
+            cut = max(1, tok.cut_index(full, end))
+            discarded += len(full) - cut
+            kept = full[:cut]
+            finish = Finish("stop", stop_str)
+            break
+        kept = full
+        break
+    streamer.update(kept, final=True)
+    return Segment(
+        role=spec.role, text=tok.decode(kept), token_ids=kept, completion_tokens=len(kept),
+        prompt_tokens=first.prompt_tokens if first else 0, cached_tokens=first.cached_tokens if first else 0,
+        latency_s=round(latency, 4), server_latency_s=round(server_latency, 4),
+        ttft_s=round(first.ttft_s, 4) if first else 0.0, finish=finish.kind, matched=finish.matched,
+        requests=requests, discarded_tokens=discarded,
+    )

@@ -1,0 +1,214 @@
+"""`relaygen serve`: the relay as an OpenAI-compatible model.
+
+POST /v1/chat/completions (plain, or streamed as server-sent events), GET /v1/models,
+GET /health, GET /openapi.json. Each relay runs in its own thread; at most
+`max_concurrency` run and `max_queue` more wait, past that 429 with Retry-After. A client
+that goes away, or a request past its deadline, stops its relay (the stream to SGLang is
+closed, which aborts the request there). Errors use OpenAI's error JSON; no traceback,
+file path or file content ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from relaygen_sgl.core.cues import CueProfile
+from relaygen_sgl.runtime.policy import DEFAULT_BUDGET
+from relaygen_sgl.serve.http import ERROR_SCHEMA, ApiError, ChatRequest, chat_schema, parse_request, read_json
+from relaygen_sgl.serve.runtime import Busy, Gate, Health, Job
+from relaygen_sgl.serve.setup import allowed_profiles
+from relaygen_sgl.serve.stream import Gone, JobStream, complete, sse, timeout_error
+
+log = logging.getLogger("relaygen.serve")
+POLL_S = 0.25  # how often a waiting request checks its client and deadline
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str = "relaygen"
+    max_budget: int = DEFAULT_BUDGET  # --max-tokens: the most a request may ask for
+    default_max_tokens: int = 4096  # a request without max_tokens gets min(this, max_budget)
+    request_timeout_s: float = 600.0  # deadline per request, queue wait included
+    max_concurrency: int = 16  # relays running at once
+    max_queue: int = 64  # requests waiting for a slot; past this, 429
+    health_interval_s: float = 30.0  # background check when no request said how the servers are; 0: none
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def key_ok(header: bytes, digest: bytes) -> bool:
+    """`Authorization: Bearer KEY` (the scheme in any case), compared as SHA-256 digests in
+    constant time."""
+    parts = header.split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != b"bearer":
+        return False
+    return hmac.compare_digest(hashlib.sha256(parts[1].strip()).digest(), digest)
+
+
+class _Auth:
+    """Pure ASGI (streams and disconnects pass through untouched): every route but
+    /health and /openapi.json needs the key."""
+
+    OPEN = ("/health", "/openapi.json")
+
+    def __init__(self, app: Any, digest: bytes | None) -> None:
+        self.app, self.digest = app, digest
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.digest is not None and scope.get("path") not in self.OPEN:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not key_ok(header, self.digest):
+                err = ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                               "authentication_error", code="invalid_api_key", headers={"www-authenticate": "Bearer"})
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _admit(gate: Gate, request: Request, deadline: float) -> None:
+    try:
+        fut = gate.enter()
+    except Busy:
+        wait = gate.retry_after()
+        raise ApiError(429, f"the server is at capacity ({gate.running} relays running, {gate.waiting} waiting); "
+                            f"retry after {wait} s", "rate_limit_error", code="server_busy",
+                       headers={"retry-after": str(wait)}) from None
+    if fut is None:
+        return
+    try:
+        while not fut.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise timeout_error("waiting for a free slot")
+            await asyncio.wait({fut}, timeout=min(POLL_S, left))
+            if not fut.done() and await request.is_disconnected():
+                raise Gone
+    except BaseException:
+        gate.leave_queue(fut)
+        raise
+
+
+def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: str | None = None,
+               profiles: Mapping[str, CueProfile] | None = None, **overrides: Any) -> FastAPI:
+    """The ASGI app. `profiles`: the names a request may pick with relay.profile (default:
+    the shipped ones); `overrides`: ServeSettings fields."""
+    s = replace(settings or ServeSettings(), **overrides)
+    allowed = dict(profiles) if profiles is not None else allowed_profiles()
+    digest = key_digest(api_key) if api_key else None
+    gate = Gate(s.max_concurrency, s.max_queue)
+    health = Health(relay.engines, s.health_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        health.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(health.close)
+
+    app = FastAPI(title="relaygen-sgl", description="The RelayGen relay as an OpenAI-compatible model",
+                  docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(_Auth, digest=digest)
+    app.state.gate, app.state.health, app.state.settings = gate, health, s
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        path = request.url.path[:200]
+        if e.status_code == 404:
+            err = ApiError(404, f"unknown URL ({request.method} {path})", code="not_found")
+        elif e.status_code == 405:
+            err = ApiError(405, f"method {request.method} not allowed on {path}", code="method_not_allowed",
+                           headers=e.headers)
+        else:
+            err = ApiError(e.status_code, str(e.detail)[:200], headers=e.headers)
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> Response:
+        return ApiError(422, "invalid request parameters", code="invalid_value").response()
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> Response:
+        log.exception("internal error")
+        return ApiError(500, f"internal error ({type(e).__name__})", "server_error").response()
+
+    @app.get("/health", summary="Whether the process is up and the SGLang servers worked last time")
+    async def health_route() -> Response:
+        status, body = health.report()
+        return JSONResponse(body, status_code=status)
+
+    def card() -> dict[str, Any]:
+        return {"id": s.model_name, "object": "model", "created": 0, "owned_by": "relaygen-sgl"}
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [card()]})
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> Response:
+        if model_id != s.model_name:
+            return ApiError(404, f"the model {model_id[:80]!r} does not exist", param="model",
+                            code="model_not_found").response()
+        return JSONResponse(card())
+
+    def ended(job: Job) -> None:  # in the job's thread, once the relay has really stopped
+        gate.record(time.monotonic() - job.started_at)
+        gate.release()
+        health.outcome(job.result, job.error)
+
+    body_schema = chat_schema(s.model_name, s.max_budget, sorted(allowed), s.request_timeout_s)
+    responses = {str(code): {"description": what, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                 for code, what in ((400, "malformed or unsupported"), (401, "missing or wrong API key"),
+                                    (404, "unknown model"), (413, "body over 1 MiB"), (415, "not JSON"),
+                                    (422, "a value out of range"), (429, "at capacity; see Retry-After"),
+                                    (502, "an SGLang server failed"), (504, "past the deadline"))}
+
+    @app.post("/v1/chat/completions", summary="Chat completion by the relay (OpenAI-compatible)",
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": body_schema}}},
+                             "responses": responses})
+    async def chat(request: Request) -> Response:
+        try:
+            req: ChatRequest = parse_request(await read_json(request), model_name=s.model_name,
+                                             max_budget=s.max_budget, default_max_tokens=s.default_max_tokens,
+                                             profiles=allowed, timeout_s=s.request_timeout_s)
+            deadline = time.monotonic() + req.timeout_s
+            await _admit(gate, request, deadline)
+        except ApiError as e:
+            return e.response()
+        except Gone:
+            return Response(status_code=499)
+        try:
+            job = Job(relay, req.messages, req.method, req.run, on_end=ended)
+            job.start()
+        except BaseException:
+            gate.release()
+            raise
+        if req.stream:
+            return JobStream(sse(relay, job, req, deadline, s.model_name, request), job)
+        return await complete(relay, job, req, deadline, s.model_name, request)
+
+    return app
+
+
+def serve(relay: Any, host: str, port: int, settings: ServeSettings | None = None, *, api_key: str | None = None,
+          profiles: Mapping[str, CueProfile] | None = None) -> None:
+    import uvicorn
+
+    app = create_app(relay, settings, api_key=api_key, profiles=profiles)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30, timeout_graceful_shutdown=10)

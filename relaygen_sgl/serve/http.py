@@ -1,0 +1,293 @@
+"""The request side of `relaygen serve`: OpenAI-shaped errors, the body read under its
+size limit, a chat completions request validated into Relay.run arguments, and the
+OpenAPI schema of that request (what /openapi.json declares)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from relaygen_sgl.core.config import METHODS, ROLES
+from relaygen_sgl.core.cues import CueProfile
+
+MAX_BODY_BYTES = 1 << 20
+MAX_STOPS = 4  # OpenAI's limit on stop sequences
+MAX_SEED = 2**63 - 1
+RELAY_KEYS = ("method", "profile", "answer_role", "timeout")
+ROLES_IN = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    """An error answer in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
+    """The body as JSON: 415 unless it is declared application/json (a missing header is
+    taken as JSON), 413 past `limit` bytes (counted while reading, so a chunked body is
+    stopped too), 400 when it does not parse."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "the body must be JSON (Content-Type: application/json)", code="unsupported_media_type")
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise ApiError(400, "invalid Content-Length header")
+        if int(length) > limit:  # refused before reading
+            raise ApiError(413, f"request body over {limit} bytes", code="request_too_large")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise ApiError(413, f"request body over {limit} bytes", code="request_too_large")
+    try:
+        return orjson.loads(buf)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+
+@dataclass
+class ChatRequest:
+    """A validated request: what Relay.run gets, and how to answer."""
+
+    messages: list[dict[str, str]]
+    method: str
+    run: dict[str, Any]  # max_tokens, temperature, top_p, top_k, seed, answer_role, profile
+    stream: bool = False
+    include_usage: bool = False
+    stops: tuple[str, ...] = ()
+    timeout_s: float = 600.0
+    profile_name: str | None = field(default=None)
+
+
+def _number(body: dict[str, Any], key: str, *, integer: bool, lo: float, hi: float, lo_open: bool = False,
+            param: str | None = None) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    param = param or key
+    if not ok_type or isinstance(value, bool):
+        raise ApiError(422, f"{param} must be {'an integer' if integer else 'a number'}", param=param,
+                       code="invalid_type")
+    if not (lo < value if lo_open else lo <= value) or not value <= hi:
+        low = f"> {lo}" if lo_open else f">= {lo}"
+        raise ApiError(422, f"{param} must be {low} and <= {hi}", param=param, code="invalid_value")
+    return value
+
+
+def _content(m: dict[str, Any], i: int) -> str:
+    content = m.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                                    "are supported", param="messages", code="unsupported_content")
+            parts.append(part["text"])
+        return "".join(parts)
+    if content is None and m.get("role") == "assistant" and not m.get("tool_calls"):
+        return ""
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"messages[{i}] must be an object with a role", param="messages")
+        role = ROLES_IN.get(m["role"])
+        if role is None:
+            raise ApiError(400, f"messages[{i}].role {_short(m['role'], 40)} is not supported; use system, "
+                                "developer, user or assistant (this server runs no tools)", param="messages")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise ApiError(400, f"messages[{i}]: tool calls are not supported", param="messages")
+        clean.append({"role": role, "content": _content(m, i)})
+    if not any(m["content"].strip() for m in clean if m["role"] == "user"):
+        raise ApiError(400, "messages hold no user content", param="messages")
+    return clean
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """Fields that would change what the answer means, and that this server does not do."""
+    def no(param: str, what: str) -> ApiError:
+        return ApiError(400, f"{param}: {what} is not supported by this server", param=param, code="unsupported")
+
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != 1):
+        raise no("n", "more than one choice per request (n must be 1)")
+    for key in ("tools", "functions"):
+        if body.get(key):
+            raise no(key, "tool calling")
+    for key in ("tool_choice", "function_call"):
+        if body.get(key) not in (None, "none"):
+            raise no(key, "tool calling")
+    if body.get("logprobs") not in (None, False):
+        raise no("logprobs", "returning log probabilities")
+    if body.get("top_logprobs") not in (None, 0):
+        raise no("top_logprobs", "returning log probabilities")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise no("response_format", "a response format other than {'type': 'text'}")
+    if body.get("logit_bias"):
+        raise no("logit_bias", "a logit bias")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            raise no(key, "a non-zero penalty")
+    if body.get("modalities") not in (None, ["text"]):
+        raise no("modalities", "output other than text")
+    if body.get("audio") is not None:
+        raise no("audio", "audio output")
+
+
+def _stops(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) \
+            or not 1 <= len(stops) <= MAX_STOPS:
+        raise ApiError(400, f"stop must be a non-empty string or a list of 1 to {MAX_STOPS} non-empty strings",
+                       param="stop")
+    return tuple(stops)
+
+
+def _relay_options(body: dict[str, Any], profiles: Mapping[str, CueProfile], timeout_s: float) -> dict[str, Any]:
+    opts = body.get("relay")
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "relay must be an object", param="relay")
+    unknown = sorted(set(opts) - set(RELAY_KEYS))
+    if unknown:
+        raise ApiError(400, f"relay: unknown option {_short(unknown[0], 40)}; accepted: {', '.join(RELAY_KEYS)}",
+                       param="relay")
+    out: dict[str, Any] = {"method": opts.get("method", "relay"), "timeout": timeout_s}
+    if out["method"] not in METHODS:
+        raise ApiError(422, f"relay.method must be one of {', '.join(METHODS)}", param="relay.method")
+    if opts.get("answer_role") is not None:
+        if opts["answer_role"] not in ROLES:
+            raise ApiError(422, "relay.answer_role must be large or small", param="relay.answer_role")
+        out["answer_role"] = opts["answer_role"]
+    if opts.get("profile") is not None:
+        name = opts["profile"]
+        # only a name this server allows; never a path (the value is not echoed back)
+        if not isinstance(name, str) or name not in profiles:
+            raise ApiError(400, f"relay.profile is not an allowed profile; allowed: {', '.join(sorted(profiles))}",
+                           param="relay.profile", code="unknown_profile")
+        out["profile"] = name
+    timeout = _number(opts, "timeout", integer=False, lo=0, hi=timeout_s, lo_open=True, param="relay.timeout")
+    if timeout is not None:
+        out["timeout"] = float(timeout)
+    return out
+
+
+def parse_request(body: Any, *, model_name: str, max_budget: int, default_max_tokens: int,
+                  profiles: Mapping[str, CueProfile], timeout_s: float) -> ChatRequest:
+    """Validate a chat completion request body (400 malformed or unsupported, 404 unknown
+    model, 422 out of range)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(404, f"the model {_short(model)} does not exist; this server serves {model_name!r}",
+                       param="model", code="model_not_found")
+    messages = _messages(body)
+    _refuse_unsupported(body)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "stream must be a boolean (true or false, not a string)", param="stream")
+    opts = body.get("stream_options")
+    if opts is not None and (not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool)):
+        raise ApiError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
+    stops = _stops(body)
+    run: dict[str, Any] = {}
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, integer=True, lo=1, hi=max_budget)
+    run["max_tokens"] = max_tokens if max_tokens is not None else min(default_max_tokens, max_budget)
+    for key, integer, lo, hi, lo_open in (("temperature", False, 0, 2, False), ("top_p", False, 0, 1, True),
+                                          ("seed", True, 0, MAX_SEED, False)):
+        value = _number(body, key, integer=integer, lo=lo, hi=hi, lo_open=lo_open)
+        if value is not None:
+            run[key] = value
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if not (type(top_k) is int and top_k == -1):  # -1: no top-k cut
+            top_k = _number(body, "top_k", integer=True, lo=1, hi=1 << 30)
+        run["top_k"] = top_k
+    relay = _relay_options(body, profiles, timeout_s)
+    if "answer_role" in relay:
+        run["answer_role"] = relay["answer_role"]
+    profile_name = relay.get("profile")
+    if profile_name is not None:
+        run["profile"] = profiles[profile_name]
+    return ChatRequest(messages=messages, method=relay["method"], run=run, stream=bool(stream),
+                       include_usage=bool((opts or {}).get("include_usage", False)), stops=stops,
+                       timeout_s=relay["timeout"], profile_name=profile_name)
+
+
+def chat_schema(model_name: str, max_budget: int, profile_names: list[str], timeout_s: float) -> dict[str, Any]:
+    """The JSON schema of a chat completion request, for /openapi.json."""
+    text_part = {"type": "object", "required": ["type", "text"],
+                 "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+    message = {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"type": "string", "enum": list(ROLES_IN)},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+        "name": {"type": "string"}}}
+    stop = {"anyOf": [{"type": "string", "minLength": 1},
+                      {"type": "array", "minItems": 1, "maxItems": MAX_STOPS,
+                       "items": {"type": "string", "minLength": 1}}]}
+    relay = {"type": "object", "additionalProperties": False, "properties": {
+        "method": {"type": "string", "enum": list(METHODS)},
+        "profile": {"type": "string", "enum": profile_names},
+        "answer_role": {"type": "string", "enum": ["large", "small"]},
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": timeout_s,
+                    "description": "seconds; at most the server's --request-timeout"}}}
+    tokens = {"type": "integer", "minimum": 1, "maximum": max_budget}
+    return {"type": "object", "required": ["messages"], "properties": {
+        "model": {"type": "string", "enum": [model_name]},
+        "messages": {"type": "array", "minItems": 1, "items": message},
+        "max_tokens": tokens, "max_completion_tokens": tokens,
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": -1, "not": {"const": 0}},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+        "stop": stop, "n": {"type": "integer", "enum": [1]},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "logprobs": {"type": "boolean", "enum": [False]},
+        "response_format": {"type": "object", "required": ["type"],
+                            "properties": {"type": {"type": "string", "enum": ["text"]}}},
+        "relay": relay}}
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
