@@ -125,6 +125,12 @@ def test_an_installed_wheel_runs_the_bundled_relay(cpu_pair, tmp_path):
 
     names = zipfile.ZipFile(wheel).namelist()
     assert "relaygen_sgl/programs/relay.py" in names and "relaygen_sgl/programs/self_consistency.py" in names
+    packages = {str(p.parent.relative_to(REPO)) for p in (REPO / "relaygen_sgl").rglob("__init__.py")
+                if "shim" not in p.parts}
+    assert not [p for p in packages if f"{p}/__init__.py" not in names], "a subpackage is missing from the wheel"
+    for data in ("relaygen_sgl/data/presets.toml", "relaygen_sgl/servers/cpu/shim/sitecustomize.py",
+                 "relaygen_sgl/servers/cpu/shim/sgl_kernel/__init__.py"):
+        assert data in names, data
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
     # the dependencies come from this environment; the package itself only from the wheel
@@ -141,3 +147,16 @@ def test_an_installed_wheel_runs_the_bundled_relay(cpu_pair, tmp_path):
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["segments"] and out["stats"]["large_tokens"] > 0
+    # a plain SGLang program (no relaygen import in it) on connect(), from the installed package
+    program = (
+        "import sglang as sgl, relaygen_sgl\n"
+        "@sgl.function\n"
+        "def qa(s, q):\n"
+        "    s += sgl.user(q)\n"
+        "    s += sgl.assistant(sgl.gen('a', max_tokens=8, temperature=0))\n"
+        f"be = relaygen_sgl.connect(preset='cpu-tiny', large={cpu_pair.large!r}, small={cpu_pair.small!r})\n"
+        "st = qa.run(q='Say hi.', backend=be)\n"
+        "print(repr(st['a']), relaygen_sgl.__file__)\n")
+    plain = subprocess.run([str(py), "-c", program], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert plain.stdout.strip().endswith(str(target / "relaygen_sgl" / "__init__.py")), plain.stdout
