@@ -11,7 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from relaygen_sgl.runtime.seeding import SeededSampler, processor_str, seeded_fields, server_supports_seeding, uniform
+from relaygen_sgl.runtime.seeding import (
+    SeededSampler,
+    SeedSupport,
+    processor_str,
+    seeded_fields,
+    seeding_mode,
+    server_supports_seeding,
+    uniform,
+)
 
 LOGITS5 = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 
@@ -208,6 +216,29 @@ def test_server_supports_seeding():
     assert not server_supports_seeding(None)  # type: ignore[arg-type]
 
 
+def test_a_deterministic_server_seeds_with_sglangs_own_sampling_seed():
+    info = {"enable_custom_logit_processor": True, "enable_deterministic_inference": False,
+            "speculative_algorithm": None}
+    assert seeding_mode(info) == "processor"
+    assert seeding_mode(info | {"enable_deterministic_inference": True}) == "sglang"
+    assert seeding_mode(info | {"enable_custom_logit_processor": False}) is None
+
+    class Server:
+        def __init__(self, info):
+            self.info = info
+
+        def server_info(self):
+            return self.info
+
+    sampling = {"temperature": 0.6, "sampling_seed": 3}
+    # no processor shipped: the request's sampling_seed does it, and the run still reproduces
+    det = Server({"enable_deterministic_inference": True, "enable_custom_logit_processor": False})
+    assert SeedSupport().fields(det, 3, sampling) == ({}, {}, True)
+    extra, add, ok = SeedSupport().fields(Server(info), 3, sampling)
+    assert extra == {"custom_logit_processor": processor_str()} and ok
+    assert SeedSupport().fields(Server({}), 3, sampling) == ({}, {}, False)
+
+
 def test_uniform_bits_are_not_position_aligned():
     # the hash must not leave consecutive positions correlated (a bad mix would)
     us = [uniform(9, p) for p in range(4000)]
@@ -267,3 +298,67 @@ def test_a_rows_token_does_not_depend_on_the_rest_of_the_batch():
         batch = SeededSampler()(logits.clone(), params).argmax(-1).tolist()
         alone = [int(SeededSampler()(logits[i:i + 1].clone(), [params[i]]).argmax()) for i in range(5)]
         assert batch == alone
+
+
+# ---------------------------------------------------------------- the step never waits for the device
+STEP_KWS = [dict(temperature=0.6, top_k=20, top_p=0.95), dict(temperature=0.6, top_p=0.95), dict(temperature=1.0),
+            dict(temperature=0.7, min_p=0.05), dict(temperature=0.6, top_k=20, top_p=0.95),
+            dict(temperature=1.3, top_k=50, top_p=0.8, min_p=0.02), None, dict(temperature=0.8, top_p=0.5)]
+
+
+def step_cases():
+    """Fixed batches mixing every candidate group (top_k, top_p alone, neither, min_p), an
+    unseeded row and a nearly flat row whose top_p mass lies beyond rank 1024."""
+    gen = torch.Generator().manual_seed(21)
+    for b in range(6):
+        logits = torch.randn(len(STEP_KWS), 3000, generator=gen) * (1 + b)
+        logits[7] = -torch.arange(3000, dtype=torch.float32) * 1e-4 + torch.rand(3000, generator=gen) * 1e-5
+        for seed in (0, 1, 12345):
+            params = [None if kw is None else {"seed": seed, "__req__": fake_req(position=40 + 7 * b + i, **kw)}
+                      for i, kw in enumerate(STEP_KWS)]
+            yield logits, params
+
+
+# The tokens the implementation before the sync-free step (commit 760c42b: Python lists turned
+# into device tensors, bool() and .tolist() on device values) picked for step_cases(), in order.
+BEFORE = [[2458, 922, 897, 57, 761, 1248, 1289, 11], [1417, 2839, 1471, 571, 2217, 834, 1289, 1075],
+          [2944, 1894, 657, 20, 410, 2963, 1289, 798], [2627, 970, 2042, 158, 823, 225, 991, 126],
+          [1167, 2943, 1662, 158, 2836, 854, 991, 367], [2732, 970, 1815, 1324, 2185, 1872, 991, 417],
+          [863, 23, 908, 2812, 1287, 1408, 2011, 1182], [863, 891, 2740, 1238, 1287, 1950, 2011, 275],
+          [863, 399, 407, 149, 1287, 1872, 2011, 655], [2895, 2890, 2336, 599, 2659, 2546, 2021, 998],
+          [2895, 2890, 1109, 2805, 1235, 2345, 2021, 119], [2895, 2890, 1158, 599, 2659, 473, 2021, 437],
+          [1303, 2568, 115, 1305, 55, 229, 1312, 61], [1294, 2568, 813, 1305, 2334, 229, 1312, 1323],
+          [1294, 2568, 1802, 1305, 2805, 229, 1312, 923], [2457, 789, 1295, 2649, 1425, 1815, 1598, 230],
+          [2457, 789, 626, 2649, 1760, 1815, 1598, 1275], [2457, 789, 626, 2649, 1425, 1815, 1598, 184]]
+
+
+def test_the_step_reads_nothing_back_from_the_device_and_picks_the_same_tokens_as_before(monkeypatch):
+    """Each way a step could make the host wait for the device raises while the processor
+    runs; the processor swallows errors (it must never take the scheduler down), so the test
+    checks afterwards that every seeded row was sampled, and by the same tokens as before."""
+    outs = []
+
+    def forbid(name):
+        def boom(*a, **k):
+            raise AssertionError(f"{name} inside a step")
+        return boom
+
+    real_tensor = torch.tensor
+
+    def host_only_tensor(*a, **k):
+        if k.get("device") is not None and torch.device(k["device"]).type != "cpu":
+            raise AssertionError("torch.tensor(list, device=...) inside a step")
+        return real_tensor(*a, **k)
+
+    cases = list(step_cases())
+    with monkeypatch.context() as m:
+        for name in ("item", "__bool__", "tolist", "cpu", "numpy", "__int__", "__float__", "__index__", "nonzero"):
+            m.setattr(torch.Tensor, name, forbid(f"Tensor.{name}"))
+        m.setattr(torch, "tensor", host_only_tensor)
+        m.setattr(torch, "nonzero", forbid("torch.nonzero"))
+        for logits, params in cases:
+            outs.append(SeededSampler()(logits.clone(), params))
+    for out, (_, params) in zip(outs, cases):
+        finite = torch.isfinite(out).sum(-1).tolist()
+        assert finite == [3000 if p is None else 1 for p in params]  # sampled, not left to the server
+    assert [o.argmax(-1).tolist() for o in outs] == BEFORE

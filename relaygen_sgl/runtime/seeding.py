@@ -35,7 +35,8 @@ from typing import Any
 import dill
 from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
 
-__all__ = ["SeededSampler", "processor_str", "seeded_fields", "server_supports_seeding", "uniform"]
+__all__ = ["SeedSupport", "SeededSampler", "processor_str", "seeded_fields", "seeding_mode", "server_supports_seeding",
+           "uniform"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -54,24 +55,20 @@ class SeededSampler(CustomLogitProcessor):
     def __call__(self, logits, custom_param_list=None):
         if not custom_param_list:
             return logits
-        rows, temps, top_ps, top_ks, min_ps, us = [], [], [], [], [], []
+        rows, specs = [], []
         for i, params in enumerate(custom_param_list):
             spec = self._row_spec(params)
             if spec is not None:
                 rows.append(i)
-                temps.append(spec[0])
-                top_ps.append(spec[1])
-                top_ks.append(spec[2])
-                min_ps.append(spec[3])
-                us.append(spec[4])
+                specs.append(spec)
         if rows:
             try:
-                self._sample_rows(logits, rows, temps, top_ps, top_ks, min_ps, us)
+                self._sample_rows(logits, rows, specs)
             except Exception as e:  # never take the scheduler down; the server samples then
                 import logging
 
                 logging.getLogger("relaygen_sgl.runtime.seeding").warning("SeededSampler left %d rows unseeded: %r",
-                                                                  len(rows), e)
+                                                                          len(rows), e)
                 return logits
         return logits
 
@@ -124,76 +121,92 @@ class SeededSampler(CustomLogitProcessor):
         except Exception:
             return None
 
+    @staticmethod
+    def _to_device(values, dtype, dev):
+        """A host list as a tensor on `dev`, without the host waiting for the device: built
+        on the host, pinned, copied asynchronously. torch.tensor(list, device="cuda") copies
+        synchronously from pageable memory: the host waits for every kernel queued before it,
+        the forward pass included, and the overlap scheduler's head start is lost."""
+        import torch
+
+        t = torch.tensor(values, dtype=dtype)
+        if dev.type == "cuda":
+            t = t.pin_memory()  # PyTorch's caching host allocator keeps it until the copy is done
+        return t.to(dev, non_blocking=True)
+
     @classmethod
-    def _sample_rows(cls, logits, rows, temps, top_ps, top_ks, min_ps, us):
-        """Writes the one-finite-entry rows into `logits`. Rows are grouped by how their
-        candidates are found, decided from each row's own parameters and values, so a row
-        samples the same token whatever else is in the batch: ("k", k) the top k by
-        torch.topk; "all" (no top_k, no top_p) the vocabulary unsorted, as no filter needs
-        an order; "p" (top_p alone) the top 1024 when the mass before rank 1024 already
-        exceeds top_p for that row (exact then), else the full sort."""
+    def _sample_rows(cls, logits, rows, specs):
+        """Writes the one-finite-entry rows into `logits`. Tensor ops only: everything the host
+        decides (which rows, how each row's candidates are found) comes from the host's own
+        parameters and goes to the device in two asynchronous copies, and nothing reads a value
+        back (no .item(), bool(tensor), .tolist(), .cpu()), so the step never waits for the
+        forward pass. Rows are grouped by how their candidates are found, decided from each
+        row's own parameters, so a row samples the same token whatever else is in the batch:
+        ("k", k) the top k by torch.topk; "all" (no top_k, no top_p) the vocabulary unsorted, as
+        no filter needs an order; "p" (top_p alone) the whole vocabulary sorted, as SGLang's
+        own torch sampler does (a shorter candidate list would need a look at the values to
+        know it holds the top_p mass)."""
         import torch
 
         dev = logits.device
         vocab = logits.shape[-1]
-        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        groups = {}
+        for j, spec in enumerate(specs):
+            key = ("k", spec[2]) if spec[2] < vocab else ("all" if spec[1] >= 1.0 else "p")
+            groups.setdefault(key, []).append(j)
+        members = [j for js in groups.values() for j in js]
+        ints = cls._to_device([*rows, *members], torch.long, dev)
+        # per row: temperature, top_p (inf: none), min_p, u
+        floats = cls._to_device([[t, p if p < 1.0 else float("inf"), m, u] for t, p, _, m, u in specs],
+                                torch.float64, dev)
+        idx = ints[: len(rows)]
         # softmax(logits / T) = exp(z - lse): z and lse over the vocabulary in float32, the
         # candidates' probabilities in float64; ranking z ranks the probabilities
-        z = logits.index_select(0, idx).float() / torch.tensor(temps, device=dev).view(-1, 1)
+        z = logits.index_select(0, idx).float() / floats[:, :1].float()
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        groups = {}
-        for j in range(len(rows)):
-            key = ("k", top_ks[j]) if top_ks[j] < vocab else ("all" if top_ps[j] >= 1.0 else "p")
-            groups.setdefault(key, []).append(j)
-        token = torch.empty((len(rows), 1), dtype=torch.long, device=dev)
+        token = None
+        at = len(rows)
         for key, js in groups.items():
-            sel = torch.tensor(js, device=dev)
-            zg, lg = (z, lse) if len(js) == len(rows) else (z.index_select(0, sel), lse.index_select(0, sel))
+            whole = len(js) == len(rows)  # one group: its members are the rows in order
+            sel = ints[at: at + len(js)]
+            at += len(js)
+            zg, lg, fg = (z, lse, floats) if whole else (z.index_select(0, sel), lse.index_select(0, sel),
+                                                         floats.index_select(0, sel))
             if key[0] == "k":
                 zv, order = torch.topk(zg, k=key[1], dim=-1, sorted=True)
             elif key == "all":
                 zv, order = zg, torch.arange(vocab, device=dev).expand(len(js), -1)
             else:
-                zv, order = torch.topk(zg, k=min(1024, vocab), dim=-1, sorted=True)
+                zv, order = zg.sort(dim=-1, descending=True)
             vals = torch.exp(zv.double() - lg.double())
-            if key == "p":
-                enough = vals.sum(-1) > torch.tensor([top_ps[j] for j in js], dtype=torch.float64, device=dev)
-                if not bool(enough.all()):
-                    for g in torch.nonzero(~enough).view(-1).tolist():  # these rows need the full sort
-                        zs, os_ = zg[g:g + 1].sort(dim=-1, descending=True)
-                        vs = torch.exp(zs.double() - lg[g:g + 1].double())
-                        token[js[g]] = cls._pick(vs, os_, [top_ps[js[g]]], [min_ps[js[g]]], [us[js[g]]])
-                    keep_rows = torch.nonzero(enough).view(-1)
-                    js = [js[g] for g in keep_rows.tolist()]
-                    if not js:
-                        continue
-                    vals, order = vals.index_select(0, keep_rows), order.index_select(0, keep_rows)
-            token[js] = cls._pick(vals, order, [top_ps[j] for j in js], [min_ps[j] for j in js],
-                                  [us[j] for j in js])
+            picked = cls._pick(vals, order, fg[:, 1:2], fg[:, 2:3], fg[:, 3:4])
+            if whole:
+                token = picked
+            else:
+                if token is None:
+                    token = torch.empty((len(rows), 1), dtype=torch.long, device=dev)
+                token.index_copy_(0, sel, picked)
         out = torch.full((len(rows), vocab), float("-inf"), dtype=logits.dtype, device=dev)
         out.scatter_(1, token, 0.0)
-        bad = ~torch.isfinite(lse.view(-1))  # an all -inf / NaN row stays the server's
-        if bool(bad.any()):
-            out[bad] = logits.index_select(0, idx)[bad]
+        # an all -inf / NaN row stays the server's
+        out = torch.where(torch.isfinite(lse), out, logits.index_select(0, idx))
         logits.index_copy_(0, idx, out)
 
     @staticmethod
-    def _pick(vals, order, top_ps, min_ps, us):
+    def _pick(vals, order, top_p, min_p, u):
         """Inverse CDF over candidates `vals` (probabilities; in descending order whenever a
         top_p applies) with the sampler's filters: a rank is dropped when the mass before it
-        exceeds top_p (top_p >= 1: no filter) or its probability is below min_p times the top one."""
+        exceeds top_p (inf: no filter) or its probability is below min_p times the top one.
+        top_p, min_p and u are (rows, 1) float64 columns on the device."""
         import torch
 
-        dev, n = vals.device, vals.shape[-1]
-        f64 = dict(dtype=torch.float64, device=dev)
-        p = torch.tensor([tp if tp < 1.0 else float("inf") for tp in top_ps], **f64).view(-1, 1)
-        keep = (torch.cumsum(vals, dim=-1) - vals) <= p
-        keep &= vals >= vals.amax(dim=-1, keepdim=True) * torch.tensor(min_ps, **f64).view(-1, 1)
+        n = vals.shape[-1]
+        keep = (torch.cumsum(vals, dim=-1) - vals) <= top_p
+        keep &= vals >= vals.amax(dim=-1, keepdim=True) * min_p
         cdf = torch.cumsum(torch.where(keep, vals, torch.zeros_like(vals)), dim=-1)
-        target = torch.tensor(us, **f64).view(-1, 1) * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, target, right=True).clamp_(max=n - 1)
+        pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=n - 1)
         # never a zero-weight rank (rounding at the top end): step back to the last kept one
-        ranks = torch.arange(n, device=dev).view(1, -1)
+        ranks = torch.arange(n, device=vals.device).view(1, -1)
         pick = torch.minimum(pick, (keep * ranks).amax(dim=-1, keepdim=True))
         return order.gather(1, pick)
 
@@ -275,14 +288,25 @@ def server_supports_seeding(server_info: dict[str, Any]) -> bool:
             and not server_info.get("enable_watermark"))
 
 
+def seeding_mode(server_info: dict[str, Any]) -> str | None:
+    """How a server reproduces a seeded run: "sglang" where it runs
+    --enable-deterministic-inference (SGLang then samples from `sampling_seed` and the
+    position itself, layers/sampler.py multinomial_with_seed: no custom processor, no
+    unpickled code), else "processor" where SeededSampler runs, else None."""
+    if isinstance(server_info, dict) and server_info.get("enable_deterministic_inference") is True:
+        return "sglang"
+    return "processor" if server_supports_seeding(server_info) else None
+
+
 class SeedSupport:
-    """Which servers run SeededSampler (asked once per server): the relay backend's view."""
+    """How each server reproduces a seed (asked once per server): the relay backend's view."""
 
     def __init__(self) -> None:
-        self._known: dict[int, bool] = {}
+        self._known: dict[int, str | None] = {}
 
     def fields(self, engine: Any, seed: int | None, sampling: dict[str, Any]) -> tuple[dict, dict, bool]:
-        """(extra, sampling_additions, reproducible) for one request of a run with `seed`."""
+        """(extra, sampling_additions, reproducible) for one request of a run with `seed`
+        (the request carries `sampling_seed` already, for a deterministic server)."""
         if seed is None:
             return {}, {}, True
         extra, add = seeded_fields(int(seed), sampling)
@@ -291,7 +315,10 @@ class SeedSupport:
         key = id(engine)
         if key not in self._known:
             try:
-                self._known[key] = server_supports_seeding(engine.server_info())
+                self._known[key] = seeding_mode(engine.server_info())
             except Exception:  # an info endpoint that fails (a router): no seeding there
-                self._known[key] = False
-        return (extra, add, True) if self._known[key] else ({}, {}, False)
+                self._known[key] = None
+        mode = self._known[key]
+        if mode == "sglang":
+            return {}, {}, True
+        return (extra, add, True) if mode == "processor" else ({}, {}, False)
