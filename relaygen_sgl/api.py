@@ -20,12 +20,20 @@ from relaygen_sgl.client.http import ClientConfig, EngineClient
 from relaygen_sgl.client.tokenizer import check_same_vocabulary, load_tokenizer
 from relaygen_sgl.core.config import ROLES, load_family, load_preset, load_settings
 from relaygen_sgl.core.cues import CueProfile, load_profile
-from relaygen_sgl.core.errors import ConfigError, RelayAborted, RelayGenError
+from relaygen_sgl.core.errors import ConfigError, EngineFailed, EngineUnreachable, RelayAborted, RelayGenError
 from relaygen_sgl.core.result import RelayResult
 from relaygen_sgl.core.state import read_state, role_urls
 from relaygen_sgl.loader import accepts, load_program
 from relaygen_sgl.runtime.backend import RelayBackend
-from relaygen_sgl.runtime.pairing import check_preset, default_preset, detect, served_models
+from relaygen_sgl.runtime.pairing import (
+    SmallDown,
+    check_preset,
+    default_preset,
+    detect,
+    expected_model,
+    same_model,
+    served_models,
+)
 from relaygen_sgl.runtime.policy import DEFAULT_BUDGET, RelayPlan
 from relaygen_sgl.runtime.trajectory import KEY
 
@@ -48,6 +56,34 @@ def resolve_urls(preset_name: str | None, large: str | None, small: str | None) 
     if missing:
         raise ConfigError(f"no URL for the {' and '.join(missing)} server: give --{missing[0]} URL or --preset")
     return urls
+
+
+def _small_at_start(engines: dict[str, EngineClient], urls: dict[str, str], on_small_failure: str) -> str | None:
+    """None when the small server answers. When it does not: with on_small_failure "fail"
+    one line and no relay; with "large" why not, and the relay starts degraded (the large
+    model alone) as a run whose small server failed mid-way goes on."""
+    if engines["small"] is engines["large"]:
+        return None
+    try:
+        engines["small"].model_info()
+        return None
+    except (EngineUnreachable, EngineFailed) as e:
+        if on_small_failure == "fail":
+            raise type(e)(f"the small server does not answer ({e}); start it (`relaygen up --preset NAME` restarts "
+                          "what is down) or give --on-small-failure large to run on the large model alone",
+                          url=e.url, status=e.status) from None
+        return f"down at start: {e}"
+
+
+def _small_back(engine: EngineClient, spec: Any) -> bool:
+    """The small server answers a one-token generation and, with a preset, serves its small model."""
+    if not engine.health(10.0):
+        return False
+    if spec is None:
+        return True
+    info = engine.model_info()
+    return same_model(str(info.get("model_path") or info.get("served_model_name") or ""),
+                      expected_model(spec, "small"))
 
 
 def _dp_size(engine: EngineClient) -> int:
@@ -73,7 +109,9 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
     engines = {"large": EngineClient(urls["large"], client, transport)}
     engines["small"] = engines["large"] if urls["small"] == urls["large"] else EngineClient(urls["small"], client,
                                                                                              transport)
-    served = served_models(engines)
+    small_error = _small_at_start(engines, urls, on_small_failure)
+    down = frozenset({"small"} if small_error else ())
+    served = served_models(engines, down)
     if name is not None:
         spec = load_preset(name)
         check_preset(spec, served, urls)
@@ -86,16 +124,18 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
                               f"{served['small']!r}); give --profile NAME|PATH (`relaygen calibrate` makes one)")
         prof = profile or found.profile
     prof = prof if isinstance(prof, CueProfile) else load_profile(prof)
-    paths = {role: e.model_info().get("tokenizer_path") for role, e in engines.items()}
+    paths = {role: None if role in down else e.model_info().get("tokenizer_path") for role, e in engines.items()}
     if not paths["large"]:
         raise ConfigError(f"{urls['large']} did not report its tokenizer path")
     tokenizer = load_tokenizer(paths["large"])
     check_same_vocabulary(tokenizer, load_tokenizer(paths["small"] or paths["large"]))
     backend = RelayBackend(engines, tokenizer, fam, prof, on_small_failure=on_small_failure,
-                           dp_sizes={role: _dp_size(e) for role, e in engines.items()},
+                           dp_sizes={role: _dp_size(e) for role, e in engines.items() if role not in down},
                            prefetch=_prefetch_default(prefetch, spec),
                            prefetch_every=spec.prefetch_every if spec else 1)
     backend.preset, backend.urls = spec, urls
+    if small_error:
+        backend.small_down = SmallDown(small_error, lambda: _small_back(engines["small"], spec))
     # A failed turn reaches the caller as a typed exception carrying the partial result;
     # SGLang's worker thread would also print its traceback as a warning.
     warnings.filterwarnings("ignore", message=r"Error in stream_executor:(?s:.*)relaygen_sgl\.core\.errors\.")
@@ -136,6 +176,12 @@ class Relay:
     profile = property(lambda self: self.backend.profile)
     urls = property(lambda self: self.backend.urls)
     preset = property(lambda self: self.backend.preset)
+
+    @property
+    def small_down(self) -> str | None:
+        """Why the small server is down, while runs start degraded (it did not answer at start)."""
+        down = self.backend.small_down
+        return down.error if down is not None and not down.back else None
 
     def close(self) -> None:
         close(self.backend)

@@ -98,3 +98,19 @@ def test_a_failing_server_gives_the_typed_error_with_the_partial_trajectory(fake
         r.run(QUESTION, max_tokens=60)
     assert err.value.partial is not None and err.value.partial.segments
     assert "segments" in str(err.value) and "None" not in str(err.value)
+
+
+def test_with_the_small_server_down_at_start_forks_selects_and_small_routes_run_on_the_large_one(fake):
+    fake.add_host(LARGE, [])  # the small server never answers
+    be = connect(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", prefetch=False,
+                 client=ClientConfig(retries=0, backoff_s=0.0), transport=fake.transport)
+    try:
+        fake.hosts["large.test:1"].tape = (be.tokenizer.encode(be.plan().render(QUESTION))
+                                           + be.tokenizer.encode(ANSWER) + [fake.eos_id])
+        state = plain.run(question=QUESTION, backend=be)
+        assert state.error() is None and state["pick"] == " Then"
+        for b in state.ret_value:
+            assert b.degraded["from_token"] == 0 and b.segments[-1].role == "large"
+        assert b.segments[-1].rerouted_from == "small"  # the branch routed to the small model
+    finally:
+        close(be)

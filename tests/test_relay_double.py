@@ -386,3 +386,59 @@ def test_a_deadline_stops_the_run_and_its_requests(fake):
 
     time.sleep(0.5)
     assert sum(len(h.requests) for h in fake.hosts.values()) == sent  # nothing more was asked
+
+
+# ---------------------------------------------------------------- a small server down at start
+def test_a_small_server_down_at_start_runs_degraded_until_it_is_back(fake, monkeypatch):
+    from relaygen_sgl.runtime import pairing
+
+    monkeypatch.setattr(pairing, "RECHECK_S", 0.0)
+    fake.add_host(LARGE, [])  # no small host: every call to it is refused (ConnectError)
+    relay = make_relay(fake)
+    assert relay.small_down and "ConnectError" in relay.small_down and "\n" not in relay.small_down
+    _, tape = tape_for(relay, THINK, fake.eos_id)
+    fake.hosts["large.test:1"].tape = tape
+    res = relay.run(QUESTION, max_tokens=500)
+    assert res.degraded == {"role": "small", "from_token": 0, "error": relay.small_down}
+    assert {s.role for s in res.segments} <= {"large", "inserted"} and res.answer == "The answer is 5."
+    # it comes back serving another model: the probe (off the request path) keeps it out
+    small = fake.add_host(SMALL, tape)
+    fake.model_paths["small.test:2"] = "acme/Other-1B"
+    down = relay.backend.small_down
+    relay.run(QUESTION, max_tokens=500)
+    assert _wait(lambda: not down._probing) and relay.small_down is not None
+    assert relay.run(QUESTION, max_tokens=500).degraded is not None
+    assert not [r for r in small.requests if r["sampling_params"]["max_new_tokens"] > 1]  # only probes
+    # the preset's model again: runs started after the probe relay on both servers
+    del fake.model_paths["small.test:2"]
+    relay.run(QUESTION, max_tokens=500)
+    assert _wait(lambda: relay.small_down is None)
+    res = relay.run(QUESTION, max_tokens=500)
+    assert res.degraded is None and "small" in [s.role for s in res.segments] and res.answer == "The answer is 5."
+
+
+def test_a_small_server_down_at_start_is_refused_in_one_line_when_it_must_not_fail(fake):
+    from relaygen_sgl.core.errors import EngineUnreachable
+
+    fake.add_host(LARGE, [])
+    with pytest.raises(EngineUnreachable) as err:
+        Relay(preset="cpu-tiny", large=LARGE, small=SMALL, on_small_failure="fail",
+              client=ClientConfig(retries=0, backoff_s=0.0), transport=fake.transport)
+    msg = str(err.value)
+    assert "small server" in msg and "small.test:2" in msg and "--on-small-failure large" in msg and "\n" not in msg
+
+
+def test_a_small_server_down_at_start_with_urls_only_is_detected_by_the_large_one(fake):
+    fake.add_host(LARGE, [])
+    with Relay(large=LARGE, small=SMALL, client=ClientConfig(retries=0, backoff_s=0.0),
+               transport=fake.transport) as r:
+        assert r.preset.name == "cpu-tiny" and r.small_down
+
+
+def _wait(cond, timeout: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not cond():
+        time.sleep(0.01)
+    return cond()

@@ -504,3 +504,181 @@ def test_fuzzed_requests_never_500_and_errors_are_openai_shaped(served):
 
     check()
     assert any(code == 200 for code in seen) and any(code >= 400 for code in seen), seen
+
+
+# ---------------------------------------------------------------- clients that leave or stall, the access log
+@contextlib.contextmanager
+def captured_logs():
+    """Every record of relaygen's and uvicorn's loggers (attached after uvicorn configured its own)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.DEBUG)
+    ours = logging.getLogger("relaygen")
+    level = ours.level
+    ours.setLevel(logging.INFO)
+    for name in ("relaygen", "uvicorn"):
+        logging.getLogger(name).addHandler(keep)
+    try:
+        yield records
+    finally:
+        for name in ("relaygen", "uvicorn"):
+            logging.getLogger(name).removeHandler(keep)
+        ours.setLevel(level)
+
+
+def access_lines(records) -> list[str]:
+    return [r.getMessage() for r in records if r.name == "relaygen.serve.access"]
+
+
+def port_of(s: Served) -> int:
+    return int(str(s.client.base_url).rsplit(":", 1)[1])
+
+
+PARTIAL = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sekret\r\n"
+           b"Content-Type: application/json\r\nContent-Length: 400\r\n\r\n{\"messages\": [{\"role\": \"us")
+
+
+def test_clients_that_leave_mid_body_are_one_info_line_each_never_an_error(served):
+    with captured_logs() as records:
+        for _ in range(30):
+            with socket.create_connection(("127.0.0.1", port_of(served))) as sock:
+                sock.sendall(PARTIAL)
+                time.sleep(0.01)  # the app is reading the body when the client goes
+        assert wait_for(lambda: len(access_lines(records)) == 30, 10), access_lines(records)
+    lines = access_lines(records)
+    assert all(" 499 " in line and "(client left mid-body)" in line for line in lines), lines[:3]
+    assert all(r.levelname == "INFO" and r.exc_info is None for r in records), \
+        [(r.name, r.levelname, r.getMessage()[:200]) for r in records if r.levelname != "INFO" or r.exc_info]
+    assert served.app.state.gate.running == 0
+    assert chat(served, {"messages": [{"role": "user", "content": Q}], "max_tokens": 200}).status_code == 200
+
+
+def test_a_client_that_stalls_mid_body_gets_408_and_its_connection_closed(make):
+    s = make(body_timeout_s=0.5)
+    with captured_logs() as records, socket.create_connection(("127.0.0.1", port_of(s))) as sock:
+        sock.settimeout(10)
+        t0 = time.monotonic()
+        sock.sendall(PARTIAL)
+        answer = b""
+        while chunk := sock.recv(65536):  # read to the end: the server closes the connection
+            answer += chunk
+        took = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower(), answer[:300]
+    assert b'"code":"body_timeout"' in answer and 0.5 <= took < 3, took
+    assert wait_for(lambda: any(" 408 " in line for line in access_lines(records)))
+    families = scrape(s)
+    assert sample(families, "relaygen_rejections", status="408") == 1
+    assert sample(families, "relaygen_requests", route="/v1/chat/completions", status="408") == 1
+
+
+def test_a_streaming_client_that_leaves_is_one_info_line(served):
+    served.tape(LONG_Q, LONG)
+    served.transport.delay = SLOW
+    with captured_logs() as records:
+        with served.client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+                "messages": [{"role": "user", "content": LONG_Q}], "max_tokens": 1000, "stream": True}) as resp:
+            lines = resp.iter_lines()
+            for _ in range(4):
+                next(lines)
+        assert wait_for(lambda: served.app.state.gate.running == 0 and access_lines(records), 8.0)
+    (line,) = access_lines(records)
+    assert " 200 " in line and "stream" in line and "(client left mid-stream)" in line
+    assert all(r.levelname == "INFO" and r.exc_info is None for r in records)
+
+
+def test_the_access_log_has_one_line_per_request_with_status_relay_stats_and_duration(served):
+    body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 200}
+    with captured_logs() as records:
+        usage = chat(served, body).json()["usage"]
+        served.client.get("/v1/models")  # no key: 401
+        chat(served, {"messages": []})  # 400
+        with served.client.stream("POST", "/v1/chat/completions", headers=AUTH,
+                                  json={**body, "stream": True}) as resp:
+            list(resp.iter_lines())
+        assert wait_for(lambda: len(access_lines(records)) == 4)
+    plain, unauthorized, bad, streamed = access_lines(records)
+    relay = usage["relay"]
+    assert plain.startswith("POST /v1/chat/completions 200 ") and \
+        f"switches={relay['switches']} large_share={relay['large_share']:.3f} tokens={usage['completion_tokens']} " \
+        f"(large {relay['large_tokens']}, small {relay['small_tokens']})" in plain, plain
+    assert float(plain.split()[3].rstrip("s")) > 0
+    assert unauthorized.startswith("GET /v1/models 401 ") and bad.startswith("POST /v1/chat/completions 400 ")
+    assert " 200 " in streamed and "stream relay switches=" in streamed and "client left" not in streamed
+
+
+# ---------------------------------------------------------------- /metrics
+def scrape(s: Served) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = s.client.get("/metrics", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+
+def sample(families: dict, name: str, suffix: str = "_total", **labels) -> float:
+    """One sample's value: a counter's _total (suffix), a histogram's _count or _sum."""
+    fam = families[name]
+    found = [x.value for x in fam.samples if x.name == name + suffix and all(x.labels.get(k) == v
+                                                                              for k, v in labels.items())]
+    assert len(found) == 1, (name, labels, fam.samples)
+    return found[0]
+
+
+def test_metrics_count_what_five_requests_reported(make):
+    """Two plain answers, one streamed with usage, one more plain, and one refused with 429
+    while the stream runs: the counters equal what the responses said."""
+    s = make(max_concurrency=1, max_queue=0)
+    assert s.client.get("/metrics").status_code == 401  # behind the key, like the API
+    before = scrape(s)
+    assert sample(before, "relaygen_switches") == 0 and sample(before, "relaygen_tokens", role="small") == 0
+    body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 200}
+    usages = [chat(s, body).json()["usage"] for _ in range(2)]
+    s.tape(LONG_Q, LONG)
+    s.transport.delay = 0.01
+    with s.client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+            "messages": [{"role": "user", "content": LONG_Q}], "max_tokens": 60, "stream": True,
+            "stream_options": {"include_usage": True}}) as resp:
+        lines = resp.iter_lines()
+        next(lines)
+        during = scrape(s)
+        assert sample(during, "relaygen_relays_running", "") == 1 and sample(during, "relaygen_relays_queued", "") == 0
+        assert chat(s, body).status_code == 429
+        usages.append(next(e for e in sse_events(lines) if e.get("usage"))["usage"])
+    s.transport.delay = 0
+    assert wait_for(lambda: s.app.state.gate.running == 0)
+    usages.append(chat(s, body).json()["usage"])
+    m = scrape(s)
+    chat_route = "/v1/chat/completions"
+    assert sample(m, "relaygen_requests", route=chat_route, status="200") == 4
+    assert sample(m, "relaygen_requests", route=chat_route, status="429") == 1
+    assert sample(m, "relaygen_rejections", status="429") == 1 and sample(m, "relaygen_rejections", status="413") == 0
+    for role in ("large", "small"):
+        assert sample(m, "relaygen_tokens", role=role) == sum(u["relay"][f"{role}_tokens"] for u in usages)
+    switches = sum(u["relay"]["switches"] for u in usages)
+    assert switches > 0 and sample(m, "relaygen_switches") == switches
+    assert sample(m, "relaygen_handoff_seconds", "_count") == switches  # one handoff per switch
+    assert sample(m, "relaygen_prompt_tokens") == sum(u["prompt_tokens"] for u in usages)
+    assert sample(m, "relaygen_relays", outcome="completed") == 4 and sample(m, "relaygen_relays", outcome="failed") == 0
+    assert sample(m, "relaygen_relay_seconds", "_count", method="relay") == 4
+    assert sample(m, "relaygen_large_share", "_count") == 4 and sample(m, "relaygen_relays_degraded") == 0
+    assert sample(m, "relaygen_relays_running", "") == 0
+    other = make()  # its own registry: nothing of the first app's counts
+    assert sample(scrape(other), "relaygen_switches") == 0
+
+
+def test_metrics_count_degraded_and_failed_relays(make):
+    s = make()
+    body = {"messages": [{"role": "user", "content": Q}], "max_tokens": 200}
+    s.fake.hosts["small.test:2"].down_after = 0  # the small server is gone: the large model goes on alone
+    assert chat(s, body).status_code == 200
+    s.fake.hosts["large.test:1"].down_after = 0  # both gone: the relay fails
+    assert chat(s, body).status_code == 502
+    m = scrape(s)
+    assert sample(m, "relaygen_relays_degraded") == 1
+    assert sample(m, "relaygen_relays", outcome="failed") == 1 and sample(m, "relaygen_relays", outcome="completed") == 1

@@ -26,9 +26,13 @@ def open_relay(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from relaygen_sgl.api import Relay
     from relaygen_sgl.core.config import sglang_api_key
 
-    return Relay(preset=args.preset, large=args.large, small=args.small, profile=getattr(args, "profile", None),
-                 on_small_failure=args.on_small_failure,
-                 client=ClientConfig(read_timeout_s=args.timeout, api_key=sglang_api_key()))
+    relay = Relay(preset=args.preset, large=args.large, small=args.small, profile=getattr(args, "profile", None),
+                  on_small_failure=args.on_small_failure,
+                  client=ClientConfig(read_timeout_s=args.timeout, api_key=sglang_api_key()))
+    if relay.small_down:  # --on-small-failure large: say once that this runs on the large model alone
+        sys.stderr.write(f"relaygen: warning: the small server {relay.urls['small']} is down; running degraded (the "
+                         f"large model alone, no switching) until it answers again ({relay.small_down})\n")
+    return relay
 
 
 def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
@@ -267,11 +271,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.request_timeout <= 0:
         raise ConfigError("--request-timeout must be above 0")
+    if args.body_timeout <= 0:
+        raise ConfigError("--body-timeout must be above 0")
     profiles = allowed_profiles(args.profile_allow)
     settings = ServeSettings(model_name=args.model_name, max_budget=args.max_tokens,
                              default_max_tokens=min(args.default_max_tokens, args.max_tokens),
                              request_timeout_s=args.request_timeout, max_concurrency=args.max_concurrency,
-                             max_queue=args.max_queue, health_interval_s=args.health_interval)
+                             max_queue=args.max_queue, health_interval_s=args.health_interval,
+                             body_timeout_s=args.body_timeout)
     relay = open_relay(args)
     print(f"relaygen serving {args.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"(large {relay.urls['large']}, small {relay.urls['small']}; API key {'on' if key else 'off'}; "

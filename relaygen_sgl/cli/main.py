@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests waiting for a slot (default 64); past both, 429 with Retry-After")
     sv.add_argument("--health-interval", type=_non_negative_float, default=30.0, metavar="SECONDS",
                     help="check the SGLang servers this often when no request did (default 30; 0: never)")
+    sv.add_argument("--body-timeout", type=_non_negative_float, default=30.0, metavar="SECONDS",
+                    help="a request's whole body must arrive within this after its headers, else 408 and the "
+                    "connection is closed (default 30)")
     _add_client_args(sv)
     sv.set_defaults(func=c.cmd_serve)
 

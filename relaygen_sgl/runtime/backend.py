@@ -68,6 +68,9 @@ class RelayBackend(BaseBackend):
         self._shared: dict[int, None] = {}  # prefixes already prefilled for forks (oldest first)
         self.chat_template: ChatTemplate = get_chat_template(family.sgl_chat_template)
         self.preset: Any = None  # set by connect(): the preset and URLs it resolved
+        # set by connect() when the small server did not answer at start (runtime.pairing.SmallDown):
+        # trajectories start degraded until it is back
+        self.small_down: Any = None
         self.urls = {role: e.url for role, e in engines.items()}
 
     def plan(self, method: str = "relay", *, profile: str | CueProfile | None = None,
@@ -113,6 +116,7 @@ class RelayBackend(BaseBackend):
         at = s.fork_start_text_pos
         if traj is None:
             traj = Trajectory(s.sid, self.tokenizer, next(self._slots))
+            traj.degraded = self.small_down.record() if self.small_down is not None else None
             if at:  # a branch whose trunk never reached the backend: the same text, the same ids
                 traj.absorb(s.text_[:at])
         else:
@@ -149,8 +153,10 @@ class RelayBackend(BaseBackend):
         return {"routed_dp_rank": traj.slot % n} if n else {}
 
     def _prefill(self, ids: list[int], traj: Trajectory) -> None:
-        """Put a prefix into both servers' radix caches (nothing is generated)."""
-        for role in ROLES[: 1 if self.engines["small"] is self.engines["large"] else 2]:
+        """Put a prefix into both servers' radix caches (nothing is generated); not into a
+        small server that is down."""
+        down = traj.degraded is not None or (self.small_down is not None and not self.small_down.back)
+        for role in ROLES[: 1 if self.engines["small"] is self.engines["large"] or down else 2]:
             self.engines[role].generate(ids, {"max_new_tokens": 0}, extra=self._pin(role, traj) or None)
 
     # ------------------------------------------------------------------ BaseBackend
@@ -235,6 +241,7 @@ class RelayBackend(BaseBackend):
     def _select(self, s: StreamExecutor, traj: Trajectory, choices: list[str],
                 method: ChoicesSamplingMethod) -> ChoicesDecision:
         role, _ = self._role(s)
+        role = "large" if traj.degraded else role  # the small server failed: the large model answers
         traj.absorb(s.text_)
         return score_choices(self.engines[role], self.tokenizer, traj.ids, choices, method, self._pin(role, traj))
 

@@ -1,11 +1,13 @@
 """`relaygen serve`: the relay as an OpenAI-compatible model.
 
 POST /v1/chat/completions (plain, or streamed as server-sent events), GET /v1/models,
-GET /health, GET /openapi.json. Each relay runs in its own thread; at most
-`max_concurrency` run and `max_queue` more wait, past that 429 with Retry-After. A client
-that goes away, or a request past its deadline, stops its relay (the stream to SGLang is
-closed, which aborts the request there). Errors use OpenAI's error JSON; no traceback,
-file path or file content ever reaches a client.
+GET /health, GET /metrics (Prometheus), GET /openapi.json. Each relay runs in its own
+thread; at most `max_concurrency` run and `max_queue` more wait, past that 429 with
+Retry-After. A body must arrive within `body_timeout_s` (else 408). A client that goes
+away, or a request past its deadline, stops its relay (the stream to SGLang is closed,
+which aborts the request there). Errors use OpenAI's error JSON; no traceback, file path
+or file content ever reaches a client. Every request gets one access-log line
+(serve/observe.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.runtime.policy import DEFAULT_BUDGET
-from relaygen_sgl.serve.http import ERROR_SCHEMA, ApiError, ChatRequest, chat_schema, parse_request, read_json
+from relaygen_sgl.serve.http import (
+    BODY_TIMEOUT_S,
+    ERROR_SCHEMA,
+    ApiError,
+    ChatRequest,
+    chat_schema,
+    parse_request,
+    read_json,
+)
+from relaygen_sgl.serve.observe import KEY, METRICS_TYPE, Metrics, Observe, Outcome
 from relaygen_sgl.serve.runtime import Busy, Gate, Health, Job
 from relaygen_sgl.serve.setup import allowed_profiles
 from relaygen_sgl.serve.stream import Gone, JobStream, complete, sse, timeout_error
@@ -45,6 +57,7 @@ class ServeSettings:
     max_concurrency: int = 16  # relays running at once
     max_queue: int = 64  # requests waiting for a slot; past this, 429
     health_interval_s: float = 30.0  # background check when no request said how the servers are; 0: none
+    body_timeout_s: float = BODY_TIMEOUT_S  # a request body must arrive within this after its headers, else 408
 
 
 def key_digest(key: str) -> bytes:
@@ -62,7 +75,8 @@ def key_ok(header: bytes, digest: bytes) -> bool:
 
 class _Auth:
     """Pure ASGI (streams and disconnects pass through untouched): every route but
-    /health and /openapi.json needs the key."""
+    /health and /openapi.json needs the key (/metrics too: a scraper sends it as a bearer
+    token)."""
 
     OPEN = ("/health", "/openapi.json")
 
@@ -112,6 +126,9 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
     digest = key_digest(api_key) if api_key else None
     gate = Gate(s.max_concurrency, s.max_queue)
     health = Health(relay.engines, s.health_interval_s)
+    if getattr(relay, "small_down", None):  # started degraded: /health says so before any request
+        health.known["small"] = False
+    metrics = Metrics(gate)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -124,7 +141,8 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
     app = FastAPI(title="relaygen-sgl", description="The RelayGen relay as an OpenAI-compatible model",
                   docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_middleware(_Auth, digest=digest)
-    app.state.gate, app.state.health, app.state.settings = gate, health, s
+    app.add_middleware(Observe, metrics=metrics)  # added last: outermost, it sees every answer
+    app.state.gate, app.state.health, app.state.settings, app.state.metrics = gate, health, s, metrics
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
@@ -155,6 +173,10 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
     def card() -> dict[str, Any]:
         return {"id": s.model_name, "object": "model", "created": 0, "owned_by": "relaygen-sgl"}
 
+    @app.get("/metrics", summary="Prometheus metrics (text format)")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=METRICS_TYPE)
+
     @app.get("/v1/models")
     async def models() -> Response:
         return JSONResponse({"object": "list", "data": [card()]})
@@ -170,11 +192,13 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
         gate.record(time.monotonic() - job.started_at)
         gate.release()
         health.outcome(job.result, job.error)
+        metrics.relay_ended(job)
 
     body_schema = chat_schema(s.model_name, s.max_budget, sorted(allowed), s.request_timeout_s)
     responses = {str(code): {"description": what, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
                  for code, what in ((400, "malformed or unsupported"), (401, "missing or wrong API key"),
-                                    (404, "unknown model"), (413, "body over 1 MiB"), (415, "not JSON"),
+                                    (404, "unknown model"), (408, "the body did not arrive in time"),
+                                    (413, "body over 1 MiB"), (415, "not JSON"),
                                     (422, "a value out of range"), (429, "at capacity; see Retry-After"),
                                     (502, "an SGLang server failed"), (504, "past the deadline"))}
 
@@ -183,15 +207,25 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
                                              "content": {"application/json": {"schema": body_schema}}},
                              "responses": responses})
     async def chat(request: Request) -> Response:
+        out: Outcome = request.scope.get(KEY) or Outcome()
         try:
-            req: ChatRequest = parse_request(await read_json(request), model_name=s.model_name,
+            body = await read_json(request, timeout_s=s.body_timeout_s)
+        except ClientDisconnect:  # nobody to answer; the access line says what happened
+            out.note = "client left mid-body"
+            return Response(status_code=499)
+        except ApiError as e:
+            return e.response()
+        try:
+            req: ChatRequest = parse_request(body, model_name=s.model_name,
                                              max_budget=s.max_budget, default_max_tokens=s.default_max_tokens,
                                              profiles=allowed, timeout_s=s.request_timeout_s)
+            out.stream = req.stream
             deadline = time.monotonic() + req.timeout_s
             await _admit(gate, request, deadline)
         except ApiError as e:
             return e.response()
         except Gone:
+            out.note = "client left while queued"
             return Response(status_code=499)
         try:
             job = Job(relay, req.messages, req.method, req.run, on_end=ended)
@@ -199,6 +233,7 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
         except BaseException:
             gate.release()
             raise
+        out.job = job
         if req.stream:
             return JobStream(sse(relay, job, req, deadline, s.model_name, request), job)
         return await complete(relay, job, req, deadline, s.model_name, request)
@@ -208,7 +243,18 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
 
 def serve(relay: Any, host: str, port: int, settings: ServeSettings | None = None, *, api_key: str | None = None,
           profiles: Mapping[str, CueProfile] | None = None) -> None:
+    import sys
+
     import uvicorn
 
     app = create_app(relay, settings, api_key=api_key, profiles=profiles)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=30, timeout_graceful_shutdown=10)
+    # our own lines (the access log at info) to stderr; uvicorn's only from warning up,
+    # and its access log off: ours has the relay's numbers
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("relaygen.serve")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=30,
+                timeout_graceful_shutdown=10)

@@ -4,6 +4,7 @@ OpenAPI schema of that request (what /openapi.json declares)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ from relaygen_sgl.core.config import METHODS, ROLES
 from relaygen_sgl.core.cues import CueProfile
 
 MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 30.0  # --body-timeout: the whole body must arrive within this after the headers
+CLOSE = {"connection": "close"}  # a body left unread: the connection cannot carry another request
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
 MAX_SEED = 2**63 - 1
 RELAY_KEYS = ("method", "profile", "answer_role", "timeout")
@@ -43,10 +46,13 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
+async def read_json(request: Request, limit: int = MAX_BODY_BYTES, timeout_s: float | None = BODY_TIMEOUT_S) -> Any:
     """The body as JSON: 415 unless it is declared application/json (a missing header is
     taken as JSON), 413 past `limit` bytes (counted while reading, so a chunked body is
-    stopped too), 400 when it does not parse."""
+    stopped too), 408 when all of it has not arrived `timeout_s` after the headers (a
+    client that stalls holds a connection and a task, nothing more, and not for long), 400
+    when it does not parse. A client that leaves mid-body raises Starlette's
+    ClientDisconnect."""
     ctype = request.headers.get("content-type")
     if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "the body must be JSON (Content-Type: application/json)", code="unsupported_media_type")
@@ -55,12 +61,17 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
         if not length.strip().isdigit():
             raise ApiError(400, "invalid Content-Length header")
         if int(length) > limit:  # refused before reading
-            raise ApiError(413, f"request body over {limit} bytes", code="request_too_large")
+            raise ApiError(413, f"request body over {limit} bytes", code="request_too_large", headers=CLOSE)
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise ApiError(413, f"request body over {limit} bytes", code="request_too_large")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    raise ApiError(413, f"request body over {limit} bytes", code="request_too_large", headers=CLOSE)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout",
+                       headers=CLOSE) from None
     try:
         return orjson.loads(buf)
     except orjson.JSONDecodeError as e:

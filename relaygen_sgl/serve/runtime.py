@@ -123,16 +123,18 @@ class Job:
             pass
 
     def _work(self) -> None:
+        item: tuple[Any, ...]
         try:
             result = self.relay.run(self.question, self.method, on_delta=lambda r, d: self._put("delta", r, d),
                                     cancel=self.cancel, **self.run_kwargs)
-            self.result, self.finished = result, True
-            self._put("done", result)
+            self.result, item = result, ("done", result)
         except BaseException as e:  # handed to the request, answered there
-            self.error, self.finished = e, True
-            self._put("error", e)
-        finally:
+            self.error, item = e, ("error", e)
+        self.finished = True
+        try:  # the slot and the counters first: once the answer is out, they say so already
             self.on_end(self)
+        finally:
+            self._put(*item)
 
 
 # ---------------------------------------------------------------- text

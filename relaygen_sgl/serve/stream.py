@@ -20,6 +20,7 @@ from relaygen_sgl.core.errors import ConfigError, EngineRejected, RelayAborted, 
 from relaygen_sgl.core.result import RelayResult
 from relaygen_sgl.runtime.backend import REROUTED
 from relaygen_sgl.serve.http import ApiError, ChatRequest
+from relaygen_sgl.serve.observe import KEY
 from relaygen_sgl.serve.runtime import CONTENT, REASONING, Job, TextShaper, stop_cut
 
 log = logging.getLogger("relaygen.serve")
@@ -192,6 +193,12 @@ async def sse(relay: Any, job: Job, req: ChatRequest, deadline: float, model_nam
     except Deadline:
         job.stop("deadline")
         yield b"data: " + orjson.dumps(timeout_error(f"of {req.timeout_s:g} s").body()) + b"\n\n"
+    except Gone:  # (ASGI >= 2.4 only) the client left: nothing more to send
+        job.stop("disconnect")
+        return
+    out = request.scope.get(KEY)
+    if out is not None:
+        out.streamed_to_end = True
     yield b"data: [DONE]\n\n"
 
 
