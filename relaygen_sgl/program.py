@@ -20,6 +20,7 @@ import sglang as sgl
 
 from relaygen_sgl.core.errors import Cancelled, ConfigError, RelayAborted, RelayGenError
 from relaygen_sgl.core.result import RelayResult
+from relaygen_sgl.runtime.gen_params import is_gen_param, relay_gen_kwargs
 from relaygen_sgl.runtime.policy import RelayPlan, RelayPolicy
 from relaygen_sgl.runtime.trajectory import Trajectory
 
@@ -69,7 +70,11 @@ def prompt(s: Any, question: str | list[dict[str, str]], plan: RelayPlan | None 
 def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayResult:
     """Run the relay loop from the state's current text. `plan_kwargs` (method, max_tokens,
     answer, answer_role, temperature, seed, profile ...) build a plan from the backend's
-    defaults when no plan is given."""
+    defaults when no plan is given. sgl.gen's parameters that apply per turn (min_p,
+    frequency_penalty, presence_penalty, ignore_eos, return_logprob, top_logprobs_num,
+    return_text_in_logprobs) go to every turn; those that cannot survive a handoff (regex,
+    json_schema, dtype, n > 1, stop ...) raise ConfigError naming them, before any request."""
+    per_turn = relay_gen_kwargs({k: plan_kwargs.pop(k) for k in list(plan_kwargs) if is_gen_param(k)})
     plan = plan or backend_of(s).plan(**plan_kwargs)
     traj = trajectory_of(s)
     if plan.on_delta is not None:
@@ -94,7 +99,7 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
         name = f"relay_turn{len(traj.segments)}"
         s += sgl.gen(name, max_tokens=spec.max_tokens, min_tokens=spec.min_tokens,
                      stop=list(spec.stop),  # a fresh list: the interpreter extends it in place
-                     stop_regex=list(spec.cue_patterns), **plan.sampling)
+                     stop_regex=list(spec.cue_patterns), **plan.sampling, **per_turn)
         s.get_meta_info(name)  # waits for the turn
         failure = traj.error or s.stream_executor.error_
         if failure is not None:

@@ -80,6 +80,7 @@ SAMPLING_FIELDS = ("max_new_tokens", "stop", "stop_token_ids", "stop_regex", "te
 MAX_STOP_COUNT = MAX_STOP_REGEX_COUNT = 32  # sglang/srt/sampling/sampling_params.py
 MAX_STOP_REGEX_LEN = 256
 MAX_LEN = 2**30
+OUTPUT_LOGPROB_KEYS = ("output_token_logprobs", "output_top_logprobs")
 
 
 def get_max_seq_length(regex: str) -> int:
@@ -243,6 +244,12 @@ class FakeSGLang:
             meta["input_token_logprobs"] = [
                 [None if pos == start else (-0.1 if pos < len(host.tape) and host.tape[pos] == ids[pos] else -5.0),
                  ids[pos], None] for pos in range(start, len(ids))]
+            # one entry per output token ([logprob, id, text or None]); top-k as k entries
+            text_in = bool(body.get("return_text_in_logprobs"))
+            meta["output_token_logprobs"] = [[-0.1, t, self.tok.decode([t]) if text_in else None] for t in out]
+            if body.get("top_logprobs_num"):
+                k = int(body["top_logprobs_num"])
+                meta["output_top_logprobs"] = [[[-0.1 - j, t + j, None] for j in range(k)] for t in out]
         error_at = host.stream_error_after_tokens if faulty else None
         if error_at is not None and error_at >= len(out):
             error_at = None  # the generation finished first
@@ -323,6 +330,9 @@ class FakeSGLang:
             delta = text[len(shown):] if text.startswith(shown) else ""
             shown += delta
             m = {**meta, "completion_tokens": k, "finish_reason": finish if final else None}
+            for key in OUTPUT_LOGPROB_KEYS:  # per chunk like output_ids (tokenizer_manager's incremental keys)
+                if key in meta:
+                    m[key] = meta[key][sent:k] if self.incremental else meta[key][:k]
             if final:
                 m["e2e_latency"] = 0.001
             ids = out[sent:k] if self.incremental else out[:k]

@@ -38,6 +38,10 @@ import orjson
 from relaygen_sgl.core.errors import ConfigError, EngineError, EngineFailed, EngineRejected, EngineUnreachable
 
 _JSON = {"content-type": "application/json"}
+# meta_info keys that --incremental-streaming-output sends per chunk, like output_ids
+# (tokenizer_manager._INCREMENTAL_STREAMING_META_INFO_KEYS, the logprob ones): the client adds
+# them up, so a Generation's meta holds the whole output's as a non-streamed answer does
+STREAMED_DELTA_KEYS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,7 @@ class EngineClient:
         ids: list[int] = []
         text = ""
         meta: dict[str, Any] | None = None
+        deltas: dict[str, list] = {}  # the output logprobs so far (STREAMED_DELTA_KEYS)
         finished = False
         with self._http.stream("POST", "/generate", content=orjson.dumps(body), headers=_JSON) as resp:
             self._check(resp, what)
@@ -309,13 +314,19 @@ class EngineClient:
                 before = len(ids)
                 if len(new) == done and new[:before] == ids:
                     ids, text = new, piece
+                    for key in STREAMED_DELTA_KEYS:  # whole too (its own list for the caller)
+                        if key in m:
+                            deltas[key] = list(m[key] or [])
                 elif before + len(new) == done:
                     ids.extend(new)
                     text += piece
+                    for key in STREAMED_DELTA_KEYS:  # this chunk's tokens' logprobs only
+                        if key in m:
+                            deltas.setdefault(key, []).extend(m[key] or [])
                 else:
                     raise self._malformed(what, f"a chunk of {len(new)} ids with completion_tokens={done} "
                                                 f"after {before} ids")
-                meta = m
+                meta = {**m, **deltas}
                 if reason is not None:
                     finished = True
                 if len(ids) > before:

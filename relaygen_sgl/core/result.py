@@ -27,6 +27,9 @@ class Segment:
     discarded_tokens: int = 0
     rerouted_from: str | None = None  # "small": the large model ran this turn after the small failed
     handoff_s: float | None = None  # the previous model turn's end to this turn's first token
+    # with return_logprob: the turn's input_/output_ token and top logprobs, as SGLang's meta_info
+    # holds them ([logprob, token id, text or None] per token), the output ones one per token_ids
+    logprobs: dict[str, list] | None = None
 
     @property
     def reprefilled(self) -> int:
@@ -37,7 +40,7 @@ class Segment:
         return {"role": self.role, "finish_reason": {"type": self.finish, "matched": self.matched},
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "cached_tokens": self.cached_tokens, "e2e_latency": self.server_latency_s,
-                "rerouted_from": self.rerouted_from}
+                "rerouted_from": self.rerouted_from, **(self.logprobs or {})}
 
 
 @dataclass
@@ -90,6 +93,8 @@ class RelayResult:
             d = asdict(s)
             if not token_ids:
                 d.pop("token_ids")
+            if d["logprobs"] is None:  # asked for by few runs: records without it stay as they were
+                d.pop("logprobs")
             segs.append(d)
         out: dict[str, Any] = {
             "method": self.method, "text": self.text, "reasoning": self.reasoning, "answer": self.answer,

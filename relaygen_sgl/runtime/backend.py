@@ -31,6 +31,7 @@ from relaygen_sgl.core.config import ROLES, Family
 from relaygen_sgl.core.cues import CueProfile, load_profile
 from relaygen_sgl.core.errors import ConfigError, EngineFailed, EngineRejected, EngineUnreachable, RelayGenError
 from relaygen_sgl.core.result import Segment
+from relaygen_sgl.runtime.gen_params import gen_params
 from relaygen_sgl.runtime.policy import DEFAULT_BUDGET, DeltaSink, RelayPlan, TurnSpec
 from relaygen_sgl.runtime.prefetch import Prefetcher
 from relaygen_sgl.runtime.seeding import SeedSupport
@@ -249,16 +250,21 @@ class RelayBackend(BaseBackend):
         role, seed = self._role(s)
         text = s.text_
         traj.absorb(text)
-        sampling: dict[str, Any] = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k}
+        # Every other field of the gen (constrained decoding, min_p, penalties, ignore_eos,
+        # stop_token_ids, logprobs) as RuntimeEndpoint sends it; a refused one raises before
+        # any request.
+        params = gen_params(sp)
+        sampling: dict[str, Any] = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
+                                    **params.sampling}
         if seed is not None:
             sampling["sampling_seed"] = int(seed)
         # The chat template's stop string (the interpreter appends it to every gen) is the
         # EOS token's text: dropped, so an EOS stays an EOS finish.
         stop = tuple(x for x in ([sp.stop] if isinstance(sp.stop, str) else (sp.stop or ()))
-                     if x not in self.tokenizer.eos_texts)
+                     if x not in self.tokenizer.eos_texts) + params.stop
         regex = tuple([sp.stop_regex] if isinstance(sp.stop_regex, str) else (sp.stop_regex or ()))
         spec = TurnSpec(role=role, max_tokens=int(sp.max_new_tokens), stop=stop, cue_patterns=regex,
-                        min_tokens=int(sp.min_new_tokens or 0), sampling=sampling)
+                        min_tokens=int(sp.min_new_tokens or 0), sampling=sampling, extra=params.extra)
         ids = traj.ids
         ctx = self.engines[role].context_length
         if ctx is not None and len(traj.prompt_ids) >= ctx:
@@ -282,7 +288,7 @@ class RelayBackend(BaseBackend):
                             prefix=traj.last_writer != other) if warm else None  # else it has all but a token
             try:
                 return run_turn(self.engines[on], self.tokenizer, ids, text, replace(
-                    spec, role=on, extra={**self._pin(on, traj), **extra}, sampling={**sampling, **add}),
+                    spec, role=on, extra={**spec.extra, **self._pin(on, traj), **extra}, sampling={**sampling, **add}),
                     sink=tap if sink else None, cancel=traj.cancel,
                                 on_ids=pf.offer if pf is not None else None)
             finally:

@@ -17,6 +17,7 @@ from relaygen_sgl.client.tokenizer import Tokenizer
 from relaygen_sgl.core.cues import CONTEXT_CHARS, cue_next, find_cue
 from relaygen_sgl.core.errors import Cancelled
 from relaygen_sgl.core.result import Segment
+from relaygen_sgl.runtime.gen_params import INPUT_LOGPROB_KEYS, OUTPUT_LOGPROB_KEYS
 from relaygen_sgl.runtime.policy import DeltaSink, TurnSpec
 
 CUE_WINDOW_TOKENS = 12  # tokens decoded to see whether the next one may complete a cue
@@ -111,6 +112,7 @@ def run_turn(
     latency = server_latency = 0.0
     requests = 0
     discarded = 0
+    logprobs: dict[str, list] = {}  # with return_logprob: the turn's, as one request's meta_info holds them
     # Always streamed: it costs little and gives an honest time to first token.
     ctx = context_text[-CONTEXT_CHARS:]
     streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0, ctx, spec.stop)
@@ -140,9 +142,16 @@ def run_turn(
             if on_ids is not None and not last:
                 on_ids(turn, lambda: _cue_next(tok, ctx, turn, spec.cue_patterns))
 
-        gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens, extra=spec.extra or None)
+        extra = spec.extra
+        if first is not None and "logprob_start_len" in extra:
+            # it counts from this request's prompt: only the turn's first request is asked
+            # for prompt logprobs, the rest for their output's
+            extra = {k: v for k, v in extra.items() if k != "logprob_start_len"}
+        gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens, extra=extra or None)
         requests += 1
         first = first or gen
+        if spec.extra.get("return_logprob"):
+            _take_logprobs(logprobs, gen.meta, len(kept))
         latency += gen.latency_s
         server_latency += gen.server_latency_s
         new = gen.output_ids
@@ -181,10 +190,26 @@ def run_turn(
         kept = full
         break
     streamer.update(kept, final=True)
+    for key in OUTPUT_LOGPROB_KEYS:
+        if key in logprobs:  # the tokens a cue cut or a straddling stop dropped drop theirs too
+            del logprobs[key][len(kept):]
     return Segment(
         role=spec.role, text=tok.decode(kept), token_ids=kept, completion_tokens=len(kept),
         prompt_tokens=first.prompt_tokens if first else 0, cached_tokens=first.cached_tokens if first else 0,
         latency_s=round(latency, 4), server_latency_s=round(server_latency, 4),
         ttft_s=round(first.ttft_s, 4) if first else 0.0, finish=finish.kind, matched=finish.matched,
-        requests=requests, discarded_tokens=discarded,
+        requests=requests, discarded_tokens=discarded, logprobs=logprobs or None,
     )
+
+
+def _take_logprobs(into: dict[str, list], meta: dict[str, Any], kept: int) -> None:
+    """Add one request's logprobs to its turn's: prompt logprobs from the first request,
+    output logprobs after the `kept` tokens the turn already holds (a request's output
+    continues exactly there)."""
+    for key in INPUT_LOGPROB_KEYS:
+        if key in meta and key not in into:
+            into[key] = list(meta[key] or [])
+    for key in OUTPUT_LOGPROB_KEYS:
+        if key in meta:
+            del into.setdefault(key, [])[kept:]
+            into[key].extend(meta[key] or [])
