@@ -147,6 +147,7 @@ def test_up_checks_the_ports_on_the_host_it_will_bind(monkeypatch):
     from relaygen_sgl.core.config import load_preset
 
     asked = []
+    monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "k")  # "::" is beyond loopback: a key is required
     monkeypatch.setattr(stack, "check_models", lambda preset, settings: None)
     monkeypatch.setattr(stack, "port_in_use", lambda port, host: asked.append((port, host)) or True)
     with pytest.raises(LaunchError, match="port 30000 for the large server is already in use on ::"):

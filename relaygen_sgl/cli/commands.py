@@ -109,9 +109,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         _emit_json(st)
     else:
         print(f"preset {st['preset'] or '-'}")
+        from relaygen_sgl.servers.stack import uptime_text
+
         for role in ROLES:
             r = st[role]
-            print(f"{role}: {r['url'] or '-'} pid {r['pid'] or '-'} {r['state']}")
+            up_for = f", up {uptime_text(r['uptime_s'])}" if r.get("uptime_s") is not None else ""
+            restarts = r.get("restarts") or 0
+            again = f", restarted {restarts}x" if restarts else ""
+            print(f"{role}: {r['url'] or '-'} pid {r['pid'] or '-'} {r['state']}{up_for}{again}")
     if st["problem"]:
         sys.stderr.write(f"relaygen: {st['problem']}\n")
     return 0 if st["healthy"] else 1
@@ -124,6 +129,32 @@ def cmd_down(args: argparse.Namespace) -> int:
     stopped = down(load_settings(), warn=lambda m: sys.stderr.write(f"relaygen: warning: {m}\n"))
     print(f"stopped {len(stopped)} server(s)" + (f": pids {', '.join(map(str, stopped))}" if stopped else ""))
     return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    from relaygen_sgl.core.config import load_settings
+    from relaygen_sgl.servers.stack import restart, up_lines
+
+    out = restart(load_settings(), args.role, timeout_s=args.timeout)
+    if args.json:
+        _emit_json(out)
+    else:
+        print("\n".join(up_lines(out)))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """One line per check, `ok`/`warn`/`FAIL`/`skip` first; exit 1 when any check failed."""
+    from relaygen_sgl.core.config import load_settings
+    from relaygen_sgl.servers.doctor import diagnose
+
+    checks = diagnose(args.preset, load_settings())
+    if args.json:
+        _emit_json({"ok": not any(ch.failed for ch in checks), "checks": [ch.to_dict() for ch in checks]})
+    else:
+        for ch in checks:
+            print(f"{ch.verdict:<4}  {ch.name}: {ch.detail}")
+    return 1 if any(ch.failed for ch in checks) else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

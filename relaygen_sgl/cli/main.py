@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--name", action="append", help="a local model by name (repeatable)")
     fetch.set_defaults(func=c.cmd_models_fetch)
 
-    up = sub.add_parser("up", help="start both servers of a preset in the background")
+    up = sub.add_parser("up", help="start both servers of a preset in the background; again: keep the ones that "
+                        "answer, start the dead or missing ones")
     up.add_argument("--preset", required=True)
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="bind address; beyond loopback needs $RELAYGEN_SGLANG_API_KEY (the servers run client code)")
     up.add_argument("--timeout", type=float, default=None, help="seconds to wait for health (default: preset's)")
     up.add_argument("--replicas-large", type=_positive_int, default=1,
                     help="servers for the large role; >1 puts SGLang's cache-aware router in front")
@@ -104,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="stop the servers `up` started")
     down.set_defaults(func=c.cmd_down)
+
+    rs = sub.add_parser("restart", help="stop and start one role's servers with the settings `up` recorded")
+    rs.add_argument("role", choices=ROLES)
+    rs.add_argument("--timeout", type=float, default=None, help="seconds to wait for health (default: preset's)")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=c.cmd_restart)
+
+    doc = sub.add_parser("doctor", help="check this machine for a preset: versions, CUDA driver, GPUs, models, ports")
+    doc.add_argument("--preset", default=None, help="the preset to check (default: what `up` started, else cpu-tiny)")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=c.cmd_doctor)
 
     run = sub.add_parser("run", help="run one question through the relay (or a single model)")
     run.add_argument("question")

@@ -67,6 +67,19 @@ def client_url(host: str, port: int) -> str:
     return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
 
 
+def is_loopback(host: str) -> bool:
+    """A host only this machine reaches: localhost or a loopback address. A host name other than
+    localhost may resolve to anything, and the wildcards (0.0.0.0, ::) reach every interface."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def sglang_api_key(environ: dict[str, str] | None = None) -> str | None:
     """$RELAYGEN_SGLANG_API_KEY, checked: it goes into an HTTP header and a YAML file."""
     key = (os.environ if environ is None else environ).get(API_KEY_ENV) or None
@@ -134,6 +147,7 @@ class RoleSpec:
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     gpus: int = 0  # GPUs one server of this role needs (= its tp x pp x dp); devices are allocated at `up`
+    memory_gib: float | None = None  # on a shared device: GiB for its weights + KV cache (plan.shared_fractions)
 
     def model_path(self, settings: Settings) -> str:
         if self.local_model:
@@ -152,6 +166,11 @@ class Preset:
     roles: dict[str, RoleSpec]
     startup_timeout_s: float = 600.0
     prefetch_every: int = 1  # tokens between handoff prefetches (presets.toml says why per preset)
+    # Both servers on one device (one GPU): started one after the other, their memory fractions
+    # computed by the plan, and no prefetch (the two would contend for the same GPU).
+    share_device: bool = False
+    min_free_gib: float | None = None  # free memory per GPU the plan needs (doctor; a shared dry run assumes it)
+    runtime_reserve_gib: float = 0.0  # shared device: left free for both servers' activations and CUDA graphs
 
     def url(self, role: str, host: str = "127.0.0.1") -> str:
         return client_url(host, self.roles[role].port)
@@ -189,7 +208,7 @@ def preset_names() -> list[str]:
 def _role(preset: str, role: str, raw: Any) -> RoleSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"preset {preset}: role {role!r} is missing")
-    unknown = set(raw) - {"port", "model", "local_model", "args", "env", "gpus"}
+    unknown = set(raw) - {"port", "model", "local_model", "args", "env", "gpus", "memory_gib"}
     if unknown:
         raise ConfigError(f"preset {preset}.{role}: unknown keys {sorted(unknown)}")
     if bool(raw.get("model")) == bool(raw.get("local_model")):
@@ -212,8 +231,32 @@ def _role(preset: str, role: str, raw: Any) -> RoleSpec:
     if gpus and gpus != parallel_size(args):
         raise ConfigError(f"preset {preset}.{role}: gpus = {gpus} but its args use {parallel_size(args)} "
                           f"(--tp x --pp-size x --dp)")
+    memory = raw.get("memory_gib")
+    if memory is not None and not _positive_number(memory):
+        raise ConfigError(f"preset {preset}.{role}: memory_gib must be a number > 0")
     return RoleSpec(port=port, model=raw.get("model"), local_model=raw.get("local_model"),
-                    args=args, env=env, gpus=gpus)
+                    args=args, env=env, gpus=gpus, memory_gib=None if memory is None else float(memory))
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _check_shared(name: str, roles: dict[str, RoleSpec], device: str, reserve: Any) -> None:
+    """A shared-device preset: both roles on the same GPUs, each with its memory_gib, and no
+    --mem-fraction-static of its own (the plan computes it from the memory free at each start)."""
+    if device != "cuda":
+        raise ConfigError(f"preset {name}: share_device needs device = \"cuda\"")
+    if len({r.gpus for r in roles.values()}) != 1:
+        raise ConfigError(f"preset {name}: share_device needs the same gpus for every role")
+    for role, r in roles.items():
+        if r.memory_gib is None:
+            raise ConfigError(f"preset {name}.{role}: share_device needs memory_gib (GiB for weights + KV cache)")
+        if "--mem-fraction-static" in r.args:
+            raise ConfigError(f"preset {name}.{role}: with share_device the plan computes --mem-fraction-static; "
+                              "give memory_gib instead")
+    if not _positive_number(reserve):
+        raise ConfigError(f"preset {name}: share_device needs runtime_reserve_gib > 0")
 
 
 def load_preset(name: str) -> Preset:
@@ -237,10 +280,20 @@ def load_preset(name: str) -> Preset:
     every = spec.get("prefetch_every", 1)
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ConfigError(f"preset {name}: prefetch_every must be an integer >= 1")
+    share = spec.get("share_device", False)
+    if not isinstance(share, bool):
+        raise ConfigError(f"preset {name}: share_device must be true or false")
+    if share:
+        _check_shared(name, roles, device, spec.get("runtime_reserve_gib"))
+    min_free = spec.get("min_free_gib")
+    if min_free is not None and not _positive_number(min_free):
+        raise ConfigError(f"preset {name}: min_free_gib must be a number > 0")
     return Preset(name=name, description=spec.get("description", ""), device=device,
                   family=spec["family"], profile=spec["profile"], roles=roles,
                   startup_timeout_s=float(spec.get("startup_timeout_s", 600)),
-                  prefetch_every=every)
+                  prefetch_every=every, share_device=share,
+                  min_free_gib=None if min_free is None else float(min_free),
+                  runtime_reserve_gib=float(spec.get("runtime_reserve_gib", 0.0)))
 
 
 def check_models(preset: Preset, settings: Settings) -> None:

@@ -1,5 +1,6 @@
 """What `relaygen up` recorded: the state file's server records (role, URL, pid, log, port,
-kind) and the URL clients use per role. Read by `connect()` and written by servers.stack;
+kind, when it started and how often `up`/`restart` started it again) and the URL clients use
+per role. Read by `connect()` and written by servers.stack;
 reading needs nothing of server management."""
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class ServerRecord:
     kind: str = "server"  # "server" | "router"
     start_ticks: int | None = None  # /proc start time: the pid is still the process we started
     devices: str | None = None  # the server's CUDA_VISIBLE_DEVICES, when it got GPUs
+    started_at: float | None = None  # time.time() at its start: `status` shows the uptime
+    restarts: int = 0  # how often `up` (healing) or `restart` started this process again
 
 
 def _valid_record(rec: Any) -> bool:
@@ -31,7 +34,9 @@ def _valid_record(rec: Any) -> bool:
     return (isinstance(rec, dict) and rec.get("role") in ROLES and isinstance(rec.get("url"), str)
             and is_int(rec.get("pid")) and rec["pid"] > 0 and isinstance(rec.get("log"), str)
             and is_int(rec.get("port")) and rec.get("kind", "server") in ("server", "router")
-            and (rec.get("start_ticks") is None or is_int(rec.get("start_ticks"))))
+            and (rec.get("start_ticks") is None or is_int(rec.get("start_ticks")))
+            and is_int(rec.get("restarts", 0))
+            and (rec.get("started_at") is None or isinstance(rec["started_at"], (int, float))))
 
 
 def read_state(settings: Settings) -> dict[str, Any] | None:

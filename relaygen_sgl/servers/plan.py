@@ -6,7 +6,12 @@ GPUs: a preset says how many GPUs one server of a role needs (`gpus = N`, which 
 the server's --tp x --pp x --dp); devices are handed out from what is visible: the user's
 $CUDA_VISIBLE_DEVICES when set (allocation happens inside it, never around it), else what
 nvidia-smi lists, else none. Each server, large replicas first and then small ones, gets its
-own consecutive block."""
+own consecutive block; a shared-device preset (`share_device = true`) puts both roles on the
+same block, starts them one after the other and computes their --mem-fraction-static
+(shared_fractions).
+
+Exposure: SGLang's --enable-custom-logit-processor unpickles code a client sends, so a server
+with it binds beyond loopback only with an API key (check_exposure)."""
 
 from __future__ import annotations
 
@@ -30,12 +35,16 @@ from relaygen_sgl.core.config import (
     check_models,
     client_url,
     cpu_shim_dir,
+    is_loopback,
     sglang_api_key,
 )
 from relaygen_sgl.core.errors import ConfigError, StackError
 
 _SMI = ("nvidia-smi", "--query-gpu=index", "--format=csv,noheader")
+_SMI_MEMORY = ("nvidia-smi", "--query-gpu=index,uuid,memory.free,memory.total", "--format=csv,noheader,nounits")
 KEY_PLACEHOLDER = "<api-key-config.yaml>"
+CUSTOM_LOGITS = "--enable-custom-logit-processor"
+DEVICE_ORDER = "CUDA_DEVICE_ORDER"
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,10 @@ def server_command(preset: Preset, role: str, settings: Settings, host: str = "1
     env = dict(spec.env)
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    if preset.device == "cuda" and DEVICE_ORDER not in os.environ:
+        # CUDA numbers GPUs fastest first by default, nvidia-smi by PCI bus: the same order for
+        # both, so CUDA_VISIBLE_DEVICES=2 is the GPU nvidia-smi calls 2.
+        env[DEVICE_ORDER] = "PCI_BUS_ID"
     if preset.device == "cpu":
         # The stand-in for sgl-kernel's missing CPU ops: on CPU server processes only.
         shim = str(cpu_shim_dir())
@@ -138,6 +151,8 @@ def visible_devices(environ: Mapping[str, str] | None = None,
 
 
 def total_gpus(preset: Preset, counts: Mapping[str, int]) -> int:
+    if preset.share_device:
+        return max(spec.gpus for spec in preset.roles.values())
     return sum(spec.gpus * counts.get(role, 1) for role, spec in preset.roles.items())
 
 
@@ -145,6 +160,14 @@ def allocate(preset: Preset, counts: Mapping[str, int], visible: Visible) -> dic
     """{(role, replica): its devices}, a consecutive block each, large replicas first; a role
     that needs no GPU gets none. ConfigError (one line) when the visible devices are too few."""
     need = total_gpus(preset, counts)
+    if preset.share_device:
+        if any(counts.get(role, 1) != 1 for role in preset.roles):
+            raise ConfigError(f"preset {preset.name} puts both servers on one device: one server per role "
+                              "(no --replicas-large/--replicas-small)")
+        if need > len(visible.devices):
+            raise ConfigError(f"preset {preset.name} needs {need} GPU (both servers share it), none visible "
+                              f"({visible.source})")
+        return {(role, 0): tuple(visible.devices[:need]) for role in preset.roles}
     if need > len(visible.devices):
         parts = ", ".join(f"{role}: {spec.gpus} x {counts.get(role, 1)}" + (" replicas" if counts.get(role, 1) > 1
                                                                              else "")
@@ -173,6 +196,92 @@ def devices_for(preset: Preset, counts: Mapping[str, int], assume: bool = False,
     return allocate(preset, counts, visible), None
 
 
+@dataclass(frozen=True)
+class GpuMemory:
+    free_gib: float
+    total_gib: float
+
+
+def gpu_memory(run: Callable[..., Any] = subprocess.run) -> dict[str, GpuMemory]:
+    """Free and total memory per GPU from nvidia-smi, keyed by its index and by its UUID (what
+    CUDA_VISIBLE_DEVICES may hold); empty when nvidia-smi is missing or fails."""
+    try:
+        out = run(list(_SMI_MEMORY), capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if out.returncode != 0:
+        return {}
+    found: dict[str, GpuMemory] = {}
+    for line in out.stdout.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            mem = GpuMemory(float(parts[2]) / 1024, float(parts[3]) / 1024)  # MiB
+        except ValueError:
+            continue
+        found[parts[0]] = found[parts[1]] = mem
+    return found
+
+
+@dataclass(frozen=True)
+class Fraction:
+    """A server's --mem-fraction-static on a shared device, and how it was reached."""
+    role: str
+    value: float
+    static_gib: float  # what it holds for weights + KV cache
+    free_at_start_gib: float  # what SGLang will measure as free when it starts (estimated)
+    why: str
+
+
+def shared_fractions(preset: Preset, free_gib: float) -> dict[str, Fraction]:
+    """--mem-fraction-static for each server of a shared-device preset, for `free_gib` free on
+    the device before the first starts. SGLang 0.5.23 sizes a server's KV cache as (memory free
+    after loading its weights) - (memory free when it started) x (1 - mem_fraction_static)
+    (mem_cache/kv_cache_configurator.py, _profile_available_bytes, and the same headroom after
+    CUDA-graph capture in kv_pool_runtime.py): weights + KV = fraction x the memory free AT ITS
+    START, not of the card. So the servers start in ROLES order, each once the one before answers,
+    and each fraction is its share over what the ones before it left. Each server gets its
+    memory_gib plus, in proportion to it, whatever exceeds the sum and runtime_reserve_gib (the
+    activations and CUDA graphs of both, never given out). The free memory the second server
+    sees is estimated as what the first left beyond its static share, an upper bound (the first's
+    activations and graphs are not counted), so a server never takes more than planned.
+    ConfigError (one line) when the device is too small."""
+    want = {role: preset.roles[role].memory_gib or 0.0 for role in ROLES}
+    need = sum(want.values()) + preset.runtime_reserve_gib
+    if free_gib < need:
+        parts = " + ".join(f"{role} {want[role]:g}" for role in ROLES)
+        raise ConfigError(f"preset {preset.name} needs {need:g} GiB free on its GPU ({parts} + "
+                          f"{preset.runtime_reserve_gib:g} runtime reserve), it has {free_gib:.1f} GiB free")
+    spare = free_gib - need
+    total = sum(want.values())
+    out: dict[str, Fraction] = {}
+    left = free_gib
+    for i, role in enumerate(ROLES):
+        static = want[role] + spare * want[role] / total
+        value = int(static / left * 1000) / 1000  # rounded down: never more than planned
+        first = "starts first" if i == 0 else f"starts once the {ROLES[i - 1]} server answers"
+        why = (f"{first}, with about {left:.1f} GiB free; SGLang holds mem_fraction_static x the memory free at "
+               f"its start for weights + KV: {value} x {left:.1f} = {value * left:.1f} GiB (memory_gib "
+               f"{want[role]:g} + {static - want[role]:.1f} of the {spare:.1f} GiB spare)")
+        out[role] = Fraction(role, value, value * left, left, why)
+        left -= value * left  # what it holds (the fraction is rounded down)
+    return out
+
+
+def check_exposure(preset: Preset, host: str, api_key: str | None) -> None:
+    """A server with --enable-custom-logit-processor runs code a client sends (SGLang unpickles
+    it): beyond loopback only with an API key. ConfigError (one line, exit 2) otherwise."""
+    if api_key or is_loopback(host):
+        return
+    roles = [role for role, spec in preset.roles.items() if CUSTOM_LOGITS in spec.args]
+    if roles:
+        raise ConfigError(f"--host {host} is reachable from other machines and the {' and '.join(roles)} "
+                          f"server{'s' if len(roles) > 1 else ''} of {preset.name} run client code "
+                          f"({CUSTOM_LOGITS}): set ${API_KEY_ENV} (every server then requires it), or bind "
+                          "127.0.0.1")
+
+
 def check_counts(replicas: Mapping[str, int] | None, api_key: str | None) -> dict[str, int]:
     """Servers per role (default 1), checked."""
     counts = {role: (replicas or {}).get(role, 1) for role in ROLES}
@@ -187,12 +296,15 @@ def check_counts(replicas: Mapping[str, int] | None, api_key: str | None) -> dic
 @dataclass(frozen=True)
 class Process:
     """One process of the plan: a role's server (replica i) or the router in front of its
-    replicas, on `port`, started by `command`."""
+    replicas, on `port`, started by `command`; `after` are the ports of the servers that must
+    answer before it starts (they share its GPU), `fraction` its computed memory share there."""
     role: str
     kind: str  # "server" | "router"
     replica: int
     port: int
     command: ServerCommand
+    after: tuple[int, ...] = ()
+    fraction: Fraction | None = None
 
     def url(self, host: str) -> str:
         return client_url(host, self.port)
@@ -205,6 +317,18 @@ class Plan:
     counts: dict[str, int]
     processes: tuple[Process, ...]  # in start order: large first, a router after its workers
     note: str | None  # what was assumed (no GPU visible in a dry run), or None
+    shared_device: str | None = None  # the device both servers share (share_device presets)
+
+
+def _shared_free(preset: Preset, devices: Sequence[str], assumed: bool) -> tuple[float, str]:
+    """Free GiB on the shared device, and where the number came from: nvidia-smi, else the
+    preset's min_free_gib (a dry run without a GPU, or a GPU nvidia-smi does not list)."""
+    found = {} if assumed else gpu_memory()
+    mem = [found[d] for d in devices if d in found]
+    if mem:
+        return min(m.free_gib for m in mem), f"{min(m.free_gib for m in mem):.1f} GiB free (nvidia-smi)"
+    assume = preset.min_free_gib or 0.0
+    return assume, f"free memory unknown: assumed {assume:g} GiB (the preset's min_free_gib)"
 
 
 def server_plan(preset: Preset, settings: Settings, host: str = "127.0.0.1",
@@ -216,7 +340,16 @@ def server_plan(preset: Preset, settings: Settings, host: str = "127.0.0.1",
     with `key_file=False` (a plan only shown) a placeholder. With `assume` and no GPU
     visible, devices 0..N-1 are assumed (said in the note); otherwise too few is a ConfigError."""
     counts = check_counts(replicas, api_key)
+    if key_file:  # a plan to run (a dry run only notes it)
+        check_exposure(preset, host, api_key)
     devices, note = devices_for(preset, counts, assume=assume)
+    fractions: dict[str, Fraction] = {}
+    shared = None
+    if preset.share_device:
+        shared = ",".join(devices[(ROLES[0], 0)])
+        free, source = _shared_free(preset, devices[(ROLES[0], 0)], assumed=bool(note))
+        fractions = shared_fractions(preset, free)
+        note = "; ".join(x for x in (note, f"device {shared} shared by both servers: {source}") if x)
     processes: list[Process] = []
     for role in ROLES:
         base = preset.roles[role].port
@@ -224,13 +357,19 @@ def server_plan(preset: Preset, settings: Settings, host: str = "127.0.0.1",
         for i, port in enumerate(ports):
             cmd = server_command(preset, role, settings, host=host, port=port, kv_tokens=kv_tokens,
                                  api_key=api_key if key_file else None, devices=devices[(role, i)])
+            fraction = fractions.get(role)
+            if fraction:
+                cmd = ServerCommand(_override(cmd.argv, "--mem-fraction-static", str(fraction.value)), cmd.env)
             if api_key and not key_file:
                 cmd = ServerCommand(argv=(*cmd.argv, "--config", KEY_PLACEHOLDER), env=cmd.env)
-            processes.append(Process(role, "server", i, port, cmd))
+            mine = set(devices[(role, i)])
+            after = tuple(p.port for p in processes if p.kind == "server"
+                          and mine & set(p.command.env.get(CVD, "").split(",")))
+            processes.append(Process(role, "server", i, port, cmd, after=after, fraction=fraction))
         if counts[role] > 1:
             workers = [client_url(host, p) for p in ports]
             processes.append(Process(role, "router", counts[role], base, router_command(workers, base, host=host)))
-    return Plan(preset.name, host, counts, tuple(processes), note)
+    return Plan(preset.name, host, counts, tuple(processes), note, shared_device=shared)
 
 
 def dry_run(preset: Preset, settings: Settings, host: str = "127.0.0.1", replicas: Mapping[str, int] | None = None,
@@ -240,6 +379,10 @@ def dry_run(preset: Preset, settings: Settings, host: str = "127.0.0.1", replica
     key = sglang_api_key()
     plan = server_plan(preset, settings, host, replicas, kv_tokens, api_key=key, assume=True, key_file=False)
     notes = [plan.note] if plan.note else []
+    try:
+        check_exposure(preset, host, key)
+    except ConfigError as e:
+        notes.append(f"a real start would refuse: {e}")
     if key:
         notes.append(f"${API_KEY_ENV} is set: `up` passes it in a 0600 file (--config); shown here as "
                      f"{KEY_PLACEHOLDER}, never printed")
@@ -247,9 +390,24 @@ def dry_run(preset: Preset, settings: Settings, host: str = "127.0.0.1", replica
         check_models(preset, settings)
     except ConfigError as e:
         notes.append(str(e))
-    servers = [{"role": p.role, "replica": "router" if p.kind == "router" else p.replica, "port": p.port,
-                "argv": list(p.command.argv), "env": dict(p.command.env)} for p in plan.processes]
-    return {"preset": preset.name, "servers": servers, "note": "; ".join(notes) or None}
+    by_port = {p.port: p for p in plan.processes}
+    servers = []
+    for p in plan.processes:
+        entry: dict[str, Any] = {"role": p.role, "replica": "router" if p.kind == "router" else p.replica,
+                                 "port": p.port, "argv": list(p.command.argv), "env": dict(p.command.env)}
+        if p.after:
+            entry["starts_after"] = [f"{by_port[a].role} server on port {a} answers (same GPU)" for a in p.after]
+        if p.fraction:
+            entry["mem_fraction_static"] = p.fraction.value
+            entry["why"] = p.fraction.why
+        servers.append(entry)
+    out: dict[str, Any] = {"preset": preset.name, "order": [f"{p.role} {p.kind}" + (f" {p.replica}" if p.kind ==
+                                                                                     "server" else "")
+                                                            for p in plan.processes]}
+    if plan.shared_device is not None:
+        out["shared_device"] = plan.shared_device
+        out["sequential"] = True
+    return {**out, "servers": servers, "note": "; ".join(notes) or None}
 
 
 def role_command(preset: Preset, role: str, settings: Settings, host: str = "127.0.0.1",
@@ -284,6 +442,10 @@ def shell_lines(result: Mapping[str, Any]) -> list[str]:
     for s in result["servers"]:
         what = "router" if s["replica"] == "router" else f"replica {s['replica']}"
         lines.append(f"# {s['role']} {what}, port {s['port']}")
+        for after in s.get("starts_after", ()):
+            lines.append(f"# start it once the {after}")
+        if "why" in s:
+            lines.append(f"# --mem-fraction-static {s['mem_fraction_static']}: {s['why']}")
         env = [f"{k}={shlex.quote(v)}" for k, v in s["env"].items()]
         lines.append(" ".join(env + [shlex.join(s["argv"])]))
     return lines

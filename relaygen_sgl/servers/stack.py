@@ -1,5 +1,6 @@
-"""`relaygen up/status/down`: the two servers of a preset, started in the background and
-recorded in a state file so that `down` stops exactly what `up` started."""
+"""`relaygen up/restart/status/down`: the two servers of a preset, started in the background
+and recorded in a state file so that `down` stops exactly what `up` started, `up` again keeps
+what still answers and starts what died, and `status` says how long each has been up."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from relaygen_sgl.core.config import API_KEY_ENV, CVD, ROLES, Preset, Settings, check_models, sglang_api_key
+from relaygen_sgl.core.config import (
+    API_KEY_ENV,
+    CVD,
+    ROLES,
+    Preset,
+    Settings,
+    check_models,
+    load_preset,
+    sglang_api_key,
+)
 from relaygen_sgl.core.errors import LaunchError, RelayGenError, StackError
 from relaygen_sgl.core.files import exclusive
 from relaygen_sgl.core.state import ServerRecord, read_state, role_urls, write_state
@@ -43,69 +53,176 @@ def _lock(settings: Settings) -> Any:
 
 def up(preset: Preset, settings: Settings, host: str = "127.0.0.1", timeout_s: float | None = None,
        replicas: dict[str, int] | None = None, kv_tokens: int | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """Start both roles. With replicas {role: n>1}, n servers for that role behind one
-    SGLang router (cache-aware) on the role's own port. With $RELAYGEN_SGLANG_API_KEY set
-    every server requires that key. Each server gets its own block of GPUs (plan.allocate).
-    One `up`/`down` at a time (run/stack.lock). With `dry_run`, starts and writes nothing and
-    returns the plan instead (plan.dry_run)."""
+    """Start both roles, or heal them: servers of this preset that are up and answer are kept
+    (same pid), dead or missing ones are started again; servers of another preset still up are
+    refused. With replicas {role: n>1}, n servers for that role behind one SGLang router
+    (cache-aware) on the role's own port. With $RELAYGEN_SGLANG_API_KEY set every server
+    requires that key. Each server gets its own block of GPUs (plan.allocate); servers that
+    share a GPU start one after the other, each once the one before answers. One `up`/`down`
+    at a time (run/stack.lock). With `dry_run`, starts and writes nothing and returns the plan
+    instead (plan.dry_run). The result is status() plus `kept` and `started` (what was done)."""
     if dry_run:
         return plan_dry_run(preset, settings, host=host, replicas=replicas, kv_tokens=kv_tokens)
     with _lock(settings):
-        return _up(preset, settings, host, timeout_s, replicas, kv_tokens)
+        return _up(preset, settings, host, timeout_s, replicas, kv_tokens, restart=frozenset())
+
+
+def restart(settings: Settings, role: str, timeout_s: float | None = None) -> dict[str, Any]:
+    """Stop and start the servers (and router) of one role with the settings `up` recorded;
+    a server started after it on the same GPU is restarted too (it must start second)."""
+    if role not in ROLES:
+        raise StackError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    with _lock(settings):
+        state = read_state(settings)
+        if not state:
+            raise StackError("nothing is up: no servers recorded by `relaygen up`; start them with `relaygen up`")
+        preset = load_preset(str(state.get("preset")))
+        return _up(preset, settings, str(state.get("host") or "127.0.0.1"), timeout_s, state.get("replicas"),
+                   state.get("kv_tokens"), restart=frozenset({role}))
+
+
+def _same_settings(state: dict[str, Any], host: str, counts: dict[str, int], kv_tokens: int | None,
+                   api_key: bool) -> str | None:
+    """What differs between the servers up and the ones asked for, or None."""
+    diffs = []
+    if state.get("host", host) != host:
+        diffs.append(f"--host {state.get('host')}")
+    if state.get("replicas", counts) != counts:
+        diffs.append(f"replicas {state.get('replicas')}")
+    if state.get("kv_tokens") != kv_tokens and "kv_tokens" in state:
+        diffs.append(f"--kv-tokens {state.get('kv_tokens')}")
+    if bool(state.get("api_key")) != api_key:
+        diffs.append("an API key" if state.get("api_key") else "no API key")
+    return ", ".join(diffs) or None
 
 
 def _up(preset: Preset, settings: Settings, host: str, timeout_s: float | None,
-        replicas: dict[str, int] | None, kv_tokens: int | None) -> dict[str, Any]:
-    if live_servers(settings):
-        state = read_state(settings) or {}
+        replicas: dict[str, int] | None, kv_tokens: int | None, restart: frozenset[str]) -> dict[str, Any]:
+    state = read_state(settings)
+    records = state["servers"] if state else []
+    alive = [r for r in records if is_ours(r) or orphans(r)]
+    if alive and state and state.get("preset") != preset.name:
         raise StackError(f"servers of preset {state.get('preset')!r} are already up; run `relaygen down` first")
     check_models(preset, settings)
     api_key = sglang_api_key()
-    # ConfigError (one line) when too few GPUs are visible
+    # ConfigError (one line) when too few GPUs are visible or the host needs a key
     plan = server_plan(preset, settings, host, replicas, kv_tokens, api_key=api_key)
+    if alive and state:
+        other = _same_settings(state, host, plan.counts, kv_tokens, bool(api_key))
+        if other:
+            raise StackError(f"servers of preset {preset.name!r} are up with {other}; run `relaygen down` first")
+    same = bool(state) and state.get("preset") == preset.name  # its records count restarts on
+    old = {(r["role"], r.get("kind", "server"), r["port"]): r for r in records} if same else {}
+    kept: dict[int, dict[str, Any]] = {}  # port -> record
+    why: dict[int, str] = {}  # port -> why it starts
     for p in plan.processes:
+        rec = old.get((p.role, p.kind, p.port))
+        if rec is None:
+            why[p.port] = "missing" if old else "new"
+        elif p.role in restart:
+            why[p.port] = "restart asked"
+        elif not is_ours(rec):
+            why[p.port] = "was dead"
+        elif answers_generation(rec["url"], timeout_s=10):
+            kept[p.port] = rec
+        else:
+            raise LaunchError(f"the {p.role} {p.kind} (pid {rec['pid']}, {rec['url']}) is running but does not answer "
+                              f"a generation; `relaygen restart {p.role}` restarts it")
+    for p in plan.processes:  # a server that must start second on its GPU restarts when the first does
+        first = next((a for a in p.after if a in why), None)
+        if p.port in kept and first is not None:
+            del kept[p.port]
+            why[p.port] = f"shares its GPU with the server on port {first}, which must start first"
+    to_start = [p for p in plan.processes if p.port in why]
+    for p in to_start:  # what is left of the old process: a forced restart, or a dead leader's workers
+        rec = old.get((p.role, p.kind, p.port))
+        if rec and (is_ours(rec) or orphans(rec)):
+            stop_group(rec["pid"])
+    for p in to_start:
         if port_in_use(p.port, host):
             raise LaunchError(f"port {p.port} for the {p.role} {p.kind} is already in use on {host}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    started: list[tuple[ServerRecord, Any]] = []
+    started: dict[int, tuple[ServerRecord, Any]] = {}
     timeout = timeout_s or preset.startup_timeout_s
+
+    def save() -> None:
+        servers = [kept[p.port] if p.port in kept else started[p.port][0].__dict__ for p in plan.processes
+                   if p.port in kept or p.port in started]
+        write_state(settings, {"preset": preset.name, "started": (state or {}).get("started", stamp) if kept else stamp,
+                               "replicas": plan.counts, "host": host, "kv_tokens": kv_tokens,
+                               "api_key": bool(api_key), "servers": servers})
+
+    def wait(port: int) -> None:
+        if port in started:
+            rec, proc = started[port]
+            wait_healthy(rec.url, proc, Path(rec.log), timeout, rec.role)
+
     try:
-        for p in plan.processes:
-            if p.kind == "router":
-                for rec, proc in started:  # a router needs healthy workers
+        for p in to_start:
+            for port in p.after:  # the servers before it on its GPU must be up: each sizes its memory at start
+                wait(port)
+            if p.kind == "router":  # a router needs healthy workers
+                for port, (rec, _) in list(started.items()):
                     if rec.role == p.role and rec.kind == "server":
-                        wait_healthy(rec.url, proc, Path(rec.log), timeout, rec.role)
+                        wait(port)
             log = settings.run_dir / "logs" / f"{preset.name}-{p.role}-{p.kind}-{p.port}-{stamp}.log"
             proc = start_server(p.command, log)
+            before = old.get((p.role, p.kind, p.port))
             rec = ServerRecord(role=p.role, url=p.url(host), pid=proc.pid, log=str(log), port=p.port,
-                               kind=p.kind, start_ticks=start_ticks(proc.pid), devices=p.command.env.get(CVD))
-            started.append((rec, proc))
-            # Recorded at once, so `down` can clean up even if this process dies mid-start.
-            write_state(settings, {"preset": preset.name, "started": stamp, "replicas": plan.counts, "host": host,
-                                   "api_key": bool(api_key), "servers": [r.__dict__ for r, _ in started]})
-        for rec, proc in started:
-            wait_healthy(rec.url, proc, Path(rec.log), timeout, rec.role)
+                               kind=p.kind, start_ticks=start_ticks(proc.pid), devices=p.command.env.get(CVD),
+                               started_at=time.time(),
+                               restarts=int(before.get("restarts", 0)) + 1 if before else 0)
+            started[p.port] = (rec, proc)
+            save()  # recorded at once, so `down` can clean up even if this process dies mid-start
+        for port in started:
+            wait(port)
     except BaseException:
-        for rec, _ in reversed(started):
+        for rec, _ in reversed(list(started.values())):
             stop_group(rec.pid)
-        settings.state_file.unlink(missing_ok=True)
+        started.clear()
+        if kept:
+            save()
+        else:
+            settings.state_file.unlink(missing_ok=True)
         raise
     finally:  # the servers read their key at start; the files are no longer needed
         for path in (settings.run_dir / "auth").glob(f"{preset.name}-*.yaml"):
             path.unlink(missing_ok=True)
-    return status(settings)
+    out = status(settings)
+    out["kept"] = [{"role": r["role"], "kind": r.get("kind", "server"), "port": r["port"], "pid": r["pid"]}
+                   for r in kept.values()]
+    out["started"] = [{"role": rec.role, "kind": rec.kind, "port": rec.port, "pid": rec.pid, "why": why[port]}
+                      for port, (rec, _) in started.items()]
+    return out
 
 
 def up_lines(out: dict[str, Any], dry_run: bool = False) -> list[str]:
-    """What `relaygen up` prints: the dry run as shell lines, or where each role now serves."""
+    """What `relaygen up` prints: the dry run as shell lines, or what was kept and started and
+    where each role now serves."""
     if dry_run:
         return shell_lines(out)
-    lines = []
+    lines = [f"kept {k['role']} {k['kind']} on port {k['port']}: pid {k['pid']} (healthy)" for k in out.get("kept", ())]
+    lines += [f"started {s['role']} {s['kind']} on port {s['port']}: pid {s['pid']}"
+              + ("" if s["why"] == "new" else f" ({s['why']})") for s in out.get("started", ())]
     for role in ROLES:
         r = out[role]
         extra = f" (router over {len(r['replicas'])} replicas)" if r.get("replicas") else ""
         lines.append(f"{role}: {r['url']} pid {r['pid']}{extra} log {r['log']}")
     return lines
+
+
+def uptime_text(seconds: float | None) -> str:
+    """12s, 5m03s, 2h07m, 3d04h."""
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 NOTHING_UP = "nothing is up (no servers recorded); start them with `relaygen up --preset P`"
@@ -119,12 +236,14 @@ def _probe(rec: dict[str, Any]) -> dict[str, Any]:
     """One recorded process: "healthy", "not answering" (alive, no generation within 10 s)
     or "dead" (gone, or only the workers of a dead server are left)."""
     entry = {"url": rec["url"], "pid": rec["pid"], "kind": rec.get("kind", "server"), "log": rec["log"],
-             "healthy": False}
+             "healthy": False, "restarts": rec.get("restarts", 0), "uptime_s": None}
     if not is_ours(rec):
         left = orphans(rec)
         entry["state"] = "dead" + (f" ({len(left)} orphaned processes left; `relaygen down` stops them)"
                                    if left else "")
         return entry
+    if rec.get("started_at"):
+        entry["uptime_s"] = max(0, round(time.time() - rec["started_at"]))
     try:
         entry["healthy"] = answers_generation(rec["url"], timeout_s=10)
     except RelayGenError as e:  # a bad URL in the file, a malformed API key in the environment
