@@ -199,7 +199,9 @@ class Relay:
             profile: str | CueProfile | None = None, on_delta: Any = None, **plan_kwargs: Any) -> RelayResult:
         """One relay (method relay) or one-model baseline (single-large, single-small).
         plan_kwargs: max_tokens, answer_role, temperature, top_p, top_k, seed, cue_match,
-        prefetch, cancel (a threading.Event that stops the run), deadline_s."""
+        prefetch, cancel (a threading.Event that stops the run), deadline_s, protocol
+        ("relaygen-sgl" or "reference": the reference implementation's protocol, docs/fidelity.md),
+        answer_reserve (tokens of max_tokens kept for the answer; our protocol only)."""
         with _deadline(plan_kwargs):
             plan = self.backend.plan(method, profile=profile, on_delta=on_delta, **plan_kwargs)
             result = self._run(load_program(method), {"question": question, "plan": plan})

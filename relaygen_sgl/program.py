@@ -86,6 +86,8 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
     policy = RelayPolicy(plan)
     spec = policy.start()
     first = len(traj.segments)
+    # the reference protocol re-renders every request after its first from the text so far
+    render = plan.continuation(traj.prompt) if plan.reference else None
     while True:
         if spec.insert:  # the forced "\n</think>\n\n"
             s += spec.insert
@@ -96,6 +98,8 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
                            plan)
         # Safe to set now: the previous gen has finished (its meta was read below).
         s["route"] = {"role": spec.role, "seed": plan.seed}
+        if plan.reference:
+            s["route"] = {**s["route"], "reference": True, "render": render if policy.turns else None}
         name = f"relay_turn{len(traj.segments)}"
         s += sgl.gen(name, max_tokens=spec.max_tokens, min_tokens=spec.min_tokens,
                      stop=list(spec.stop),  # a fresh list: the interpreter extends it in place
@@ -107,13 +111,35 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
         spec = policy.after(traj.segments[-1], degraded=traj.degraded is not None)
     traj = trajectory_of(s)  # takes in a trailing insert
     result = traj.result(plan.method, spec.finish, plan.family.think_end, plan.budget)
-    result.extra.update(family=plan.family.name, profile=plan.profile.name, cue_match=plan.cue_match)
+    result.extra.update(family=plan.family.name, profile=plan.profile.name, cue_match=plan.cue_match,
+                        protocol=plan.protocol)
+    if plan.reserve:
+        result.extra["answer_reserve"] = plan.reserve
+    if plan.reference:
+        result.extra["reference"] = reference_notes(plan)
+    if policy.note:
+        result.extra["note"] = policy.note
     if plan.seed is not None:
         # a seed reproduces a sampled run only where every server ran the seeded sampler
         result.extra["seed"] = {"value": plan.seed, "reproducible": not traj.unseeded}
     if first:  # the relay ran after other turns of this program: its stats cover its own
         result.extra["relay_from_segment"] = first
     return result
+
+
+def reference_notes(plan: RelayPlan) -> list[str]:
+    """What a result run under --protocol reference says about itself: the bytes it sent and
+    what SGLang cannot do as vLLM did (docs/fidelity.md)."""
+    return [
+        "prompt: the reference's bytes, with its leading newline and indentation and a backspace (U+0008) "
+        "where it meant \\boxed (its template is a non-raw Python string)",
+        f"rendering: the reference's {plan.family.name} chat template; every request after the first re-rendered "
+        "from the text and re-tokenized, as the reference re-sent its conversation",
+        "cues: plain stop strings in the profile's order (substring matches, the first in list order wins); "
+        f"large requests hold back EOS and stop strings for {plan.min_large_tokens} tokens",
+        "not as vLLM: SGLang's sampler and kernels differ, so sampled runs are not the reference's; the "
+        "prefix cache is SGLang's radix cache, not vLLM's block cache",
+    ]
 
 
 def _aborted(s: Any, traj: Trajectory, error: BaseException, plan: RelayPlan | None) -> RelayAborted:

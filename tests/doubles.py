@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 import re._parser as sre_parse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -138,6 +139,26 @@ class Host:
     router: bool = False  # SGLang's router in front: no /tokenize, /model_info, /server_info
     api_key: str | None = None  # SGLang's --api-key
     healthy: bool = True  # /health_generate answers 503 when False
+    # a model as a function instead of the tape: (input ids and output so far, EOS masked?) -> next token
+    model: Callable[[list[int], bool], int] | None = None
+
+
+class Script:
+    """A model that writes `tokens` in order whatever it is sent, for a protocol whose requests
+    are not prefixes of each other (the reference re-renders each one): hosts given the same
+    Script share one conversation. An EOS it may not write yet (min_new_tokens) is skipped,
+    as SGLang's mask makes the next-best token win."""
+
+    def __init__(self, tokens: list[int], eos_id: int) -> None:
+        self.tokens, self.eos_id, self.pos = list(tokens), eos_id, 0
+
+    def __call__(self, ids: list[int], eos_masked: bool) -> int:
+        while self.pos < len(self.tokens) and eos_masked and self.tokens[self.pos] == self.eos_id:
+            self.pos += 1
+        tok = self.tokens[self.pos] if self.pos < len(self.tokens) else self.eos_id
+        self.pos += 1
+        return tok
+
 
 
 class FakeSGLang:
@@ -406,9 +427,12 @@ class FakeSGLang:
         max_new = sp.get("max_new_tokens", 128)
         while len(out) < max_new:
             pos = len(ids) + len(out)
-            tok = host.tape[pos] if pos < len(host.tape) else self.eos_id
-            if tok == self.eos_id and len(out) < min_new:
-                tok = host.tape[pos + 1] if pos + 1 < len(host.tape) else 0  # EOS masked
+            if host.model is not None:
+                tok = host.model(ids + out, len(out) < min_new)
+            else:
+                tok = host.tape[pos] if pos < len(host.tape) else self.eos_id
+                if tok == self.eos_id and len(out) < min_new:
+                    tok = host.tape[pos + 1] if pos + 1 < len(host.tape) else 0  # EOS masked
             out.append(tok)
             # Req.update_finish_state: stop strings (first in list order), then stop regexes,
             # on the tail; then EOS; then the length

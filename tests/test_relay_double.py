@@ -118,10 +118,25 @@ def test_eos_in_thinking_closes_it_and_the_answer_role_answers(fake, family, tex
 
 def test_budget_hit_mid_segment_closes_thinking(fake):
     relay, _, _ = setup(fake, THINK, family="qwen3")
-    res = relay.run(QUESTION, max_tokens=12)
+    res = relay.run(QUESTION, max_tokens=12, answer_reserve=0)  # no reserve: thinking may spend it all
     assert res.stats.large_tokens + res.stats.small_tokens == 12
     assert res.segments[-1].role == "inserted" and res.segments[-1].text == "\n</think>\n\n"
     assert res.stats.finish == "budget" and res.answer == ""
+
+
+def test_the_answer_reserve_closes_thinking_early_and_the_answer_role_answers(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    res = relay.run(QUESTION, max_tokens=40, answer_reserve=10)
+    roles = [s.role for s in res.segments]
+    thinking = sum(s.completion_tokens for s in res.segments[: roles.index("inserted")])
+    assert thinking == 30  # the budget less the reserve
+    assert res.segments[roles.index("inserted")].text == "\n</think>\n\n"
+    assert roles[-2:] == ["inserted", "small"] and res.answer != ""
+    assert res.stats.large_tokens + res.stats.small_tokens <= 40
+    assert "kept for the answer" in res.extra["note"]
+    # the default reserve: at most a quarter of a small budget
+    assert relay.plan("relay", max_tokens=40).reserve == 10
+    assert relay.plan("relay", max_tokens=32768).reserve == 1024
 
 
 def test_think_end_from_the_small_model_starts_the_answer(fake):

@@ -79,9 +79,12 @@ class RelayBackend(BaseBackend):
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              seed: int | None = None, on_delta: DeltaSink | None = None,
              cancel: threading.Event | None = None, cue_match: str = "word",
-             prefetch: bool | None = None) -> RelayPlan:
+             prefetch: bool | None = None, protocol: str = "relaygen-sgl",
+             answer_reserve: int | None = None) -> RelayPlan:
         """A run's settings here: the backend's family and tokenizer, a profile (name, path or
-        CueProfile; default the backend's), the family's sampling with any override."""
+        CueProfile; default the backend's), the family's sampling with any override. `protocol`
+        "reference" reproduces the reference implementation (docs/fidelity.md); under ours,
+        `answer_reserve` tokens of `max_tokens` are kept for the answer (None: the default)."""
         sampling = dict(self.family.sampling)
         for key, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
             if value is not None:
@@ -89,7 +92,8 @@ class RelayBackend(BaseBackend):
         return RelayPlan(method=method, profile=self._profile(profile), family=self.family,
                          tokenizer_path=self.tokenizer.path, budget=max_tokens, answer=answer,
                          answer_role=answer_role, sampling=sampling, seed=seed, on_delta=on_delta,
-                         cancel=cancel, cue_match=cue_match, prefetch=prefetch)
+                         cancel=cancel, cue_match=cue_match, prefetch=prefetch, protocol=protocol,
+                         answer_reserve=answer_reserve)
 
     def _profile(self, profile: str | CueProfile | None) -> CueProfile:
         if profile is None:
@@ -266,6 +270,14 @@ class RelayBackend(BaseBackend):
         spec = TurnSpec(role=role, max_tokens=int(sp.max_new_tokens), stop=stop, cue_patterns=regex,
                         min_tokens=int(sp.min_new_tokens or 0), sampling=sampling, extra=params.extra)
         ids = traj.ids
+        route = s.variables.get("route")
+        if isinstance(route, dict) and route.get("reference"):
+            # The reference protocol: vLLM's stop and min-tokens semantics in the turn, and each
+            # request after the first re-rendered from the text, as the reference re-sends its
+            # conversation (core/reference.py); re-tokenized, as it was.
+            spec = replace(spec, reference=True)
+            if route.get("render") is not None:
+                ids = self.tokenizer.encode(route["render"](text[len(traj.prompt):]))
         ctx = self.engines[role].context_length
         if ctx is not None and len(traj.prompt_ids) >= ctx:
             # what SGLang itself would refuse; the context clamp in run_turn must not hide it

@@ -114,7 +114,9 @@ def run_turn(
     discarded = 0
     logprobs: dict[str, list] = {}  # with return_logprob: the turn's, as one request's meta_info holds them
     # Always streamed: it costs little and gives an honest time to first token.
-    ctx = context_text[-CONTEXT_CHARS:]
+    # vLLM (the reference) matches stop strings in a request's own output only: no context.
+    ctx = "" if spec.reference else context_text[-CONTEXT_CHARS:]
+    ids_out: list[int] | None = None  # the reference's text cut inside a token, re-encoded
     streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0, ctx, spec.stop)
     ctx_len = engine.context_length
     while True:
@@ -130,6 +132,9 @@ def run_turn(
             sampling["stop"] = list(spec.stop)
         if spec.cue_patterns:
             sampling["stop_regex"] = list(spec.cue_patterns)
+        if spec.reference and spec.min_tokens > len(kept):
+            # vLLM's min_tokens masks EOS for these tokens, as SGLang's min_new_tokens does
+            sampling["min_new_tokens"] = min(spec.min_tokens - len(kept), remaining)
         base = list(kept)
 
         def on_tokens(ids: list[int], last: bool, base: list[int] = base) -> None:
@@ -177,6 +182,19 @@ def run_turn(
             kept = full
             continue
         full = kept + new
+        if spec.reference and finish.kind == "stop" and isinstance(finish.matched, str):
+            hit = _vllm_stop(tok, full, len(kept), spec.stop, spec.min_tokens)
+            if hit is None:  # within the first min_tokens: vLLM does not look yet; go on
+                kept = full
+                continue
+            stop_str, count, text = hit
+            discarded += len(full) - count
+            kept = full[:count]
+            if text != tok.decode(kept):  # vLLM cut the text inside the token that completed the stop
+                keep = tok.cut_index(kept, len(text)) - 1
+                ids_out = kept[:keep] + tok.encode(text[len(tok.decode(kept[:keep])):])
+            finish = Finish("stop", stop_str)
+            break
         straddle = _straddling_stop(ctx, tok.decode(kept), tok.decode(full), spec.stop)
         if straddle is not None:
             # The server only searches its own output, so a stop string that began in the
@@ -194,7 +212,8 @@ def run_turn(
         if key in logprobs:  # the tokens a cue cut or a straddling stop dropped drop theirs too
             del logprobs[key][len(kept):]
     return Segment(
-        role=spec.role, text=tok.decode(kept), token_ids=kept, completion_tokens=len(kept),
+        role=spec.role, text=tok.decode(ids_out if ids_out is not None else kept),
+        token_ids=ids_out if ids_out is not None else kept, completion_tokens=len(kept),
         prompt_tokens=first.prompt_tokens if first else 0, cached_tokens=first.cached_tokens if first else 0,
         latency_s=round(latency, 4), server_latency_s=round(server_latency, 4),
         ttft_s=round(first.ttft_s, 4) if first else 0.0, finish=finish.kind, matched=finish.matched,
@@ -213,3 +232,29 @@ def _take_logprobs(into: dict[str, list], meta: dict[str, Any], kept: int) -> No
         if key in meta:
             del into.setdefault(key, [])[kept:]
             into[key].extend(meta[key] or [])
+
+
+def _vllm_stop(tok: Tokenizer, ids: Sequence[int], start: int, stops: Sequence[str],
+               min_tokens: int) -> tuple[str, int, str] | None:
+    """The stop vLLM would have ended this turn at, with SGLang's output in `ids` (the turn's
+    tokens; this request's begin at `start`): at each token past the first `min_tokens`, the
+    first stop string in list order that ends inside that token's new characters. Returns
+    (stop, tokens up to and with the one completing it, the text cut at the stop's end, as
+    vLLM returns it with include_stop_str_in_output). SGLang stopped at the first token whose
+    tail holds a stop, so only this request's first tokens (a stop begun in an earlier request
+    of the turn) and its last token can hold one."""
+    longest = max((len(s) for s in stops), default=0)
+    candidates = list(range(start + 1, min(len(ids), start + longest + 1) + 1)) + [len(ids)]
+    for count in sorted(set(candidates)):
+        if count <= min_tokens:
+            continue
+        window = max(0, count - longest - 8)
+        before = tok.decode(ids[window: count - 1])
+        text = tok.decode(ids[window:count])
+        fresh = len(text) - len(before) if text.startswith(before) else len(text)
+        for stop in stops:
+            i = text.find(stop, max(0, len(text) - fresh - len(stop) + 1))
+            if i >= 0:
+                whole = tok.decode(ids[:count])
+                return stop, count, whole[: len(whole) - (len(text) - i - len(stop))]
+    return None
