@@ -684,3 +684,22 @@ def test_metrics_count_degraded_and_failed_relays(make):
     assert sample(m, "relaygen_relays_degraded") == 1
     assert sample(m, "relaygen_relays", outcome="failed") == 1
     assert sample(m, "relaygen_relays", outcome="completed") == 1
+
+
+def test_a_small_server_down_at_start_serves_degraded_and_says_so(fake):
+    fake.add_host(LARGE, [])  # the small server never answered
+    relay = Relay(large=LARGE, small=SMALL, family="qwen3", profile="cpu-tiny",
+                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport)
+    assert relay.small_down
+    app = create_app(relay, api_key="sekret", health_interval_s=0)
+    s = Served(relay, fake, None, app, None)
+    s.tape(Q, THINK)
+    with running(app) as client, captured_logs() as records:
+        s.client = client
+        assert client.get("/health").json() == {"status": "degraded", "servers": {"large": "unknown",
+                                                                                  "small": "failing"}}
+        r = chat(s, {"messages": [{"role": "user", "content": Q}], "max_tokens": 200})
+        assert r.status_code == 200 and r.json()["usage"]["relay"]["small_tokens"] == 0
+        assert r.json()["choices"][0]["message"]["content"] == "The answer is 5."
+        assert sample(scrape(s), "relaygen_relays_degraded") == 1
+        assert wait_for(lambda: any("degraded" in line for line in access_lines(records)))
