@@ -29,8 +29,8 @@ def _fake_smi(tmp_path, free_mib: int, total_mib: int) -> dict[str, str]:
     folder = tmp_path / "bin"
     folder.mkdir()
     smi = folder / "nvidia-smi"
-    smi.write_text('#!/bin/sh\ncase "$*" in *memory.free*) echo "0, GPU-aaaa, %d, %d";; *) echo 0;; esac\n'
-                   % (free_mib, total_mib))
+    smi.write_text(f'#!/bin/sh\ncase "$*" in *memory.free*) echo "0, GPU-aaaa, {free_mib}, {total_mib}";; '
+                   '*) echo 0;; esac\n')
     smi.chmod(0o755)
     return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
 
@@ -81,9 +81,9 @@ def test_the_fractions_follow_the_free_memory_nvidia_smi_reports(tmp_path):
     assert "79.1 GiB free (nvidia-smi)" in h100["note"]
     assert [s["mem_fraction_static"] for s in h100["servers"]] < [s["mem_fraction_static"]
                                                                   for s in h200["servers"]]
+    (tmp_path / "small").mkdir()
     refused = relaygen("up", "--preset", BIG, "--dry-run", "--json",
-                       env_extra={"CUDA_VISIBLE_DEVICES": "0", **_fake_smi(tmp_path / "small", 40000, 49140)}) \
-        if (tmp_path / "small").mkdir() is None else None
+                       env_extra={"CUDA_VISIBLE_DEVICES": "0", **_fake_smi(tmp_path / "small", 40000, 49140)})
     assert "needs 77 GiB free on its GPU (large 66 + small 6 + 5 runtime reserve), it has 39.1 GiB free" in \
         one_line_error(refused)
 
