@@ -138,3 +138,14 @@ def test_a_relay_applies_penalties_min_p_ignore_eos_and_logprobs_to_every_turn(f
         assert body["return_logprob"] is True
     for seg in turns:  # each segment records its own tokens' logprobs, cut where the turn was cut
         assert [e[1] for e in seg.logprobs["output_token_logprobs"]] == seg.token_ids
+
+
+def test_a_plain_gens_min_tokens_masks_eos_as_on_runtime_endpoint_a_relay_turns_does_not(fake, backend):
+    state = one_gen.run(question=QUESTION, gen={"min_tokens": 4}, backend=backend)
+    assert state.error() is None
+    assert _gens(fake)[0]["sampling_params"]["min_new_tokens"] == 4
+    before = len(_gens(fake))
+    assert relayed.run(question=QUESTION, gen={}, backend=backend).error() is None
+    # the relay's large turns carry min_tokens=5, which gates only its cues
+    turns = _gens(fake)[before:] + _gens(fake, "small.test:2")
+    assert turns and not [b for b in turns if "min_new_tokens" in b["sampling_params"]]

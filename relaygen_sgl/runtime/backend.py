@@ -260,6 +260,11 @@ class RelayBackend(BaseBackend):
         params = gen_params(sp)
         sampling: dict[str, Any] = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
                                     **params.sampling}
+        route = s.variables.get("route")
+        if sp.min_new_tokens and not (isinstance(route, dict) and route.get("relay")):
+            # A plain gen's min_tokens masks EOS as on RuntimeEndpoint; a relay turn's only
+            # keeps a cue from ending it early (TurnSpec.min_tokens), so the text stays the model's.
+            sampling["min_new_tokens"] = int(sp.min_new_tokens)
         if seed is not None:
             sampling["sampling_seed"] = int(seed)
         # The chat template's stop string (the interpreter appends it to every gen) is the

@@ -128,6 +128,8 @@ def run_turn(
             finish = Finish("length")
             break
         sampling: dict[str, Any] = {**spec.sampling, "max_new_tokens": remaining, "no_stop_trim": True}
+        if spec.sampling.get("min_new_tokens"):  # a plain gen's: counted from the turn's start
+            sampling["min_new_tokens"] = max(0, min(spec.sampling["min_new_tokens"] - len(kept), remaining))
         if spec.stop:
             sampling["stop"] = list(spec.stop)
         if spec.cue_patterns:
