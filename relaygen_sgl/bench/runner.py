@@ -38,6 +38,7 @@ class BenchConfig:
     # Live handoffs, once per question: most relays on a short budget switch once or never,
     # and a mean over the 4 handoffs of the speed questions was one collision away from another.
     handoff_questions: int = 12
+    protocol: str = "relaygen-sgl"  # "reference": every run under the reference implementation's protocol
 
     @classmethod
     def quick(cls, preset: str) -> BenchConfig:
@@ -62,7 +63,7 @@ def run_speed(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callabl
     for rep in range(cfg.reps):
         for qi, q in enumerate(questions):
             for method in METHODS:  # interleaved: A B C A B C
-                res = relay.run(q, method, max_tokens=cfg.max_tokens, seed=rep)
+                res = relay.run(q, method, max_tokens=cfg.max_tokens, seed=rep, protocol=cfg.protocol)
                 runs[method].append(res)
                 log(f"speed rep {rep} q{qi} {method}: {res.stats.e2e_s:.2f}s "
                     f"{res.stats.large_tokens + res.stats.small_tokens} tok")
@@ -166,7 +167,7 @@ def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
         for name, on in variants if qi % 2 == 0 else variants[::-1]:
             for e in engines:
                 e.flush_cache(timeout_s=30)
-            res = relay.run(q, "relay", max_tokens=cfg.max_tokens, seed=0, prefetch=on)
+            res = relay.run(q, "relay", max_tokens=cfg.max_tokens, seed=0, prefetch=on, protocol=cfg.protocol)
             runs[name].append(res)
             log(f"handoff q{qi} {name}: {res.stats.e2e_s:.2f}s, {res.stats.switches} switches")
     return {name: {**handoff_summary(handoff_samples(rs)),
@@ -220,7 +221,7 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
 
             def one(i: int, q: str) -> None:
                 nonlocal tokens
-                r = relay.run(q, method, max_tokens=cfg.load_max_tokens, seed=i)
+                r = relay.run(q, method, max_tokens=cfg.load_max_tokens, seed=i, protocol=cfg.protocol)
                 with lock:
                     lat.append(r.stats.e2e_s)
                     tokens += r.stats.large_tokens + r.stats.small_tokens

@@ -42,7 +42,8 @@ def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
 def _plan_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                 answer_role=args.answer_role, cue_match=args.cue_match,
-                prefetch={"on": True, "off": False}.get(args.prefetch), deadline_s=args.deadline)
+                prefetch={"on": True, "off": False}.get(args.prefetch), deadline_s=args.deadline,
+                protocol=args.protocol, answer_reserve=args.answer_reserve)
 
 
 # ---------------------------------------------------------------- commands
@@ -173,6 +174,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from relaygen_sgl.show.render import print_result
 
         print_result(result)
+    if result.extra.get("protocol") == "reference":
+        sys.stderr.write("relaygen: protocol reference: the reference implementation's behaviour (docs/fidelity.md); "
+                         + "; ".join(result.extra.get("reference", ())) + "\n")
+    if result.extra.get("note"):  # why there is no answer, or why thinking closed early
+        sys.stderr.write(f"relaygen: note: {result.extra['note']}\n")
     return 0
 
 
@@ -215,12 +221,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from relaygen_sgl.bench import machine
     from relaygen_sgl.core.datasets import load_problems
-    from relaygen_sgl.jobs.evaluate import build_prompts, report, run_method
+    from relaygen_sgl.jobs.evaluate import build_prompts, protocol_header, published_for, report, run_method
 
     problems = load_problems(args.dataset)
     if args.limit:
         problems = problems[: args.limit]
-    prompts = build_prompts(problems, args.k)
+    reference = args.protocol == "reference"
+    prompts = build_prompts(problems, args.k, args.protocol)
+    # the reference ran one request at a time and unseeded (docs/fidelity.md)
+    concurrency = args.concurrency or (1 if reference else 4)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -232,19 +241,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with open_relay(args) as r:
         for method in methods:
             def run_one(p, method=method):  # type: ignore[no-untyped-def]
-                return r.run(p.question, method, **{**_plan_kwargs(args), "seed": p.extra["seed"]}
+                question = ([{"role": "user", "content": p.extra["user_message"]}] if "user_message" in p.extra
+                            else p.question)
+                return r.run(question, method, **{**_plan_kwargs(args),
+                                                  "seed": None if reference else p.extra["seed"]}
                              ).to_dict(token_ids=False)
 
             print(f"{method}: {len(prompts)} samples ({len(problems)} problems x k={args.k})", file=sys.stderr)
-            summary = run_method(method, prompts, out, run_one, args.concurrency, progress=not args.no_progress,
+            summary = run_method(method, prompts, out, run_one, concurrency, progress=not args.no_progress,
                                  label=args.label)
             if summary.interrupted:
                 sys.stderr.write("relaygen: interrupted; rerun the same command to finish\n")
                 return 130
         preset = _preset_name(r)
+        family = r.family.name
+        published = published_for(r.preset.name if r.preset is not None else "", family, args.dataset)
     header = {"dataset": args.dataset, "preset": preset, "k": args.k, "limit": args.limit,
               "max_tokens": args.max_tokens, "cue_match": args.cue_match,
-              "machine": machine.short(), "machine_detail": machine.describe()}
+              "machine": machine.short(), "machine_detail": machine.describe(),
+              **protocol_header(args.protocol, k=args.k, max_tokens=args.max_tokens, concurrency=concurrency,
+                                seeded=not reference),
+              "published": published}
     result = report(out, header)
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'accuracy_vs_latency.png'}")
@@ -278,7 +295,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         name = _preset_name(r)
         cfg = BenchConfig.quick(name) if args.quick else BenchConfig(preset=name)
         overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens),
-                                       ("dataset", args.dataset)) if v}
+                                       ("dataset", args.dataset), ("protocol", args.protocol)) if v}
         if overrides:
             import dataclasses
 

@@ -28,6 +28,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -152,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N problems only")
     ev.add_argument("--out", required=True, help="output folder")
     _add_server_args(ev, on_small_failure="fail")
-    ev.add_argument("--concurrency", type=_positive_int, default=4)
+    ev.add_argument("--concurrency", type=_positive_int, default=None,
+                    help="samples run at once (default 4; 1 under --protocol reference, as the reference ran)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=c.cmd_eval)
 
@@ -163,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--max-tokens", type=_positive_int, default=None)
     be.add_argument("--quick", action="store_true", help="fewer questions, shorter budgets (~10 min on cpu-tiny)")
     be.add_argument("--out", required=True)
+    _add_protocol_args(be, reserve=False)
     _add_client_args(be, on_small_failure="fail")
     be.set_defaults(func=c.cmd_bench)
 
@@ -241,7 +253,23 @@ def _add_server_args(p: argparse.ArgumentParser, on_small_failure: str = "large"
                    help="warm the other server with the growing trajectory during each turn (never changes a token); "
                         "auto: on for GPU presets, off for CPU presets (unmeasured there)")
     p.add_argument("--ids", action="store_true", help="include token ids in the JSON")
+    _add_protocol_args(p)
     _add_client_args(p, on_small_failure)
+
+
+def _add_protocol_args(p: argparse.ArgumentParser, reserve: bool = True) -> None:
+    from relaygen_sgl.core.reference import DEFAULT_PROTOCOL, PROTOCOLS
+    from relaygen_sgl.runtime.policy import DEFAULT_ANSWER_RESERVE
+
+    p.add_argument("--protocol", choices=PROTOCOLS, default=DEFAULT_PROTOCOL,
+                   help="relaygen-sgl (default): ours; reference: the reference implementation point by point "
+                        "(its cues as stop strings, min 5 tokens, EOS re-prompt, prompt bytes, shared budget; "
+                        "docs/fidelity.md)")
+    if reserve:
+        p.add_argument("--answer-reserve", type=_non_negative_int, default=None, metavar="TOKENS",
+                       help=f"tokens of --max-tokens kept for the answer: thinking is closed when only these are "
+                            f"left (default {DEFAULT_ANSWER_RESERVE}, at most a quarter of --max-tokens; 0: none; "
+                            "not with --protocol reference, which shares the budget)")
 
 
 def _add_client_args(p: argparse.ArgumentParser, on_small_failure: str = "large") -> None:

@@ -24,10 +24,12 @@ class Problem:
     question: str  # the prompt sent to the model, instruction included
     gold: str
     kind: str  # "math" | "choice"
+    problem: str = ""  # the problem alone, for prompts in another format (--protocol reference)
+    options: tuple[str, ...] = ()  # a choice problem's options, the correct one first (the reference's A)
 
 
 def _bundled(name: str) -> list[Problem]:
-    return [Problem(str(rec["id"]), rec["problem"] + MATH_INSTRUCTION, str(rec["answer"]), "math")
+    return [Problem(str(rec["id"]), rec["problem"] + MATH_INSTRUCTION, str(rec["answer"]), "math", rec["problem"])
             for rec in read_records(data_path("bench", f"{name}.jsonl"))]
 
 
@@ -77,7 +79,7 @@ def gpqa(path: Path, seed: int = 0, reference: bool = False) -> list[Problem]:
         body = "\n".join(f"{letters[k]}) {c}" for k, c in enumerate(choices))
         prompt = (f"{REFERENCE_GPQA_INSTRUCTION}\n\n{question}\n\n{body}" if reference
                   else f"{question}\n\n{body}{CHOICE_INSTRUCTION}")
-        out.append(Problem(pid, prompt, letters[choices.index(correct)], "choice"))
+        out.append(Problem(pid, prompt, letters[choices.index(correct)], "choice", question, (correct, *wrong)))
     return out
 
 

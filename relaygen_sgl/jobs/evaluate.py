@@ -16,9 +16,11 @@ from typing import Any
 
 import orjson
 
-from relaygen_sgl.core.config import METHODS
+from relaygen_sgl.core.config import METHODS, data_path
 from relaygen_sgl.core.datasets import Problem
+from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.core.records import read_records, rewrite
+from relaygen_sgl.core.reference import DEFAULT_PROTOCOL, REFERENCE, gpqa_prompt, math_prompt, reference_protocol
 from relaygen_sgl.jobs.batch import BatchSummary, Prompt, run_batch
 
 
@@ -29,10 +31,62 @@ class EvalSpec:
     limit: int | None = None
 
 
-def build_prompts(problems: list[Problem], k: int) -> list[Prompt]:
-    return [Prompt(id=f"{p.id}#{j}", question=p.question, line=0,
-                   extra={"problem_id": p.id, "sample": j, "seed": j, "gold": p.gold, "kind": p.kind})
-            for p in problems for j in range(k)]
+def build_prompts(problems: list[Problem], k: int, protocol: str = DEFAULT_PROTOCOL) -> list[Prompt]:
+    """k samples per problem. Under the reference protocol each carries the reference's user
+    message (`user_message`), sent as it is (utils/utils.py:75-105)."""
+    prompts = [Prompt(id=f"{p.id}#{j}", question=p.question, line=0,
+                      extra={"problem_id": p.id, "sample": j, "seed": j, "gold": p.gold, "kind": p.kind})
+               for p in problems for j in range(k)]
+    if protocol == REFERENCE:
+        by_id = {p.id: p for p in problems}
+        for prompt in prompts:
+            prompt.extra["user_message"] = reference_message(by_id[prompt.extra["problem_id"]])
+    return prompts
+
+
+def reference_message(problem: Problem) -> str:
+    if problem.kind == "math":
+        return math_prompt(problem.problem)
+    if problem.gold != "A" or len(problem.options) != 4:
+        raise ConfigError("--protocol reference asks GPQA in the reference's format, the correct answer at A: "
+                          "use --dataset gpqa-ref:PATH")
+    return gpqa_prompt(problem.problem, dict(zip("ABCD", problem.options)))
+
+
+def protocol_header(protocol: str, *, k: int, max_tokens: int, concurrency: int, seeded: bool) -> dict[str, Any]:
+    """What the report says of the protocol: its name, and under the reference where this run
+    left the reference's eval protocol (repeats, budget, one request at a time, no seed)."""
+    out: dict[str, Any] = {"protocol": protocol, "concurrency": concurrency, "seeded": seeded}
+    if protocol == REFERENCE:
+        ref = reference_protocol()
+        want = {"k": ref["repeats"], "max_tokens": ref["budget"], "concurrency": ref["concurrency"], "seeded": False}
+        have = {"k": k, "max_tokens": max_tokens, "concurrency": concurrency, "seeded": seeded}
+        out["deviations"] = {key: {"ours": have[key], "reference": want[key]}
+                             for key in want if have[key] != want[key]}
+    return out
+
+
+def published_for(preset: str, family: str | None, dataset: str) -> dict[str, Any] | None:
+    """The paper's numbers for this preset's model pair and data set (data/published.toml):
+    {"label", "same_pair", "pass_at_1": {method: %}, "speed": {method: {...}}, "source",
+    "accelerator"}. A preset the paper did not run is shown beside the pair of its family, or
+    else the Qwen3 pair, marked as another pair (its difference is not a comparison)."""
+    import tomllib
+
+    data = tomllib.loads(data_path("published.toml").read_text(encoding="utf-8"))
+    key = "gpqa" if dataset.startswith(("gpqa:", "gpqa-ref:")) else dataset
+    pairs = data["pairs"]
+    name = next((n for n, p in pairs.items() if preset in p.get("presets", ())), None)
+    same = name is not None
+    if name is None:
+        name = next((n for n, p in pairs.items() if p.get("family") == family), "qwen3-32b-1.7b")
+    pair = pairs[name]
+    table = pair.get("pass_at_1", {}).get(key)
+    if table is None:
+        return None
+    return {"label": pair["label"], "same_pair": same, "pass_at_1": dict(table),
+            "speed": dict(pair.get("speed", {}).get(key, {})), "source": data["source"],
+            "accelerator": data["accelerator"], "protocol": data["protocol"]}
 
 
 def run_method(method: str, prompts: list[Prompt], out_dir: Path, run_one: Callable[[Prompt], dict[str, Any]],
@@ -103,6 +157,15 @@ def report(out_dir: Path, header: dict[str, Any], workers: int = 2, include_degr
     for row in rows.values():
         row["speedup_vs_single_large"] = (round(base["mean_latency_s"] / row["mean_latency_s"], 3)
                                           if base and row["mean_latency_s"] else None)
+    published = header.get("published")
+    if published:
+        for method, row in rows.items():
+            pub = published["pass_at_1"].get(method)
+            row["published_pass_at_1"] = pub
+            row["pass_at_1_minus_published"] = round(row["pass_at_1"] - pub, 2) if pub is not None else None
+            speed = published["speed"].get(method) or {}
+            row["published_speedup"] = speed.get("speedup")
+            row["published_large_share"] = speed.get("large_share")
     result = {**header, "methods": rows}
     (out_dir / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     (out_dir / "report.md").write_text(_markdown(result))
@@ -114,6 +177,13 @@ def _markdown(result: dict[str, Any]) -> str:
     head = (f"# Evaluation: {result.get('dataset')} on {result.get('preset')}\n\n"
             f"k={result.get('k')}, limit={result.get('limit')}, budget={result.get('max_tokens')}, "
             f"machine: {result.get('machine')}\n\n")
+    if result.get("protocol"):
+        head += (f"protocol: {result['protocol']} (docs/fidelity.md); {result.get('concurrency')} request(s) at a "
+                 f"time; {'seeded (seeds 0..k-1)' if result.get('seeded') else 'unseeded'}\n\n")
+        for key, d in (result.get("deviations") or {}).items():
+            head += f"- not the reference's eval protocol: {key} {d['ours']} (reference: {d['reference']})\n"
+        if result.get("deviations"):
+            head += "\n"
     cols = ["method", "pass@1 (%)", "mean tokens", "mean latency (s)", "large share", "switches/1k tok",
             "speedup vs single-large", "samples", "degraded", "errors"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -122,7 +192,36 @@ def _markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {m} | {r['pass_at_1']:.2f} | {r['mean_completion_tokens']:.0f} | {r['mean_latency_s']:.2f} | "
                      f"{r['large_share']:.1%} | {r['switches_per_1k_tokens']:.1f} | {sp} | {r['samples']} | "
                      f"{r.get('degraded', 0)}{'' if r.get('degraded_included') else ' (left out)'} | {r['errors']} |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + _published_markdown(result)
+
+
+def _published_markdown(result: dict[str, Any]) -> str:
+    """The paper's numbers beside ours, labelled as published, with the difference."""
+    pub = result.get("published")
+    if not pub:
+        return (f"\nPublished (arXiv 2602.06454): no numbers for {result.get('dataset')} in Tables 2 and 3.\n")
+    pair = pub["label"] if pub["same_pair"] else (
+        f"{pub['label']}: ANOTHER model pair than {result.get('preset')}, shown for scale; the difference is not a "
+        "comparison")
+    out = [f"\n## Beside the published numbers ({pub['source']})\n",
+           f"published: {pair}; {pub['accelerator']}; the reference implementation's protocol. "
+           f"Ours: {result.get('preset')} on {result.get('machine')}, protocol {result.get('protocol', '?')}.\n",
+           "| method | pass@1 ours (%) | pass@1 published (%) | ours - published | speedup ours | "
+           "speedup published | large share ours | large share published |",
+           "|---|---|---|---|---|---|---|---|"]
+
+    def num(v: Any, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    for m, r in result["methods"].items():
+        diff = r.get("pass_at_1_minus_published")
+        out.append(f"| {m} | {r['pass_at_1']:.2f} | {num(r.get('published_pass_at_1'), '.2f')} | "
+                   f"{num(diff, '+.2f')}{'' if pub['same_pair'] or diff is None else ' (other pair)'} | "
+                   f"{num(r.get('speedup_vs_single_large'), '.2f')} | {num(r.get('published_speedup'), '.2f')} | "
+                   f"{r['large_share']:.1%} | {num(r.get('published_large_share'), '.1%')} |")
+    if pub["speed"]:
+        out.append("\nPublished speed (Table 3): batch 1, the first 5 AIME25 problems x 5 runs, against large only.")
+    return "\n".join(out) + "\n"
 
 
 def _plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
