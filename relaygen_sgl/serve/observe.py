@@ -174,7 +174,7 @@ class Observe:
 
         try:
             await self.app(scope, receive, watch)
-        except (ClientDisconnect, OSError):
+        except ClientDisconnect:  # (raised past the handler, e.g. by a stream under ASGI >= 2.4)
             out.note = out.note or "client left"
             status = status or 499
         except BaseException:
