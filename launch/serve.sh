@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Start ONE real SGLang server for ROLE (large|small) of PRESET, in the foreground.
 # Usable by hand on a GPU box:  launch/serve.sh large qwen3-32b-1.7b [HOST]
-# HOST defaults to 127.0.0.1; give 0.0.0.0 to serve other machines. DRY_RUN=1 prints only.
+# HOST defaults to 127.0.0.1; give 0.0.0.0 to serve other machines: that needs
+# RELAYGEN_SGLANG_API_KEY (the servers run --enable-custom-logit-processor, which executes code a
+# client sends), else one line and exit 2. DRY_RUN=1 prints only.
 # The command line comes from launch/presets.toml (the same code path as `relaygen up`).
 # GPUs: the first block of ROLE as `relaygen up` allocates them (large first, then small,
 # inside $CUDA_VISIBLE_DEVICES when set, else nvidia-smi's list); exported as CUDA_VISIBLE_DEVICES.
@@ -29,7 +31,7 @@ for line in "${lines[@]}"; do
 done
 echo "+ ${argv[*]}" >&2
 if [ -n "${DRY_RUN:-}" ]; then  # print the environment and command only
-  env | grep -E '^(PYTHONPATH|SGLANG_USE_CPU_ENGINE|CUDA_VISIBLE_DEVICES)=' >&2 || true
+  env | grep -E '^(PYTHONPATH|SGLANG_USE_CPU_ENGINE|CUDA_VISIBLE_DEVICES|CUDA_DEVICE_ORDER)=' >&2 || true
   exit 0
 fi
 exec "${argv[@]}"

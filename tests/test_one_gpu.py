@@ -200,3 +200,15 @@ def test_up_on_separate_gpus_starts_both_before_waiting(monkeypatch):
         assert [(e[0], e[1]) for e in events][:2] == [("start", 30000), ("start", 30001)]
     finally:
         stack.down(settings)
+
+
+def test_serve_sh_for_the_second_server_on_a_gpu_says_to_start_it_after_the_first(monkeypatch):
+    from relaygen_sgl.servers.plan import role_command
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr("relaygen_sgl.servers.plan.gpu_memory", lambda *a, **k: {})
+    small, note = role_command(load_preset(BIG), "small", load_settings())
+    assert small.env["CUDA_VISIBLE_DEVICES"] == "0" and "--mem-fraction-static" in small.argv
+    assert "start it once the server on port 30000 answers a generation (same GPU)" in note
+    large, note = role_command(load_preset(BIG), "large", load_settings())
+    assert "start it once" not in (note or "")

@@ -430,6 +430,9 @@ def role_command(preset: Preset, role: str, settings: Settings, host: str = "127
             raise both from None
         note = f"{both}; the {role} server alone takes the first {preset.roles[role].gpus}"
     first = next(p for p in plan.processes if p.role == role and p.kind == "server")
+    if first.after:  # its --mem-fraction-static counts on the memory the first server left
+        note = "; ".join(x for x in (note, f"start it once the server on port {','.join(map(str, first.after))} "
+                                           "answers a generation (same GPU)") if x)
     return first.command, note
 
 
