@@ -35,6 +35,7 @@ from relaygen_sgl.runtime.pairing import (
     served_models,
 )
 from relaygen_sgl.runtime.policy import DEFAULT_BUDGET, RelayPlan
+from relaygen_sgl.runtime.prefetch import PrefetchRule, prefetch_mode
 from relaygen_sgl.runtime.trajectory import KEY
 
 
@@ -86,18 +87,34 @@ def _small_back(engine: EngineClient, spec: Any) -> bool:
                       expected_model(spec, "small"))
 
 
-def _dp_size(engine: EngineClient) -> int:
-    """The server's --dp (1 where it does not say, e.g. behind a router)."""
+def _server_info(engine: EngineClient) -> dict[str, Any]:
+    """The server's /server_info ({} where it does not answer, e.g. behind a router)."""
     try:
-        return int(engine.server_info().get("dp_size") or 1)
-    except (RelayGenError, ValueError, TypeError):
+        info = engine.server_info()
+    except RelayGenError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _dp_size(info: dict[str, Any]) -> int:
+    """The server's --dp (1 where it does not say)."""
+    try:
+        return int(info.get("dp_size") or 1)
+    except (ValueError, TypeError):
         return 1
+
+
+def _speculative(info: dict[str, Any], preset: Any, role: str) -> bool:
+    """Whether a server decodes speculatively: its /server_info says, else the preset's args."""
+    if "speculative_algorithm" in info:
+        return info["speculative_algorithm"] not in (None, "", "NONE")
+    return preset is not None and "--speculative-algorithm" in preset.roles[role].args
 
 
 def connect(*, preset: str | None = None, large: str | None = None, small: str | None = None,
             profile: str | CueProfile | None = None, family: str | None = None,
             client: ClientConfig = ClientConfig(), transport: Any = None,
-            on_small_failure: str = "large", prefetch: bool | None = None) -> RelayBackend:
+            on_small_failure: str = "large", prefetch: bool | str | None = None) -> RelayBackend:
     """The routing backend over two servers, for `sgl.set_default_backend(...)` or
     `prog.run(..., backend=...)`. With a preset (or no URLs: the preset `relaygen up`
     recorded, else cpu-tiny) the served models are checked against it; with only URLs the
@@ -129,10 +146,12 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
         raise ConfigError(f"{urls['large']} did not report its tokenizer path")
     tokenizer = load_tokenizer(paths["large"])
     check_same_vocabulary(tokenizer, load_tokenizer(paths["small"] or paths["large"]))
+    infos = {role: _server_info(e) for role, e in engines.items() if role not in down}
     backend = RelayBackend(engines, tokenizer, fam, prof, on_small_failure=on_small_failure,
-                           dp_sizes={role: _dp_size(e) for role, e in engines.items() if role not in down},
-                           prefetch=_prefetch_default(prefetch, spec),
-                           prefetch_every=spec.prefetch_every if spec else 1)
+                           dp_sizes={role: _dp_size(info) for role, info in infos.items()},
+                           prefetch=_prefetch_default(prefetch, spec), prefetch_rule=PrefetchRule.of(spec),
+                           speculative=[urls[role] for role, info in infos.items()
+                                        if _speculative(info, spec, role)])
     backend.preset, backend.urls = spec, urls
     if small_error:
         backend.small_down = SmallDown(small_error, lambda: _small_back(engines["small"], spec))
@@ -142,15 +161,12 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
     return backend
 
 
-def _prefetch_default(prefetch: bool | None, preset: Any) -> bool:
-    """On where each server has its own accelerator. Off on the CPU presets: measured there
-    (2 cores, one thread per server, every 2nd token) it cuts a handoff to ~1.6 re-prefilled
-    tokens and ~1.1-1.2 decode steps, but relays under load lost 2-3% of their speed at batch
-    1 and 15-17% at 4 and 16 concurrent: the other server's prefill passes take memory
-    bandwidth and CPU the writers could use."""
-    if prefetch is not None:
-        return prefetch
-    return preset is None or preset.device != "cpu"
+def _prefetch_default(prefetch: bool | str | None, preset: Any) -> str:
+    """The mode "auto" unless asked otherwise, on every preset: auto decides per handoff from the
+    load this process puts on the receiving server and the preset's thresholds
+    (PrefetchRule), which is where the CPU presets keep the tail prefetches off (measured
+    there: relays lost 2-5% at batch 1 and 24% at 4 and 16 concurrent with them)."""
+    return prefetch_mode(prefetch) or "auto"
 
 
 def close(backend: RelayBackend) -> None:
@@ -164,7 +180,7 @@ class Relay:
     def __init__(self, *, preset: str | None = None, large: str | None = None, small: str | None = None,
                  profile: str | CueProfile | None = None, family: str | None = None,
                  client: ClientConfig = ClientConfig(), transport: Any = None,
-                 on_small_failure: str = "large", prefetch: bool | None = None) -> None:
+                 on_small_failure: str = "large", prefetch: bool | str | None = None) -> None:
         self.backend = connect(preset=preset, large=large, small=small, profile=profile, family=family,
                                client=client, transport=transport, on_small_failure=on_small_failure,
                                prefetch=prefetch)

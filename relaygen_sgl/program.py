@@ -81,8 +81,8 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
         traj.on_delta = plan.on_delta
     if plan.cancel is not None:
         traj.cancel = plan.cancel
-    if plan.prefetch is not None:
-        traj.prefetch = plan.prefetch
+    if plan.prefetch_mode is not None:  # off for the one-model methods
+        traj.prefetch = plan.prefetch_mode
     policy = RelayPolicy(plan)
     spec = policy.start()
     first = len(traj.segments)

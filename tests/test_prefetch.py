@@ -1,4 +1,5 @@
-"""The handoff prefetch's timing rules, on a stand-in engine that records each request."""
+"""The handoff prefetch: its timing rules on a stand-in engine that records each request;
+auto's load rule, the workers, and which runs prefetch at all on the SGLang doubles."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from relaygen_sgl.core.errors import EngineUnreachable
-from relaygen_sgl.runtime.prefetch import Prefetcher
+from relaygen_sgl.core.errors import ConfigError, EngineUnreachable
+from relaygen_sgl.runtime.prefetch import Prefetcher, Prefetching, PrefetchRule, prefetch_mode
 
 
 class Engine:
@@ -31,7 +32,7 @@ def settle(pool: ThreadPoolExecutor) -> None:
 
 def test_offers_while_one_runs_are_dropped_not_queued():
     eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
-    pf = Prefetcher(pool, eng, None, [1, 2], prefix=False)
+    pf = Prefetcher(pool.submit, eng, None, [1, 2], prefix=False)
     pf.offer([3])
     pf.offer([3, 4])  # arrives while [1, 2, 3] runs
     pf.offer([3, 4, 5])
@@ -51,7 +52,7 @@ def test_nothing_is_sent_after_close_and_a_failure_is_only_a_colder_handoff():
     eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
     eng.fail = True
     eng.release.set()
-    pf = Prefetcher(pool, eng, None, [1], prefix=False)
+    pf = Prefetcher(pool.submit, eng, None, [1], prefix=False)
     pf.offer([2])
     settle(pool)
     pf.offer([2, 3])  # the failed one freed the slot
@@ -66,7 +67,7 @@ def test_nothing_is_sent_after_close_and_a_failure_is_only_a_colder_handoff():
 def test_the_prefix_at_once_then_every_nth_token():
     eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
     eng.release.set()
-    pf = Prefetcher(pool, eng, None, [1, 2], every=3)
+    pf = Prefetcher(pool.submit, eng, None, [1, 2], every=3)
     settle(pool)
     assert eng.sent == [[1, 2]]  # the prefix, before any token of the turn
     for n in range(1, 8):
@@ -80,7 +81,7 @@ def test_nothing_is_sent_where_the_next_token_may_complete_a_cue():
     # receiving server should be idle then, not prefilling it
     eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
     eng.release.set()
-    pf = Prefetcher(pool, eng, None, [1], every=2, prefix=False)
+    pf = Prefetcher(pool.submit, eng, None, [1], every=2, prefix=False)
     pf.offer([2, 3], cue_next=lambda: True)  # "... Therefore"
     settle(pool)
     pf.offer([2, 3, 4], cue_next=lambda: pytest.fail("asked off the spacing"))  # not an Nth token: not asked
@@ -88,3 +89,169 @@ def test_nothing_is_sent_where_the_next_token_may_complete_a_cue():
     pf.offer([2, 3, 4, 5])
     settle(pool)
     assert eng.sent == [[1, 2, 3, 4, 5]]
+
+
+# ---------------------------------------------------------------- auto's decision and the workers
+def test_auto_declines_where_other_turns_run_on_the_receiver_and_on_speculative_servers():
+    pf = Prefetching(PrefetchRule(every=1, max_load=1, max_load_speculative=0), speculative=["http://spec:1"])
+    small, large, spec = ("http://small:2", None), ("http://large:1", None), ("http://spec:1", None)
+    assert pf.allows(small, large)
+    with pf.load.turn(small):
+        assert pf.allows(small, large)  # one other turn there: at the threshold
+        with pf.load.turn(small):
+            assert not pf.allows(small, large)
+        with pf.load.turn(large), pf.load.turn(large):
+            assert pf.allows(small, large)  # the sender's load does not count on separate devices
+    assert pf.allows(spec, small)
+    with pf.load.turn(spec):
+        assert not pf.allows(spec, small)  # a lower threshold for a speculative receiver
+    assert pf.counts["declined"] == 2
+    # a DP rank is its own queue
+    with pf.load.turn(("http://small:2", 0)), pf.load.turn(("http://small:2", 0)):
+        assert pf.allows(("http://small:2", 1), large) and not pf.allows(("http://small:2", 0), large)
+
+
+def test_on_a_shared_device_the_senders_other_turns_count_too():
+    pf = Prefetching(PrefetchRule(every=1, max_load=0, shared_device=True))
+    small, large = ("http://small:2", None), ("http://large:1", None)
+    with pf.load.turn(large):  # the asking turn itself
+        assert pf.allows(small, large)
+        with pf.load.turn(large):  # another trajectory's turn on the sender's half of the device
+            assert not pf.allows(small, large)
+    assert not Prefetching(PrefetchRule(max_load=-1)).allows(small, large)  # -1: never
+
+
+def test_the_spacing_per_mode_and_the_preset_data():
+    from relaygen_sgl.core.config import load_preset
+
+    rule = PrefetchRule(every=2, auto_every=0)
+    assert rule.spacing("on") == 2 and rule.spacing("auto") == 0 and PrefetchRule(every=3).spacing("auto") == 3
+    cpu = PrefetchRule.of(load_preset("cpu-tiny"))
+    assert cpu == PrefetchRule(every=2, auto_every=0, max_load=0, max_load_speculative=-1, shared_device=True)
+    gpu = PrefetchRule.of(load_preset("qwen3-32b-1.7b"))
+    assert gpu == PrefetchRule(every=64, auto_every=None, max_load=0, max_load_speculative=-1, shared_device=False)
+    assert prefetch_mode(True) == "on" and prefetch_mode(False) == "off" and prefetch_mode(None) is None
+    with pytest.raises(ConfigError, match="prefetch must be one of auto, on, off"):
+        prefetch_mode("sometimes")
+
+
+def test_a_prefetch_finds_a_free_worker_or_is_dropped_and_counted_never_queued():
+    eng = Engine()
+    pf = Prefetching(PrefetchRule(every=1), workers=1)
+    first = pf.start("on", eng, None, [1], prefix=True, receiver=("s", None), sender=("l", None))
+    second = pf.start("on", eng, None, [9], prefix=True, receiver=("s", None), sender=("l", None))
+    assert pf.counts["no_worker"] == 1
+    eng.release.set()
+    pf.submit(lambda: None)  # waits for nothing: the worker is free again once the first ends
+    for _ in range(100):
+        if pf.counts["sent"] == 1:
+            break
+        threading.Event().wait(0.02)
+    second.offer([10])  # the dropped one left no trace: its next offer goes out
+    for _ in range(100):
+        if pf.counts["sent"] == 2:
+            break
+        threading.Event().wait(0.02)
+    assert eng.sent == [[1], [9, 10]] and first.requests == 1 and second.requests == 1
+
+
+# ---------------------------------------------------------------- on the SGLang doubles
+LARGE, SMALL = "http://large.test:1", "http://small.test:2"
+QUESTION = "What is 2 + 3?"
+THINK = ("First we add 2 and 3 to get 5. Therefore the sum is 5. Then we check it again. "
+         "Thus, the answer is 5.</think>\n\nThe answer is 5.")
+
+
+def relay_on(fake, prefetch, rule=None):
+    from relaygen_sgl.api import Relay
+    from relaygen_sgl.client.http import ClientConfig
+    from relaygen_sgl.core.cues import CueProfile
+
+    fake.add_host(LARGE, [])
+    fake.add_host(SMALL, [])
+    profile = CueProfile(name="t", models={}, cues=("Therefore", "now", "Thus,")).validate()
+    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, profile=profile, family="qwen3",
+                  client=ClientConfig(retries=0, backoff_s=0.0), transport=fake.transport, prefetch=prefetch)
+    if rule is not None:
+        relay.backend.prefetching.rule = rule
+    prompt = relay.plan("relay").render(QUESTION)
+    tape = relay.tokenizer.encode(prompt) + relay.tokenizer.encode(THINK * 6) + [fake.eos_id]
+    for host in fake.hosts.values():
+        host.tape = list(tape)
+    return relay
+
+
+def prefetches(host):
+    return [r for r in host.requests if r["sampling_params"]["max_new_tokens"] == 0]
+
+
+@pytest.mark.parametrize("mode", ["on", "auto", "off"])
+def test_single_model_runs_send_no_prefetch(fake, mode):
+    # the backend used to warm the other server for single-large too, which never uses it
+    relay = relay_on(fake, "on", PrefetchRule(every=1))
+    for h in fake.hosts.values():
+        h.chunk_delay_s = 0.005
+    for method in ("single-large", "single-small"):
+        res = relay.run(QUESTION, method, max_tokens=60, prefetch=mode)
+        assert res.stats.large_tokens + res.stats.small_tokens > 0
+    assert [len(prefetches(h)) for h in fake.hosts.values()] == [0, 0]
+    assert relay.backend.prefetching.counts["sent"] == 0
+    relay.run(QUESTION, "relay", max_tokens=60, prefetch=mode)  # the relay itself still does (but off)
+    assert (sum(len(prefetches(h)) for h in fake.hosts.values()) > 0) == (mode != "off")
+
+
+def test_auto_sends_nothing_to_a_server_running_more_turns_than_the_threshold(fake):
+    """N trajectories' turns in flight on the small server, N above the rule's threshold: a
+    relay's large turns send it no prefetch; with the threshold at N they do."""
+    n = 3
+    for threshold, expect_prefetch in ((n - 1, False), (n, True)):
+        relay = relay_on(fake, "auto", PrefetchRule(every=1, max_load=threshold))
+        small, large = fake.hosts["small.test:2"], fake.hosts["large.test:1"]
+        small.chunk_delay_s, large.chunk_delay_s = 0.02, 0.002
+        busy = ThreadPoolExecutor(max_workers=n)
+        try:
+            runs = [busy.submit(relay.run, QUESTION, "single-small", max_tokens=120) for _ in range(n)]
+            for _ in range(500):
+                if len(small.requests) >= n:  # the N turns are streaming on the small server
+                    break
+                threading.Event().wait(0.01)
+            seen = len(small.requests)
+            res = relay.run(QUESTION, "relay", max_tokens=40)
+            during = small.requests[seen:]  # everything the relay sent the small server meanwhile
+            assert not any(r.done() for r in runs), "the busy turns ended before the relay: make them longer"
+        finally:
+            busy.shutdown(wait=True)
+        assert res.segments[0].role == "large" and res.segments[0].completion_tokens >= 5
+        sent = [r for r in during if r["sampling_params"]["max_new_tokens"] == 0]
+        assert bool(sent) == expect_prefetch, (threshold, len(sent))
+        if not expect_prefetch:
+            assert relay.backend.prefetching.counts["declined"] > 0
+        relay.close()
+        fake.hosts.clear()
+
+
+def test_auto_at_batch_1_prefetches_as_on_does(fake):
+    """Alone on the servers, auto sends what on sends (the GPU presets' case: one spacing)."""
+    sent = {}
+    for mode in ("on", "auto"):
+        relay = relay_on(fake, mode, PrefetchRule(every=1, max_load=0))
+        for h in fake.hosts.values():
+            h.chunk_delay_s = 0.02  # a decode step: each prefetch ends before the next token
+        res = relay.run(QUESTION, max_tokens=80)
+        assert "small" in [s.role for s in res.segments]
+        sent[mode] = {name: [len(r["input_ids"]) for r in prefetches(h)] for name, h in fake.hosts.items()}
+        assert relay.backend.prefetching.counts["declined"] == 0
+        relay.close()
+        fake.hosts.clear()
+    assert sent["auto"] == sent["on"] and sent["on"]["small.test:2"]
+
+
+def test_the_cpu_presets_auto_sends_the_prompt_only(fake):
+    relay = relay_on(fake, None)  # the preset's rule, the default mode (auto)
+    assert relay.backend.prefetch == "auto" and relay.backend.prefetching.rule.auto_every == 0
+    for h in fake.hosts.values():
+        h.chunk_delay_s = 0.005
+    res = relay.run(QUESTION, max_tokens=80)
+    assert "small" in [s.role for s in res.segments]
+    assert [r["input_ids"] for r in prefetches(fake.hosts["small.test:2"])] == [res.prompt_ids]
+    assert prefetches(fake.hosts["large.test:1"]) == []

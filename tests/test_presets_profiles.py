@@ -123,7 +123,30 @@ def test_prefetch_every_must_be_a_positive_integer(monkeypatch, value):
         load_preset("cpu-tiny")
 
 
-def test_cpu_presets_space_the_prefetch_gpu_presets_do_not():
-    # CPU: measured (README, CPU compute patches); GPU: every token, as the issue asks
+def test_cpu_presets_space_the_prefetch_gpu_presets_send_one_per_64_tokens():
+    # CPU: measured (docs/cpu.md, CPU compute patches); GPU: a prefill of up to ~64 new tokens
+    # costs a forward pass what one token costs (presets.toml says why)
     assert {n: load_preset(n).prefetch_every for n in preset_names()} == {
-        n: 2 if load_preset(n).device == "cpu" else 1 for n in preset_names()}
+        n: 2 if load_preset(n).device == "cpu" else 64 for n in preset_names()}
+
+
+@pytest.mark.parametrize("key,value", [("prefetch_auto_every", -1), ("prefetch_auto_every", "0"),
+                                       ("prefetch_max_load", -2), ("prefetch_max_load", 1.5),
+                                       ("prefetch_max_load_speculative", True)])
+def test_the_auto_prefetch_keys_are_checked(monkeypatch, key, value):
+    import relaygen_sgl.core.config as config
+
+    raw = config._raw()
+    raw["cpu-tiny"][key] = value
+    monkeypatch.setattr(config, "_raw", lambda: raw)
+    with pytest.raises(ConfigError, match=f"preset cpu-tiny: {key} must be an integer"):
+        load_preset("cpu-tiny")
+
+
+def test_auto_prefetch_thresholds_per_preset():
+    # CPU: the prompt only, at batch 1 (measured: tail prefetches cost relays there); separate
+    # GPUs: while the receiver runs no other turn, never to a speculative one; a shared GPU: never
+    for n in preset_names():
+        p = load_preset(n)
+        expect = ((0, 0, -1) if p.device == "cpu" else (None, -1, -1) if p.share_device else (None, 0, -1))
+        assert (p.prefetch_auto_every, p.prefetch_max_load, p.prefetch_max_load_speculative) == expect, n

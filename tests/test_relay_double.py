@@ -12,6 +12,7 @@ from relaygen_sgl.api import Relay
 from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.core.errors import ConfigError, RelayAborted
+from relaygen_sgl.runtime.prefetch import PrefetchRule
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 QUESTION = "What is 2 + 3?"
@@ -358,8 +359,8 @@ def test_prefetch_warms_the_other_server_and_never_changes_a_token(fake):
         h.requests.clear()
         h.chunk_delay_s = 0.02
     warm_relay = make_relay(fake, family="qwen3", prefetch=True)
-    assert warm_relay.backend.prefetch_every == 2  # the cpu-tiny preset's; every token here
-    warm_relay.backend.prefetch_every = 1
+    assert warm_relay.backend.prefetching.rule.every == 2  # the cpu-tiny preset's; every token here
+    warm_relay.backend.prefetching.rule = PrefetchRule(every=1)
     warm = warm_relay.run(QUESTION, max_tokens=500)
     assert warm.token_ids == cold.token_ids and [s.role for s in warm.segments] == [s.role for s in cold.segments]
     prefills = [r for h in fake.hosts.values() for r in h.requests if r["sampling_params"]["max_new_tokens"] == 0]

@@ -251,7 +251,9 @@ def _add_server_args(p: argparse.ArgumentParser, on_small_failure: str = "large"
                    help="stop a run (its SGLang requests aborted) after this many seconds; default none")
     p.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
                    help="warm the other server with the growing trajectory during each turn (never changes a token); "
-                        "auto: on for GPU presets, off for CPU presets (unmeasured there)")
+                        "auto (default): decided per handoff from the load this process puts on the receiving "
+                        "server and the preset's thresholds (docs/usage/prefetch-and-seeds.md); on: always; "
+                        "never for single-large/single-small")
     p.add_argument("--ids", action="store_true", help="include token ids in the JSON")
     _add_protocol_args(p)
     _add_client_args(p, on_small_failure)

@@ -166,6 +166,13 @@ class Preset:
     roles: dict[str, RoleSpec]
     startup_timeout_s: float = 600.0
     prefetch_every: int = 1  # tokens between handoff prefetches (presets.toml says why per preset)
+    # --prefetch auto (runtime/prefetch.py PrefetchRule): its own spacing (None: prefetch_every;
+    # 0: only the prefix at a turn's start), and the most turns of other trajectories that may
+    # run on the receiving server (both servers, where they share a device) for it to send;
+    # -1: never. The second threshold applies where the receiving server decodes speculatively.
+    prefetch_auto_every: int | None = None
+    prefetch_max_load: int = 0
+    prefetch_max_load_speculative: int = -1
     # Both servers on one device (one GPU): started one after the other, their memory fractions
     # computed by the plan, and no prefetch (the two would contend for the same GPU).
     share_device: bool = False
@@ -280,6 +287,14 @@ def load_preset(name: str) -> Preset:
     every = spec.get("prefetch_every", 1)
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ConfigError(f"preset {name}: prefetch_every must be an integer >= 1")
+    auto_every = spec.get("prefetch_auto_every")
+    if auto_every is not None and (not isinstance(auto_every, int) or isinstance(auto_every, bool) or auto_every < 0):
+        raise ConfigError(f"preset {name}: prefetch_auto_every must be an integer >= 0")
+    loads = {key: spec.get(key, default) for key, default in (("prefetch_max_load", 0),
+                                                              ("prefetch_max_load_speculative", -1))}
+    for key, value in loads.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+            raise ConfigError(f"preset {name}: {key} must be an integer >= -1 (-1: auto never prefetches)")
     share = spec.get("share_device", False)
     if not isinstance(share, bool):
         raise ConfigError(f"preset {name}: share_device must be true or false")
@@ -291,7 +306,7 @@ def load_preset(name: str) -> Preset:
     return Preset(name=name, description=spec.get("description", ""), device=device,
                   family=spec["family"], profile=spec["profile"], roles=roles,
                   startup_timeout_s=float(spec.get("startup_timeout_s", 600)),
-                  prefetch_every=every, share_device=share,
+                  prefetch_every=every, prefetch_auto_every=auto_every, **loads, share_device=share,
                   min_free_gib=None if min_free is None else float(min_free),
                   runtime_reserve_gib=float(spec.get("runtime_reserve_gib", 0.0)))
 

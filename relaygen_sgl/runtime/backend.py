@@ -14,8 +14,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -33,7 +32,7 @@ from relaygen_sgl.core.errors import ConfigError, EngineFailed, EngineRejected, 
 from relaygen_sgl.core.result import Segment
 from relaygen_sgl.runtime.gen_params import gen_params
 from relaygen_sgl.runtime.policy import DEFAULT_BUDGET, DeltaSink, RelayPlan, TurnSpec
-from relaygen_sgl.runtime.prefetch import Prefetcher
+from relaygen_sgl.runtime.prefetch import DEFAULT_WORKERS, Prefetching, PrefetchRule, Server, prefetch_mode
 from relaygen_sgl.runtime.seeding import SeedSupport
 from relaygen_sgl.runtime.select import score_choices
 from relaygen_sgl.runtime.trajectory import KEY, Trajectory
@@ -49,8 +48,9 @@ DEFAULT_ROLE = "large"
 class RelayBackend(BaseBackend):
     def __init__(self, engines: dict[str, EngineClient], tokenizer: Tokenizer, family: Family,
                  profile: CueProfile, *, on_small_failure: str = "large",
-                 dp_sizes: dict[str, int] | None = None, prefetch: bool = True,
-                 prefetch_every: int = 1) -> None:
+                 dp_sizes: dict[str, int] | None = None, prefetch: bool | str = "auto",
+                 prefetch_rule: PrefetchRule | None = None, speculative: Iterable[str] = (),
+                 prefetch_workers: int = DEFAULT_WORKERS) -> None:
         super().__init__()
         if on_small_failure not in FALLBACKS:
             raise ConfigError(f"on_small_failure must be one of {FALLBACKS}, got {on_small_failure!r}")
@@ -60,9 +60,11 @@ class RelayBackend(BaseBackend):
         # routed_dp_rank): the rank's radix cache then holds the whole shared prefix.
         self.dp_sizes = {r: n for r, n in (dp_sizes or {}).items() if n > 1}
         self._slots = itertools.count()
-        self.prefetch = prefetch  # the default; a plan may say otherwise for its trajectory
-        self.prefetch_every = prefetch_every  # tokens between prefetches (the preset's)
-        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="relaygen-prefetch")
+        # the handoff prefetch: the default mode (a plan may say otherwise for its trajectory),
+        # the preset's rule, which servers decode speculatively (URLs), the turns running per
+        # server (auto reads them), the workers and what was sent, declined or dropped
+        self.prefetching = Prefetching(prefetch_rule, prefetch_mode(prefetch) or "auto", speculative,
+                                       prefetch_workers)
         self._profiles: dict[str, CueProfile] = {}
         self._seeds = SeedSupport()
         self._fork_lock = threading.Lock()
@@ -152,6 +154,16 @@ class RelayBackend(BaseBackend):
         if role not in ROLES:
             raise ConfigError(f"the program routed a gen to unknown role {role!r}; use 'large' or 'small'")
         return role, seed
+
+    def _server(self, role: str, traj: Trajectory) -> Server:
+        """The queue the trajectory's requests to `role` join: the server, and its DP rank."""
+        n = self.dp_sizes.get(role)
+        return self.engines[role].url, (traj.slot % n if n else None)
+
+    @property
+    def prefetch(self) -> str:
+        """The default prefetch mode: auto, on or off."""
+        return self.prefetching.default
 
     def _pin(self, role: str, traj: Trajectory) -> dict[str, Any]:
         n = self.dp_sizes.get(role)
@@ -299,18 +311,25 @@ class RelayBackend(BaseBackend):
             extra, add, ok = self._seeds.fields(self.engines[on], seed, sampling)
             traj.unseeded |= not ok
             other = "small" if on == "large" else "large"
-            warm = (traj.prefetch if traj.prefetch is not None else self.prefetch) and not traj.degraded \
-                and self.engines[other] is not self.engines[on]
-            pf = Prefetcher(self._pool, self.engines[other], self._pin(other, traj), ids, self.prefetch_every,
-                            prefix=traj.last_writer != other) if warm else None  # else it has all but a token
-            try:
-                return run_turn(self.engines[on], self.tokenizer, ids, text, replace(
-                    spec, role=on, extra={**spec.extra, **self._pin(on, traj), **extra}, sampling={**sampling, **add}),
-                    sink=tap if sink else None, cancel=traj.cancel,
-                                on_ids=pf.offer if pf is not None else None)
-            finally:
-                if pf is not None:
-                    pf.close()
+            # the turn counts as load on its server while it runs (auto reads it), and the
+            # other server is kept warm unless the trajectory is degraded (the small server
+            # failed) or both roles are one server
+            with self.prefetching.load.turn(self._server(on, traj)):
+                pf = None
+                if not traj.degraded and self.engines[other] is not self.engines[on]:
+                    pf = self.prefetching.start(
+                        traj.prefetch, self.engines[other], self._pin(other, traj), ids,
+                        prefix=traj.last_writer != other,  # else it has all but a token
+                        receiver=self._server(other, traj), sender=self._server(on, traj))
+                try:
+                    return run_turn(self.engines[on], self.tokenizer, ids, text, replace(
+                        spec, role=on, extra={**spec.extra, **self._pin(on, traj), **extra},
+                        sampling={**sampling, **add}),
+                        sink=tap if sink else None, cancel=traj.cancel,
+                        on_ids=pf.offer if pf is not None else None)
+                finally:
+                    if pf is not None:
+                        pf.close()
 
         if role == "small" and traj.degraded:
             seg = replace(run("large"), rerouted_from="small")

@@ -32,6 +32,7 @@ from relaygen_sgl.core.reference import (
     rendering,
 )
 from relaygen_sgl.core.result import Segment
+from relaygen_sgl.runtime.prefetch import prefetch_mode
 
 MIN_LARGE_TOKENS = 5
 DEFAULT_BUDGET = 32768  # completion tokens across both models, as in the paper
@@ -84,7 +85,9 @@ class RelayPlan:
     min_large_tokens: int = MIN_LARGE_TOKENS
     answer: bool = True  # False: stop once thinking is closed (the caller goes on)
     cue_match: str = "word"  # "substring": the reference's stop-string matching ("now" in "know")
-    prefetch: bool | None = None  # warm the other server during each turn (None: the backend's default)
+    # warm the other server during each turn: "auto", "on", "off" (True/False: on/off; None:
+    # the backend's default). Never for the one-model methods: they use one server.
+    prefetch: bool | str | None = None
     protocol: str = DEFAULT_PROTOCOL  # "reference": reproduce the reference implementation (module doc)
     answer_reserve: int | None = None  # tokens kept for the answer (None: DEFAULT_ANSWER_RESERVE; 0: none)
     on_delta: DeltaSink | None = field(default=None, compare=False, repr=False)
@@ -97,6 +100,7 @@ class RelayPlan:
             raise ConfigError(f"the token budget must be positive, got {self.budget}")
         if self.answer_role not in ROLES:
             raise ConfigError(f"answer role must be 'large' or 'small', got {self.answer_role!r}")
+        prefetch_mode(self.prefetch)  # a bad value is refused here, before any request
         if self.cue_match not in CUE_MATCHES:
             raise ConfigError(f"cue matching must be one of {', '.join(CUE_MATCHES)}, got {self.cue_match!r}")
         check_protocol(self.protocol)
@@ -153,6 +157,12 @@ class RelayPlan:
         if content is None:
             raise ConfigError("--protocol reference needs the reference's own prompt (program.prompt with the plan)")
         return lambda completion: r.continuation_prompt(content, completion)
+
+    @property
+    def prefetch_mode(self) -> str | None:
+        """The trajectory's prefetch mode: off for single-large and single-small (the other
+        server is never used), else the plan's (None: the backend's default)."""
+        return "off" if self.method != "relay" else prefetch_mode(self.prefetch)
 
     @property
     def closing_text(self) -> str:

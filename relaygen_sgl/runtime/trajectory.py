@@ -34,7 +34,7 @@ class Trajectory:
         self.error: BaseException | None = None
         self.on_delta: DeltaSink | None = None
         self.cancel = threading.Event()  # set by a caller that stopped listening
-        self.prefetch: bool | None = None  # None: the backend's default
+        self.prefetch: str | None = None  # "auto", "on", "off"; None: the backend's default
         self.unseeded = False  # a seeded, sampled turn ran where the seed cannot reproduce it
         self.t0 = time.perf_counter()
         self.ttft: float | None = None

@@ -6,6 +6,7 @@ import pytest
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.bench.handoff import handoffs_only, replay
+from relaygen_sgl.runtime.prefetch import PrefetchRule
 
 pytestmark = pytest.mark.integration
 
@@ -89,8 +90,8 @@ def test_prefetch_never_changes_a_token_and_warms_each_handoff(cpu_pair):
     with Relay(preset="cpu-tiny", large=cpu_pair.large, small=cpu_pair.small) as r:
         off = r.run(question, max_tokens=160, temperature=0.0, prefetch=False)
         again = r.run(question, max_tokens=160, temperature=0.0, prefetch=True)  # the preset's spacing
-        assert r.backend.prefetch_every > 1
-        r.backend.prefetch_every = 1  # every token: the closest the prefetch can keep
+        assert r.backend.prefetching.rule.every > 1
+        r.backend.prefetching.rule = PrefetchRule(every=1)  # every token: the closest the prefetch can keep
         on = r.run(question + " ", max_tokens=160, temperature=0.0, prefetch=True)
     assert again.token_ids == off.token_ids, "prefetch changed the greedy trajectory"
 
