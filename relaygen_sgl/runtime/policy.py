@@ -287,7 +287,8 @@ class RelayPolicy:
         reply ends thinking ("\\n</think>" appended, the small model answers); otherwise the text
         is kept and, unless it happens to end in a cue (large) or a sentence end (small), the
         same model is asked again."""
-        if not turn.text:
+        if not turn.text:  # its tokens (the EOS) are not counted: the reference breaks before it counts
+            self.used -= turn.completion_tokens
             return self._answer(insert=self._close())
         if self.plan.family.think_end in turn.text:
             return self._answer()
