@@ -185,3 +185,30 @@ def test_serve_sh_beyond_loopback_needs_the_key():
                         text=True, timeout=120, env={**env, "DRY_RUN": "1", "RELAYGEN_SGLANG_API_KEY": "k-123"})
     assert ok.returncode == 0, ok.stderr
     assert "--host 0.0.0.0" in ok.stderr and "k-123" not in ok.stderr
+
+
+def test_healing_on_a_shared_gpu_keeps_the_fractions_of_the_first_plan(stand_ins, monkeypatch):
+    """The large server kept holds ~68 GiB: measured now, the GPU would look too small; the small
+    server gets the fraction it had, computed for the memory free before the large one started."""
+    from relaygen_sgl.servers.plan import GpuMemory
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    settings, answering, started = stand_ins
+    free = {"0": GpuMemory(79.1, 79.6)}
+    monkeypatch.setattr("relaygen_sgl.servers.plan.gpu_memory", lambda *a, **k: free)
+    seen: list[tuple] = []
+    real_start = stack.start_server
+
+    def spy(cmd, log):
+        seen.append(cmd.argv)
+        return real_start(cmd, log)
+
+    monkeypatch.setattr(stack, "start_server", spy)
+    first = stack.up(load_preset("qwen3-32b-1.7b-1gpu"), settings)
+    free["0"] = GpuMemory(10.2, 79.6)  # what nvidia-smi says with the large server up
+    _kill9(first["small"]["pid"])
+    answering.discard(first["small"]["url"])
+    healed = stack.up(load_preset("qwen3-32b-1.7b-1gpu"), settings)
+    assert [k["role"] for k in healed["kept"]] == ["large"] and [s["role"] for s in healed["started"]] == ["small"]
+    fraction = [a[a.index("--mem-fraction-static") + 1] for a in seen]
+    assert len(fraction) == 3 and fraction[2] == fraction[1] == "0.549"

@@ -318,6 +318,7 @@ class Plan:
     processes: tuple[Process, ...]  # in start order: large first, a router after its workers
     note: str | None  # what was assumed (no GPU visible in a dry run), or None
     shared_device: str | None = None  # the device both servers share (share_device presets)
+    free_gib: float | None = None  # its free memory the fractions were computed for
 
 
 def _shared_free(preset: Preset, devices: Sequence[str], assumed: bool) -> tuple[float, str]:
@@ -333,7 +334,8 @@ def _shared_free(preset: Preset, devices: Sequence[str], assumed: bool) -> tuple
 
 def server_plan(preset: Preset, settings: Settings, host: str = "127.0.0.1",
                 replicas: Mapping[str, int] | None = None, kv_tokens: int | None = None,
-                api_key: str | None = None, assume: bool = False, key_file: bool = True) -> Plan:
+                api_key: str | None = None, assume: bool = False, key_file: bool = True,
+                free_gib: float | None = None) -> Plan:
     """Every process `up` starts, in order. A role with one server serves on its own port;
     with more, replica i on replica_port(base, i) and a router on the role's port, after its
     workers. With `api_key`, each server requires it: written to a 0600 --config file, or
@@ -347,7 +349,10 @@ def server_plan(preset: Preset, settings: Settings, host: str = "127.0.0.1",
     shared = None
     if preset.share_device:
         shared = ",".join(devices[(ROLES[0], 0)])
-        free, source = _shared_free(preset, devices[(ROLES[0], 0)], assumed=bool(note))
+        if free_gib is None:
+            free, source = _shared_free(preset, devices[(ROLES[0], 0)], assumed=bool(note))
+        else:  # a heal: the servers still up hold memory the first plan counted as free
+            free, source = free_gib, f"{free_gib:.1f} GiB free when `up` first planned it"
         fractions = shared_fractions(preset, free)
         note = "; ".join(x for x in (note, f"device {shared} shared by both servers: {source}") if x)
     processes: list[Process] = []
@@ -369,7 +374,8 @@ def server_plan(preset: Preset, settings: Settings, host: str = "127.0.0.1",
         if counts[role] > 1:
             workers = [client_url(host, p) for p in ports]
             processes.append(Process(role, "router", counts[role], base, router_command(workers, base, host=host)))
-    return Plan(preset.name, host, counts, tuple(processes), note, shared_device=shared)
+    return Plan(preset.name, host, counts, tuple(processes), note, shared_device=shared,
+                free_gib=free if shared is not None else None)
 
 
 def dry_run(preset: Preset, settings: Settings, host: str = "127.0.0.1", replicas: Mapping[str, int] | None = None,

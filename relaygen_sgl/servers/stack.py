@@ -105,8 +105,11 @@ def _up(preset: Preset, settings: Settings, host: str, timeout_s: float | None,
         raise StackError(f"servers of preset {state.get('preset')!r} are already up; run `relaygen down` first")
     check_models(preset, settings)
     api_key = sglang_api_key()
-    # ConfigError (one line) when too few GPUs are visible or the host needs a key
-    plan = server_plan(preset, settings, host, replicas, kv_tokens, api_key=api_key)
+    # ConfigError (one line) when too few GPUs are visible or the host needs a key. On a shared
+    # GPU with servers still up, the fractions of the first plan (free memory then, not now).
+    recorded_free = state.get("device_free_gib") if alive and state else None
+    plan = server_plan(preset, settings, host, replicas, kv_tokens, api_key=api_key,
+                       free_gib=float(recorded_free) if isinstance(recorded_free, (int, float)) else None)
     if alive and state:
         other = _same_settings(state, host, plan.counts, kv_tokens, bool(api_key))
         if other:
@@ -150,7 +153,7 @@ def _up(preset: Preset, settings: Settings, host: str, timeout_s: float | None,
                    if p.port in kept or p.port in started]
         write_state(settings, {"preset": preset.name, "started": (state or {}).get("started", stamp) if kept else stamp,
                                "replicas": plan.counts, "host": host, "kv_tokens": kv_tokens,
-                               "api_key": bool(api_key), "servers": servers})
+                               "api_key": bool(api_key), "device_free_gib": plan.free_gib, "servers": servers})
 
     def wait(port: int) -> None:
         if port in started:
