@@ -162,3 +162,163 @@ def test_a_long_stream_whose_client_leaves_after_two_chunks_frees_both_servers(s
     print(f"\nmax_tokens 2000, left after two chunks: both servers idle {idle_s:.2f} s later; threads {base} -> "
           f"{after} in {threads_s:.2f} s")
     assert idle_s < IDLE_WITHIN_S and after <= base
+
+
+# ---------------------------------------------------------------- clients that leave or stall; /metrics
+BODY_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def guarded(cpu_pair, tmp_path_factory):
+    """A second `relaygen serve`: one relay at a time, no queue (the next gets 429), and a
+    short --body-timeout."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    log = tmp_path_factory.mktemp("guarded") / "serve.log"
+    proc = subprocess.Popen(relaygen_cmd("serve", "--large", cpu_pair.large, "--small", cpu_pair.small,
+                                         "--port", str(port), "--health-interval", "0", "--max-concurrency", "1",
+                                         "--max-queue", "0", "--body-timeout", str(BODY_TIMEOUT_S)),
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    yield url, port, log
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    err = log.read_text()
+    assert "Traceback" not in err and "internal error" not in err, err[-3000:]
+
+
+def access(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if "relaygen.serve.access" in line]
+
+
+PARTIAL = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 300\r\n\r\n{\"messages\": [{\"role\": \"user\", \"content\": \"Tell me")
+
+
+def test_30_clients_that_leave_mid_body_are_info_lines_and_no_traceback(guarded):
+    url, port, log = guarded
+    before = len(access(log))
+
+    def leave(_: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(PARTIAL)
+            time.sleep(0.2)  # the server is reading the body when the client goes
+
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        list(pool.map(leave, range(30)))
+    deadline = time.monotonic() + 20
+    while len(access(log)) < before + 30 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = access(log)[before:]
+    text = log.read_text()
+    print(f"\n30 clients left mid-body: {len(lines)} access lines, e.g. {lines[0] if lines else None!r}")
+    assert len(lines) == 30 and all(" INFO " in line and " 499 " in line and "client left mid-body" in line
+                                    for line in lines), lines[:3]
+    assert "Traceback" not in text and "internal error" not in text and " ERROR " not in text
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200  # nothing was left holding the one slot
+
+
+def test_a_client_that_stalls_mid_body_gets_408_within_the_bound(guarded):
+    _, port, log = guarded
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(30)
+        t0 = time.monotonic()
+        sock.sendall(PARTIAL)
+        answer = b""
+        while chunk := sock.recv(65536):  # to the end: the server closes the connection
+            answer += chunk
+        took = time.monotonic() - t0
+    status_line = answer.split(b"\r\n", 1)[0].decode()
+    print(f"\nstalled mid-body: {status_line} after {took:.2f} s "
+          f"(--body-timeout {BODY_TIMEOUT_S:g}), connection closed by the server")
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"body_timeout" in answer
+    assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 2
+    assert any(" 408 " in line for line in access(log))
+
+
+def scrape(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics", timeout=30)
+    assert r.status_code == 200
+    out: dict = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m: dict, name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_after_five_real_requests_equal_what_the_responses_reported(guarded):
+    url, _, log = guarded
+    chat = f"{url}/v1/chat/completions"
+    before, lines_before = scrape(url), len(access(log))
+    usages, statuses = [], []
+
+    def plain(topic: str) -> None:
+        r = httpx.post(chat, timeout=300, json={"messages": [{"role": "user", "content": f"Write about {topic}."}],
+                                                "max_tokens": 32, "temperature": 0})
+        statuses.append(r.status_code)
+        usages.append(r.json()["usage"])
+
+    plain("apples")
+    plain("rivers")
+    with httpx.Client(timeout=300) as client:
+        body = {"messages": [{"role": "user", "content": "Tell me a story about a dragon."}], "max_tokens": 64,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", chat, json=body) as resp:
+            statuses.append(resp.status_code)
+            lines = resp.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            during = scrape(url)
+            busy = httpx.post(chat, timeout=60, json={"messages": [{"role": "user", "content": "Hi."}],
+                                                      "max_tokens": 8})
+            statuses.append(busy.status_code)
+            for line in lines:
+                if line.startswith("data: ") and line != "data: [DONE]" and orjson.loads(line[6:]).get("usage"):
+                    usages.append(orjson.loads(line[6:])["usage"])
+    plain("chess")
+    assert statuses == [200, 200, 200, 429, 200] and len(usages) == 4
+    assert value(during, "relaygen_relays_running") == 1
+    after = scrape(url)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    route = "/v1/chat/completions"
+    large = sum(u["relay"]["large_tokens"] for u in usages)
+    small = sum(u["relay"]["small_tokens"] for u in usages)
+    switches = sum(u["relay"]["switches"] for u in usages)
+    print(f"\n5 requests: tokens large {large}, small {small}, switches {switches}; /metrics moved by "
+          f"{moved('relaygen_tokens_total', role='large'):g}, {moved('relaygen_tokens_total', role='small'):g}, "
+          f"{moved('relaygen_switches_total'):g}; handoffs {moved('relaygen_handoff_seconds_count'):g} taking "
+          f"{moved('relaygen_handoff_seconds_sum'):.3f} s in all")
+    assert moved("relaygen_requests_total", route=route, status="200") == 4
+    assert moved("relaygen_requests_total", route=route, status="429") == 1
+    assert moved("relaygen_rejections_total", status="429") == 1
+    assert moved("relaygen_tokens_total", role="large") == large and large > 0
+    assert moved("relaygen_tokens_total", role="small") == small
+    assert moved("relaygen_switches_total") == switches
+    assert moved("relaygen_handoff_seconds_count") == switches
+    assert moved("relaygen_relay_seconds_count", method="relay") == 4
+    assert moved("relaygen_relays_total", outcome="completed") == 4
+    assert value(after, "relaygen_relays_running") == 0 and value(after, "relaygen_relays_queued") == 0
+    new = access(log)[lines_before:]
+    chats = [line for line in new if "/v1/chat/completions" in line]
+    assert len(chats) == 5 and sum(" 429 " in line for line in chats) == 1
+    assert all("switches=" in line and "large_share=" in line and "tokens=" in line
+               for line in chats if " 200 " in line), chats
