@@ -227,7 +227,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit:
         problems = problems[: args.limit]
     reference = args.protocol == "reference"
-    prompts = build_prompts(problems, args.k, args.protocol)
+    # unseeded unless --seed S (sample j: seed S + j): as the reference samples, and without the
+    # seeded sampler's work in every timed step
+    seeded = args.seed is not None
+    prompts = build_prompts(problems, args.k, args.protocol, seed=args.seed)
     # the reference ran one request at a time and unseeded (docs/fidelity.md)
     concurrency = args.concurrency or (1 if reference else 4)
     out = Path(args.out)
@@ -243,8 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             def run_one(p, method=method):  # type: ignore[no-untyped-def]
                 question = ([{"role": "user", "content": p.extra["user_message"]}] if "user_message" in p.extra
                             else p.question)
-                return r.run(question, method, **{**_plan_kwargs(args),
-                                                  "seed": None if reference else p.extra["seed"]}
+                return r.run(question, method, **{**_plan_kwargs(args), "seed": p.extra["seed"]}
                              ).to_dict(token_ids=False)
 
             print(f"{method}: {len(prompts)} samples ({len(problems)} problems x k={args.k})", file=sys.stderr)
@@ -260,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "max_tokens": args.max_tokens, "cue_match": args.cue_match,
               "machine": machine.short(), "machine_detail": machine.describe(),
               **protocol_header(args.protocol, k=args.k, max_tokens=args.max_tokens, concurrency=concurrency,
-                                seeded=not reference),
+                                seeded=seeded), "seed": args.seed,
               "published": published}
     result = report(out, header)
     print((out / "report.md").read_text())

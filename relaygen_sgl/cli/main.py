@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label", type=_label,
                     help="name this run's rows in the report (e.g. relay+eagle3 for the relay on the EAGLE-3 preset); "
                          "default: the method")
-    ev.add_argument("--k", type=_positive_int, default=4, help="samples per problem (seeds 0..k-1)")
+    ev.add_argument("--k", type=_positive_int, default=4,
+                    help="samples per problem; unseeded, as the reference, unless --seed S (sample j: seed S+j)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N problems only")
     ev.add_argument("--out", required=True, help="output folder")
     _add_server_args(ev, on_small_failure="fail")

@@ -31,11 +31,14 @@ class EvalSpec:
     limit: int | None = None
 
 
-def build_prompts(problems: list[Problem], k: int, protocol: str = DEFAULT_PROTOCOL) -> list[Prompt]:
-    """k samples per problem. Under the reference protocol each carries the reference's user
-    message (`user_message`), sent as it is (utils/utils.py:75-105)."""
+def build_prompts(problems: list[Problem], k: int, protocol: str = DEFAULT_PROTOCOL,
+                  seed: int | None = None) -> list[Prompt]:
+    """k samples per problem, unseeded (as the reference samples) unless `seed` is given:
+    then sample j runs with seed + j. Under the reference protocol each carries the
+    reference's user message (`user_message`), sent as it is (utils/utils.py:75-105)."""
     prompts = [Prompt(id=f"{p.id}#{j}", question=p.question, line=0,
-                      extra={"problem_id": p.id, "sample": j, "seed": j, "gold": p.gold, "kind": p.kind})
+                      extra={"problem_id": p.id, "sample": j, "seed": None if seed is None else seed + j,
+                             "gold": p.gold, "kind": p.kind})
                for p in problems for j in range(k)]
     if protocol == REFERENCE:
         by_id = {p.id: p for p in problems}
@@ -173,13 +176,22 @@ def report(out_dir: Path, header: dict[str, Any], workers: int = 2, include_degr
     return result
 
 
+def _seeds(result: dict[str, Any]) -> str:
+    """How the samples were seeded: unseeded (the default, as the reference), or seeds S..S+k-1
+    (--seed S: each seeded, sampled request then carries the seeded sampler, docs/usage/prefetch-and-seeds.md)."""
+    if not result.get("seeded"):
+        return "unseeded"
+    base, k = result.get("seed") or 0, result.get("k") or 1
+    return f"seeded (seeds {base}..{base + k - 1})"
+
+
 def _markdown(result: dict[str, Any]) -> str:
     head = (f"# Evaluation: {result.get('dataset')} on {result.get('preset')}\n\n"
             f"k={result.get('k')}, limit={result.get('limit')}, budget={result.get('max_tokens')}, "
             f"machine: {result.get('machine')}\n\n")
     if result.get("protocol"):
         head += (f"protocol: {result['protocol']} (docs/fidelity.md); {result.get('concurrency')} request(s) at a "
-                 f"time; {'seeded (seeds 0..k-1)' if result.get('seeded') else 'unseeded'}\n\n")
+                 f"time; {_seeds(result)}\n\n")
         for key, d in (result.get("deviations") or {}).items():
             head += f"- not the reference's eval protocol: {key} {d['ours']} (reference: {d['reference']})\n"
         if result.get("deviations"):
