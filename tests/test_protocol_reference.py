@@ -141,3 +141,16 @@ def test_the_reference_takes_no_answer_reserve(fake):
         relay.plan("relay", protocol="reference", answer_reserve=64)
     with pytest.raises(ConfigError, match="unknown protocol"):
         relay.plan("relay", protocol="vllm")
+
+
+def test_a_stop_cut_inside_a_token_streams_the_cut_text(fake):
+    # "So " completes only with the next token (" we"): vLLM cuts the text after "So "
+    text = "First we add the numbers 2 and 3. So we get 5. Done.</think>\n\n5" + EOS
+    relay = scripted(fake, text, cues=("So ",))
+    items = list(relay.stream(QUESTION, max_tokens=200, protocol="reference"))
+    res = items[-1][1]
+    first = res.segments[0]
+    assert first.matched == "So " and first.text.endswith("3. So ")
+    assert res.segments[1].role == "small" and not res.segments[1].text.startswith("we")
+    streamed = "".join(d for r, d in items[:-1] if r in ("large", "small"))
+    assert streamed == "".join(s.text for s in res.segments if s.role in ("large", "small"))

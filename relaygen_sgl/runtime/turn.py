@@ -117,7 +117,8 @@ def run_turn(
     # vLLM (the reference) matches stop strings in a request's own output only: no context.
     ctx = "" if spec.reference else context_text[-CONTEXT_CHARS:]
     ids_out: list[int] | None = None  # the reference's text cut inside a token, re-encoded
-    streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns else 0, ctx, spec.stop)
+    # the last token is held back while a cue may cut it, or (reference) a stop may cut inside it
+    streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns or spec.reference else 0, ctx, spec.stop)
     ctx_len = engine.context_length
     while True:
         remaining = spec.max_tokens - len(kept)
@@ -209,7 +210,7 @@ def run_turn(
             break
         kept = full
         break
-    streamer.update(kept, final=True)
+    streamer.update(ids_out if ids_out is not None else kept, final=True)
     for key in OUTPUT_LOGPROB_KEYS:
         if key in logprobs:  # the tokens a cue cut or a straddling stop dropped drop theirs too
             del logprobs[key][len(kept):]
