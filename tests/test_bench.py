@@ -6,6 +6,7 @@ from relaygen_sgl.api import Relay
 from relaygen_sgl.bench.report import markdown
 from relaygen_sgl.bench.runner import BenchConfig, handoff_samples, handoff_summary, run_load, run_speed, spread
 from relaygen_sgl.client.http import ClientConfig
+from relaygen_sgl.runtime.prefetch import PrefetchRule
 
 LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 THINK = "We add. Therefore the sum is 5. Now, check it: 2 + 3 = 5. Thus, it is 5.</think>\n\nThe answer is 5."
@@ -103,7 +104,7 @@ def test_load_levels_run_every_question_in_waves_and_interleave(fake):
     order: list[str] = []
     run = relay.run
     relay.run = lambda q, method, **kw: order.append(method) or run(q, method, **kw)  # type: ignore[method-assign]
-    cfg = BenchConfig(preset="cpu-tiny", questions=3, load_levels=(1, 2, 4), load_max_tokens=60)
+    cfg = BenchConfig(preset="cpu-tiny", questions=3, load_levels=(1, 2, 4), load_max_tokens=60, load_prefetch=())
     out = run_load(relay, qs, cfg, log=lambda m: None)
     # level 1: each question once, one after another; 2: two waves of 2; 4: one wave of 4
     assert [out[k]["relay"]["trajectories"] for k in ("1", "2", "4")] == [3, 4, 4]
@@ -114,3 +115,54 @@ def test_load_levels_run_every_question_in_waves_and_interleave(fake):
         by = out[k]
         assert by["relay"]["tokens"] > 0 and by["relay_over_single_large"] == round(
             by["relay"]["tokens_per_s"] / by["single-large"]["tokens_per_s"], 3)
+
+
+def test_the_load_part_runs_the_relay_once_per_prefetch_mode_interleaved(fake):
+    for url in (LARGE, SMALL):
+        fake.add_host(url, [])
+    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
+                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport)
+    relay.backend.prefetching.rule = PrefetchRule(every=1, max_load=0)  # auto as on a GPU preset
+    qs = ["What is 2 + 3?", "What is 3 + 2?"]
+    tape = relay.tokenizer.encode(relay.plan().render(qs[0])) + relay.tokenizer.encode(THINK) + [fake.eos_id]
+    for h in fake.hosts.values():
+        h.tape = tape
+        h.chunk_delay_s = 0.002
+    order: list[tuple[str, str | None]] = []
+    run = relay.run
+    relay.run = lambda q, method, **kw: (  # type: ignore[method-assign]
+        order.append((method, kw.get("prefetch"))) or run(q, method, **kw))
+    cfg = BenchConfig(preset="cpu-tiny", questions=2, load_levels=(1, 2), load_max_tokens=60,
+                      load_prefetch=("auto", "on", "off"))
+    out = run_load(relay, qs, cfg, log=lambda m: None)
+    # per level: relay auto, on, off, single-large, two trajectories each; the next level reversed
+    assert [order[i] for i in (0, 2, 4, 6)] == [("relay", "auto"), ("relay", "on"), ("relay", "off"),
+                                                ("single-large", None)]
+    assert [order[i] for i in (8, 10, 12, 14)] == [("single-large", None), ("relay", "off"), ("relay", "on"),
+                                                   ("relay", "auto")]
+    for by in out.values():
+        assert by["relay"]["prefetch"] == "auto" and by["relay (prefetch off)"]["prefetch_requests"] == 0
+        assert by["single-large"]["prefetch_requests"] == 0
+        assert by["relay (prefetch on)"]["prefetch_requests"] > 0
+        assert by["relay_auto_over_off"] == round(
+            by["relay"]["tokens_per_s"] / by["relay (prefetch off)"]["tokens_per_s"], 3)
+        assert by["relay (prefetch on)"]["over_single_large"] == round(
+            by["relay (prefetch on)"]["tokens_per_s"] / by["single-large"]["tokens_per_s"], 3)
+    assert out["1"]["relay"]["prefetch_requests"] > 0  # alone on the servers, auto prefetches
+    md = markdown(report_with(out))
+    assert "| 2 | relay (prefetch off) | off |" in md and "| 1 | relay | auto |" in md
+    assert (f"with prefetch auto over the same relays with prefetch off, interleaved in this run (concurrent): "
+            f"{out['1']['relay_auto_over_off']} (1), {out['2']['relay_auto_over_off']} (2)") in md
+
+
+def report_with(load):
+    s = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1}
+    speed = {m: {k: s for k in ("latency_s", "completion_tokens", "s_per_token", "large_share", "switches")}
+             for m in ("relay", "single-large", "single-small")}
+    h = {"handoffs": 1, "mean_reprefilled_tokens": 2.0, "mean_handoff_latency_s": 0.1,
+         "reprefill_ratio_vs_tokens": 1.0, "latency_ratio_vs_tokens": 1.0}
+    return {"preset": "p", "elapsed_s": 1, "machine": {"cpu": "c", "cores": 2, "memory_gib": 1, "versions": {}},
+            "handoff": {"replay": {f: h for f in ("tokens", "text", "chat")}, "decode_step_s": 0.05},
+            "overhead": {"relay_e2e_over_server_time": s, "target": 1.05}, "speed": speed,
+            "speedup": {"measured_per_token": 1.0, "measured_latency": 1.0, "predicted": 1.0,
+                        "relay_large_share": 1.0, "t_small_over_t_large": 1.0}, "load": load}

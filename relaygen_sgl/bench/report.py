@@ -71,14 +71,26 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Cost model with the in-relay rates: {sp.get('predicted_with_in_relay_rates')}x.", ""]
     lines += [
               "## Throughput under load", "",
-              "| concurrent | method | tokens/s | p50 latency (s) | p95 latency (s) | relay / single-large |",
-              "|---|---|---|---|---|---|"]
+              "| concurrent | method | prefetch | tokens/s | p50 latency (s) | p95 latency (s) | prefetch requests | "
+              "relay / single-large |",
+              "|---|---|---|---|---|---|---|---|"]
+    compared: dict[str, list[str]] = {}  # "relay_auto_over_off" -> "0.99 (1)", ...
     for level, by in r["load"].items():
-        for method in ("relay", "single-large"):
-            d = by[method]
-            ratio = by.get("relay_over_single_large") if method == "relay" else ""
-            lines.append(f"| {level} | {method} | {d['tokens_per_s']} | {d['p50_latency_s']} | {d['p95_latency_s']} | "
-                         f"{ratio} |")
+        names = ["relay", *(k for k, v in by.items() if k.startswith("relay (") and isinstance(v, dict)),
+                 "single-large"]
+        for name in names:
+            d = by[name]
+            ratio = (by.get("relay_over_single_large") if name == "relay" else
+                     "" if name == "single-large" else d.get("over_single_large"))
+            lines.append(f"| {level} | {name} | {d.get('prefetch', '')} | {d['tokens_per_s']} | {d['p50_latency_s']} | "
+                         f"{d['p95_latency_s']} | {d.get('prefetch_requests', '')} | {ratio} |")
+        for key, value in by.items():
+            if key.startswith("relay_") and "_over_" in key and key != "relay_over_single_large":
+                compared.setdefault(key, []).append(f"{value} ({level})")
+    for key, values in compared.items():
+        first, other = key[len("relay_"):].split("_over_")
+        lines += ["", f"Relay tokens/s with prefetch {first} over the same relays with prefetch {other}, "
+                      f"interleaved in this run (concurrent): {', '.join(values)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,10 @@ class BenchConfig:
     # Live handoffs, once per question: most relays on a short budget switch once or never,
     # and a mean over the 4 handoffs of the speed questions was one collision away from another.
     handoff_questions: int = 12
+    # The load part's relay once per prefetch mode, interleaved with single-large; the first
+    # is "relay" in the report, each further one is compared with it (auto against off: does
+    # the load-aware prefetch cost anything under load?). (): the backend's default mode only.
+    load_prefetch: tuple[str, ...] = ("auto", "off")
     protocol: str = "relaygen-sgl"  # "reference": every run under the reference implementation's protocol
 
     @classmethod
@@ -205,15 +209,25 @@ def run_handoff(relay: Relay, results: list[RelayResult], questions: list[str]) 
     return out
 
 
+def load_variant(mode: str) -> str:
+    """The load table's name of the relay with a further prefetch mode."""
+    return f"relay (prefetch {mode})"
+
+
 def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     """tokens/s at each concurrency: every question at least once, in waves of `level`
-    trajectories (so level 1 is not one sample), relay and single-large interleaved, the
-    order alternating from level to level."""
+    trajectories (so level 1 is not one sample), the relay (once per prefetch mode of
+    cfg.load_prefetch) and single-large interleaved, the order reversed from level to level.
+    The first mode's relay is "relay"; each further one is load_variant(mode), with its
+    tokens/s over single-large, and the first's over it (`relay_<first>_over_<mode>`)."""
+    modes = tuple(cfg.load_prefetch) or (None,)
+    runs = [("relay", modes[0], "relay"), *(("relay", m, load_variant(m)) for m in modes[1:]),
+            ("single-large", None, "single-large")]
     out: dict[str, Any] = {}
     for k, level in enumerate(cfg.load_levels):
         out[str(level)] = {}
         count = -(-max(level, len(questions)) // level) * level
-        for method in ("relay", "single-large") if k % 2 == 0 else ("single-large", "relay"):
+        for method, mode, name in runs if k % 2 == 0 else runs[::-1]:
             qs = [questions[i % len(questions)] for i in range(count)]
             lat: list[float] = []
             tokens = 0
@@ -221,22 +235,31 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
 
             def one(i: int, q: str) -> None:
                 nonlocal tokens
-                r = relay.run(q, method, max_tokens=cfg.load_max_tokens, seed=i, protocol=cfg.protocol)
+                r = relay.run(q, method, max_tokens=cfg.load_max_tokens, seed=i, protocol=cfg.protocol,
+                              prefetch=mode)
                 with lock:
                     lat.append(r.stats.e2e_s)
                     tokens += r.stats.large_tokens + r.stats.small_tokens
 
+            sent = relay.backend.prefetching.counts["sent"]
             t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=level) as pool:
                 list(pool.map(lambda a: one(*a), enumerate(qs)))
             wall = time.perf_counter() - t0
-            out[str(level)][method] = {"trajectories": count, "wall_s": round(wall, 3), "tokens": tokens,
-                                       "tokens_per_s": round(tokens / wall, 2), "p50_latency_s": _pct(lat, 0.5),
-                                       "p95_latency_s": _pct(lat, 0.95)}
-            log(f"load {level} {method}: {tokens / wall:.1f} tok/s")
+            out[str(level)][name] = {"trajectories": count, "wall_s": round(wall, 3), "tokens": tokens,
+                                     "tokens_per_s": round(tokens / wall, 2), "p50_latency_s": _pct(lat, 0.5),
+                                     "p95_latency_s": _pct(lat, 0.95),
+                                     "prefetch": (mode or relay.backend.prefetch) if method == "relay" else "off",
+                                     "prefetch_requests": relay.backend.prefetching.counts["sent"] - sent}
+            log(f"load {level} {name}: {tokens / wall:.1f} tok/s")
         by = out[str(level)]
-        by["relay_over_single_large"] = (round(by["relay"]["tokens_per_s"] / by["single-large"]["tokens_per_s"], 3)
-                                         if by["single-large"]["tokens_per_s"] else None)
+        base = by["single-large"]["tokens_per_s"]
+        by["relay_over_single_large"] = round(by["relay"]["tokens_per_s"] / base, 3) if base else None
+        for m in modes[1:]:
+            other = by[load_variant(m)]
+            other["over_single_large"] = round(other["tokens_per_s"] / base, 3) if base else None
+            by[f"relay_{modes[0]}_over_{m}"] = (round(by["relay"]["tokens_per_s"] / other["tokens_per_s"], 3)
+                                                if other["tokens_per_s"] else None)
     return out
 
 

@@ -58,6 +58,14 @@ def _seed(text: str) -> int:
     return value
 
 
+def _prefetch_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("auto", "on", "off")]
+    if not modes or bad or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"give distinct modes of auto, on, off separated by commas, got {text!r}")
+    return modes
+
+
 def _label(text: str) -> str:
     import re
 
@@ -174,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--dataset", default=None, help="questions from this data set (default aime25; quick: amc23)")
     be.add_argument("--max-tokens", type=_positive_int, default=None)
     be.add_argument("--quick", action="store_true", help="fewer questions, shorter budgets (~10 min on cpu-tiny)")
+    be.add_argument("--load-prefetch", type=_prefetch_modes, default=None, metavar="MODES",
+                    help="prefetch modes of the load part's relay, comma-separated, each run interleaved with "
+                         "the others and single-large (default auto,off; e.g. auto,on,off); the first is the "
+                         "report's relay")
     be.add_argument("--out", required=True)
     _add_protocol_args(be, reserve=False)
     _add_client_args(be, on_small_failure="fail")
