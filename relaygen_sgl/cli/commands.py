@@ -40,6 +40,9 @@ def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
 
 
 def _plan_kwargs(args: argparse.Namespace) -> dict:
+    if args.protocol == "reference" and args.answer_reserve:  # refused once, not per sample
+        raise ConfigError("--protocol reference shares the budget between thinking and the answer, as the reference "
+                          "does: it takes no --answer-reserve")
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                 answer_role=args.answer_role, cue_match=args.cue_match,
                 prefetch={"on": True, "off": False}.get(args.prefetch), deadline_s=args.deadline,
