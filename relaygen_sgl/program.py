@@ -97,7 +97,8 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
             raise _aborted(s, traj, Cancelled("the run was stopped: cancelled by its caller or past its deadline"),
                            plan)
         # Safe to set now: the previous gen has finished (its meta was read below).
-        s["route"] = {"role": spec.role, "seed": plan.seed, "relay": True}
+        s["route"] = {"role": spec.role, "seed": plan.seed, "relay": True,
+                      "last": policy.phase == "answer"}  # the answer turn is the last: nothing to warm
         if plan.reference:
             s["route"] = {**s["route"], "reference": True, "render": render if policy.turns else None}
         name = f"relay_turn{len(traj.segments)}"

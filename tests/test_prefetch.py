@@ -255,3 +255,21 @@ def test_the_cpu_presets_auto_sends_the_prompt_only(fake):
     assert "small" in [s.role for s in res.segments]
     assert [r["input_ids"] for r in prefetches(fake.hosts["small.test:2"])] == [res.prompt_ids]
     assert prefetches(fake.hosts["large.test:1"]) == []
+
+
+def test_the_answer_turn_warms_nothing_no_turn_follows_it(fake):
+    # thinking ends in an EOS: the program inserts "</think>" and the small model answers; the
+    # large server, which lacks that text, is never asked again, so nothing is sent to it then
+    relay = relay_on(fake, "on", PrefetchRule(every=1))
+    prompt = relay.tokenizer.encode(relay.plan("relay").render(QUESTION))
+    think = relay.tokenizer.encode("We add. Therefore the sum is 5. Now, check it. So 5")
+    tape = prompt + think + [fake.eos_id] + relay.tokenizer.encode("\n</think>\n\nThe answer is 5.") + [fake.eos_id]
+    for h in fake.hosts.values():
+        h.tape = list(tape)
+        h.chunk_delay_s = 0.005
+    res = relay.run(QUESTION, max_tokens=200)
+    assert [s.role for s in res.segments][-2:] == ["inserted", "small"]
+    answer_at = len(res.prompt_ids) + sum(len(s.token_ids) for s in res.segments[:-1])
+    large = fake.hosts["large.test:1"]
+    assert not [r for r in prefetches(large) if len(r["input_ids"]) >= answer_at]
+    assert prefetches(large)  # the hand-backs before it were warmed

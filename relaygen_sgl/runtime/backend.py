@@ -316,7 +316,9 @@ class RelayBackend(BaseBackend):
             # failed) or both roles are one server
             with self.prefetching.load.turn(self._server(on, traj)):
                 pf = None
-                if not traj.degraded and self.engines[other] is not self.engines[on]:
+                route = s.variables.get("route")
+                last = isinstance(route, dict) and bool(route.get("last"))  # no turn follows to warm
+                if not traj.degraded and not last and self.engines[other] is not self.engines[on]:
                     pf = self.prefetching.start(
                         traj.prefetch, self.engines[other], self._pin(other, traj), ids,
                         prefix=traj.last_writer != other,  # else it has all but a token
