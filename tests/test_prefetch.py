@@ -273,3 +273,19 @@ def test_the_answer_turn_warms_nothing_no_turn_follows_it(fake):
     large = fake.hosts["large.test:1"]
     assert not [r for r in prefetches(large) if len(r["input_ids"]) >= answer_at]
     assert prefetches(large)  # the hand-backs before it were warmed
+
+
+def test_a_speculative_server_is_known_from_its_server_info(fake):
+    relay = relay_on(fake, None)
+    assert relay.backend.prefetching.speculative == frozenset()
+    relay.close()
+    fake.hosts.clear()
+    fake.add_host(LARGE, []).speculative = {"speculative_algorithm": "EAGLE3", "speculative_eagle_topk": 1,
+                                            "speculative_num_steps": 3, "speculative_num_draft_tokens": 4}
+    fake.add_host(SMALL, [])
+    from relaygen_sgl.api import Relay
+    from relaygen_sgl.client.http import ClientConfig
+
+    with Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", transport=fake.transport,
+               client=ClientConfig(retries=0, backoff_s=0.0)) as r:
+        assert r.backend.prefetching.speculative == frozenset({LARGE})
