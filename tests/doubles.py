@@ -160,7 +160,6 @@ class Script:
         return tok
 
 
-
 class FakeSGLang:
     def __init__(self, tokenizer_path: str, eos_id: int, incremental: bool = True) -> None:
         from transformers import AutoTokenizer

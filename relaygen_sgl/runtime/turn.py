@@ -224,19 +224,6 @@ def run_turn(
     )
 
 
-def _take_logprobs(into: dict[str, list], meta: dict[str, Any], kept: int) -> None:
-    """Add one request's logprobs to its turn's: prompt logprobs from the first request,
-    output logprobs after the `kept` tokens the turn already holds (a request's output
-    continues exactly there)."""
-    for key in INPUT_LOGPROB_KEYS:
-        if key in meta and key not in into:
-            into[key] = list(meta[key] or [])
-    for key in OUTPUT_LOGPROB_KEYS:
-        if key in meta:
-            del into.setdefault(key, [])[kept:]
-            into[key].extend(meta[key] or [])
-
-
 def _vllm_stop(tok: Tokenizer, ids: Sequence[int], start: int, stops: Sequence[str],
                min_tokens: int) -> tuple[str, int, str] | None:
     """The stop vLLM would have ended this turn at, with SGLang's output in `ids` (the turn's
@@ -261,3 +248,16 @@ def _vllm_stop(tok: Tokenizer, ids: Sequence[int], start: int, stops: Sequence[s
                 whole = tok.decode(ids[:count])
                 return stop, count, whole[: len(whole) - (len(text) - i - len(stop))]
     return None
+
+
+def _take_logprobs(into: dict[str, list], meta: dict[str, Any], kept: int) -> None:
+    """Add one request's logprobs to its turn's: prompt logprobs from the first request,
+    output logprobs after the `kept` tokens the turn already holds (a request's output
+    continues exactly there)."""
+    for key in INPUT_LOGPROB_KEYS:
+        if key in meta and key not in into:
+            into[key] = list(meta[key] or [])
+    for key in OUTPUT_LOGPROB_KEYS:
+        if key in meta:
+            del into.setdefault(key, [])[kept:]
+            into[key].extend(meta[key] or [])
