@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -258,7 +259,7 @@ def test_the_sglang_api_key_reaches_servers_and_clients_but_no_command_line(monk
     import relaygen_sgl.api as api
 
     made = []
-    monkeypatch.setattr(api, "Relay", lambda **kw: made.append(kw["client"]))
+    monkeypatch.setattr(api, "Relay", lambda **kw: made.append(kw["client"]) or SimpleNamespace(small_down=None))
     commands.open_relay(cli.build_parser().parse_args(["run", "hi", *NOWHERE]))
     assert made[0].api_key == "s3cret-key" and "s3cret" not in repr(made[0])
     monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "two words")
