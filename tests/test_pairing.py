@@ -40,7 +40,7 @@ def test_without_a_preset_the_pair_is_detected_from_what_it_serves(fake):
 
 
 def test_an_unknown_pair_gets_its_family_and_asks_for_a_profile(fake):
-    pair(fake, "Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B")
+    pair(fake, "Qwen/Qwen3-14B", "Qwen/Qwen3-4B")  # a same-family pair no preset serves
     with pytest.raises(ConfigError, match="--profile"):
         Relay(large=LARGE, small=SMALL, transport=fake.transport)
     mine = CueProfile(name="mine", models={}, cues=("Therefore",)).validate()

@@ -243,7 +243,10 @@ def test_auto_at_batch_1_prefetches_as_on_does(fake):
         assert relay.backend.prefetching.counts["declined"] == 0
         relay.close()
         fake.hosts.clear()
-    assert sent["auto"] == sent["on"] and sent["on"]["small.test:2"]
+    # which tokens a prefetch covers depends on timing (an offer while one runs is dropped), so
+    # the modes are compared by where they send and that auto declined nothing, not token by token
+    assert sent["on"]["small.test:2"] and sent["auto"]["small.test:2"]
+    assert {h for h, s in sent["auto"].items() if s} == {h for h, s in sent["on"].items() if s}
 
 
 def test_the_cpu_presets_auto_sends_the_prompt_only(fake):

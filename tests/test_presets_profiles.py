@@ -99,8 +99,12 @@ def test_launch_serve_sh_builds_the_same_command_as_up():
     assert out.returncode == 0, out.stderr
     assert "sglang.launch_server" in out.stderr and "--port 30001" in out.stderr
     assert "servers/cpu/shim" in out.stderr and "SGLANG_USE_CPU_ENGINE=1" in out.stderr
+    # beyond loopback only with a key: the servers run client code (--enable-custom-logit-processor)
+    refused = subprocess.run([str(root / "launch" / "serve.sh"), "large", "qwen3-32b-1.7b", "0.0.0.0"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 2 and "RELAYGEN_SGLANG_API_KEY" in refused.stderr
     gpu = subprocess.run([str(root / "launch" / "serve.sh"), "large", "qwen3-32b-1.7b", "0.0.0.0"],
-                         capture_output=True, text=True, env=env, timeout=60)
+                         capture_output=True, text=True, env={**env, "RELAYGEN_SGLANG_API_KEY": "k"}, timeout=60)
     assert "--host 0.0.0.0" in gpu.stderr and "--tp 2" in gpu.stderr and "servers/cpu/shim" not in gpu.stderr
     inside = {**env, "CUDA_VISIBLE_DEVICES": "4,5,6,7"}  # the first block of the role, inside the user's devices
     for role, devices in (("large", "4,5"), ("small", "6")):
