@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -282,18 +282,7 @@ class EngineClient:
         deltas: dict[str, list] = {}  # the output logprobs so far (STREAMED_DELTA_KEYS)
         finished = False
         with self._http.stream("POST", "/generate", content=orjson.dumps(body), headers=_JSON) as resp:
-            self._check(resp, what)
-            for line in resp.iter_lines():
-                payload = self._sse(line, what)
-                if payload is None:
-                    continue
-                if payload == "[DONE]":
-                    break
-                chunk = self._json(payload, what)
-                if not isinstance(chunk, dict):
-                    raise self._malformed(what, f"a stream chunk that is not an object: {payload[:80]!r}")
-                if "error" in chunk:
-                    raise self._stream_error(chunk["error"], what, len(ids))
+            for chunk in self._stream_chunks(resp, what, lambda: len(ids)):
                 m = chunk.get("meta_info")
                 if not isinstance(m, dict):
                     raise self._malformed(what, "a stream chunk without meta_info")
@@ -390,6 +379,23 @@ class EngineClient:
         if line.startswith(("event:", "id:", "retry:")):
             return None
         raise self._malformed(what, f"not an SSE data line: {line[:80]!r}")
+
+    def _stream_chunks(self, resp: httpx.Response, what: str, tokens: Callable[[], int]) -> Iterator[dict[str, Any]]:
+        """The JSON objects of an SSE answer up to `data: [DONE]`, checked: a non-object chunk is
+        malformed, an error chunk raises (`tokens()`: how many the caller already holds)."""
+        self._check(resp, what)
+        for line in resp.iter_lines():
+            payload = self._sse(line, what)
+            if payload is None:
+                continue
+            if payload == "[DONE]":
+                return
+            chunk = self._json(payload, what)
+            if not isinstance(chunk, dict):
+                raise self._malformed(what, f"a stream chunk that is not an object: {payload[:80]!r}")
+            if "error" in chunk:
+                raise self._stream_error(chunk["error"], what, tokens())
+            yield chunk
 
     def _stream_error(self, err: Any, what: str, tokens: int) -> EngineError:
         """`data: {"error": {...}}` inside a started stream (SGLang sends it with HTTP 200,
@@ -540,18 +546,7 @@ class EngineClient:
             usage: dict[str, Any] | None = None
             with self._http.stream("POST", "/v1/chat/completions", content=orjson.dumps(body),
                                    headers=_JSON) as resp:
-                self._check(resp, what)
-                for line in resp.iter_lines():
-                    payload = self._sse(line, what)
-                    if payload is None:
-                        continue
-                    if payload == "[DONE]":
-                        break
-                    chunk = self._json(payload, what)
-                    if not isinstance(chunk, dict):
-                        raise self._malformed(what, f"a stream chunk that is not an object: {payload[:80]!r}")
-                    if "error" in chunk:
-                        raise self._stream_error(chunk["error"], what, 0)
+                for chunk in self._stream_chunks(resp, what, lambda: 0):
                     for choice in chunk.get("choices") or []:
                         delta = choice.get("delta") if isinstance(choice, dict) else None
                         if ttft is None and isinstance(delta, dict) and (delta.get("content")
