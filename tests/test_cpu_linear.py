@@ -1,11 +1,12 @@
-"""The CPU servers' linear maps of 2-5 rows (relaygen_sgl.servers.cpu.linear) against SGLang's own."""
+"""The CPU servers' linear maps of 2-5 rows (relaygen_sgl.servers.cpu.linear) against SGLang's own,
+and the measurement that picks F.linear or W x^T."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from relaygen_sgl.servers.cpu.linear import few_rows_as_columns
+from relaygen_sgl.servers.cpu.linear import faster_of, few_rows_fastest
 
 unquant = pytest.importorskip("sglang.srt.layers.quantization.unquant")
 SGLANGS = unquant.UnquantizedLinearMethod.__dict__["apply"]
@@ -24,15 +25,17 @@ def test_same_values_as_sglangs_linear(rows, with_bias):
     layer = Layer(192, 576)
     x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(192) if with_bias else None
-    mine = few_rows_as_columns(SGLANGS)(None, layer, x, bias)
-    assert mine.shape == (rows, 192) and mine.is_contiguous()
-    torch.testing.assert_close(mine, SGLANGS(None, layer, x, bias), rtol=1e-5, atol=1e-4)
+    apply = few_rows_fastest(SGLANGS)
+    for _ in range(2):  # the measuring call, then the chosen product
+        mine = apply(None, layer, x, bias)
+        assert mine.shape == (rows, 192) and mine.is_contiguous()
+        torch.testing.assert_close(mine, SGLANGS(None, layer, x, bias), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", ["one row", "six rows", "bf16", "3-d", "amx"])
 def test_everything_else_runs_sglangs_code(case):
     seen = []
-    apply = few_rows_as_columns(lambda self, layer, x, bias=None: seen.append(tuple(x.shape)) or "sglang")
+    apply = few_rows_fastest(lambda self, layer, x, bias=None: seen.append(tuple(x.shape)) or "sglang")
     layer = Layer(8, 16, torch.bfloat16 if case == "bf16" else torch.float32)
     x = {"one row": torch.randn(1, 16), "six rows": torch.randn(6, 16), "3-d": torch.randn(1, 3, 16)}.get(
         case, torch.randn(3, 16))
@@ -40,6 +43,70 @@ def test_everything_else_runs_sglangs_code(case):
         x = x.bfloat16()
     if case == "amx":
         layer.use_intel_amx_backend = True
-    assert apply(None, layer, x) == "sglang" and seen == [tuple(x.shape)]
-    ours = few_rows_as_columns(lambda *a, **k: pytest.fail("SGLang's path taken"))
-    assert ours(None, Layer(8, 16), torch.randn(3, 16)).shape == (3, 8)
+    assert apply(None, layer, x) == "sglang" and seen == [tuple(x.shape)] and not apply.choices
+
+
+def test_each_shape_and_row_count_is_measured_once_and_the_faster_product_kept(monkeypatch):
+    import relaygen_sgl.servers.cpu.linear as linear
+
+    calls: list[str] = []
+    slow_sglang = {"yes": True}
+
+    def sglang(self, layer, x, bias=None):
+        calls.append("sglang")
+        return torch.nn.functional.linear(x, layer.weight, bias)
+
+    # a clock that makes whichever product the test names the slow one
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0
+        return now[0]
+
+    real_faster_of = linear.faster_of
+
+    def rigged(a, b, trials=3, clock=clock):
+        def slow_a():
+            a()
+            now[0] += 5.0 if slow_sglang["yes"] else 0.0
+
+        def slow_b():
+            b()
+            now[0] += 0.0 if slow_sglang["yes"] else 5.0
+
+        return real_faster_of(slow_a, slow_b, trials, clock)
+
+    monkeypatch.setattr(linear, "faster_of", rigged)
+    apply = few_rows_fastest(sglang)
+    layer = Layer(64, 32)
+    x3 = torch.randn(3, 32)
+    apply(None, layer, x3)
+    assert apply.choices == {(64, 32, 3, False): True}  # F.linear measured slower: W x^T kept
+    calls.clear()
+    apply(None, layer, x3)
+    assert calls == []  # decided: no more measuring, and SGLang's product not called
+    slow_sglang["yes"] = False
+    x2 = torch.randn(2, 32)
+    apply(None, layer, x2)
+    assert apply.choices[(64, 32, 2, False)] is False  # another row count: measured again, F.linear kept
+    calls.clear()
+    apply(None, layer, x2)
+    assert calls == ["sglang"]
+
+
+def test_faster_of_interleaves_and_keeps_the_best_of_each():
+    order: list[str] = []
+    now = [0.0]
+    cost = {"a": [9.0, 9.0, 1.0, 9.0], "b": [2.0, 2.0, 2.0, 2.0]}  # a's best (1) beats b's (2)
+
+    def fn(name):
+        def run():
+            order.append(name)
+            now[0] += cost[name].pop(0)
+        return run
+
+    def clock():
+        return now[0]
+
+    assert faster_of(fn("a"), fn("b"), trials=3, clock=clock) is False
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]

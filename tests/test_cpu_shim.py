@@ -18,15 +18,15 @@ PROBE = ("import sglang.srt.layers.attention.torch_native_backend as a, sglang.s
          "hasattr(u.UnquantizedLinearMethod.apply, '__wrapped__'))")
 
 
-@pytest.mark.parametrize("attention,linear", [("new-rows", "few-rows-as-columns"), ("new-rows", ""),
-                                              ("", "few-rows-as-columns"), ("", ""), ("other", "other")])
+@pytest.mark.parametrize("attention,linear", [("new-rows", "few-rows-fastest"), ("new-rows", ""),
+                                              ("", "few-rows-fastest"), ("", ""), ("other", "other")])
 def test_each_patch_only_when_the_preset_asks(attention, linear):
     # a fresh interpreter with the shim on its path, as launcher.server_command starts a CPU server
     env = dict(os.environ, PYTHONPATH=str(cpu_shim_dir()), RELAYGEN_EXTEND_ATTENTION=attention,
                RELAYGEN_LINEAR=linear)
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == f"{attention == 'new-rows'} {linear == 'few-rows-as-columns'}"
+    assert out.stdout.strip().splitlines()[-1] == f"{attention == 'new-rows'} {linear == 'few-rows-fastest'}"
 
 
 @pytest.mark.parametrize("module", sorted(PATCHES))

@@ -59,7 +59,7 @@ def test_cpu_servers_start_with_the_measured_thread_policy(name):
     assert large["GOMP_SPINCOUNT"] == "10000" and small["OMP_WAIT_POLICY"] == "PASSIVE"  # as measured
     # and the CPU compute patches (relaygen_sgl/cpu_attention.py, cpu_linear.py)
     assert large["RELAYGEN_EXTEND_ATTENTION"] == small["RELAYGEN_EXTEND_ATTENTION"] == "new-rows"
-    assert large["RELAYGEN_LINEAR"] == small["RELAYGEN_LINEAR"] == "few-rows-as-columns"
+    assert large["RELAYGEN_LINEAR"] == small["RELAYGEN_LINEAR"] == "few-rows-fastest"
     assert str(cpu_shim_dir()) in large["PYTHONPATH"].split(os.pathsep)
 
 

@@ -28,8 +28,8 @@ PATCHES = {
         "RELAYGEN_EXTEND_ATTENTION", "new-rows", "TorchNativeAttnBackend", "_run_sdpa_forward_extend",
         "relaygen_sgl.servers.cpu.attention:extend_new_rows"),
     "sglang.srt.layers.quantization.unquant": Patch(
-        "RELAYGEN_LINEAR", "few-rows-as-columns", "UnquantizedLinearMethod", "apply",
-        "relaygen_sgl.servers.cpu.linear:few_rows_as_columns"),
+        "RELAYGEN_LINEAR", "few-rows-fastest", "UnquantizedLinearMethod", "apply",
+        "relaygen_sgl.servers.cpu.linear:few_rows_fastest"),
 }
 
 
