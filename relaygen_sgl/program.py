@@ -21,7 +21,7 @@ import sglang as sgl
 from relaygen_sgl.core.errors import Cancelled, ConfigError, RelayAborted, RelayGenError
 from relaygen_sgl.core.result import RelayResult
 from relaygen_sgl.runtime.gen_params import is_gen_param, relay_gen_kwargs
-from relaygen_sgl.runtime.policy import RelayPlan, RelayPolicy
+from relaygen_sgl.runtime.policy import RelayPlan, RelayPolicy, TurnSpec
 from relaygen_sgl.runtime.trajectory import Trajectory
 
 
@@ -77,6 +77,7 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
     per_turn = relay_gen_kwargs({k: plan_kwargs.pop(k) for k in list(plan_kwargs) if is_gen_param(k)})
     plan = plan or backend_of(s).plan(**plan_kwargs)
     traj = trajectory_of(s)
+    before = s.stream_executor.variables.get("route")  # the program's own route, back after the relay
     if plan.on_delta is not None:
         traj.on_delta = plan.on_delta
     if plan.cancel is not None:
@@ -88,6 +89,35 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
     first = len(traj.segments)
     # the reference protocol re-renders every request after its first from the text so far
     render = plan.continuation(traj.prompt) if plan.reference else None
+    try:
+        spec = _relay_turns(s, plan, policy, spec, traj, render, per_turn)
+    finally:
+        # every turn has finished (each was waited for): gens after the relay are plain again
+        if before is None:
+            s.stream_executor.variables.pop("route", None)
+        else:
+            s["route"] = before
+    traj = trajectory_of(s)  # takes in a trailing insert
+    result = traj.result(plan.method, spec.finish, plan.family.think_end, plan.budget)
+    result.extra.update(family=plan.family.name, profile=plan.profile.name, cue_match=plan.cue_match,
+                        protocol=plan.protocol)
+    if plan.reserve:
+        result.extra["answer_reserve"] = plan.reserve
+    if plan.reference:
+        result.extra["reference"] = reference_notes(plan)
+    if policy.note:
+        result.extra["note"] = policy.note
+    if plan.seed is not None:
+        # a seed reproduces a sampled run only where every server ran the seeded sampler
+        result.extra["seed"] = {"value": plan.seed, "reproducible": not traj.unseeded}
+    if first:  # the relay ran after other turns of this program: its stats cover its own
+        result.extra["relay_from_segment"] = first
+    return result
+
+
+def _relay_turns(s: Any, plan: RelayPlan, policy: RelayPolicy, spec: TurnSpec, traj: Trajectory,
+                 render: Any, per_turn: dict[str, Any]) -> TurnSpec:
+    """The relay's turns, one gen each, until the policy ends the trajectory; its last spec."""
     while True:
         if spec.insert:  # the forced "\n</think>\n\n"
             s += spec.insert
@@ -110,22 +140,7 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
         if failure is not None:
             raise _aborted(s, traj, failure, plan)
         spec = policy.after(traj.segments[-1], degraded=traj.degraded is not None)
-    traj = trajectory_of(s)  # takes in a trailing insert
-    result = traj.result(plan.method, spec.finish, plan.family.think_end, plan.budget)
-    result.extra.update(family=plan.family.name, profile=plan.profile.name, cue_match=plan.cue_match,
-                        protocol=plan.protocol)
-    if plan.reserve:
-        result.extra["answer_reserve"] = plan.reserve
-    if plan.reference:
-        result.extra["reference"] = reference_notes(plan)
-    if policy.note:
-        result.extra["note"] = policy.note
-    if plan.seed is not None:
-        # a seed reproduces a sampled run only where every server ran the seeded sampler
-        result.extra["seed"] = {"value": plan.seed, "reproducible": not traj.unseeded}
-    if first:  # the relay ran after other turns of this program: its stats cover its own
-        result.extra["relay_from_segment"] = first
-    return result
+    return spec
 
 
 def reference_notes(plan: RelayPlan) -> list[str]:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from doubles import FakeSGLang, build_tokenizer
+from doubles import ANSWER, LARGE, QUESTION, SMALL, FakeSGLang, build_tokenizer
 from paths import REAL_MODELS
 
 
@@ -26,3 +26,22 @@ def fake(request, tiny_tokenizer) -> FakeSGLang:
 
     eos = AutoTokenizer.from_pretrained(tiny_tokenizer).eos_token_id
     return FakeSGLang(tiny_tokenizer, eos_id=eos, incremental=request.param)
+
+
+@pytest.fixture
+def backend(fake):
+    """connect() on the doubles (qwen3 family, no prefetch, no retries), both hosts reading one
+    tape: QUESTION's prompt, then ANSWER and EOS."""
+    from relaygen_sgl.api import close, connect
+    from relaygen_sgl.client.http import ClientConfig
+
+    for url in (LARGE, SMALL):
+        fake.add_host(url, [])
+    be = connect(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", prefetch=False,
+                 client=ClientConfig(retries=0, backoff_s=0.0), transport=fake.transport)
+    prompt = be.plan().render(QUESTION)
+    tape = be.tokenizer.encode(prompt) + be.tokenizer.encode(ANSWER) + [fake.eos_id]
+    for h in fake.hosts.values():
+        h.tape = tape
+    yield be
+    close(be)

@@ -112,6 +112,11 @@ def _as_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value or [])
 
 
+# the two hosts every double-backed test connects to, and the question most of them ask
+LARGE, SMALL = "http://large.test:1", "http://small.test:2"
+QUESTION = "What is 2 + 3?"
+ANSWER = " First we add 2 and 3 to get 5. Then we check it. Therefore the sum is 5. Yes."
+
 @dataclass
 class Host:
     tape: list[int]
@@ -443,6 +448,6 @@ class FakeSGLang:
                 for r in regexes:
                     if re.search(r, tail):
                         return out, {"type": "stop", "matched": r}
-            if tok == self.eos_id:
-                return out, {"type": "stop", "matched": tok}
+            if tok == self.eos_id or (tok in sp.get("stop_token_ids", ()) and not sp.get("ignore_eos")):
+                return out, {"type": "stop", "matched": tok}  # FINISH_MATCHED_TOKEN
         return out, {"type": "length", "length": max_new}

@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import pytest
 import sglang as sgl
+from doubles import ANSWER, LARGE, QUESTION, SMALL
 
 from relaygen_sgl import program as rg
 from relaygen_sgl.api import close, connect
 from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.errors import RelayAborted
 from relaygen_sgl.runtime.trajectory import KEY
-
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
-QUESTION = "What is 2 + 3?"
-ANSWER = " First we add 2 and 3 to get 5. Then we check it. Therefore the sum is 5. Yes."
-
-
-@pytest.fixture
-def backend(fake):
-    for url in (LARGE, SMALL):
-        fake.add_host(url, [])
-    be = connect(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", prefetch=False,
-                 client=ClientConfig(retries=0, backoff_s=0.0), transport=fake.transport)
-    prompt = be.plan().render(QUESTION)
-    tape = be.tokenizer.encode(prompt) + be.tokenizer.encode(ANSWER) + [fake.eos_id]
-    for h in fake.hosts.values():
-        h.tape = tape
-    yield be
-    close(be)
 
 
 @sgl.function

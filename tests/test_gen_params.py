@@ -8,33 +8,15 @@ import json
 
 import pytest
 import sglang as sgl
+from doubles import ANSWER, QUESTION
 from sglang.lang.ir import REGEX_FLOAT, REGEX_INT, SglSamplingParams
 
 from relaygen_sgl import program as rg
-from relaygen_sgl.api import close, connect
-from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.runtime.gen_params import RELAY_REFUSED, gen_params
 from relaygen_sgl.runtime.trajectory import KEY
 
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
-QUESTION = "What is 2 + 3?"
-ANSWER = " First we add 2 and 3 to get 5. Then we check it. Therefore the sum is 5. Yes."
 SCHEMA = json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
-
-
-@pytest.fixture
-def backend(fake):
-    for url in (LARGE, SMALL):
-        fake.add_host(url, [])
-    be = connect(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", prefetch=False,
-                 client=ClientConfig(retries=0, backoff_s=0.0), transport=fake.transport)
-    prompt = be.plan().render(QUESTION)
-    tape = be.tokenizer.encode(prompt) + be.tokenizer.encode(ANSWER) + [fake.eos_id]
-    for h in fake.hosts.values():
-        h.tape = tape
-    yield be
-    close(be)
 
 
 def _gens(fake, host="large.test:1"):
@@ -149,3 +131,92 @@ def test_a_plain_gens_min_tokens_masks_eos_as_on_runtime_endpoint_a_relay_turns_
     # the relay's large turns carry min_tokens=5, which gates only its cues
     turns = _gens(fake)[before:] + _gens(fake, "small.test:2")
     assert turns and not [b for b in turns if "min_new_tokens" in b["sampling_params"]]
+
+
+# ---------------------------------------------------------------- a plain gen's stops end it as on RuntimeEndpoint
+@sgl.function
+def two_gens(s, question, first, second):
+    rg.prompt(s, question)
+    s += sgl.gen("a", temperature=0, **first)
+    s += sgl.gen("b", temperature=0, **second)
+
+
+def _prefix(backend, text: str) -> list[int]:
+    return backend.tokenizer.encode(backend.plan().render(QUESTION) + text)
+
+
+@pytest.mark.parametrize("stop", [" Then", "dd"], ids=["at-a-token", "inside-a-token"])
+def test_a_plain_gens_matched_stop_leaves_the_text_and_the_next_gen_goes_on_from_it(fake, backend, stop):
+    state = two_gens.run(question=QUESTION, first={"max_tokens": 30, "stop": stop}, second={"max_tokens": 2},
+                         backend=backend)
+    assert state.error() is None
+    cut = ANSWER.index(stop)
+    assert state["a"] == ANSWER[:cut]  # SGLang's detokenizer trims the stop (no_stop_trim off)
+    assert state.get_meta_info("a")["finish_reason"] == {"type": "stop", "matched": stop}
+    traj = state.stream_executor.variables[KEY]
+    # the trajectory holds what the program holds, its ids those of that text
+    assert traj.prompt + "".join(seg.text for seg in traj.segments) == state.text()
+    assert backend.tokenizer.decode(traj.ids, skip_special=False) == state.text()
+    body = _gens(fake)[1]
+    # the next gen's input: the trimmed text's tokens (the part of a token before the cut
+    # re-encoded), the model's own tokens kept where the cut left them whole
+    assert backend.tokenizer.decode(body["input_ids"]) == backend.tokenizer.decode(_prefix(backend, ANSWER[:cut]))
+    assert state["b"] == backend.tokenizer.decode(fake.hosts["large.test:1"].tape[len(body["input_ids"]):][:2])
+
+
+def test_a_plain_gens_stop_token_leaves_its_ids_and_text(fake, backend):
+    answer_ids = backend.tokenizer.encode(ANSWER)
+    stop_id = answer_ids[4]
+    state = two_gens.run(question=QUESTION, first={"max_tokens": 30, "stop_token_ids": [stop_id]},
+                         second={"max_tokens": 1}, backend=backend)
+    assert state.error() is None
+    assert state["a"] == backend.tokenizer.decode(answer_ids[:4])
+    assert state.get_meta_info("a")["completion_tokens"] == 5  # counted as SGLang counts it
+    assert _gens(fake)[1]["input_ids"] == _prefix(backend, "") + answer_ids[:4]
+
+
+def test_a_plain_gens_stop_regex_ends_where_the_server_matched_every_token_kept(fake, backend):
+    state = two_gens.run(question=QUESTION, first={"max_tokens": 30, "stop_regex": r"[0-9]"},
+                         second={"max_tokens": 1}, backend=backend)
+    assert state.error() is None
+    assert state["a"] == ANSWER[:ANSWER.index("2") + 1]  # no word-boundary test, no follower cut: not a cue
+    assert state.get_meta_info("a")["finish_reason"] == {"type": "stop", "matched": "[0-9]"}
+
+
+def test_a_stop_begun_before_a_plain_gen_does_not_end_it(fake, backend):
+    # " First we" | " add 2 ...": SGLang searches the gen's own output only
+    words = ANSWER.split(" ")
+    first = backend.tokenizer.encode(" First we")
+    state = two_gens.run(question=QUESTION, first={"max_tokens": len(first)},
+                         second={"max_tokens": 3, "stop": ["we add"]}, backend=backend)
+    assert state.error() is None and state["a"] == " First we" and words[3] == "add"
+    assert state["b"].startswith(" add") and len(_gens(fake)) == 2
+
+
+def test_a_streamed_plain_gen_never_sends_the_stop_it_trims(backend):
+    state = two_gens.run(question=QUESTION, first={"max_tokens": 30, "stop": " we check"}, second={"max_tokens": 1},
+                         backend=backend, stream=True)
+    chunks = list(state.text_iter("a"))
+    assert state.error() is None
+    assert "".join(chunks) == state["a"] == ANSWER[:ANSWER.index(" we check")]
+
+
+@sgl.function
+def relay_then_gen(s, question, route):
+    rg.prompt(s, question)
+    if route:
+        rg.route(s, route)
+    rg.relay(s, max_tokens=40, temperature=0.0)
+    s += sgl.gen("after", max_tokens=4, min_tokens=3, temperature=0)
+
+
+@pytest.mark.parametrize("route", [None, "small"])
+def test_after_a_relay_gens_are_plain_again_and_go_where_the_program_routed_before(fake, backend, route):
+    state = relay_then_gen.run(question=QUESTION, route=route, backend=backend)
+    assert state.error() is None
+    assert state.stream_executor.variables.get("route") == route
+    last = state.stream_executor.variables[KEY].segments[-1]
+    assert last.role == (route or "large")
+    host = "small.test:2" if route else "large.test:1"
+    # a plain gen's min_tokens masks EOS on the server; a relay turn's would not be sent
+    assert _gens(fake, host)[-1]["sampling_params"].get("min_new_tokens") == 3

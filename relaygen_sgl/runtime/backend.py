@@ -273,7 +273,8 @@ class RelayBackend(BaseBackend):
         sampling: dict[str, Any] = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
                                     **params.sampling}
         route = s.variables.get("route")
-        if sp.min_new_tokens and not (isinstance(route, dict) and route.get("relay")):
+        relay_turn = isinstance(route, dict) and bool(route.get("relay"))
+        if sp.min_new_tokens and not relay_turn:
             # A plain gen's min_tokens masks EOS as on RuntimeEndpoint; a relay turn's only
             # keeps a cue from ending it early (TurnSpec.min_tokens), so the text stays the model's.
             sampling["min_new_tokens"] = int(sp.min_new_tokens)
@@ -285,9 +286,9 @@ class RelayBackend(BaseBackend):
                      if x not in self.tokenizer.eos_texts) + params.stop
         regex = tuple([sp.stop_regex] if isinstance(sp.stop_regex, str) else (sp.stop_regex or ()))
         spec = TurnSpec(role=role, max_tokens=int(sp.max_new_tokens), stop=stop, cue_patterns=regex,
-                        min_tokens=int(sp.min_new_tokens or 0), sampling=sampling, extra=params.extra)
+                        min_tokens=int(sp.min_new_tokens or 0), sampling=sampling, extra=params.extra,
+                        plain=not relay_turn)
         ids = traj.ids
-        route = s.variables.get("route")
         if isinstance(route, dict) and route.get("reference"):
             # The reference protocol: vLLM's stop and min-tokens semantics in the turn, and each
             # request after the first re-rendered from the text, as the reference re-sends its

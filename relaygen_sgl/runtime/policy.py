@@ -68,6 +68,13 @@ class TurnSpec:
     # over; stop strings match only this turn's own output, and one that ends inside a token
     # cuts the text there (vLLM's include_stop_str_in_output).
     reference: bool = False
+    # A plain gen (not a relay turn) ends as on RuntimeEndpoint: the matched stop string leaves
+    # the text (SGLang's detokenizer trims it, no_stop_trim off) and the turn's ids are the
+    # trimmed text's; a stop regex ends it where the server matched, every token kept; a stop
+    # begun in the text before the gen does not end it (the server searches its own output).
+    # A relay turn keeps its stop (the hand-back's sentence end is the model's) and reads its
+    # regexes as cues.
+    plain: bool = False
 
 
 @dataclass(frozen=True)

@@ -114,11 +114,16 @@ def run_turn(
     discarded = 0
     logprobs: dict[str, list] = {}  # with return_logprob: the turn's, as one request's meta_info holds them
     # Always streamed: it costs little and gives an honest time to first token.
-    # vLLM (the reference) matches stop strings in a request's own output only: no context.
-    ctx = "" if spec.reference else context_text[-CONTEXT_CHARS:]
-    ids_out: list[int] | None = None  # the reference's text cut inside a token, re-encoded
-    # the last token is held back while a cue may cut it, or (reference) a stop may cut inside it
-    streamer = _Streamer(tok, spec.role, sink, 1 if spec.cue_patterns or spec.reference else 0, ctx, spec.stop)
+    # vLLM (the reference) and SGLang (a plain gen) match stop strings in a request's own
+    # output only: no context.
+    ctx = "" if spec.reference or spec.plain else context_text[-CONTEXT_CHARS:]
+    ids_out: list[int] | None = None  # text cut inside a token (a trimmed or vLLM's stop), re-encoded
+    # held back: the last token while a cue may cut it, or (reference) a stop may cut inside
+    # it; for a plain gen, as many tokens as a stop string may span, since it leaves the text
+    holdback = 1 if spec.reference or (spec.cue_patterns and not spec.plain) else 0
+    if spec.plain and spec.stop:
+        holdback = max(len(x) for x in spec.stop) + 1
+    streamer = _Streamer(tok, spec.role, sink, holdback, ctx, spec.stop)
     ctx_len = engine.context_length
     while True:
         remaining = spec.max_tokens - len(kept)
@@ -168,6 +173,11 @@ def run_turn(
             # SGLang checks stop strings before EOS, on text decoded with special tokens: an
             # EOS can complete a match ("Therefore" + "<|im_end|>" fits \W). The model ended.
             finish = Finish("eos", new[-1])
+        if finish.kind == "regex" and spec.plain:
+            # SGLang's stop regex: the gen ends where the server matched, every token kept
+            kept = kept + new
+            finish = Finish("stop", finish.matched)
+            break
         if finish.kind == "regex":
             full = kept + new
             seg_text = tok.decode(full)
@@ -210,6 +220,10 @@ def run_turn(
             break
         kept = full
         break
+    if spec.plain and finish.kind == "stop" and isinstance(finish.matched, str):
+        ids_out = _trimmed(tok, kept, finish.matched)
+    elif spec.plain and finish.kind == "eos" and kept and kept[-1] == finish.matched:
+        ids_out = kept[:-1]  # SGLang drops the matched token (EOS or a stop_token_id) from the output
     streamer.update(ids_out if ids_out is not None else kept, final=True)
     for key in OUTPUT_LOGPROB_KEYS:
         if key in logprobs:  # the tokens a cue cut or a straddling stop dropped drop theirs too
@@ -222,6 +236,21 @@ def run_turn(
         ttft_s=round(first.ttft_s, 4) if first else 0.0, finish=finish.kind, matched=finish.matched,
         requests=requests, discarded_tokens=discarded, logprobs=logprobs or None,
     )
+
+
+def _trimmed(tok: Tokenizer, ids: list[int], matched: str) -> list[int] | None:
+    """The ids of the text SGLang's detokenizer returns for a stop match (trim_matched_stop):
+    cut where `matched` first occurs; None when it does not (SGLang keeps the text then). A
+    token the cut falls inside is re-encoded as the part before the cut."""
+    text = tok.decode(ids)
+    pos = text.find(matched)
+    if pos < 0:
+        return None
+    keep = tok.cut_index(ids, pos)
+    if len(tok.decode(ids[:keep])) > pos:
+        keep -= 1
+    rest = text[len(tok.decode(ids[:keep])):pos]
+    return ids[:keep] + (tok.encode(rest) if rest else [])
 
 
 def _vllm_stop(tok: Tokenizer, ids: Sequence[int], start: int, stops: Sequence[str],

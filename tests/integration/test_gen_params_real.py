@@ -84,9 +84,8 @@ def test_dtype_gives_a_value_of_that_type_on_both(backends, dtype):
     gen = {"dtype": dtype, "max_tokens": 10, "temperature": 0}
     states = run_both(backends, ask, question="How many legs does a spider have? Answer with a number.", gen=gen)
     values = {k: dtype(s["out"]) for k, s in states.items()}  # raises on free text
-    # RuntimeEndpoint trims the matched " " / "\n" stop; connect() keeps it (see composing.md)
     assert values["connect"] == values["runtime_endpoint"]
-    assert states["connect"]["out"].strip() == states["runtime_endpoint"]["out"]
+    assert states["connect"]["out"] == states["runtime_endpoint"]["out"]  # the matched " " / "\n" trimmed on both
 
 
 def test_a_logprob_gen_returns_the_same_number_of_entries_on_both(backends):
@@ -102,6 +101,28 @@ def test_a_logprob_gen_returns_the_same_number_of_entries_on_both(backends):
     # logprob_start_len=0: one entry per prompt token, the same prompt
     assert len(ours["input_token_logprobs"]) == len(theirs["input_token_logprobs"]) > 10
     assert all(abs(a[0] - b[0]) < 1e-3 for a, b in zip(ours["output_token_logprobs"], theirs["output_token_logprobs"]))
+
+
+@sgl.function
+def sentence_then_more(s, question, stop):
+    s += sgl.user(question)
+    s += sgl.assistant_begin()
+    s += sgl.gen("first", max_tokens=60, temperature=0, stop=stop)
+    s += sgl.gen("rest", max_tokens=12, temperature=0)
+    s += sgl.assistant_end()
+
+
+@pytest.mark.parametrize("stop", [".", [" the", "\n"]], ids=["sentence-end", "word-or-newline"])
+def test_a_stop_string_is_trimmed_and_the_next_gen_goes_on_from_the_same_text_on_both(backends, stop):
+    states = run_both(backends, sentence_then_more, question="Explain why the sky is blue in two sentences.",
+                      stop=stop)
+    ours, theirs = states["connect"], states["runtime_endpoint"]
+    assert theirs.get_meta_info("first")["finish_reason"]["type"] == "stop"  # the stop did match here
+    assert ours["first"] == theirs["first"] and ours.get_meta_info("first")["finish_reason"] == \
+        theirs.get_meta_info("first")["finish_reason"]
+    # RuntimeEndpoint re-tokenizes the program's text; connect() goes on from the model's own
+    # tokens: the same text, and here the same greedy continuation
+    assert ours["rest"] == theirs["rest"] and ours.text() == theirs.text()
 
 
 @sgl.function
