@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from doubles import LARGE, SMALL
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.jobs.batch import Prompt, ResultWriter, parse_prompts, read_prompts, run_batch
 
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 FILLER = "Let me think. Therefore it is 5. Now, check: 2 + 3 = 5. "
 
 

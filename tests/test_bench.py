@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from doubles import LARGE, SMALL
+
 from relaygen_sgl.api import Relay
 from relaygen_sgl.bench.report import markdown
 from relaygen_sgl.bench.runner import BenchConfig, handoff_samples, handoff_summary, run_load, run_speed, spread
 from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.runtime.prefetch import PrefetchRule
 
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 THINK = "We add. Therefore the sum is 5. Now, check it: 2 + 3 = 5. Thus, it is 5.</think>\n\nThe answer is 5."
 
 

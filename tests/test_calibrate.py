@@ -10,6 +10,7 @@ import random
 import httpx
 import orjson
 import pytest
+from doubles import LARGE, QUESTION, SMALL
 
 from relaygen_sgl.calibration.cache import error_messages, ok_records
 from relaygen_sgl.calibration.calibrate import CalibrationPaths, CalibrationSettings, check_writable, run_calibration
@@ -278,11 +279,9 @@ def test_cache_readers_keep_the_last_record_per_id_by_status(tmp_path):
 
 
 # ---------------------------------------------------------------- a whole run on the doubles
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 COMPLETION = ("First we add 2 and 3 to get 5. Therefore the answer is 42. Thus, we know that now the sum is 7. "
               "Therefore the result follows. Then we multiply by 4! Therefore it is 20.")
 EASY_PARTS = [" the answer is 42.", " the result follows.", " it is 20."]
-QUESTION = "What is 2 + 3?"
 
 
 class LogprobDouble:

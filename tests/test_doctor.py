@@ -147,8 +147,9 @@ def test_ports_taken_by_another_process_fail_and_a_missing_model_folder_fails(mo
         import dataclasses
 
         preset = load_preset("cpu-tiny")
-        preset = dataclasses.replace(preset, roles={**preset.roles,
-                                                    "large": dataclasses.replace(preset.roles["large"], port=port)})
+        # both roles on the bound port: the preset's own ports may be serving on this machine
+        preset = dataclasses.replace(preset, roles={role: dataclasses.replace(r, port=port)
+                                                    for role, r in preset.roles.items()})
         got = doctor.check_ports(preset, set())
         assert got.verdict == "FAIL" and f"{port} (large)" in got.detail
         assert doctor.check_ports(preset, {port}).verdict == "ok"  # the preset's own running server

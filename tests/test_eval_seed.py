@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from doubles import LARGE, SMALL
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.cli import commands
@@ -12,7 +13,6 @@ from relaygen_sgl.cli.main import build_parser
 from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.cues import CueProfile
 
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 TEXT = "First we add 2 and 3 to get 5. Therefore the sum is 5. Thus, the answer is 5.</think>\n\n\\boxed{5}"
 
 

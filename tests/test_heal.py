@@ -150,7 +150,9 @@ def test_restart_with_nothing_up_is_one_line():
 # ---------------------------------------------------------------- exposure (issue 21 item 4)
 def test_up_beyond_loopback_without_a_key_is_refused_before_anything_starts(monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != "RELAYGEN_SGLANG_API_KEY"}
-    out = relaygen("up", "--preset", "cpu-tiny", "--host", "0.0.0.0", env_extra=env)
+    # --timeout 1: were the refusal broken, `up` would start real servers, fail their health
+    # check within a second and stop them itself, instead of leaving them behind this test
+    out = relaygen("up", "--preset", "cpu-tiny", "--host", "0.0.0.0", "--timeout", "1", env_extra=env)
     assert out.returncode == 2
     line = one_line_error(out)
     assert line.startswith("relaygen: --host 0.0.0.0 is reachable from other machines") and \

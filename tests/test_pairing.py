@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from doubles import LARGE, SMALL
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.core.errors import ConfigError
-
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 
 
 def pair(fake, large_model: str | None = None, small_model: str | None = None):

@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from doubles import LARGE, QUESTION, SMALL
 
 from relaygen_sgl.core.errors import ConfigError, EngineUnreachable
 from relaygen_sgl.runtime.prefetch import Prefetcher, Prefetching, PrefetchRule, prefetch_mode
@@ -18,8 +19,8 @@ class Engine:
         self.release = threading.Event()
         self.fail = False
 
-    def generate(self, ids, sampling, extra=None):
-        assert sampling == {"max_new_tokens": 0}
+    def generate(self, ids, sampling, extra=None, retries=None):
+        assert sampling == {"max_new_tokens": 0} and retries == 0
         self.sent.append(list(ids))
         self.release.wait(5)
         if self.fail:
@@ -62,6 +63,32 @@ def test_nothing_is_sent_after_close_and_a_failure_is_only_a_colder_handoff():
     pf.offer([2, 3, 4])
     settle(pool)
     assert len(eng.sent) == 2
+
+
+def test_a_prefetch_to_a_dead_server_frees_its_worker_at_once_no_backoff():
+    """A hint is not retried: the client's retries back off 2 + 4 + 8 s here, and a worker held
+    through them is one fewer for every other trajectory."""
+    import socket
+    import time
+
+    from relaygen_sgl.client.http import ClientConfig, EngineClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: connection refused
+    prefetching = Prefetching(PrefetchRule(), default="on", workers=1)
+    with EngineClient(f"http://127.0.0.1:{port}", ClientConfig(retries=3, backoff_s=2.0)) as engine:
+        t0 = time.monotonic()
+        pf = prefetching.start("on", engine, None, [1, 2], prefix=True, receiver=("x", None), sender=("y", None))
+        assert pf is not None
+        deadline = time.monotonic() + 5
+        while prefetching.counts["failed"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert prefetching.counts["failed"] == 1 and time.monotonic() - t0 < 1.5
+        pf.offer([3])  # the one worker is free again
+        while prefetching.counts["failed"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert prefetching.counts == {"failed": 2}
 
 
 def test_the_prefix_at_once_then_every_nth_token():
@@ -156,8 +183,6 @@ def test_a_prefetch_finds_a_free_worker_or_is_dropped_and_counted_never_queued()
 
 
 # ---------------------------------------------------------------- on the SGLang doubles
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
-QUESTION = "What is 2 + 3?"
 THINK = ("First we add 2 and 3 to get 5. Therefore the sum is 5. Then we check it again. "
          "Thus, the answer is 5.</think>\n\nThe answer is 5.")
 

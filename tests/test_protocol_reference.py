@@ -8,7 +8,7 @@ one token stream in order whatever it is sent, shared by both hosts (one convers
 from __future__ import annotations
 
 import pytest
-from doubles import Script
+from doubles import LARGE, QUESTION, SMALL, Script
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.client.http import ClientConfig
@@ -16,8 +16,6 @@ from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.core.reference import continued, math_prompt
 
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
-QUESTION = "What is 2 + 3?"
 EOS = "<EOS>"  # in a script: the model writes its EOS token here
 
 

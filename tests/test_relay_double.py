@@ -5,6 +5,7 @@ trajectory must reproduce the tape exactly whatever the switching does."""
 from __future__ import annotations
 
 import pytest
+from doubles import LARGE, QUESTION, SMALL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,9 +14,6 @@ from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.core.errors import ConfigError, RelayAborted
 from relaygen_sgl.runtime.prefetch import PrefetchRule
-
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
-QUESTION = "What is 2 + 3?"
 
 
 def make_relay(fake, cues=("Therefore", "now", "Thus,", "Other", "Any"), family=None, retries=0,

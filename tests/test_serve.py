@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 import uvicorn
+from doubles import LARGE, SMALL
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.cli import main as cli
@@ -23,7 +24,6 @@ from relaygen_sgl.serve.app import create_app, key_digest, key_ok
 from relaygen_sgl.serve.runtime import CONTENT, REASONING, TextShaper, stop_cut
 from relaygen_sgl.serve.setup import allowed_profiles, check_exposure, resolve_api_key
 
-LARGE, SMALL = "http://large.test:1", "http://small.test:2"
 THINK = "First we add 2 and 3 to get 5. Therefore the sum is 5. Thus, the answer is 5.</think>\n\nThe answer is 5."
 Q = "What is 2 + 3?"
 LONG_Q = "Count colours for me."

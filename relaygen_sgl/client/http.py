@@ -182,7 +182,8 @@ class EngineClient:
         self.close()
 
     # ------------------------------------------------------------------ plumbing
-    def _with_retries(self, call: Callable[[_Attempt], Any], what: str) -> Any:
+    def _with_retries(self, call: Callable[[_Attempt], Any], what: str, retries: int | None = None) -> Any:
+        retries = self.config.retries if retries is None else retries
         attempt = 0
         while True:
             state = _Attempt()
@@ -207,7 +208,7 @@ class EngineClient:
                 if state.tokens or not getattr(e, "retryable", False):
                     raise
                 err = e
-            if attempt >= self.config.retries:
+            if attempt >= retries:
                 raise err
             time.sleep(self.config.backoff_s * (2**attempt))
             attempt += 1
@@ -227,13 +228,15 @@ class EngineClient:
         *,
         on_tokens: Callable[[list[int], bool], None] | None = None,
         extra: dict[str, Any] | None = None,
+        retries: int | None = None,
     ) -> Generation:
         """One /generate call. With `on_tokens`, the answer is streamed and the callback
         receives the cumulative output_ids as they arrive (the client's own list: copy it
         to keep it) and whether the chunk is the request's last. An exception from the
         callback ends the request (the stream is closed, which aborts it in SGLang) and
-        propagates."""
-        return self._generate({"input_ids": list(input_ids)}, sampling, on_tokens, extra)
+        propagates. `retries` overrides the client's own count for this call (0: a hint
+        such as a prefetch, which must not hold a worker through backoffs to a dead server)."""
+        return self._generate({"input_ids": list(input_ids)}, sampling, on_tokens, extra, retries)
 
     def generate_text(
         self,
@@ -247,15 +250,17 @@ class EngineClient:
         return self._generate({"text": text}, sampling, on_tokens, extra)
 
     def _generate(self, body: dict[str, Any], sampling: dict[str, Any],
-                  on_tokens: Callable[[list[int], bool], None] | None, extra: dict[str, Any] | None) -> Generation:
+                  on_tokens: Callable[[list[int], bool], None] | None, extra: dict[str, Any] | None,
+                  retries: int | None = None) -> Generation:
         body["sampling_params"] = sampling
         if extra:
             body.update(extra)
         regexes = tuple(sampling.get("stop_regex") or ())
         if on_tokens is None:
-            return self._with_retries(lambda a: self._generate_once(body, regexes), "POST /generate")
+            return self._with_retries(lambda a: self._generate_once(body, regexes), "POST /generate", retries)
         body["stream"] = True
-        return self._with_retries(lambda a: self._generate_stream(body, regexes, on_tokens, a), "POST /generate")
+        return self._with_retries(lambda a: self._generate_stream(body, regexes, on_tokens, a), "POST /generate",
+                                  retries)
 
     def _generate_once(self, body: dict[str, Any], regexes: Sequence[str]) -> Generation:
         what = "POST /generate"

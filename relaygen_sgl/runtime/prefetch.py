@@ -27,7 +27,9 @@ threshold, a lower one where the receiving server decodes speculatively. SGLang 
 waiting prefill before the next decode step (managers/scheduler.py), so a prefetch to a
 busy server pauses every request decoding there; to an idle one it costs nobody a step.
 Auto has its own spacing (`prefetch_auto_every`; 0: only the prefix at a turn's start). A
-prefetch finds a free worker or is dropped (counted in Prefetching.counts), never queued.
+prefetch finds a free worker or is dropped (counted in Prefetching.counts), never queued,
+and is never retried: a worker backing off from a dead server is one fewer for every other
+trajectory, and the turn that needs that server reports it.
 The servers' own queues (SGLang's /v1/loads) are not asked: that call waits on the
 scheduler's event loop, per handoff a cost of its own, and other clients' load is not seen.
 """
@@ -220,7 +222,7 @@ class Prefetcher:
     def _send(self, ids: list[int]) -> None:
         try:
             if not self.closed:
-                self.engine.generate(ids, {"max_new_tokens": 0}, extra=self.extra)
+                self.engine.generate(ids, {"max_new_tokens": 0}, extra=self.extra, retries=0)
                 self.requests += 1
                 self.count("sent")
         except RelayGenError:  # only a hint: it costs a colder handoff; the turn reports a server that is gone

@@ -3,12 +3,11 @@ API key and where it came from, and whether the address may go without a key."""
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from relaygen_sgl.core.config import data_path
+from relaygen_sgl.core.config import data_path, is_loopback
 from relaygen_sgl.core.cues import CueProfile, available_profiles, load_profile
 from relaygen_sgl.core.errors import ConfigError
 
@@ -59,15 +58,6 @@ def resolve_api_key(key: str | None, key_file: str | None, environ: Mapping[str,
             raise ConfigError("--api-key is empty")
         return key.strip()
     return environ.get(KEY_ENV, "").strip() or None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def check_exposure(host: str, key: str | None, insecure: bool) -> None:
