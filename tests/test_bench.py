@@ -131,11 +131,18 @@ def test_the_load_part_runs_the_relay_once_per_prefetch_mode_interleaved(fake):
         h.chunk_delay_s = 0.002
     order: list[tuple[str, str | None]] = []
     run = relay.run
+
     relay.run = lambda q, method, **kw: (  # type: ignore[method-assign]
         order.append((method, kw.get("prefetch"))) or run(q, method, **kw))
+    flushes: list[int] = []  # how many trajectories had run at each flush
+    for e in {id(e): e for e in relay.engines.values()}.values():
+        real_flush = e.flush_cache
+        e.flush_cache = lambda timeout_s=None, f=real_flush: (flushes.append(len(order)), f(timeout_s))[1]
     cfg = BenchConfig(preset="cpu-tiny", questions=2, load_levels=(1, 2), load_max_tokens=60,
                       load_prefetch=("auto", "on", "off"))
     out = run_load(relay, qs, cfg, log=lambda m: None)
+    # both servers, before each of the 4 runs (two trajectories each) of each of the 2 levels
+    assert flushes == [n for n in range(0, 16, 2) for _ in range(2)]
     # per level: relay auto, on, off, single-large, two trajectories each; the next level reversed
     assert [order[i] for i in (0, 2, 4, 6)] == [("relay", "auto"), ("relay", "on"), ("relay", "off"),
                                                 ("single-large", None)]

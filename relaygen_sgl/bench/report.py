@@ -30,15 +30,20 @@ def markdown(r: dict[str, Any]) -> str:
             lat = h.get("mean_handoff_latency_s")
             lines.append(f"| {label} | {where} | {h.get('handoffs')} | {h.get('mean_reprefilled_tokens')} | {lat} | "
                          f"{round(lat / step, 2) if lat and step else 'n/a'} |")
-    lines += ["", "## Handoff format (per handoff, replayed trajectories)", "",
-              "| format | handoffs | re-prefilled tokens | handoff latency (s) | vs tokens (prefill / latency) |",
-              "|---|---|---|---|---|"]
-    for fmt in FORMATS:
-        h = ho["replay"][fmt]
-        ratio = ("1 / 1" if fmt == "tokens" else
-                 f"{h.get('reprefill_ratio_vs_tokens')}x / {h.get('latency_ratio_vs_tokens')}x")
-        lines.append(f"| {fmt} | {h['handoffs']} | {h['mean_reprefilled_tokens']} | {h['mean_handoff_latency_s']} | "
-                     f"{ratio} |")
+    lines += ["", "## Handoff format (per handoff, replayed trajectories)", ""]
+    if not any(ho["replay"][fmt]["handoffs"] for fmt in FORMATS):
+        # each role's first turn is a cold prefill, not a handoff: a relay needs two switches
+        lines.append("No handoff to replay: no relay of the speed part switched twice (each role's first turn "
+                     "prefills cold and is left out); a longer --max-tokens gives more switches.")
+    else:
+        lines += ["| format | handoffs | re-prefilled tokens | handoff latency (s) | vs tokens (prefill / latency) |",
+                  "|---|---|---|---|---|"]
+        for fmt in FORMATS:
+            h = ho["replay"][fmt]
+            ratio = ("1 / 1" if fmt == "tokens" else
+                     f"{h.get('reprefill_ratio_vs_tokens')}x / {h.get('latency_ratio_vs_tokens')}x")
+            lines.append(f"| {fmt} | {h['handoffs']} | {h['mean_reprefilled_tokens']} | "
+                         f"{h['mean_handoff_latency_s']} | {ratio} |")
     o = r["overhead"]["relay_e2e_over_server_time"]
     lines += ["", "## Relay overhead at batch 1", "",
               f"relay end-to-end / sum of its segments' server time: **{o['median']}** "

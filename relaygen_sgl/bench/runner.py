@@ -219,7 +219,11 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
     trajectories (so level 1 is not one sample), the relay (once per prefetch mode of
     cfg.load_prefetch) and single-large interleaved, the order reversed from level to level.
     The first mode's relay is "relay"; each further one is load_variant(mode), with its
-    tokens/s over single-large, and the first's over it (`relay_<first>_over_<mode>`)."""
+    tokens/s over single-large, and the first's over it (`relay_<first>_over_<mode>`).
+    Every run starts from flushed caches: the live handoffs before end on flushed ones, so
+    otherwise the first run of level 1 alone prefilled its prompts cold (it measured 0.89-0.95x
+    the next runs of the same relays)."""
+    engines = {id(e): e for e in relay.engines.values()}.values()
     modes = tuple(cfg.load_prefetch) or (None,)
     runs = [("relay", modes[0], "relay"), *(("relay", m, load_variant(m)) for m in modes[1:]),
             ("single-large", None, "single-large")]
@@ -241,6 +245,8 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
                     lat.append(r.stats.e2e_s)
                     tokens += r.stats.large_tokens + r.stats.small_tokens
 
+            for e in engines:
+                e.flush_cache(timeout_s=30)
             sent = relay.backend.prefetching.counts["sent"]
             t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=level) as pool:
