@@ -104,20 +104,21 @@ def test_a_logprob_gen_returns_the_same_number_of_entries_on_both(backends):
 
 
 @sgl.function
-def sentence_then_more(s, question, stop):
+def sentence_then_more(s, question, stops):
     s += sgl.user(question)
     s += sgl.assistant_begin()
-    s += sgl.gen("first", max_tokens=60, temperature=0, stop=stop)
+    s += sgl.gen("first", max_tokens=60, temperature=0, stop=stops)
     s += sgl.gen("rest", max_tokens=12, temperature=0)
     s += sgl.assistant_end()
 
 
-@pytest.mark.parametrize("stop", [".", [" the", "\n"]], ids=["sentence-end", "word-or-newline"])
+@pytest.mark.parametrize("stop", [".", [" blue", "\n"]], ids=["sentence-end", "word-or-newline"])
 def test_a_stop_string_is_trimmed_and_the_next_gen_goes_on_from_the_same_text_on_both(backends, stop):
     states = run_both(backends, sentence_then_more, question="Explain why the sky is blue in two sentences.",
-                      stop=stop)
+                      stops=stop)
     ours, theirs = states["connect"], states["runtime_endpoint"]
-    assert theirs.get_meta_info("first")["finish_reason"]["type"] == "stop"  # the stop did match here
+    # the stop did match here (not the chat template's end, which RuntimeEndpoint reports as a stop too)
+    assert theirs.get_meta_info("first")["finish_reason"]["matched"] in ([stop] if isinstance(stop, str) else stop)
     assert ours["first"] == theirs["first"] and ours.get_meta_info("first")["finish_reason"] == \
         theirs.get_meta_info("first")["finish_reason"]
     # RuntimeEndpoint re-tokenizes the program's text; connect() goes on from the model's own
