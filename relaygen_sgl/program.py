@@ -21,7 +21,7 @@ import sglang as sgl
 from relaygen_sgl.core.errors import Cancelled, ConfigError, RelayAborted, RelayGenError
 from relaygen_sgl.core.result import RelayResult
 from relaygen_sgl.runtime.gen_params import is_gen_param, relay_gen_kwargs
-from relaygen_sgl.runtime.policy import RelayPlan, RelayPolicy, TurnSpec
+from relaygen_sgl.runtime.policy import RelayPlan, RelayPolicy
 from relaygen_sgl.runtime.trajectory import Trajectory
 
 
@@ -90,7 +90,28 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
     # the reference protocol re-renders every request after its first from the text so far
     render = plan.continuation(traj.prompt) if plan.reference else None
     try:
-        spec = _relay_turns(s, plan, policy, spec, traj, render, per_turn)
+        while True:
+            if spec.insert:  # the forced "\n</think>\n\n"
+                s += spec.insert
+            if spec.role is None:
+                break
+            if traj.cancel.is_set():
+                raise _aborted(s, traj, Cancelled("the run was stopped: cancelled by its caller or past its deadline"),
+                               plan)
+            # Safe to set now: the previous gen has finished (its meta was read below).
+            s["route"] = {"role": spec.role, "seed": plan.seed, "relay": True,
+                          "last": policy.phase == "answer"}  # the answer turn is the last: nothing to warm
+            if plan.reference:
+                s["route"] = {**s["route"], "reference": True, "render": render if policy.turns else None}
+            name = f"relay_turn{len(traj.segments)}"
+            s += sgl.gen(name, max_tokens=spec.max_tokens, min_tokens=spec.min_tokens,
+                         stop=list(spec.stop),  # a fresh list: the interpreter extends it in place
+                         stop_regex=list(spec.cue_patterns), **plan.sampling, **per_turn)
+            s.get_meta_info(name)  # waits for the turn
+            failure = traj.error or s.stream_executor.error_
+            if failure is not None:
+                raise _aborted(s, traj, failure, plan)
+            spec = policy.after(traj.segments[-1], degraded=traj.degraded is not None)
     finally:
         # every turn has finished (each was waited for): gens after the relay are plain again
         if before is None:
@@ -113,34 +134,6 @@ def relay(s: Any, plan: RelayPlan | None = None, **plan_kwargs: Any) -> RelayRes
     if first:  # the relay ran after other turns of this program: its stats cover its own
         result.extra["relay_from_segment"] = first
     return result
-
-
-def _relay_turns(s: Any, plan: RelayPlan, policy: RelayPolicy, spec: TurnSpec, traj: Trajectory,
-                 render: Any, per_turn: dict[str, Any]) -> TurnSpec:
-    """The relay's turns, one gen each, until the policy ends the trajectory; its last spec."""
-    while True:
-        if spec.insert:  # the forced "\n</think>\n\n"
-            s += spec.insert
-        if spec.role is None:
-            break
-        if traj.cancel.is_set():
-            raise _aborted(s, traj, Cancelled("the run was stopped: cancelled by its caller or past its deadline"),
-                           plan)
-        # Safe to set now: the previous gen has finished (its meta was read below).
-        s["route"] = {"role": spec.role, "seed": plan.seed, "relay": True,
-                      "last": policy.phase == "answer"}  # the answer turn is the last: nothing to warm
-        if plan.reference:
-            s["route"] = {**s["route"], "reference": True, "render": render if policy.turns else None}
-        name = f"relay_turn{len(traj.segments)}"
-        s += sgl.gen(name, max_tokens=spec.max_tokens, min_tokens=spec.min_tokens,
-                     stop=list(spec.stop),  # a fresh list: the interpreter extends it in place
-                     stop_regex=list(spec.cue_patterns), **plan.sampling, **per_turn)
-        s.get_meta_info(name)  # waits for the turn
-        failure = traj.error or s.stream_executor.error_
-        if failure is not None:
-            raise _aborted(s, traj, failure, plan)
-        spec = policy.after(traj.segments[-1], degraded=traj.degraded is not None)
-    return spec
 
 
 def reference_notes(plan: RelayPlan) -> list[str]:

@@ -21,6 +21,7 @@ import orjson
 from relaygen_sgl.api import Relay
 from relaygen_sgl.bench import machine
 from relaygen_sgl.bench.handoff import FORMATS, handoffs_only, replay
+from relaygen_sgl.client.http import EngineClient
 from relaygen_sgl.core.config import METHODS
 from relaygen_sgl.core.datasets import load_problems
 from relaygen_sgl.core.result import RelayResult, Segment
@@ -159,13 +160,18 @@ def handoff_summary(segs: list[Segment]) -> dict[str, Any]:
             "median_handoff_latency_s": round(statistics.median(lat), 4) if lat else None}
 
 
+def servers_of(relay: Relay) -> list[EngineClient]:
+    """Each server once (both roles may be one)."""
+    return list({id(e): e for e in relay.engines.values()}.values())
+
+
 def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
                       log: Callable[[str], None]) -> dict[str, Any]:
     """The same relays with the handoff prefetch on and off (plain token-exact handoffs),
     interleaved (the order alternating), each from cold caches: what each handoff
     re-prefills and how long the receiving role takes from the cue to its first token."""
     runs: dict[str, list[RelayResult]] = {"prefetch": [], "tokens": []}
-    engines = {id(e): e for e in relay.engines.values()}.values()
+    engines = servers_of(relay)
     variants = (("prefetch", True), ("tokens", False))
     for qi, q in enumerate(questions):
         for name, on in variants if qi % 2 == 0 else variants[::-1]:
@@ -223,7 +229,7 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
     Every run starts from flushed caches: the live handoffs before end on flushed ones, so
     otherwise the first run of level 1 alone prefilled its prompts cold (it measured 0.89-0.95x
     the next runs of the same relays)."""
-    engines = {id(e): e for e in relay.engines.values()}.values()
+    engines = servers_of(relay)
     modes = tuple(cfg.load_prefetch) or (None,)
     runs = [("relay", modes[0], "relay"), *(("relay", m, load_variant(m)) for m in modes[1:]),
             ("single-large", None, "single-large")]

@@ -203,9 +203,9 @@ def run_turn(
             stop_str, count, text = hit
             discarded += len(full) - count
             kept = full[:count]
-            if text != tok.decode(kept):  # vLLM cut the text inside the token that completed the stop
-                keep = tok.cut_index(kept, len(text)) - 1
-                ids_out = kept[:keep] + tok.encode(text[len(tok.decode(kept[:keep])):])
+            whole = tok.decode(kept)
+            if text != whole:  # vLLM cut the text inside the token that completed the stop
+                ids_out = _ids_upto(tok, kept, whole, len(text))
             finish = Finish("stop", stop_str)
             break
         straddle = _straddling_stop(ctx, tok.decode(kept), tok.decode(full), spec.stop)
@@ -240,16 +240,21 @@ def run_turn(
 
 def _trimmed(tok: Tokenizer, ids: list[int], matched: str) -> list[int] | None:
     """The ids of the text SGLang's detokenizer returns for a stop match (trim_matched_stop):
-    cut where `matched` first occurs; None when it does not (SGLang keeps the text then). A
-    token the cut falls inside is re-encoded as the part before the cut."""
+    cut where `matched` first occurs; None when it does not (SGLang keeps the text then)."""
     text = tok.decode(ids)
     pos = text.find(matched)
-    if pos < 0:
-        return None
-    keep = tok.cut_index(ids, pos)
-    if len(tok.decode(ids[:keep])) > pos:
+    return None if pos < 0 else _ids_upto(tok, ids, text, pos)
+
+
+def _ids_upto(tok: Tokenizer, ids: list[int], text: str, end: int) -> list[int]:
+    """The ids of text[:end], `text` being decode(ids): the model's tokens that lie wholly
+    before `end`, and the part before it of the token it falls inside, re-encoded."""
+    keep = tok.cut_index(ids, end)
+    head = tok.decode(ids[:keep])
+    if len(head) > end:
         keep -= 1
-    rest = text[len(tok.decode(ids[:keep])):pos]
+        head = tok.decode(ids[:keep])
+    rest = text[len(head):end]
     return ids[:keep] + (tok.encode(rest) if rest else [])
 
 
