@@ -2,28 +2,60 @@
 
 from __future__ import annotations
 
+import pytest
 from doubles import LARGE, SMALL
 
 from relaygen_sgl.api import Relay
+from relaygen_sgl.bench.handoff import idle_floor
 from relaygen_sgl.bench.report import markdown
-from relaygen_sgl.bench.runner import BenchConfig, handoff_samples, handoff_summary, run_load, run_speed, spread
-from relaygen_sgl.client.http import ClientConfig
+from relaygen_sgl.bench.runner import (
+    BenchConfig,
+    handoff_samples,
+    handoff_summary,
+    run_floor,
+    run_load,
+    run_speed,
+    spread,
+)
+from relaygen_sgl.client.http import ClientConfig, EngineClient
+from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.runtime.prefetch import PrefetchRule
 
 THINK = "We add. Therefore the sum is 5. Now, check it: 2 + 3 = 5. Thus, it is 5.</think>\n\nThe answer is 5."
+Q = "What is 2 + 3?"
 
 
-def test_speed_part_reports_every_method_and_the_cost_model(fake):
+def set_tape(fake, relay: Relay, think: str = THINK, chunk_delay_s: float = 0.0) -> None:
+    """Both doubles write Q's prompt, then `think`, then EOS (whatever question they get)."""
+    tape = relay.tokenizer.encode(relay.plan().render(Q)) + relay.tokenizer.encode(think) + [fake.eos_id]
+    for h in fake.hosts.values():
+        h.tape = tape
+        h.chunk_delay_s = chunk_delay_s
+
+
+def bench_relay(fake, think: str = THINK, chunk_delay_s: float = 0.0, **kw) -> Relay:
+    """A relay on the two doubles, their tape set (set_tape)."""
     for url in (LARGE, SMALL):
         fake.add_host(url, [])
     relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
-                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport)
-    q = "What is 2 + 3?"
-    tape = relay.tokenizer.encode(relay.plan().render(q)) + relay.tokenizer.encode(THINK) + [fake.eos_id]
-    for h in fake.hosts.values():
-        h.tape = tape
+                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, **kw)
+    set_tape(fake, relay, think, chunk_delay_s)
+    return relay
+
+
+def record_runs(relay: Relay) -> list[tuple[str, str | None]]:
+    """(method, prefetch) of every relay.run from now on, in order."""
+    order: list[tuple[str, str | None]] = []
+    run = relay.run
+    relay.run = lambda q, method, **kw: (  # type: ignore[method-assign]
+        order.append((method, kw.get("prefetch"))) or run(q, method, **kw))
+    return order
+
+
+def test_speed_part_reports_every_method_and_the_cost_model(fake):
+    relay = bench_relay(fake)
     cfg = BenchConfig(preset="cpu-tiny", questions=1, reps=2, max_tokens=200)
-    out = run_speed(relay, [q], cfg, log=lambda m: None)
+    out = run_speed(relay, [Q], cfg, log=lambda m: None)
     runs = out.pop("_runs")
     assert {m: len(v) for m, v in runs.items()} == {"relay": 2, "single-large": 2, "single-small": 2}
     sp = out["speedup"]
@@ -49,35 +81,40 @@ def test_spread_and_markdown():
                                      for f in ("tokens", "text", "chat")},
                           "prefetch": {"handoffs": 3, "mean_reprefilled_tokens": 1.3, "mean_handoff_latency_s": 0.06,
                                        "after_inserted_text": {"handoffs": 1, "mean_reprefilled_tokens": 8.0,
-                                                               "mean_handoff_latency_s": 0.1}},
+                                                               "mean_handoff_latency_s": 0.1},
+                                       "prefetch_requests": 4, "prefetch_in_flight_at_turn_end": 1},
+                          "floor": {"small": {"new_tokens": 2, "stream_step_s": 0.05,
+                                              "first_token_s": {"0": {"median": 0.06, "min": 0.05, "max": 0.07, "n": 3},
+                                                                "0.3": {"median": 0.08, "min": 0.07, "max": 0.09,
+                                                                        "n": 3}},
+                                              "over_decode_step": {"0": 1.2, "0.3": 1.6}}},
                           "tokens": {"handoffs": 3, "mean_reprefilled_tokens": 14.0, "mean_handoff_latency_s": 0.2},
                           "decode_step_s": 0.05},
               "overhead": {"relay_e2e_over_server_time": s, "target": 1.05}, "speed": speed,
               "speedup": {"measured_per_token": 1.0, "measured_latency": 1.0, "predicted": 1.0,
                           "relay_large_share": 1.0, "t_small_over_t_large": 1.0},
-              "load": {"1": {"relay": {"tokens_per_s": 1, "p50_latency_s": 1, "p95_latency_s": 1},
+              "load": {"1": {"relay": {"tokens_per_s": 1, "p50_latency_s": 1, "p95_latency_s": 1,
+                                       "tokens_per_s_by_round": [0.9, 1.1]},
                              "single-large": {"tokens_per_s": 2, "p50_latency_s": 1, "p95_latency_s": 1},
                              "relay_over_single_large": 0.5}}}
     md = markdown(result)
     assert "Handoffs in live relays" in md and "target <= 1.05" in md and "Throughput under load" in md
     assert "| token-exact + prefetch | at a cue | 3 | 1.3 | 0.06 | 1.2 |" in md
     assert "| token-exact + prefetch | after inserted text | 1 | 8.0 | 0.1 | 2.0 |" in md and "| 0.5 |" in md
+    assert "4 prefetch requests; 1 turns ended while their prefetch still ran" in md
+    assert "| 1 | relay |  | 1 (0.9, 1.1) | 1 | 1 |" in md  # pooled tokens/s, then each round's
+    assert "| server | after 0 s idle | after 0.3 s idle |" in md
+    assert "| small | 0.06 (0.05-0.07): 1.2 steps | 0.08 (0.07-0.09): 1.6 steps |" in md
 
 
 def test_handoffs_are_the_turns_after_the_other_roles_turn(fake):
-    for url in (LARGE, SMALL):
-        fake.add_host(url, [])
-    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
-                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, prefetch=False)
-    q = "What is 2 + 3?"
+    relay = bench_relay(fake, prefetch=False)
     results = []
     # the model closes thinking itself; then it ends thinking with an EOS, and the program
     # inserts "</think>" before the small model's answer turn
     for think in (THINK, "We add. Therefore the sum is 5. Now, check it. So 5"):
-        tape = relay.tokenizer.encode(relay.plan().render(q)) + relay.tokenizer.encode(think) + [fake.eos_id]
-        for h in fake.hosts.values():
-            h.tape = tape
-        results.append(relay.run(q, max_tokens=200))
+        set_tape(fake, relay, think)
+        results.append(relay.run(Q, max_tokens=200))
     at_cues, after_text = handoff_samples(results), handoff_samples(results, after_text=True)
     changes = inserted = 0
     for res in results:
@@ -94,23 +131,16 @@ def test_handoffs_are_the_turns_after_the_other_roles_turn(fake):
 
 
 def test_load_levels_run_every_question_in_waves_and_interleave(fake):
-    for url in (LARGE, SMALL):
-        fake.add_host(url, [])
-    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
-                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, prefetch=False)
-    qs = ["What is 2 + 3?", "What is 3 + 2?", "What is 1 + 4?"]
-    tape = relay.tokenizer.encode(relay.plan().render(qs[0])) + relay.tokenizer.encode(THINK) + [fake.eos_id]
-    for h in fake.hosts.values():
-        h.tape = tape
-    order: list[str] = []
-    run = relay.run
-    relay.run = lambda q, method, **kw: order.append(method) or run(q, method, **kw)  # type: ignore[method-assign]
-    cfg = BenchConfig(preset="cpu-tiny", questions=3, load_levels=(1, 2, 4), load_max_tokens=60, load_prefetch=())
+    relay = bench_relay(fake, prefetch=False)
+    qs = [Q, "What is 3 + 2?", "What is 1 + 4?"]
+    order = record_runs(relay)
+    cfg = BenchConfig(preset="cpu-tiny", questions=3, load_levels=(1, 2, 4), load_max_tokens=60, load_prefetch=(),
+                      load_rounds=1)
     out = run_load(relay, qs, cfg, log=lambda m: None)
     # level 1: each question once, one after another; 2: two waves of 2; 4: one wave of 4
     assert [out[k]["relay"]["trajectories"] for k in ("1", "2", "4")] == [3, 4, 4]
     assert all(out[k]["relay"]["trajectories"] == out[k]["single-large"]["trajectories"] for k in out)
-    firsts = [order[0], order[6], order[14]]  # the first run of each level (3+3, then 4+4)
+    firsts = [order[i][0] for i in (0, 6, 14)]  # the first run of each level (3+3, then 4+4)
     assert firsts == ["relay", "single-large", "relay"]
     for k in out:
         by = out[k]
@@ -119,27 +149,16 @@ def test_load_levels_run_every_question_in_waves_and_interleave(fake):
 
 
 def test_the_load_part_runs_the_relay_once_per_prefetch_mode_interleaved(fake):
-    for url in (LARGE, SMALL):
-        fake.add_host(url, [])
-    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
-                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport)
+    relay = bench_relay(fake, chunk_delay_s=0.002)
     relay.backend.prefetching.rule = PrefetchRule(every=1, max_load=0)  # auto as on a GPU preset
-    qs = ["What is 2 + 3?", "What is 3 + 2?"]
-    tape = relay.tokenizer.encode(relay.plan().render(qs[0])) + relay.tokenizer.encode(THINK) + [fake.eos_id]
-    for h in fake.hosts.values():
-        h.tape = tape
-        h.chunk_delay_s = 0.002
-    order: list[tuple[str, str | None]] = []
-    run = relay.run
-
-    relay.run = lambda q, method, **kw: (  # type: ignore[method-assign]
-        order.append((method, kw.get("prefetch"))) or run(q, method, **kw))
+    qs = [Q, "What is 3 + 2?"]
+    order = record_runs(relay)
     flushes: list[int] = []  # how many trajectories had run at each flush
     for e in {id(e): e for e in relay.engines.values()}.values():
         real_flush = e.flush_cache
         e.flush_cache = lambda timeout_s=None, f=real_flush: (flushes.append(len(order)), f(timeout_s))[1]
     cfg = BenchConfig(preset="cpu-tiny", questions=2, load_levels=(1, 2), load_max_tokens=60,
-                      load_prefetch=("auto", "on", "off"))
+                      load_prefetch=("auto", "on", "off"), load_rounds=1)
     out = run_load(relay, qs, cfg, log=lambda m: None)
     # both servers, before each of the 4 runs (two trajectories each) of each of the 2 levels
     assert flushes == [n for n in range(0, 16, 2) for _ in range(2)]
@@ -174,3 +193,71 @@ def report_with(load):
             "overhead": {"relay_e2e_over_server_time": s, "target": 1.05}, "speed": speed,
             "speedup": {"measured_per_token": 1.0, "measured_latency": 1.0, "predicted": 1.0,
                         "relay_large_share": 1.0, "t_small_over_t_large": 1.0}, "load": load}
+
+
+def test_the_floor_caches_a_prefix_then_adds_two_tokens_after_each_gap_interleaved(fake):
+    host = fake.add_host(SMALL, list(range(10, 120)))  # what it writes after each prefix: the tape's next tokens
+    eng = EngineClient(SMALL, ClientConfig(retries=0, backoff_s=0), transport=fake.transport)
+    seq = list(range(10, 70))
+    slept: list[float] = []
+    floor = idle_floor(eng, [(seq, 5)], trials=2, gaps=(0.0, 0.1, 0.3), sleep=slept.append,
+                       extra={"routed_dp_rank": 1})
+    assert all(r["routed_dp_rank"] == 1 for r in host.requests)  # both requests of a sample on one DP rank
+    assert slept == [0.0, 0.1, 0.3, 0.3, 0.1, 0.0]  # every gap in each trial, the order reversed every trial
+    cuts = [13, 21, 29, 37, 45, 53]  # FLOOR_SPACING apart: no sample finds its new tokens cached
+    assert [(r["input_ids"], r["sampling_params"]["max_new_tokens"], bool(r.get("stream"))) for r in host.requests] \
+        == [x for p in cuts for x in ((seq[: p - 2], 0, False), (seq[:p], 6, True))]
+    assert {g: len(v) for g, v in floor["first_token_s"].items()} == {"0": 2, "0.1": 2, "0.3": 2}
+    assert floor["new_tokens"] == 2 and floor["stream_step_s"] is not None
+    # as the server reports it: each request re-prefilled its 2 new tokens, none found cached
+    # (the double writes the tape's next tokens, so a sample's output is the next cut's prefix)
+    assert floor["reprefilled_tokens"] == [2] * 6
+    host.requests.clear()
+    short = idle_floor(eng, [(seq[:40], 5)], trials=2, gaps=(0.0, 0.1, 0.3), sleep=slept.append)
+    # 4 cuts: one whole trial, every gap once, not the first gap twice
+    assert {g: len(v) for g, v in short["first_token_s"].items()} == {"0": 1, "0.1": 1, "0.3": 1}
+    assert len(host.requests) == 6
+
+
+def test_the_floor_part_measures_each_server_once_and_reports_over_the_decode_step(fake):
+    relay = bench_relay(fake, think=THINK * 3, prefetch=False)
+    res = relay.run(Q, max_tokens=200)
+    out = run_floor(relay, [res], decode_step=0.05, trials=1)
+    assert set(out) == {"large", "small"}
+    for fl in out.values():
+        for gap, d in fl["first_token_s"].items():
+            assert d["n"] == 1 and fl["over_decode_step"][gap] == round(d["median"] / 0.05, 3)
+        assert fl["reprefilled_tokens"]["n"] == 3
+    gens = [r for r in fake.hosts[SMALL.split("//")[1]].requests if r["sampling_params"].get("max_new_tokens") == 6]
+    assert len(gens) == 3 and all(g["input_ids"][: len(res.prompt_ids)] == res.prompt_ids for g in gens)
+    one = Relay(preset="cpu-tiny", large=LARGE, small=LARGE, family="qwen3",
+                client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, prefetch=False)
+    assert set(run_floor(one, [res], decode_step=0.05, trials=1)) == {"large"}  # one server: measured once
+
+
+def test_the_load_part_pools_its_rounds_in_reversed_order(fake):
+    # runs long enough that wall_s's rounding is far below the tolerance
+    relay = bench_relay(fake, chunk_delay_s=0.002)
+    qs = [Q, "What is 3 + 2?"]
+    order = record_runs(relay)
+    cfg = BenchConfig(preset="cpu-tiny", questions=2, load_levels=(1, 2), load_max_tokens=60,
+                      load_prefetch=("auto", "off"))
+    assert cfg.load_rounds == 2
+    out = run_load(relay, qs, cfg, log=lambda m: None)
+    a, b, c = ("relay", "auto"), ("relay", "off"), ("single-large", None)
+    # two trajectories per run; level 1: A B C then C B A; level 2 starts reversed
+    assert order[::2] == [a, b, c, c, b, a, c, b, a, a, b, c]
+    for by in out.values():
+        for name in ("relay", "relay (prefetch off)", "single-large"):
+            d = by[name]
+            assert d["rounds"] == 2 and len(d["tokens_per_s_by_round"]) == 2 and d["trajectories"] == 4
+            # pooled: all tokens over all wall time, so between the rounds' own rates
+            assert abs(d["tokens_per_s"] - d["tokens"] / d["wall_s"]) <= 0.02 * d["tokens_per_s"]
+            assert min(d["tokens_per_s_by_round"]) - 0.01 <= d["tokens_per_s"] <= max(d["tokens_per_s_by_round"]) + 0.01
+        assert by["relay_auto_over_off"] == round(
+            by["relay"]["tokens_per_s"] / by["relay (prefetch off)"]["tokens_per_s"], 3)
+
+
+def test_a_bench_config_refuses_counts_below_one():
+    with pytest.raises(ConfigError, match="load_rounds"):
+        BenchConfig(preset="cpu-tiny", load_rounds=0)

@@ -17,11 +17,13 @@ class Engine:
     def __init__(self) -> None:
         self.sent: list[list[int]] = []
         self.release = threading.Event()
+        self.entered = threading.Event()  # a request reached the server
         self.fail = False
 
     def generate(self, ids, sampling, extra=None, retries=None):
         assert sampling == {"max_new_tokens": 0} and retries == 0
         self.sent.append(list(ids))
+        self.entered.set()
         self.release.wait(5)
         if self.fail:
             raise EngineUnreachable("gone", url="http://small.test:2")
@@ -63,6 +65,30 @@ def test_nothing_is_sent_after_close_and_a_failure_is_only_a_colder_handoff():
     pf.offer([2, 3, 4])
     settle(pool)
     assert len(eng.sent) == 2
+
+
+def test_a_turn_that_ends_while_its_prefetch_runs_is_counted():
+    counted: list[str] = []
+    eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
+    pf = Prefetcher(pool.submit, eng, None, [1], prefix=False, count=counted.append)
+    pf.offer([2])
+    assert eng.entered.wait(5)
+    pf.close()  # its request still runs on the server at the turn's end: the handoff may wait behind it
+    eng.release.set()
+    settle(pool)
+    assert counted == ["in_flight_at_turn_end", "sent"]
+    done = Prefetcher(pool.submit, eng, None, [1], prefix=False, count=counted.append)
+    done.offer([5])
+    settle(pool)
+    done.close()  # its prefetch ended before the turn did
+    gate = threading.Event()
+    queued = Prefetcher(lambda fn: pool.submit(lambda: (gate.wait(5), fn())) is not None, eng, None, [1],
+                        prefix=False, count=counted.append)
+    queued.offer([6])
+    queued.close()  # submitted, but the turn ended before it reached the server: it is never sent
+    gate.set()
+    settle(pool)
+    assert counted == ["in_flight_at_turn_end", "sent", "sent"] and eng.sent[-1] == [1, 5]
 
 
 def test_a_prefetch_to_a_dead_server_frees_its_worker_at_once_no_backoff():

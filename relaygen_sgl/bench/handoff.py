@@ -11,11 +11,19 @@ cache misses from there on.)
   tokens: /generate with input_ids, exactly the ids the models wrote (relaygen-sgl)
   text:   /generate with the joined text, re-tokenized by the server
   chat:   /v1/chat/completions with continue_final_message (the reference's way)
+
+And the floor a live handoff is read against (`idle_floor`): the cheapest handoff one server
+can take, a request that adds two tokens to a prefix it has just cached, after each of a few
+idle gaps.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from relaygen_sgl.client.http import EngineClient
 from relaygen_sgl.client.tokenizer import Tokenizer
@@ -23,6 +31,13 @@ from relaygen_sgl.core.result import RelayResult
 
 FORMATS = ("tokens", "text", "chat")
 ONE_TOKEN = {"max_new_tokens": 1, "temperature": 0}
+# The floor: tokens a request adds to the cached prefix (a cue's last token and the one after
+# it: a prefetched handoff's +1), idle gaps before it, tokens streamed to time the decode step.
+FLOOR_NEW = 2
+FLOOR_GAPS_S = (0.0, 0.1, 0.3)
+FLOOR_STREAM = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+FLOOR_SPACING = 8  # positions between two samples' cuts: more than a sample's 6 tokens leave cached
+FLOOR_TRIALS = 8  # requests per gap and server
 
 
 @dataclass(frozen=True)
@@ -91,3 +106,37 @@ def handoffs_only(samples: list[HandoffSample]) -> list[HandoffSample]:
             out.append(s)
         seen.add((s.format, s.role))
     return out
+
+
+def idle_floor(eng: EngineClient, sequences: Sequence[tuple[list[int], int]], trials: int = FLOOR_TRIALS,
+               gaps: Sequence[float] = FLOOR_GAPS_S, sleep: Callable[[float], None] = time.sleep,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The cheapest handoff `eng` can take, after each idle gap: a prefill-only request leaves
+    a prefix cached (as a prefetch does), `gap` seconds later a request adds FLOOR_NEW tokens
+    to it and streams 6. Returns each gap's first tokens (sent to received, in seconds, listed
+    by the gap's str), the tokens each re-prefilled as the server reports them, and the
+    server's own decode step in those streams (`stream_step_s`).
+    A live handoff's receiver has idled since its last prefetch or for the other role's whole
+    turn, and on some machines any work after idle runs slower (docs/cpu.md, "The receiving
+    server's floor"). `sequences`: (token ids, where the prompt ends), with distinct prompts;
+    each cut is FLOOR_SPACING tokens past the one before, so no sample finds its new tokens
+    cached. Only whole trials run (every gap as often); gaps are interleaved, their order
+    reversed every trial. `extra`: fields of every request (a DP rank to pin both to)."""
+    cuts = [(seq, p) for seq, start in sequences for p in range(start + FLOOR_SPACING, len(seq) + 1, FLOOR_SPACING)]
+    first: dict[float, list[float]] = {g: [] for g in gaps}
+    steps: list[float] = []
+    refilled: list[int] = []  # what each request re-prefilled, as the server reports it: FLOOR_NEW if all went right
+    for i, (seq, p) in enumerate(cuts[: min(trials, len(cuts) // len(gaps)) * len(gaps)]):
+        t, k = divmod(i, len(gaps))
+        gap = gaps[k] if t % 2 == 0 else gaps[-1 - k]
+        eng.generate(seq[: p - FLOOR_NEW], {"max_new_tokens": 0}, extra=extra)
+        sleep(gap)
+        stamps: list[tuple[float, int]] = []  # (arrival, tokens so far): a chunk may carry several
+        g = eng.generate(seq[:p], FLOOR_STREAM, extra=extra,
+                         on_tokens=lambda ids, last: stamps.append((time.perf_counter(), len(ids))))
+        first[gap].append(g.ttft_s)
+        refilled.append(g.prompt_tokens - g.cached_tokens)
+        steps += [(b - a) / (m - n) for (a, n), (b, m) in zip(stamps, stamps[1:]) if m > n]
+    return {"new_tokens": FLOOR_NEW, "reprefilled_tokens": refilled,
+            "first_token_s": {f"{g:g}": v for g, v in first.items()},
+            "stream_step_s": round(statistics.median(steps), 4) if steps else None}

@@ -30,6 +30,27 @@ def markdown(r: dict[str, Any]) -> str:
             lat = h.get("mean_handoff_latency_s")
             lines.append(f"| {label} | {where} | {h.get('handoffs')} | {h.get('mean_reprefilled_tokens')} | {lat} | "
                          f"{round(lat / step, 2) if lat and step else 'n/a'} |")
+    pf = ho.get("prefetch") or {}
+    if "prefetch_in_flight_at_turn_end" in pf:
+        lines += ["", f"With prefetch: {pf.get('prefetch_requests')} prefetch requests; "
+                      f"{pf['prefetch_in_flight_at_turn_end']} turns ended while their prefetch still ran "
+                      "(the handoff after such a turn may wait behind it)."]
+    floor = ho.get("floor") or {}
+    if floor:
+        gaps = list(next(iter(floor.values()))["first_token_s"])
+        lines += ["", "The floor: the cheapest handoff each server can take, a request adding "
+                      f"{next(iter(floor.values()))['new_tokens']} tokens to a prefix it has just cached, sent after "
+                      "the server idled for a while; first token (s, median (min-max)) and over the decode step above. "
+                      "A live handoff's receiver has idled since its last prefetch or turn.", "",
+                  "| server | " + " | ".join(f"after {g} s idle" for g in gaps) + " |",
+                  "|---|" + "---|" * len(gaps)]
+        for role, fl in floor.items():
+            cells = []
+            for g in gaps:
+                d, ratio = fl["first_token_s"][g], fl["over_decode_step"].get(g)
+                cells.append(f"{d['median']} ({d['min']}-{d['max']}): {ratio if ratio is not None else 'n/a'} steps"
+                             if d["n"] else "n/a")
+            lines.append(f"| {role} | " + " | ".join(cells) + " |")
     lines += ["", "## Handoff format (per handoff, replayed trajectories)", ""]
     if not any(ho["replay"][fmt]["handoffs"] for fmt in FORMATS):
         # each role's first turn is a cold prefill, not a handoff: a relay needs two switches
@@ -76,6 +97,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Cost model with the in-relay rates: {sp.get('predicted_with_in_relay_rates')}x.", ""]
     lines += [
               "## Throughput under load", "",
+              "tokens/s pooled over the rounds of each case (all tokens over all wall time; each round's in "
+              "brackets), the rounds' order reversed each time.", "",
               "| concurrent | method | prefetch | tokens/s | p50 latency (s) | p95 latency (s) | prefetch requests | "
               "relay / single-large |",
               "|---|---|---|---|---|---|---|---|"]
@@ -87,7 +110,9 @@ def markdown(r: dict[str, Any]) -> str:
             d = by[name]
             ratio = (by.get("relay_over_single_large") if name == "relay" else
                      "" if name == "single-large" else d.get("over_single_large"))
-            lines.append(f"| {level} | {name} | {d.get('prefetch', '')} | {d['tokens_per_s']} | {d['p50_latency_s']} | "
+            rounds = d.get("tokens_per_s_by_round") or []
+            tps = f"{d['tokens_per_s']} ({', '.join(map(str, rounds))})" if len(rounds) > 1 else d["tokens_per_s"]
+            lines.append(f"| {level} | {name} | {d.get('prefetch', '')} | {tps} | {d['p50_latency_s']} | "
                          f"{d['p95_latency_s']} | {d.get('prefetch_requests', '')} | {ratio} |")
         for key, value in by.items():
             if key.startswith("relay_") and "_over_" in key and key != "relay_over_single_large":

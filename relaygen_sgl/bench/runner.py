@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -20,10 +21,11 @@ import orjson
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.bench import machine
-from relaygen_sgl.bench.handoff import FORMATS, handoffs_only, replay
+from relaygen_sgl.bench.handoff import FLOOR_TRIALS, FORMATS, handoffs_only, idle_floor, replay
 from relaygen_sgl.client.http import EngineClient
 from relaygen_sgl.core.config import METHODS
 from relaygen_sgl.core.datasets import load_problems
+from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.core.result import RelayResult, Segment
 
 
@@ -43,7 +45,17 @@ class BenchConfig:
     # is "relay" in the report, each further one is compared with it (auto against off: does
     # the load-aware prefetch cost anything under load?). (): the backend's default mode only.
     load_prefetch: tuple[str, ...] = ("auto", "off")
+    # Rounds of the load part per level: two cases that do the same work (auto and off at 16
+    # concurrent, where auto sent 1 prefetch) read 0.92-1.09 of each other from one round each
+    # on the 2-core Xeon; pooled over rounds in A B, B A order, drift and noise weigh less.
+    load_rounds: int = 2
     protocol: str = "relaygen-sgl"  # "reference": every run under the reference implementation's protocol
+
+    def __post_init__(self) -> None:
+        for name in ("questions", "reps", "max_tokens", "load_max_tokens", "handoff_questions", "load_rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"bench {name} must be a positive integer, got {value!r}")
 
     @classmethod
     def quick(cls, preset: str) -> BenchConfig:
@@ -171,18 +183,55 @@ def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
     interleaved (the order alternating), each from cold caches: what each handoff
     re-prefills and how long the receiving role takes from the cue to its first token."""
     runs: dict[str, list[RelayResult]] = {"prefetch": [], "tokens": []}
+    counts: dict[str, Counter[str]] = {name: Counter() for name in runs}
     engines = servers_of(relay)
     variants = (("prefetch", True), ("tokens", False))
     for qi, q in enumerate(questions):
         for name, on in variants if qi % 2 == 0 else variants[::-1]:
             for e in engines:
                 e.flush_cache(timeout_s=30)
+            before = relay.backend.prefetching.snapshot()
             res = relay.run(q, "relay", max_tokens=cfg.max_tokens, seed=0, prefetch=on, protocol=cfg.protocol)
+            counts[name] += relay.backend.prefetching.snapshot() - before
             runs[name].append(res)
             log(f"handoff q{qi} {name}: {res.stats.e2e_s:.2f}s, {res.stats.switches} switches")
     return {name: {**handoff_summary(handoff_samples(rs)),
-                   "after_inserted_text": handoff_summary(handoff_samples(rs, after_text=True))}
+                   "after_inserted_text": handoff_summary(handoff_samples(rs, after_text=True)),
+                   "prefetch_requests": counts[name]["sent"],
+                   # turns that ended (at a handoff, mostly) while their prefetch still ran
+                   "prefetch_in_flight_at_turn_end": counts[name]["in_flight_at_turn_end"]}
             for name, rs in runs.items()}
+
+
+def run_floor(relay: Relay, results: list[RelayResult], decode_step: float | None,
+              trials: int = FLOOR_TRIALS) -> dict[str, Any]:
+    """Each server's floor for a handoff (bench.handoff.idle_floor), cut from these relays'
+    trajectories (the longest of each prompt: two of one prompt share their first tokens), from
+    flushed caches; `over_decode_step`: each gap's median first token over the large model's
+    decode step, the denominator of the live handoffs' ratio."""
+    longest: dict[tuple[int, ...], RelayResult] = {}
+    for r in results:
+        key = tuple(r.prompt_ids)
+        if key not in longest or len(r.token_ids) > len(longest[key].token_ids):
+            longest[key] = r
+    sequences = [([*r.prompt_ids, *r.token_ids], len(r.prompt_ids))
+                 for r in sorted(longest.values(), key=lambda r: -len(r.token_ids))]
+    out: dict[str, Any] = {}
+    seen: set[int] = set()
+    for role, eng in relay.engines.items():
+        if id(eng) in seen:
+            continue
+        seen.add(id(eng))
+        for e in servers_of(relay):
+            e.flush_cache(timeout_s=30)
+        # behind SGLang's DP router the two requests of a sample must meet on one rank
+        extra = {"routed_dp_rank": 0} if relay.backend.dp_sizes.get(role) else None
+        floor = idle_floor(eng, sequences, trials=trials, extra=extra)
+        first = {gap: spread(v) for gap, v in floor["first_token_s"].items()}
+        out[role] = {**floor, "first_token_s": first, "reprefilled_tokens": spread(floor["reprefilled_tokens"]),
+                     "over_decode_step": {gap: round(f["median"] / decode_step, 3) if decode_step and f["n"] else None
+                                          for gap, f in first.items()}}
+    return out
 
 
 def decode_step_s(results: list[RelayResult]) -> float | None:
@@ -223,7 +272,9 @@ def load_variant(mode: str) -> str:
 def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     """tokens/s at each concurrency: every question at least once, in waves of `level`
     trajectories (so level 1 is not one sample), the relay (once per prefetch mode of
-    cfg.load_prefetch) and single-large interleaved, the order reversed from level to level.
+    cfg.load_prefetch) and single-large interleaved, in `cfg.load_rounds` rounds per level, the
+    order reversed from round to round and level to level (A B C, C B A, ...), each case's
+    tokens/s pooled over its rounds (all tokens over all wall time; `tokens_per_s_by_round`).
     The first mode's relay is "relay"; each further one is load_variant(mode), with its
     tokens/s over single-large, and the first's over it (`relay_<first>_over_<mode>`).
     Every run starts from flushed caches: the live handoffs before end on flushed ones, so
@@ -235,36 +286,44 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
             ("single-large", None, "single-large")]
     out: dict[str, Any] = {}
     for k, level in enumerate(cfg.load_levels):
-        out[str(level)] = {}
         count = -(-max(level, len(questions)) // level) * level
-        for method, mode, name in runs if k % 2 == 0 else runs[::-1]:
-            qs = [questions[i % len(questions)] for i in range(count)]
-            lat: list[float] = []
-            tokens = 0
-            lock = threading.Lock()
+        qs = [questions[i % len(questions)] for i in range(count)]
+        done: dict[str, list[dict[str, Any]]] = {name: [] for _, _, name in runs}
+        for rnd in range(cfg.load_rounds):
+            for method, mode, name in runs if (k + rnd) % 2 == 0 else runs[::-1]:
+                lat: list[float] = []
+                tokens = 0
+                lock = threading.Lock()
 
-            def one(i: int, q: str) -> None:
-                nonlocal tokens
-                r = relay.run(q, method, max_tokens=cfg.load_max_tokens, seed=i, protocol=cfg.protocol,
-                              prefetch=mode)
-                with lock:
-                    lat.append(r.stats.e2e_s)
-                    tokens += r.stats.large_tokens + r.stats.small_tokens
+                def one(i: int, q: str) -> None:
+                    nonlocal tokens
+                    r = relay.run(q, method, max_tokens=cfg.load_max_tokens, seed=i, protocol=cfg.protocol,
+                                  prefetch=mode)
+                    with lock:
+                        lat.append(r.stats.e2e_s)
+                        tokens += r.stats.large_tokens + r.stats.small_tokens
 
-            for e in engines:
-                e.flush_cache(timeout_s=30)
-            sent = relay.backend.prefetching.counts["sent"]
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=level) as pool:
-                list(pool.map(lambda a: one(*a), enumerate(qs)))
-            wall = time.perf_counter() - t0
-            out[str(level)][name] = {"trajectories": count, "wall_s": round(wall, 3), "tokens": tokens,
-                                     "tokens_per_s": round(tokens / wall, 2), "p50_latency_s": _pct(lat, 0.5),
-                                     "p95_latency_s": _pct(lat, 0.95),
-                                     "prefetch": (mode or relay.backend.prefetch) if method == "relay" else "off",
-                                     "prefetch_requests": relay.backend.prefetching.counts["sent"] - sent}
-            log(f"load {level} {name}: {tokens / wall:.1f} tok/s")
-        by = out[str(level)]
+                for e in engines:
+                    e.flush_cache(timeout_s=30)
+                sent = relay.backend.prefetching.counts["sent"]
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(max_workers=level) as pool:
+                    list(pool.map(lambda a: one(*a), enumerate(qs)))
+                wall = time.perf_counter() - t0
+                done[name].append({"tokens": tokens, "wall": wall, "lat": lat,
+                                   "sent": relay.backend.prefetching.counts["sent"] - sent})
+                log(f"load {level} {name}: {tokens / wall:.1f} tok/s")
+        by: dict[str, Any] = {}
+        for method, mode, name in runs:
+            rounds = done[name]
+            tokens, wall = sum(d["tokens"] for d in rounds), sum(d["wall"] for d in rounds)
+            lat = [x for d in rounds for x in d["lat"]]
+            by[name] = {"trajectories": count * len(rounds), "rounds": len(rounds), "wall_s": round(wall, 3),
+                        "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+                        "tokens_per_s_by_round": [round(d["tokens"] / d["wall"], 2) for d in rounds],
+                        "p50_latency_s": _pct(lat, 0.5), "p95_latency_s": _pct(lat, 0.95),
+                        "prefetch": (mode or relay.backend.prefetch) if method == "relay" else "off",
+                        "prefetch_requests": sum(d["sent"] for d in rounds)}
         base = by["single-large"]["tokens_per_s"]
         by["relay_over_single_large"] = round(by["relay"]["tokens_per_s"] / base, 3) if base else None
         for m in modes[1:]:
@@ -272,6 +331,7 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
             other["over_single_large"] = round(other["tokens_per_s"] / base, 3) if base else None
             by[f"relay_{modes[0]}_over_{m}"] = (round(by["relay"]["tokens_per_s"] / other["tokens_per_s"], 3)
                                                 if other["tokens_per_s"] else None)
+        out[str(level)] = by
     return out
 
 
@@ -285,6 +345,7 @@ def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str]
     handoff = run_live_handoffs(relay, [p.question for p in load_problems(cfg.dataset)[: cfg.handoff_questions]],
                                 cfg, log)
     handoff["decode_step_s"] = decode_step_s(all_runs["single-large"])
+    handoff["floor"] = run_floor(relay, runs, handoff["decode_step_s"])
     # the format replay needs handoffs: the relay runs with the most switches, one per question
     best: dict[str, RelayResult] = {}
     for res, q in zip(runs, [q for _ in range(cfg.reps) for q in questions]):

@@ -301,7 +301,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = BenchConfig.quick(name) if args.quick else BenchConfig(preset=name)
         overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens),
                                        ("dataset", args.dataset), ("protocol", args.protocol),
-                                       ("load_prefetch", args.load_prefetch)) if v}
+                                       ("load_prefetch", args.load_prefetch),
+                                       ("load_rounds", args.load_rounds)) if v}
         if overrides:
             import dataclasses
 

@@ -181,11 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--questions", type=_positive_int, default=None)
     be.add_argument("--dataset", default=None, help="questions from this data set (default aime25; quick: amc23)")
     be.add_argument("--max-tokens", type=_positive_int, default=None)
-    be.add_argument("--quick", action="store_true", help="fewer questions, shorter budgets (~10 min on cpu-tiny)")
+    be.add_argument("--quick", action="store_true",
+                    help="fewer questions, shorter budgets (~28 min on cpu-tiny, 2 cores)")
     be.add_argument("--load-prefetch", type=_prefetch_modes, default=None, metavar="MODES",
                     help="prefetch modes of the load part's relay, comma-separated, each run interleaved with "
                          "the others and single-large (default auto,off; e.g. auto,on,off); the first is the "
                          "report's relay")
+    be.add_argument("--load-rounds", type=_positive_int, default=None, metavar="N",
+                    help="rounds of the load part per concurrency, the order reversed each round, tokens/s "
+                         "pooled over them (default 2)")
     be.add_argument("--out", required=True)
     _add_protocol_args(be, reserve=False)
     _add_client_args(be, on_small_failure="fail")

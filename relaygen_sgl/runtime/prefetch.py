@@ -121,13 +121,19 @@ class Prefetching:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="relaygen-prefetch")
         self._free = threading.BoundedSemaphore(workers)
         # sent: requests that completed; declined: offers auto turned down for load;
-        # no_worker: offers dropped because every worker was busy; failed: requests that failed
+        # no_worker: offers dropped because every worker was busy; failed: requests that failed;
+        # in_flight_at_turn_end: turns that ended while their prefetch still ran
         self.counts: Counter[str] = Counter()
         self._count_lock = threading.Lock()
 
     def count(self, what: str) -> None:
         with self._count_lock:
             self.counts[what] += 1
+
+    def snapshot(self) -> Counter[str]:
+        """The counts now (workers may be adding to them)."""
+        with self._count_lock:
+            return Counter(self.counts)
 
     def start(self, mode: str | None, engine: EngineClient, extra: dict[str, Any] | None, base: Sequence[int], *,
               prefix: bool, receiver: Server, sender: Server) -> Prefetcher | None:
@@ -184,7 +190,8 @@ class Prefetcher:
         self.every, self.gate = every, gate
         self.count = count or (lambda what: None)
         self._lock = threading.Lock()
-        self._busy = False
+        self._busy = False  # a send is submitted and not over
+        self._running = False  # ... and its request has gone to the server
         self._sent = 0  # length of the longest prefix sent
         self.closed = False
         self.requests = 0
@@ -215,18 +222,25 @@ class Prefetcher:
                 self._busy, self._sent = False, before
 
     def close(self) -> None:
-        """The turn is over: nothing more is sent (a request in flight finishes on its own)."""
+        """The turn is over: nothing more is sent (a request in flight finishes on its own, and
+        is counted: the handoff that follows may wait behind it on the receiving server)."""
         with self._lock:
             self.closed = True
+            if self._running:
+                self.count("in_flight_at_turn_end")
 
     def _send(self, ids: list[int]) -> None:
+        with self._lock:
+            if self.closed:
+                self._busy = False
+                return
+            self._running = True
         try:
-            if not self.closed:
-                self.engine.generate(ids, {"max_new_tokens": 0}, extra=self.extra, retries=0)
-                self.requests += 1
-                self.count("sent")
+            self.engine.generate(ids, {"max_new_tokens": 0}, extra=self.extra, retries=0)
+            self.requests += 1
+            self.count("sent")
         except RelayGenError:  # only a hint: it costs a colder handoff; the turn reports a server that is gone
             self.count("failed")
         finally:
             with self._lock:
-                self._busy = False
+                self._busy = self._running = False

@@ -6,6 +6,7 @@ import pytest
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.bench.handoff import handoffs_only, replay
+from relaygen_sgl.bench.runner import run_floor
 from relaygen_sgl.runtime.prefetch import PrefetchRule
 
 pytestmark = pytest.mark.integration
@@ -119,3 +120,16 @@ def test_a_seeded_sampled_relay_repeats_exactly_and_another_seed_differs(cpu_pai
     assert a.token_ids == b.token_ids and a.text == b.text
     assert c.token_ids != a.token_ids
     assert a.to_dict()["seed"] == {"value": 1, "reproducible": True}
+
+
+def test_the_bench_floor_reprefills_exactly_its_two_new_tokens_on_a_real_server(cpu_pair, relay_run):
+    """The floor the bench reads live handoffs against is the request it says it is: on a real
+    SGLang server (its radix cache, its cached_tokens), each sample re-prefills 2 tokens."""
+    _, res = relay_run
+    with Relay(preset="cpu-tiny", large=cpu_pair.large, small=cpu_pair.small) as r:
+        out = run_floor(r, [res], decode_step=0.05, trials=2)
+    assert set(out) == {"large", "small"}
+    for fl in out.values():
+        assert fl["reprefilled_tokens"] == {"median": 2, "min": 2, "max": 2, "n": 6}
+        assert all(d["n"] == 2 and d["min"] > 0 for d in fl["first_token_s"].values())
+        assert fl["stream_step_s"] and fl["stream_step_s"] > 0
