@@ -37,9 +37,10 @@ def markdown(r: dict[str, Any]) -> str:
                       "(the handoff after such a turn may wait behind it)."]
     floor = ho.get("floor") or {}
     if floor:
-        gaps = list(next(iter(floor.values()))["first_token_s"])
+        some = next(iter(floor.values()))
+        gaps = list(some["first_token_s"])
         lines += ["", "The floor: the cheapest handoff each server can take, a request adding "
-                      f"{next(iter(floor.values()))['new_tokens']} tokens to a prefix it has just cached, sent after "
+                      f"{some['new_tokens']} tokens to a prefix it has just cached, sent after "
                       "the server idled for a while; first token (s, median (min-max)) and over the decode step above. "
                       "A live handoff's receiver has idled since its last prefetch or turn.", "",
                   "| server | " + " | ".join(f"after {g} s idle" for g in gaps) + " |",

@@ -172,9 +172,17 @@ def handoff_summary(segs: list[Segment]) -> dict[str, Any]:
             "median_handoff_latency_s": round(statistics.median(lat), 4) if lat else None}
 
 
+def server_roles(relay: Relay) -> dict[str, EngineClient]:
+    """Each server once, under the first role it serves (both roles may be one)."""
+    out: dict[str, EngineClient] = {}
+    for role, e in relay.engines.items():
+        if all(e is not other for other in out.values()):
+            out[role] = e
+    return out
+
+
 def servers_of(relay: Relay) -> list[EngineClient]:
-    """Each server once (both roles may be one)."""
-    return list({id(e): e for e in relay.engines.values()}.values())
+    return list(server_roles(relay).values())
 
 
 def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
@@ -206,9 +214,9 @@ def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
 def run_floor(relay: Relay, results: list[RelayResult], decode_step: float | None,
               trials: int = FLOOR_TRIALS) -> dict[str, Any]:
     """Each server's floor for a handoff (bench.handoff.idle_floor), cut from these relays'
-    trajectories (the longest of each prompt: two of one prompt share their first tokens), from
-    flushed caches; `over_decode_step`: each gap's median first token over the large model's
-    decode step, the denominator of the live handoffs' ratio."""
+    trajectories (the longest of each prompt: two of one prompt share their first tokens), each
+    server from a flushed cache; `over_decode_step`: each gap's median first token over the
+    large model's decode step, the denominator of the live handoffs' ratio."""
     longest: dict[tuple[int, ...], RelayResult] = {}
     for r in results:
         key = tuple(r.prompt_ids)
@@ -217,13 +225,8 @@ def run_floor(relay: Relay, results: list[RelayResult], decode_step: float | Non
     sequences = [([*r.prompt_ids, *r.token_ids], len(r.prompt_ids))
                  for r in sorted(longest.values(), key=lambda r: -len(r.token_ids))]
     out: dict[str, Any] = {}
-    seen: set[int] = set()
-    for role, eng in relay.engines.items():
-        if id(eng) in seen:
-            continue
-        seen.add(id(eng))
-        for e in servers_of(relay):
-            e.flush_cache(timeout_s=30)
+    for role, eng in server_roles(relay).items():
+        eng.flush_cache(timeout_s=30)  # only this server's cache holds what the floor measures
         # behind SGLang's DP router the two requests of a sample must meet on one rank
         extra = {"routed_dp_rank": 0} if relay.backend.dp_sizes.get(role) else None
         floor = idle_floor(eng, sequences, trials=trials, extra=extra)
