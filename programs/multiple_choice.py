@@ -8,7 +8,6 @@ The relay writes the reasoning up to </think>; the answer role then scores each 
     # without them the question lists its own options and the letters are A-D)
 """
 
-import dataclasses
 import string
 
 import sglang as sgl
@@ -23,8 +22,8 @@ def multiple_choice(s, question, options=None, plan=None):
     if options:
         question = question.rstrip() + "\n\n" + "\n".join(f"({a}) {o}" for a, o in zip(letters, options))
     rg.prompt(s, question + "\n\nThink it through, then answer with the letter of the correct option.", plan)
-    thinking = rg.relay(s, dataclasses.replace(plan, answer=False))
-    s["route"] = plan.answer_role
+    thinking = rg.relay(s, plan.but(answer=False))
+    rg.route(s, plan.answer_role)
     s += "The answer is (" + sgl.select("letter", choices=letters) + ")"
     return {"answer": s["letter"], "letters": letters, "reasoning": thinking.reasoning,
             "select": {k: v for k, v in (s.get_meta_info("letter") or {}).items() if k == "normalized_prompt_logprobs"}}

@@ -7,7 +7,6 @@ on either model, finds it cached. Branch i samples with seed (plan seed or 0) + 
     relaygen batch programs/self_consistency.py prompts.jsonl -o out.jsonl   # "k" per line, default 4
 """
 
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import sglang as sgl
@@ -24,7 +23,7 @@ def self_consistency(s, question, k=4, plan=None):
     branches = [group[i] for i in range(int(k))]
     base = plan.seed or 0
     with ThreadPoolExecutor(len(branches)) as pool:
-        results = list(pool.map(lambda ib: rg.relay(ib[1], dataclasses.replace(plan, seed=base + ib[0])),
+        results = list(pool.map(lambda ib: rg.relay(ib[1], plan.but(seed=base + ib[0])),
                                 enumerate(branches)))
     keys = [vote_key(r.text, plan.family.think_end) for r in results]
     answer, votes = majority(keys)

@@ -8,7 +8,7 @@ Heavy imports (sglang, transformers) are deferred until first use.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["Relay", "RelayResult", "connect", "relay", "stream_relay"]
+__all__ = ["Relay", "RelayResult", "RunSettings", "connect", "relay", "stream_relay"]
 
 
 def __getattr__(name: str) -> object:
@@ -16,6 +16,10 @@ def __getattr__(name: str) -> object:
         from relaygen_sgl import api
 
         return getattr(api, name)
+    if name == "RunSettings":
+        from relaygen_sgl.core.run_settings import RunSettings
+
+        return RunSettings
     if name == "RelayResult":
         from relaygen_sgl.core.result import RelayResult
 

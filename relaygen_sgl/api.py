@@ -22,6 +22,7 @@ from relaygen_sgl.core.config import ROLES, load_family, load_preset, load_setti
 from relaygen_sgl.core.cues import CueProfile, load_profile
 from relaygen_sgl.core.errors import ConfigError, EngineFailed, EngineUnreachable, RelayAborted, RelayGenError
 from relaygen_sgl.core.result import RelayResult
+from relaygen_sgl.core.run_settings import DEFAULT_BUDGET, DEFAULT_PREFETCH, RunSettings
 from relaygen_sgl.core.state import read_state, role_urls
 from relaygen_sgl.loader import accepts, load_program
 from relaygen_sgl.runtime.backend import RelayBackend
@@ -34,8 +35,8 @@ from relaygen_sgl.runtime.pairing import (
     same_model,
     served_models,
 )
-from relaygen_sgl.runtime.policy import DEFAULT_BUDGET, RelayPlan
-from relaygen_sgl.runtime.prefetch import PrefetchRule, prefetch_mode
+from relaygen_sgl.runtime.plan import RelayPlan, RunControl
+from relaygen_sgl.runtime.prefetch import PrefetchRule
 from relaygen_sgl.runtime.trajectory import KEY
 
 
@@ -114,11 +115,12 @@ def _speculative(info: dict[str, Any], preset: Any, role: str) -> bool:
 def connect(*, preset: str | None = None, large: str | None = None, small: str | None = None,
             profile: str | CueProfile | None = None, family: str | None = None,
             client: ClientConfig = ClientConfig(), transport: Any = None,
-            on_small_failure: str = "large", prefetch: bool | str | None = None) -> RelayBackend:
+            on_small_failure: str = "large", prefetch: str = DEFAULT_PREFETCH) -> RelayBackend:
     """The routing backend over two servers, for `sgl.set_default_backend(...)` or
     `prog.run(..., backend=...)`. With a preset (or no URLs: the preset `relaygen up`
     recorded, else cpu-tiny) the served models are checked against it; with only URLs the
-    preset, family and shipped cue profile are picked from what the servers serve."""
+    preset, family and shipped cue profile are picked from what the servers serve.
+    `prefetch` is the mode of runs that set none (auto | on | off)."""
     if profile is not None and not isinstance(profile, CueProfile):
         profile = load_profile(profile)  # a bad profile is refused before any server is asked
     name = preset if preset is not None or (large and small) else default_preset()
@@ -128,49 +130,45 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
                                                                                              transport)
     small_error = _small_at_start(engines, urls, on_small_failure)
     down = frozenset({"small"} if small_error else ())
-    served = served_models(engines, down)
-    if name is not None:
-        spec = load_preset(name)
-        check_preset(spec, served, urls)
-        fam, prof = load_family(family or spec.family), profile or spec.profile
-    else:
-        found = detect(served)
-        spec, fam = found.preset, (load_family(family) if family else found.family)
-        if profile is None and found.profile is None:
-            raise ConfigError(f"no shipped cue profile fits these servers (large {served['large']!r}, small "
-                              f"{served['small']!r}); give --profile NAME|PATH (`relaygen calibrate` makes one)")
-        prof = profile or found.profile
-    prof = prof if isinstance(prof, CueProfile) else load_profile(prof)
+    spec, fam, prof = _pair(name, engines, urls, down, profile, family)
     paths = {role: None if role in down else e.model_info().get("tokenizer_path") for role, e in engines.items()}
     if not paths["large"]:
         raise ConfigError(f"{urls['large']} did not report its tokenizer path")
     tokenizer = load_tokenizer(paths["large"])
     check_same_vocabulary(tokenizer, load_tokenizer(paths["small"] or paths["large"]))
     infos = {role: _server_info(e) for role, e in engines.items() if role not in down}
+    small_down = SmallDown(small_error, lambda: _small_back(engines["small"], spec)) if small_error else None
     backend = RelayBackend(engines, tokenizer, fam, prof, on_small_failure=on_small_failure,
                            dp_sizes={role: _dp_size(info) for role, info in infos.items()},
-                           prefetch=_prefetch_default(prefetch, spec), prefetch_rule=PrefetchRule.of(spec),
-                           speculative=[urls[role] for role, info in infos.items()
-                                        if _speculative(info, spec, role)])
-    backend.preset, backend.urls = spec, urls
-    if small_error:
-        backend.small_down = SmallDown(small_error, lambda: _small_back(engines["small"], spec))
+                           prefetch=prefetch, prefetch_rule=PrefetchRule.of(spec),
+                           speculative=[urls[role] for role, info in infos.items() if _speculative(info, spec, role)],
+                           preset=spec, small_down=small_down)
     # A failed turn reaches the caller as a typed exception carrying the partial result;
     # SGLang's worker thread would also print its traceback as a warning.
     warnings.filterwarnings("ignore", message=r"Error in stream_executor:(?s:.*)relaygen_sgl\.core\.errors\.")
     return backend
 
 
-def _prefetch_default(prefetch: bool | str | None, preset: Any) -> str:
-    """The mode "auto" unless asked otherwise, on every preset: auto decides per handoff from the
-    load this process puts on the receiving server and the preset's thresholds
-    (PrefetchRule), which is where the CPU presets keep the tail prefetches off (measured
-    there: relays lost 2-5% at batch 1 and 24% at 4 and 16 concurrent with them)."""
-    return prefetch_mode(prefetch) or "auto"
+def _pair(name: str | None, engines: dict[str, EngineClient], urls: dict[str, str], down: frozenset[str],
+          profile: CueProfile | None, family: str | None) -> tuple[Any, Any, CueProfile]:
+    """The preset, family and cue profile of the servers: the named preset's, checked against
+    what they serve, or the ones detected from it."""
+    served = served_models(engines, down)
+    if name is not None:
+        spec = load_preset(name)
+        check_preset(spec, served, urls)
+        return spec, load_family(family or spec.family), profile or load_profile(spec.profile)
+    found = detect(served)
+    if profile is None and found.profile is None:
+        raise ConfigError(f"no shipped cue profile fits these servers (large {served['large']!r}, small "
+                          f"{served['small']!r}); give --profile NAME|PATH (`relaygen calibrate` makes one)")
+    prof = profile or found.profile
+    return found.preset, (load_family(family) if family else found.family), (
+        prof if isinstance(prof, CueProfile) else load_profile(prof))
 
 
 def close(backend: RelayBackend) -> None:
-    for engine in {id(e): e for e in backend.engines.values()}.values():
+    for engine in backend.servers.values():
         engine.close()
 
 
@@ -180,7 +178,7 @@ class Relay:
     def __init__(self, *, preset: str | None = None, large: str | None = None, small: str | None = None,
                  profile: str | CueProfile | None = None, family: str | None = None,
                  client: ClientConfig = ClientConfig(), transport: Any = None,
-                 on_small_failure: str = "large", prefetch: bool | str | None = None) -> None:
+                 on_small_failure: str = "large", prefetch: str = DEFAULT_PREFETCH) -> None:
         self.backend = connect(preset=preset, large=large, small=small, profile=profile, family=family,
                                client=client, transport=transport, on_small_failure=on_small_failure,
                                prefetch=prefetch)
@@ -208,31 +206,38 @@ class Relay:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def plan(self, method: str = "relay", **kwargs: Any) -> RelayPlan:
-        return self.backend.plan(method, **kwargs)
+    def plan(self, method: str | None = None, settings: RunSettings | None = None, **kwargs: Any) -> RelayPlan:
+        """A run's plan, as `run` would make it (settings whole or as keyword arguments)."""
+        return self.backend.plan(_settings(settings, kwargs, **({"method": method} if method else {})))
 
-    def run(self, question: str | list[dict[str, str]], method: str = "relay", *,
-            profile: str | CueProfile | None = None, on_delta: Any = None, **plan_kwargs: Any) -> RelayResult:
-        """One relay (method relay) or one-model baseline (single-large, single-small).
-        plan_kwargs: max_tokens, answer_role, temperature, top_p, top_k, seed, cue_match,
-        prefetch, cancel (a threading.Event that stops the run), deadline_s, protocol
-        ("relaygen-sgl" or "reference": the reference implementation's protocol, docs/fidelity.md),
-        answer_reserve (tokens of max_tokens kept for the answer; our protocol only)."""
-        with _deadline(plan_kwargs):
-            plan = self.backend.plan(method, profile=profile, on_delta=on_delta, **plan_kwargs)
-            result = self._run(load_program(method), {"question": question, "plan": plan})
+    def run(self, question: str | list[dict[str, str]], method: str | None = None, *,
+            settings: RunSettings | None = None, on_delta: Any = None, cancel: threading.Event | None = None,
+            **kwargs: Any) -> RelayResult:
+        """One relay (method relay) or one-model baseline (single-large, single-small). The
+        run's settings come as `settings` or as keyword arguments (core/run_settings.py:
+        max_tokens, answer_role, temperature, top_p, top_k, seed, cue_match, prefetch,
+        protocol, answer_reserve, deadline_s, profile ...). `on_delta(role, text)` hears the
+        text as it is written; a set `cancel` stops the run."""
+        settings = _settings(settings, kwargs, **({"method": method} if method else {}))
+        control = RunControl(on_delta, cancel or threading.Event())
+        with _deadline(settings, control):
+            plan = self.backend.plan(settings, control)
+            result = self._run(load_program(settings.method), {"question": question, "plan": plan})
         if not isinstance(result, RelayResult):
-            raise RelayAborted(f"the program {method} returned no RelayResult")
+            raise RelayAborted(f"the program {settings.method} returned no RelayResult")
         return result
 
-    def run_program(self, program: str | Any, arguments: dict[str, Any], **plan_kwargs: Any) -> dict[str, Any]:
+    def run_program(self, program: str | Any, arguments: dict[str, Any], settings: RunSettings | None = None,
+                    **kwargs: Any) -> dict[str, Any]:
         """Any program (a bundled name, a .py path or an SglFunction) as one JSON-ready record:
         its trajectory's result, then what it returned (a dict's keys, else under "output")."""
         func = load_program(program) if isinstance(program, str) else program
         args = {k: v for k, v in arguments.items() if accepts(func, k)}
-        with _deadline(plan_kwargs):
+        settings = _settings(settings, kwargs)
+        control = RunControl()
+        with _deadline(settings, control):
             if accepts(func, "plan"):
-                args["plan"] = self.backend.plan(**plan_kwargs)
+                args["plan"] = self.backend.plan(settings, control)
             value, state = self._run(func, args, with_state=True)
         record = self._state_result(state).to_dict(token_ids=False)
         if isinstance(value, RelayResult):
@@ -260,7 +265,7 @@ class Relay:
             raise RelayAborted(f"the program failed: {what}", partial=partial) from error
         return (state.ret_value, state) if with_state else state.ret_value
 
-    def stream(self, question: str | list[dict[str, str]], method: str = "relay",
+    def stream(self, question: str | list[dict[str, str]], method: str | None = None,
                **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Yield (role, text delta) as tokens arrive, across switches; the last item is
         ("result", RelayResult). An item ("rerouted", text) says the small server failed
@@ -283,16 +288,22 @@ class Relay:
             yield item
 
 
+def _settings(settings: RunSettings | None, kwargs: dict[str, Any], **base: Any) -> RunSettings:
+    """The run's settings: given whole, or built from keyword arguments (not both)."""
+    if settings is not None:
+        if kwargs:
+            raise ConfigError(f"give settings or keyword settings, not both: {', '.join(sorted(kwargs))}")
+        return settings.but(**base) if base else settings
+    return RunSettings.of({**base, **kwargs})
+
+
 @contextlib.contextmanager
-def _deadline(plan_kwargs: dict[str, Any]) -> Iterator[None]:
-    """`deadline_s` in a run's settings: past it the run stops as a cancelled one (its SGLang
-    requests aborted); turned into the plan's cancel event."""
-    deadline_s = plan_kwargs.pop("deadline_s", None)
-    if not deadline_s:
+def _deadline(settings: RunSettings, control: RunControl) -> Iterator[None]:
+    """Past the settings' deadline the run stops as a cancelled one (its SGLang requests aborted)."""
+    if settings.deadline_s is None:
         yield
         return
-    cancel = plan_kwargs.setdefault("cancel", threading.Event())
-    timer = threading.Timer(deadline_s, cancel.set)
+    timer = threading.Timer(settings.deadline_s, control.cancel.set)
     timer.daemon = True
     timer.start()
     try:
@@ -308,18 +319,17 @@ def _empty_stats() -> Any:
 
 
 def relay(question: str, *, large: str | None = None, small: str | None = None, preset: str | None = None,
-          profile: str | CueProfile | None = None, method: str = "relay", **kwargs: Any) -> RelayResult:
-    """One relay (or single-model) run. kwargs: max_tokens, answer_role, temperature, top_p,
-    top_k, seed."""
+          profile: str | CueProfile | None = None, method: str | None = None, **kwargs: Any) -> RelayResult:
+    """One relay (or single-model) run; kwargs are run settings (core/run_settings.py)."""
     with Relay(preset=preset, large=large, small=small, profile=profile) as r:
         return r.run(question, method, **kwargs)
 
 
 def stream_relay(question: str, *, large: str | None = None, small: str | None = None,
                  preset: str | None = None, profile: str | CueProfile | None = None,
-                 method: str = "relay", **kwargs: Any) -> Iterator[tuple[str, Any]]:
+                 method: str | None = None, **kwargs: Any) -> Iterator[tuple[str, Any]]:
     with Relay(preset=preset, large=large, small=small, profile=profile) as r:
         yield from r.stream(question, method, **kwargs)
 
 
-__all__ = ["ROLES", "DEFAULT_BUDGET", "Relay", "connect", "relay", "stream_relay", "resolve_urls"]
+__all__ = ["ROLES", "DEFAULT_BUDGET", "Relay", "RunSettings", "connect", "relay", "stream_relay", "resolve_urls"]

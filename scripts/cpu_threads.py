@@ -1,7 +1,7 @@
 """Pick the CPU presets' thread policy by measurement (issue 15).
 
-One cpu-tiny pair per candidate policy (each on its own ports and home; at most 3 pairs
-on 24 GiB: a CPU server holds about 3.5 GB), all started before any load runs; then
+One cpu-tiny pair per candidate policy (each on its own ports and home; each pair holds two
+CPU servers' memory, which bounds how many run at once), all started before any load runs; then
 `bench.run_load` (relay and single-large interleaved per level) on every pair in turn,
 for several rounds, the order of pairs rotated each round.
 An idle pair sleeps (--sleep-on-idle), so the pairs do not disturb each other.

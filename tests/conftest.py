@@ -37,7 +37,7 @@ def backend(fake):
 
     for url in (LARGE, SMALL):
         fake.add_host(url, [])
-    be = connect(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", prefetch=False,
+    be = connect(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", prefetch="off",
                  client=ClientConfig(retries=0, backoff_s=0.0), transport=fake.transport)
     prompt = be.plan().render(QUESTION)
     tape = be.tokenizer.encode(prompt) + be.tokenizer.encode(ANSWER) + [fake.eos_id]

@@ -6,7 +6,7 @@ import pytest
 from doubles import LARGE, SMALL
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.bench.handoff import idle_floor
+from relaygen_sgl.bench.replay import idle_floor
 from relaygen_sgl.bench.report import markdown
 from relaygen_sgl.bench.runner import (
     BenchConfig,
@@ -108,7 +108,7 @@ def test_spread_and_markdown():
 
 
 def test_handoffs_are_the_turns_after_the_other_roles_turn(fake):
-    relay = bench_relay(fake, prefetch=False)
+    relay = bench_relay(fake, prefetch="off")
     results = []
     # the model closes thinking itself; then it ends thinking with an EOS, and the program
     # inserts "</think>" before the small model's answer turn
@@ -131,7 +131,7 @@ def test_handoffs_are_the_turns_after_the_other_roles_turn(fake):
 
 
 def test_load_levels_run_every_question_in_waves_and_interleave(fake):
-    relay = bench_relay(fake, prefetch=False)
+    relay = bench_relay(fake, prefetch="off")
     qs = [Q, "What is 3 + 2?", "What is 1 + 4?"]
     order = record_runs(relay)
     cfg = BenchConfig(preset="cpu-tiny", questions=3, load_levels=(1, 2, 4), load_max_tokens=60, load_prefetch=(),
@@ -220,7 +220,7 @@ def test_the_floor_caches_a_prefix_then_adds_two_tokens_after_each_gap_interleav
 
 
 def test_the_floor_part_measures_each_server_once_and_reports_over_the_decode_step(fake):
-    relay = bench_relay(fake, think=THINK * 3, prefetch=False)
+    relay = bench_relay(fake, think=THINK * 3, prefetch="off")
     res = relay.run(Q, max_tokens=200)
     out = run_floor(relay, [res], decode_step=0.05, trials=1)
     assert set(out) == {"large", "small"}
@@ -231,7 +231,7 @@ def test_the_floor_part_measures_each_server_once_and_reports_over_the_decode_st
     gens = [r for r in fake.hosts[SMALL.split("//")[1]].requests if r["sampling_params"].get("max_new_tokens") == 6]
     assert len(gens) == 3 and all(g["input_ids"][: len(res.prompt_ids)] == res.prompt_ids for g in gens)
     one = Relay(preset="cpu-tiny", large=LARGE, small=LARGE, family="qwen3",
-                client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, prefetch=False)
+                client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, prefetch="off")
     assert set(run_floor(one, [res], decode_step=0.05, trials=1)) == {"large"}  # one server: measured once
 
 

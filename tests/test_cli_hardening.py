@@ -89,7 +89,7 @@ class StubRelay:
     def __exit__(self, *exc):
         pass
 
-    def run_program(self, func, arguments, **plan_kwargs):
+    def run_program(self, func, arguments, settings=None):
         return self.results[arguments["question"]]
 
 
@@ -233,10 +233,10 @@ def test_the_sglang_api_key_reaches_servers_and_clients_but_no_command_line(monk
 
     from relaygen_sgl.client.http import ClientConfig, EngineClient
     from relaygen_sgl.core.config import load_preset, sglang_api_key
-    from relaygen_sgl.servers import plan, processes
+    from relaygen_sgl.servers import launch, processes
 
     monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "s3cret-key")
-    cmd = plan.server_command(load_preset("cpu-tiny"), "large", load_settings(), api_key=sglang_api_key())
+    cmd = launch.server_command(load_preset("cpu-tiny"), "large", load_settings(), api_key=sglang_api_key())
     assert "s3cret-key" not in " ".join(cmd.argv) and "--api-key" not in cmd.argv
     config = cmd.argv[cmd.argv.index("--config") + 1]
     assert open(config).read() == 'api-key: "s3cret-key"\n' and stat.S_IMODE(os.stat(config).st_mode) == 0o600

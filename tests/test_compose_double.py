@@ -85,7 +85,7 @@ def test_a_failing_server_gives_the_typed_error_with_the_partial_trajectory(fake
 
 def test_with_the_small_server_down_at_start_forks_selects_and_small_routes_run_on_the_large_one(fake):
     fake.add_host(LARGE, [])  # the small server never answers
-    be = connect(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", prefetch=False,
+    be = connect(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", prefetch="off",
                  client=ClientConfig(retries=0, backoff_s=0.0), transport=fake.transport)
     try:
         fake.hosts["large.test:1"].tape = (be.tokenizer.encode(be.plan().render(QUESTION))

@@ -95,16 +95,16 @@ def test_the_driver_must_support_the_cuda_torch_was_built_for(driver, verdict):
 
 
 def test_gpu_count_and_free_memory_against_the_plan(monkeypatch):
-    monkeypatch.setattr("relaygen_sgl.servers.plan.subprocess.run", Smi(free_mib=(81000, 81000, 20000)))
+    monkeypatch.setattr("relaygen_sgl.servers.gpus.subprocess.run", Smi(free_mib=(81000, 81000, 20000)))
     env: dict[str, str] = {}
     got = check_gpus(load_preset("qwen3-32b-1.7b"), False, env, Smi(free_mib=(81000, 81000, 20000)))
     assert got.verdict == "FAIL" and "needs 40 GiB free on each (GPU 2 short)" in got.detail
-    monkeypatch.setattr("relaygen_sgl.servers.plan.subprocess.run", Smi(free_mib=(81000,)))
+    monkeypatch.setattr("relaygen_sgl.servers.gpus.subprocess.run", Smi(free_mib=(81000,)))
     one = check_gpus(load_preset("qwen3-32b-1.7b-1gpu"), False, env, Smi(free_mib=(81000,)))
     assert one.verdict == "ok" and "both servers fit: large --mem-fraction-static 0.858, small" in one.detail
     too_few = check_gpus(load_preset("qwen3-32b-1.7b"), False, env, Smi(free_mib=(81000,)))
     assert too_few.verdict == "FAIL" and "needs 3 GPUs" in too_few.detail
-    monkeypatch.setattr("relaygen_sgl.servers.plan.subprocess.run", Smi(free_mib=(30000,)))
+    monkeypatch.setattr("relaygen_sgl.servers.gpus.subprocess.run", Smi(free_mib=(30000,)))
     small = check_gpus(load_preset("qwen3-32b-1.7b-1gpu"), False, env, Smi(free_mib=(30000,)))
     assert small.verdict == "FAIL" and "needs 77 GiB free on its GPU" in small.detail
 

@@ -19,7 +19,8 @@ from relaygen_sgl.core import config
 from relaygen_sgl.core.config import load_preset, load_settings, parallel_size, preset_names
 from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.servers import stack
-from relaygen_sgl.servers.plan import Visible, allocate, devices_for, dry_run, server_command, visible_devices
+from relaygen_sgl.servers.gpus import Visible, allocate, devices_for, visible_devices
+from relaygen_sgl.servers.launch import dry_run, server_command
 
 QWEN = "qwen3-32b-1.7b"
 

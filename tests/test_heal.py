@@ -18,7 +18,7 @@ from relaygen_sgl.cli import main as cli
 from relaygen_sgl.core.config import load_preset, load_settings
 from relaygen_sgl.core.errors import ConfigError, LaunchError, StackError
 from relaygen_sgl.servers import stack
-from relaygen_sgl.servers.plan import ServerCommand, dry_run
+from relaygen_sgl.servers.launch import ServerCommand, dry_run
 from relaygen_sgl.servers.processes import start_server, start_ticks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def stand_ins(monkeypatch):
     monkeypatch.setattr(stack, "start_server", fake_start)
     monkeypatch.setattr(stack, "answers_generation", fake_answers)
     monkeypatch.setattr("relaygen_sgl.servers.processes.answers_generation", fake_answers)
-    monkeypatch.setattr("relaygen_sgl.servers.plan.gpu_memory", lambda *a, **k: {})
+    monkeypatch.setattr("relaygen_sgl.servers.launch.gpu_memory", lambda *a, **k: {})
     settings = load_settings()
     yield settings, answering, started
     if settings.state_file.exists():
@@ -166,7 +166,7 @@ def test_up_beyond_loopback_without_a_key_is_refused_before_anything_starts(monk
 
 
 def test_loopback_or_a_key_passes_the_exposure_check(monkeypatch):
-    from relaygen_sgl.servers.plan import check_exposure
+    from relaygen_sgl.servers.launch import check_exposure
 
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         check_exposure(load_preset("cpu-tiny"), host, None)
@@ -192,12 +192,12 @@ def test_serve_sh_beyond_loopback_needs_the_key():
 def test_healing_on_a_shared_gpu_keeps_the_fractions_of_the_first_plan(stand_ins, monkeypatch):
     """The large server kept holds ~68 GiB: measured now, the GPU would look too small; the small
     server gets the fraction it had, computed for the memory free before the large one started."""
-    from relaygen_sgl.servers.plan import GpuMemory
+    from relaygen_sgl.servers.gpus import GpuMemory
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     settings, answering, started = stand_ins
     free = {"0": GpuMemory(79.1, 79.6)}
-    monkeypatch.setattr("relaygen_sgl.servers.plan.gpu_memory", lambda *a, **k: free)
+    monkeypatch.setattr("relaygen_sgl.servers.launch.gpu_memory", lambda *a, **k: free)
     seen: list[tuple] = []
     real_start = stack.start_server
 

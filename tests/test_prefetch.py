@@ -10,7 +10,8 @@ import pytest
 from doubles import LARGE, QUESTION, SMALL
 
 from relaygen_sgl.core.errors import ConfigError, EngineUnreachable
-from relaygen_sgl.runtime.prefetch import Prefetcher, Prefetching, PrefetchRule, prefetch_mode
+from relaygen_sgl.core.run_settings import RunSettings
+from relaygen_sgl.runtime.prefetch import Prefetcher, Prefetching, PrefetchRule
 
 
 class Engine:
@@ -45,7 +46,7 @@ def test_offers_while_one_runs_are_dropped_not_queued():
     assert eng.sent == [[1, 2, 3]]
     pf.offer([3, 4, 5, 6])  # the next token after it ended
     settle(pool)
-    assert eng.sent == [[1, 2, 3], [1, 2, 3, 4, 5, 6]] and pf.requests == 2
+    assert eng.sent == [[1, 2, 3], [1, 2, 3, 4, 5, 6]]
     pf.offer([3, 4])  # a shorter prefix than one already sent is not sent again
     settle(pool)
     assert len(eng.sent) == 2
@@ -60,7 +61,7 @@ def test_nothing_is_sent_after_close_and_a_failure_is_only_a_colder_handoff():
     settle(pool)
     pf.offer([2, 3])  # the failed one freed the slot
     settle(pool)
-    assert eng.sent == [[1, 2], [1, 2, 3]] and pf.requests == 0
+    assert eng.sent == [[1, 2], [1, 2, 3]]
     pf.close()
     pf.offer([2, 3, 4])
     settle(pool)
@@ -108,13 +109,13 @@ def test_a_prefetch_to_a_dead_server_frees_its_worker_at_once_no_backoff():
         pf = prefetching.start("on", engine, None, [1, 2], prefix=True, receiver=("x", None), sender=("y", None))
         assert pf is not None
         deadline = time.monotonic() + 5
-        while prefetching.counts["failed"] == 0 and time.monotonic() < deadline:
+        while prefetching.snapshot()["failed"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert prefetching.counts["failed"] == 1 and time.monotonic() - t0 < 1.5
+        assert prefetching.snapshot()["failed"] == 1 and time.monotonic() - t0 < 1.5
         pf.offer([3])  # the one worker is free again
-        while prefetching.counts["failed"] < 2 and time.monotonic() < deadline:
+        while prefetching.snapshot()["failed"] < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert prefetching.counts == {"failed": 2}
+        assert prefetching.snapshot() == {"failed": 2}
 
 
 def test_the_prefix_at_once_then_every_nth_token():
@@ -158,7 +159,7 @@ def test_auto_declines_where_other_turns_run_on_the_receiver_and_on_speculative_
     assert pf.allows(spec, small)
     with pf.load.turn(spec):
         assert not pf.allows(spec, small)  # a lower threshold for a speculative receiver
-    assert pf.counts["declined"] == 2
+    assert pf.snapshot()["declined"] == 2
     # a DP rank is its own queue
     with pf.load.turn(("http://small:2", 0)), pf.load.turn(("http://small:2", 0)):
         assert pf.allows(("http://small:2", 1), large) and not pf.allows(("http://small:2", 0), large)
@@ -183,9 +184,10 @@ def test_the_spacing_per_mode_and_the_preset_data():
     assert cpu == PrefetchRule(every=2, auto_every=0, max_load=0, max_load_speculative=-1, shared_device=True)
     gpu = PrefetchRule.of(load_preset("qwen3-32b-1.7b"))
     assert gpu == PrefetchRule(every=64, auto_every=None, max_load=0, max_load_speculative=-1, shared_device=False)
-    assert prefetch_mode(True) == "on" and prefetch_mode(False) == "off" and prefetch_mode(None) is None
-    with pytest.raises(ConfigError, match="prefetch must be one of auto, on, off"):
-        prefetch_mode("sometimes")
+    # the mode is its string throughout: a bool or another word is refused where settings are made
+    for bad in ("sometimes", True, False):
+        with pytest.raises(ConfigError, match="prefetch must be one of auto, on, off"):
+            RunSettings(prefetch=bad)
 
 
 def test_a_prefetch_finds_a_free_worker_or_is_dropped_and_counted_never_queued():
@@ -193,19 +195,19 @@ def test_a_prefetch_finds_a_free_worker_or_is_dropped_and_counted_never_queued()
     pf = Prefetching(PrefetchRule(every=1), workers=1)
     first = pf.start("on", eng, None, [1], prefix=True, receiver=("s", None), sender=("l", None))
     second = pf.start("on", eng, None, [9], prefix=True, receiver=("s", None), sender=("l", None))
-    assert pf.counts["no_worker"] == 1
+    assert pf.snapshot()["no_worker"] == 1
     eng.release.set()
     pf.submit(lambda: None)  # waits for nothing: the worker is free again once the first ends
     for _ in range(100):
-        if pf.counts["sent"] == 1:
+        if pf.snapshot()["sent"] == 1:
             break
         threading.Event().wait(0.02)
     second.offer([10])  # the dropped one left no trace: its next offer goes out
     for _ in range(100):
-        if pf.counts["sent"] == 2:
+        if pf.snapshot()["sent"] == 2:
             break
         threading.Event().wait(0.02)
-    assert eng.sent == [[1], [9, 10]] and first.requests == 1 and second.requests == 1
+    assert eng.sent == [[1], [9, 10]] and first is not None and second is not None
 
 
 # ---------------------------------------------------------------- on the SGLang doubles
@@ -246,7 +248,7 @@ def test_single_model_runs_send_no_prefetch(fake, mode):
         res = relay.run(QUESTION, method, max_tokens=60, prefetch=mode)
         assert res.stats.large_tokens + res.stats.small_tokens > 0
     assert [len(prefetches(h)) for h in fake.hosts.values()] == [0, 0]
-    assert relay.backend.prefetching.counts["sent"] == 0
+    assert relay.backend.prefetching.snapshot()["sent"] == 0
     relay.run(QUESTION, "relay", max_tokens=60, prefetch=mode)  # the relay itself still does (but off)
     assert (sum(len(prefetches(h)) for h in fake.hosts.values()) > 0) == (mode != "off")
 
@@ -276,7 +278,7 @@ def test_auto_sends_nothing_to_a_server_running_more_turns_than_the_threshold(fa
         sent = [r for r in during if r["sampling_params"]["max_new_tokens"] == 0]
         assert bool(sent) == expect_prefetch, (threshold, len(sent))
         if not expect_prefetch:
-            assert relay.backend.prefetching.counts["declined"] > 0
+            assert relay.backend.prefetching.snapshot()["declined"] > 0
         relay.close()
         fake.hosts.clear()
 
@@ -291,7 +293,7 @@ def test_auto_at_batch_1_prefetches_as_on_does(fake):
         res = relay.run(QUESTION, max_tokens=80)
         assert "small" in [s.role for s in res.segments]
         sent[mode] = {name: [len(r["input_ids"]) for r in prefetches(h)] for name, h in fake.hosts.items()}
-        assert relay.backend.prefetching.counts["declined"] == 0
+        assert relay.backend.prefetching.snapshot()["declined"] == 0
         relay.close()
         fake.hosts.clear()
     # which tokens a prefetch covers depends on timing (an offer while one runs is dropped), so
@@ -301,8 +303,8 @@ def test_auto_at_batch_1_prefetches_as_on_does(fake):
 
 
 def test_the_cpu_presets_auto_sends_the_prompt_only(fake):
-    relay = relay_on(fake, None)  # the preset's rule, the default mode (auto)
-    assert relay.backend.prefetch == "auto" and relay.backend.prefetching.rule.auto_every == 0
+    relay = relay_on(fake, "auto")  # the preset's rule, the default mode (auto)
+    assert relay.backend.prefetching.default == "auto" and relay.backend.prefetching.rule.auto_every == 0
     for h in fake.hosts.values():
         h.chunk_delay_s = 0.005
     res = relay.run(QUESTION, max_tokens=80)
@@ -330,7 +332,7 @@ def test_the_answer_turn_warms_nothing_no_turn_follows_it(fake):
 
 
 def test_a_speculative_server_is_known_from_its_server_info(fake):
-    relay = relay_on(fake, None)
+    relay = relay_on(fake, "auto")
     assert relay.backend.prefetching.speculative == frozenset()
     relay.close()
     fake.hosts.clear()

@@ -8,7 +8,7 @@ import pytest
 from relaygen_sgl.core.config import cpu_shim_dir, data_path, load_preset, load_settings, preset_names
 from relaygen_sgl.core.cues import available_profiles, load_profile
 from relaygen_sgl.core.errors import ConfigError
-from relaygen_sgl.servers.plan import server_command
+from relaygen_sgl.servers.launch import server_command
 
 
 def test_all_presets_load_keep_the_radix_cache_and_use_lpm():

@@ -11,7 +11,7 @@ import io
 import pytest
 
 from relaygen_sgl.core.config import ROLES, Settings, load_preset, preset_names
-from relaygen_sgl.servers.plan import server_command
+from relaygen_sgl.servers.launch import server_command
 
 
 def _sglang_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from relaygen_sgl.runtime.prefetch import PrefetchRule
 
 
 def make_relay(fake, cues=("Therefore", "now", "Thus,", "Other", "Any"), family=None, retries=0,
-               prefetch=False) -> Relay:
+               prefetch="off") -> Relay:
     # prefetch off by default here: these tests count each host's requests
     profile = CueProfile(name="t", models={}, cues=tuple(cues)).validate()
     return Relay(preset="cpu-tiny", large=LARGE, small=SMALL, profile=profile, family=family,
@@ -356,7 +356,7 @@ def test_prefetch_warms_the_other_server_and_never_changes_a_token(fake):
         h.cache.clear()
         h.requests.clear()
         h.chunk_delay_s = 0.02
-    warm_relay = make_relay(fake, family="qwen3", prefetch=True)
+    warm_relay = make_relay(fake, family="qwen3", prefetch="on")
     assert warm_relay.backend.prefetching.rule.every == 2  # the cpu-tiny preset's; every token here
     warm_relay.backend.prefetching.rule = PrefetchRule(every=1)
     warm = warm_relay.run(QUESTION, max_tokens=500)
@@ -381,7 +381,7 @@ def test_prefetch_warms_the_other_server_and_never_changes_a_token(fake):
         sent = [r for r in fake.hosts[other.split("//")[1]].requests
                 if r["sampling_params"]["max_new_tokens"] == 0 and r["input_ids"] == ids[:at]]
         assert len(sent) == (0 if before == ("small" if role == "large" else "large") else 1), (role, before, at)
-    no = make_relay(fake, family="qwen3", prefetch=True).run(QUESTION, max_tokens=500, prefetch=False)
+    no = make_relay(fake, family="qwen3", prefetch="on").run(QUESTION, max_tokens=500, prefetch="off")
     assert no.token_ids == cold.token_ids
 
 

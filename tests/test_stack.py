@@ -15,7 +15,7 @@ from relaygen_sgl.core.config import client_url, load_settings
 from relaygen_sgl.core.errors import LaunchError, StackError
 from relaygen_sgl.core.files import exclusive
 from relaygen_sgl.servers import stack
-from relaygen_sgl.servers.plan import server_plan
+from relaygen_sgl.servers.launch import launch_plan
 from relaygen_sgl.servers.processes import port_in_use, start_ticks
 
 
@@ -157,7 +157,7 @@ def test_up_checks_the_ports_on_the_host_it_will_bind(monkeypatch):
 
 def test_up_gives_each_server_its_own_gpus_and_records_them(monkeypatch):
     from relaygen_sgl.core.config import load_preset
-    from relaygen_sgl.servers.plan import ServerCommand
+    from relaygen_sgl.servers.launch import ServerCommand
     from relaygen_sgl.servers.processes import start_server
 
     seen = []
@@ -181,6 +181,6 @@ def test_up_gives_each_server_its_own_gpus_and_records_them(monkeypatch):
         assert [r.get("devices") for r in recorded] == ["0,1", "2,3", None, "4"]
     finally:
         stack.down(settings)
-    plan = server_plan(load_preset("cpu-tiny"), settings, replicas={"large": 1, "small": 2})
+    plan = launch_plan(load_preset("cpu-tiny"), settings, replicas={"large": 1, "small": 2})
     assert [(p.role, p.kind, p.replica) for p in plan.processes] == [
         ("large", "server", 0), ("small", "server", 0), ("small", "server", 1), ("small", "router", 2)]

@@ -21,7 +21,7 @@ import orjson
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.bench import machine
-from relaygen_sgl.bench.handoff import FLOOR_TRIALS, FORMATS, handoffs_only, idle_floor, replay
+from relaygen_sgl.bench.replay import FLOOR_TRIALS, FORMATS, handoffs_only, idle_floor, replay
 from relaygen_sgl.client.http import EngineClient
 from relaygen_sgl.core.config import METHODS
 from relaygen_sgl.core.datasets import load_problems
@@ -38,16 +38,17 @@ class BenchConfig:
     load_levels: tuple[int, ...] = (1, 2, 4, 16)
     load_max_tokens: int = 256
     dataset: str = "aime25"
-    # Live handoffs, once per question: most relays on a short budget switch once or never,
-    # and a mean over the 4 handoffs of the speed questions was one collision away from another.
+    # Live handoffs, once per question: most relays on a short budget switch once or never, so
+    # the speed questions alone give a handful of handoffs, whose mean one collision moves.
     handoff_questions: int = 12
     # The load part's relay once per prefetch mode, interleaved with single-large; the first
     # is "relay" in the report, each further one is compared with it (auto against off: does
     # the load-aware prefetch cost anything under load?). (): the backend's default mode only.
     load_prefetch: tuple[str, ...] = ("auto", "off")
-    # Rounds of the load part per level: two cases that do the same work (auto and off at 16
-    # concurrent, where auto sent 1 prefetch) read 0.92-1.09 of each other from one round each
-    # on the 2-core Xeon; pooled over rounds in A B, B A order, drift and noise weigh less.
+    # Rounds of the load part per level: from one round each, two cases that do the same work
+    # (auto and off at 16 concurrent, where auto sends next to no prefetch) read further apart
+    # than the effects the part looks for; pooled over rounds in A B, B A order, drift and
+    # noise weigh less.
     load_rounds: int = 2
     protocol: str = "relaygen-sgl"  # "reference": every run under the reference implementation's protocol
 
@@ -174,11 +175,7 @@ def handoff_summary(segs: list[Segment]) -> dict[str, Any]:
 
 def server_roles(relay: Relay) -> dict[str, EngineClient]:
     """Each server once, under the first role it serves (both roles may be one)."""
-    out: dict[str, EngineClient] = {}
-    for role, e in relay.engines.items():
-        if all(e is not other for other in out.values()):
-            out[role] = e
-    return out
+    return relay.backend.servers
 
 
 def servers_of(relay: Relay) -> list[EngineClient]:
@@ -213,7 +210,7 @@ def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
 
 def run_floor(relay: Relay, results: list[RelayResult], decode_step: float | None,
               trials: int = FLOOR_TRIALS) -> dict[str, Any]:
-    """Each server's floor for a handoff (bench.handoff.idle_floor), cut from these relays'
+    """Each server's floor for a handoff (bench.replay.idle_floor), cut from these relays'
     trajectories (the longest of each prompt: two of one prompt share their first tokens), each
     server from a flushed cache; `over_decode_step`: each gap's median first token over the
     large model's decode step, the denominator of the live handoffs' ratio."""
@@ -228,7 +225,7 @@ def run_floor(relay: Relay, results: list[RelayResult], decode_step: float | Non
     for role, eng in server_roles(relay).items():
         eng.flush_cache(timeout_s=30)  # only this server's cache holds what the floor measures
         # behind SGLang's DP router the two requests of a sample must meet on one rank
-        extra = {"routed_dp_rank": 0} if relay.backend.dp_sizes.get(role) else None
+        extra = relay.backend.pin(role) or None
         floor = idle_floor(eng, sequences, trials=trials, extra=extra)
         first = {gap: spread(v) for gap, v in floor["first_token_s"].items()}
         out[role] = {**floor, "first_token_s": first, "reprefilled_tokens": spread(floor["reprefilled_tokens"]),
@@ -281,8 +278,8 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
     The first mode's relay is "relay"; each further one is load_variant(mode), with its
     tokens/s over single-large, and the first's over it (`relay_<first>_over_<mode>`).
     Every run starts from flushed caches: the live handoffs before end on flushed ones, so
-    otherwise the first run of level 1 alone prefilled its prompts cold (it measured 0.89-0.95x
-    the next runs of the same relays)."""
+    otherwise the first run of level 1 alone would prefill its prompts cold and read slower
+    than the next runs of the same relays."""
     engines = servers_of(relay)
     modes = tuple(cfg.load_prefetch) or (None,)
     runs = [("relay", modes[0], "relay"), *(("relay", m, load_variant(m)) for m in modes[1:]),
@@ -308,13 +305,13 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
 
                 for e in engines:
                     e.flush_cache(timeout_s=30)
-                sent = relay.backend.prefetching.counts["sent"]
+                sent = relay.backend.prefetching.snapshot()["sent"]
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(max_workers=level) as pool:
                     list(pool.map(lambda a: one(*a), enumerate(qs)))
                 wall = time.perf_counter() - t0
                 done[name].append({"tokens": tokens, "wall": wall, "lat": lat,
-                                   "sent": relay.backend.prefetching.counts["sent"] - sent})
+                                   "sent": relay.backend.prefetching.snapshot()["sent"] - sent})
                 log(f"load {level} {name}: {tokens / wall:.1f} tok/s")
         by: dict[str, Any] = {}
         for method, mode, name in runs:
@@ -325,7 +322,7 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
                         "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
                         "tokens_per_s_by_round": [round(d["tokens"] / d["wall"], 2) for d in rounds],
                         "p50_latency_s": _pct(lat, 0.5), "p95_latency_s": _pct(lat, 0.95),
-                        "prefetch": (mode or relay.backend.prefetch) if method == "relay" else "off",
+                        "prefetch": (mode or relay.backend.prefetching.default) if method == "relay" else "off",
                         "prefetch_requests": sum(d["sent"] for d in rounds)}
         base = by["single-large"]["tokens_per_s"]
         by["relay_over_single_large"] = round(by["relay"]["tokens_per_s"] / base, 3) if base else None

@@ -127,11 +127,43 @@ def run_calibration(relay: Any, problems: Sequence[Any], settings: CalibrationSe
                     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> CalibrationReport:
     """Generate (cached), score (cached), compute the statistics, write the profile and figures.
     `relay` is an open api.Relay (its constructor already checked both servers' vocabularies)."""
-    from relaygen_sgl.jobs.batch import Prompt, run_batch
-
     if not problems:
         raise CalibrationError(f"data set {settings.data} holds no problems")
     candidates = tuple(candidates or load_candidates())
+    setup = _prepare(relay, problems[0], settings, paths)
+    meta, trajectories, failed = _generate(relay, problems, settings, paths, setup.gen_config, progress, log)
+    scored, score_failed = _score(relay.engines["small"], meta, trajectories, settings, paths, setup.score_config,
+                                  progress, log)
+    failed.update(score_failed)
+    if not scored:
+        first = next(iter(failed.values()), "nothing was generated")
+        raise CalibrationError(f"no trajectory could be generated and scored ({len(failed)} failed; first: {first})")
+    # 3-4. statistics and selection
+    stats = cue_statistics(scored, candidates, relay.tokenizer.decode)
+    chosen = _choose(stats, settings, len(scored))
+    profile = _build_profile(relay, setup, settings, paths, chosen, stats, scored,
+                             problems=len(problems), candidates=len(candidates), failed=len(failed))
+    # 5. the profile, written whole; 6. figures
+    _write_profile(profile, paths.out)
+    _write_figures(profile, stats, scored, paths, settings.data)
+    return CalibrationReport(profile, stats, paths, len(scored), failed,
+                             figures=[str(paths.delta_png), str(paths.trace_png)])
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What the steps of one run share: each role's server and model, the large model's
+    generation plan, and the config each cache is keyed by."""
+    models: dict[str, dict[str, Any]]
+    plan: Any
+    gen_config: dict[str, Any]
+    score_config: dict[str, Any]
+
+
+def _prepare(relay: Any, first: Any, settings: CalibrationSettings, paths: CalibrationPaths) -> _Setup:
+    """Everything that can fail fast does so before the slow part: an output that cannot be
+    written, a cache written for other models or settings, a small server that returns no
+    logprobs (probed on the first tokens of the first problem's prompt)."""
     for path, what in ((paths.out, "profile"), (paths.trajectories, "trajectory cache"),
                        (paths.margins, "margin cache"), (paths.delta_png, "figure"), (paths.trace_png, "figure")):
         check_writable(path, what)
@@ -144,12 +176,21 @@ def run_calibration(relay: Any, problems: Sequence[Any], settings: CalibrationSe
     score_config = {"small_model": models["small"]["model_path"], "top_logprobs_num": TOP_LOGPROBS}
     check_cache_config(paths.trajectories, "config", gen_config)
     check_cache_config(paths.margins, "config", score_config)
-    small = relay.engines["small"]
-    probe_logprobs(small, relay.tokenizer.encode(plan.render(problems[0].question))[:PROBE_TOKENS])
+    probe_logprobs(relay.engines["small"], relay.tokenizer.encode(plan.render(first.question))[:PROBE_TOKENS])
+    return _Setup(models, plan, gen_config, score_config)
 
-    # 1. trajectories, large model. The program is loaded once here: programs._load_module
-    # registers a module in sys.modules before executing it, so worker threads loading it
-    # at the same time can see it half-initialized ("has no attribute 'single'").
+
+def _generate(relay: Any, problems: Sequence[Any], settings: CalibrationSettings, paths: CalibrationPaths,
+              gen_config: dict[str, Any], progress: bool, log: Callable[[str], None],
+              ) -> tuple[dict[str, tuple[Any, int]], dict[str, dict[str, Any]], dict[str, str]]:
+    """Step 1: `samples` trajectories per problem by the large model, cached. Returns the
+    sample ids ("<problem id>#<j>" -> (problem, j)), this run's trajectory records by id, and
+    why each failed one failed."""
+    from relaygen_sgl.jobs.batch import Prompt, run_batch
+
+    # The program is loaded once here: programs._load_module registers a module in
+    # sys.modules before executing it, so worker threads loading it at the same time can
+    # see it half-initialized ("has no attribute 'single'").
     from relaygen_sgl.loader import load_program
 
     load_program("single-large")
@@ -168,9 +209,17 @@ def run_calibration(relay: Any, problems: Sequence[Any], settings: CalibrationSe
         raise KeyboardInterrupt
     trajectories = {k: v for k, v in ok_records(paths.trajectories).items() if k in meta}
     failed = {k: f"generation: {v}" for k, v in error_messages(paths.trajectories).items() if k in meta}
+    return meta, trajectories, failed
 
-    # 2. margins, small model, teacher-forced; a margin record whose trajectory changed since
-    # (its digest differs) is dropped and scored again
+
+def _score(small: Any, meta: dict[str, tuple[Any, int]], trajectories: dict[str, dict[str, Any]],
+           settings: CalibrationSettings, paths: CalibrationPaths, score_config: dict[str, Any], progress: bool,
+           log: Callable[[str], None]) -> tuple[list[ScoredTrajectory], dict[str, str]]:
+    """Step 2: the small model's margins over each trajectory, teacher-forced, cached. A margin
+    record whose trajectory changed since (its digest differs) is dropped and scored again.
+    Returns the trajectories paired with their margins, and why each failed one failed."""
+    from relaygen_sgl.jobs.batch import Prompt, run_batch
+
     digests = {k: digest(rec) for k, rec in trajectories.items()}
     stale = drop_stale_margins(paths.margins, digests)
     if stale:
@@ -185,49 +234,50 @@ def run_calibration(relay: Any, problems: Sequence[Any], settings: CalibrationSe
     log(f"calibrate: scoring {len(to_score)} trajectories with the small model -> {paths.margins}")
     if run_batch(to_score, paths.margins, score_one, concurrency=settings.concurrency, progress=progress).interrupted:
         raise KeyboardInterrupt
-    failed.update({k: f"scoring: {v}" for k, v in error_messages(paths.margins).items() if k in trajectories})
+    failed = {k: f"scoring: {v}" for k, v in error_messages(paths.margins).items() if k in trajectories}
     scored, mismatched = pair_scored(meta, trajectories, ok_records(paths.margins), digests)
     failed.update(mismatched)
-    if not scored:
-        first = next(iter(failed.values()), "nothing was generated")
-        raise CalibrationError(f"no trajectory could be generated and scored ({len(failed)} failed; first: {first})")
+    return scored, failed
 
-    # 3-4. statistics and selection
-    stats = cue_statistics(scored, candidates, relay.tokenizer.decode)
+
+def _choose(stats: CalibrationStats, settings: CalibrationSettings, n_scored: int) -> list[str]:
+    """Steps 3-4: the cues kept, best first; none kept is an error that names the best three."""
     chosen = select_cues(stats, settings.threshold, settings.min_count, settings.max_cues)
     if not chosen:
         best = sorted((s for s in stats.cues.values() if s.delta is not None), key=lambda s: -s.delta)[:3]
         hint = ", ".join(f"{s.cue!r} delta {s.delta:+.4f} x{s.occurrences}" for s in best) or "no cue occurred"
         raise CalibrationError(f"no candidate cue has delta > {settings.threshold} and at least "
-                               f"{settings.min_count} occurrences in {len(scored)} trajectories (best: {hint}); "
+                               f"{settings.min_count} occurrences in {n_scored} trajectories (best: {hint}); "
                                "lower --threshold/--min-count or add samples")
+    return chosen
+
+
+def _build_profile(relay: Any, setup: _Setup, settings: CalibrationSettings, paths: CalibrationPaths,
+                   chosen: Sequence[str], stats: CalibrationStats, scored: Sequence[ScoredTrajectory], *,
+                   problems: int, candidates: int, failed: int) -> CueProfile:
+    """The profile with its provenance (how it was made, from what), checked as a whole."""
     provenance = {
         "method": "RelayGen probability-margin calibration (arXiv 2602.06454): large-model trajectories "
                   "scored teacher-forced by the small model; cues kept when delta > threshold",
-        "preset": relay.preset.name if relay.preset else None, "family": relay.family.name, "models": models,
-        "data": settings.data, "problems": len(problems), "samples": settings.samples, "limit": settings.limit,
-        "max_tokens": settings.max_tokens, "sampling": dict(plan.sampling), "threshold": settings.threshold,
-        "min_count": settings.min_count, "max_cues": settings.max_cues, "candidates": len(candidates),
+        "preset": relay.preset.name if relay.preset else None, "family": relay.family.name, "models": setup.models,
+        "data": settings.data, "problems": problems, "samples": settings.samples, "limit": settings.limit,
+        "max_tokens": settings.max_tokens, "sampling": dict(setup.plan.sampling), "threshold": settings.threshold,
+        "min_count": settings.min_count, "max_cues": settings.max_cues, "candidates": candidates,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "trajectories": len(scored), "tokens": sum(len(t.completion_ids) for t in scored),
-        "model_tokens": stats.n_tokens, "failed": len(failed),
+        "model_tokens": stats.n_tokens, "failed": failed,
         "cache": {"trajectories": str(paths.trajectories), "margins": str(paths.margins)},
     }
     profile = CueProfile(
         name=settings.name or paths.out.stem,
-        models={role: str(models[role]["model_path"]) for role in ROLES},
+        models={role: str(setup.models[role]["model_path"]) for role in ROLES},
         cues=tuple(chosen), provenance=provenance, stats=stats.to_dict(),
     )
     try:
         profile.validate()
     except ConfigError as e:
         raise CalibrationError(f"the selected cues do not form a valid profile: {e}") from e
-
-    # 5. the profile, written whole; 6. figures
-    _write_profile(profile, paths.out)
-    _write_figures(profile, stats, scored, paths, settings.data)
-    return CalibrationReport(profile, stats, paths, len(scored), failed,
-                             figures=[str(paths.delta_png), str(paths.trace_png)])
+    return profile
 
 
 def _write_profile(profile: CueProfile, path: Path) -> None:

@@ -13,23 +13,23 @@ from relaygen_sgl.core.errors import CalibrationError, EngineError
 TOP_LOGPROBS = 2
 
 
-# Alignment of SGLang 0.5.23's input logprobs (read in .venv/.../sglang/srt):
-#   managers/schedule_batch.py:3030-3031  logprob_token_ids = req.origin_input_ids[global_start_idx + 1 :
-#       global_end_idx + 1]: the hidden state at input position p (p >= logprob_start_len) is scored
+# Alignment of SGLang 0.5.23's input logprobs (sglang/srt in the installed package):
+#   managers/schedule_batch.py (logprob_token_ids = req.origin_input_ids[global_start_idx + 1 :
+#       global_end_idx + 1]): the hidden state at input position p (p >= logprob_start_len) is scored
 #       against token p + 1, i.e. the distribution computed at p is the one that PREDICTS token p + 1.
-#   managers/scheduler_components/logprob_result_processor.py:38 (input_token_logprobs_val =
-#       [None] + input_token_logprobs[:-1]), :66 (input_top_logprobs_val = [None]) and :80 (.pop()):
+#   managers/scheduler_components/logprob_result_processor.py (input_token_logprobs_val =
+#       [None] + input_token_logprobs[:-1], input_top_logprobs_val = [None], then .pop()):
 #       a None is put first and the last distribution (the one that samples the new token) dropped,
 #       so entry k belongs to input token logprob_start_len + k and holds the distribution that
 #       predicts it; entry 0 (the token at logprob_start_len itself) is None whatever the start.
 #       The list has len(input_ids) - logprob_start_len entries.
-#   managers/scheduler_components/logprob_result_processor.py:50: input_token_logprobs_idx =
-#       origin_input_ids[logprob_start_len:], the same alignment (checked below when present).
-#   managers/tokenizer_manager.py:3118-3136, :2938: each top entry becomes a list of
-#       (logprob, token_id, text-or-None) tuples, an empty row becomes None; sent as meta_info["input_top_logprobs"].
-#   managers/schedule_batch.py:1774-1775: with return_logprob, the radix-cache prefix match is capped at
+#   the same file (input_token_logprobs_idx = origin_input_ids[logprob_start_len:]): the same
+#       alignment (checked below when present).
+#   managers/tokenizer_manager.py: each top entry becomes a list of (logprob, token_id,
+#       text-or-None) tuples, an empty row becomes None; sent as meta_info["input_top_logprobs"].
+#   managers/schedule_batch.py: with return_logprob, the radix-cache prefix match is capped at
 #       logprob_start_len, so a cached prompt never drops entries.
-#   managers/scheduler.py:3275-3276: logprob_start_len > len(input_ids) aborts the request.
+#   managers/scheduler.py: logprob_start_len > len(input_ids) aborts the request.
 # With logprob_start_len = len(prompt_ids) - 1, entry 0 is the last prompt token (None) and entry
 # j + 1 predicts completion token j: exactly the teacher-forced distribution the relay's small
 # model would sample that token from.

@@ -10,9 +10,7 @@ import orjson
 
 from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.config import ROLES
-from relaygen_sgl.core.errors import ConfigError, RelayAborted, RelayGenError
-
-EXIT_USAGE = 2
+from relaygen_sgl.core.errors import EXIT_USAGE, ConfigError, RelayAborted, RelayGenError
 
 
 def _emit_json(obj: object) -> None:
@@ -39,14 +37,26 @@ def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
     return r.preset.name if r.preset is not None else f"custom ({r.family.name}, profile {r.profile.name})"
 
 
-def _plan_kwargs(args: argparse.Namespace) -> dict:
-    if args.protocol == "reference" and args.answer_reserve:  # refused once, not per sample
-        raise ConfigError("--protocol reference shares the budget between thinking and the answer, as the reference "
-                          "does: it takes no --answer-reserve")
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                answer_role=args.answer_role, cue_match=args.cue_match,
-                prefetch={"on": True, "off": False}.get(args.prefetch), deadline_s=args.deadline,
-                protocol=args.protocol, answer_reserve=args.answer_reserve)
+# the run settings' flags (cli/main.py _add_server_args) and the RunSettings fields they set
+_SETTING_FLAGS = {"max_tokens": "max_tokens", "temperature": "temperature", "seed": "seed",
+                  "answer_role": "answer_role", "cue_match": "cue_match", "prefetch": "prefetch",
+                  "protocol": "protocol", "answer_reserve": "answer_reserve", "deadline": "deadline_s"}
+
+
+def run_settings(args: argparse.Namespace, **fixed: object):  # type: ignore[no-untyped-def]
+    """The command's run settings, built once from the flags it was given (an unset flag
+    leaves the setting's own default) and checked before any server is asked."""
+    from relaygen_sgl.core.run_settings import RunSettings, SettingError
+
+    given = {field: getattr(args, flag) for flag, field in _SETTING_FLAGS.items()
+             if getattr(args, flag, None) is not None}
+    try:
+        return RunSettings.of({**given, **fixed})
+    except SettingError as e:
+        flag = next((f for f, field in _SETTING_FLAGS.items() if field == e.setting), None)
+        if flag is None or e.setting in fixed:
+            raise
+        raise ConfigError(f"--{flag.replace('_', '-')}: {e}") from None
 
 
 # ---------------------------------------------------------------- commands
@@ -86,12 +96,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_server_command(args: argparse.Namespace) -> int:
     """For launch/serve.sh: `export K=V` lines, then the argv of one server of the plan
-    `relaygen up` makes (servers.plan.role_command), one item per line. With $DRY_RUN set
+    `relaygen up` makes (servers.launch.role_command), one item per line. With $DRY_RUN set
     and no GPU visible, devices 0..N-1 are assumed; a note goes to stderr."""
     import os
 
     from relaygen_sgl.core.config import load_preset, load_settings
-    from relaygen_sgl.servers.plan import role_command
+    from relaygen_sgl.servers.launch import role_command
 
     cmd, note = role_command(load_preset(args.preset), args.role, load_settings(), host=args.host,
                              assume=bool(os.environ.get("DRY_RUN")))
@@ -164,9 +174,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.question.strip():  # refused before any server is asked, as batch does
         raise ConfigError("the question is empty")
+    settings = run_settings(args, method=args.method)
     with open_relay(args) as r:
         try:
-            result = r.run(args.question, args.method, **_plan_kwargs(args))
+            result = r.run(args.question, settings=settings)
         except RelayAborted as e:
             if args.json and e.partial is not None:
                 _emit_json({**e.partial.to_dict(), "status": "error", "error": str(e)})
@@ -198,13 +209,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
     for problem in report.problems:
         sys.stderr.write(f"relaygen: {problem}\n")
     func = load_program(args.program)  # a bad name or path fails here, once, not per prompt
+    settings = run_settings(args, **({"method": args.program} if args.program in METHODS else {}))
     with claim_output(Path(args.prompts), Path(args.out)), open_relay(args) as r:
         if args.program in METHODS:
             def run_one(p):  # type: ignore[no-untyped-def]
-                return r.run(p.question, args.program, **_plan_kwargs(args)).to_dict(token_ids=args.ids)
+                return r.run(p.question, settings=settings).to_dict(token_ids=args.ids)
         else:
             def run_one(p):  # type: ignore[no-untyped-def]
-                return r.run_program(func, {"question": p.question, **p.extra}, **_plan_kwargs(args))
+                return r.run_program(func, {"question": p.question, **p.extra}, settings)
 
         summary = run_batch(report.prompts, Path(args.out), run_one, concurrency=args.concurrency,
                             progress=not args.no_progress, input_problems=report.problems)
@@ -226,14 +238,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from relaygen_sgl.core.datasets import load_problems
     from relaygen_sgl.jobs.evaluate import build_prompts, protocol_header, published_for, report, run_method
 
+    settings = run_settings(args)
     problems = load_problems(args.dataset)
     if args.limit:
         problems = problems[: args.limit]
-    reference = args.protocol == "reference"
+    reference = settings.reference
     # unseeded unless --seed S (sample j: seed S + j): as the reference samples, and without the
     # seeded sampler's work in every timed step
-    seeded = args.seed is not None
-    prompts = build_prompts(problems, args.k, args.protocol, seed=args.seed)
+    seeded = settings.seed is not None
+    if seeded:
+        settings.but(seed=settings.seed + args.k - 1)  # the last sample's seed is in range too
+    prompts = build_prompts(problems, args.k, settings.protocol, seed=settings.seed)
     # the reference ran one request at a time and unseeded (docs/fidelity.md)
     concurrency = args.concurrency or (1 if reference else 4)
     out = Path(args.out)
@@ -249,7 +264,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             def run_one(p, method=method):  # type: ignore[no-untyped-def]
                 question = ([{"role": "user", "content": p.extra["user_message"]}] if "user_message" in p.extra
                             else p.question)
-                return r.run(question, method, **{**_plan_kwargs(args), "seed": p.extra["seed"]}
+                return r.run(question, settings=settings.but(method=method, seed=p.extra["seed"])
                              ).to_dict(token_ids=False)
 
             print(f"{method}: {len(prompts)} samples ({len(problems)} problems x k={args.k})", file=sys.stderr)
@@ -262,10 +277,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         family = r.family.name
         published = published_for(r.preset.name if r.preset is not None else "", family, args.dataset)
     header = {"dataset": args.dataset, "preset": preset, "k": args.k, "limit": args.limit,
-              "max_tokens": args.max_tokens, "cue_match": args.cue_match,
+              "max_tokens": settings.max_tokens, "cue_match": settings.cue_match,
               "machine": machine.short(), "machine_detail": machine.describe(),
-              **protocol_header(args.protocol, k=args.k, max_tokens=args.max_tokens, concurrency=concurrency,
-                                seeded=seeded), "seed": args.seed,
+              **protocol_header(settings.protocol, k=args.k, max_tokens=settings.max_tokens,
+                                concurrency=concurrency, seeded=seeded), "seed": settings.seed,
               "published": published}
     result = report(out, header)
     print((out / "report.md").read_text())
@@ -330,7 +345,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--body-timeout must be above 0")
     profiles = allowed_profiles(args.profile_allow)
     settings = ServeSettings(model_name=args.model_name, max_budget=args.max_tokens,
-                             default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+                             default_max_tokens=args.default_max_tokens,
                              request_timeout_s=args.request_timeout, max_concurrency=args.max_concurrency,
                              max_queue=args.max_queue, health_interval_s=args.health_interval,
                              body_timeout_s=args.body_timeout)

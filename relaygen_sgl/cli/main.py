@@ -10,11 +10,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from relaygen_sgl.cli import commands as c
-from relaygen_sgl.core.errors import RelayGenError
+from relaygen_sgl.core.errors import EXIT_USAGE, RelayGenError, one_line
 
-EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug, not bad input
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # SGLang's sampling_seed range (sampling_params.py)
 
 
 # ---------------------------------------------------------------- parser
@@ -28,16 +26,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -48,28 +36,36 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _seed(text: str) -> int:
+def _int(text: str) -> int:
+    """An integer's spelling; its range is the run settings' to check (core/run_settings.py)."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not SEED_MIN <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**63 - 1] (SGLang's sampling_seed), got {text}")
-    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def _prefetch_modes(text: str) -> tuple[str, ...]:
+    from relaygen_sgl.core.run_settings import PREFETCH_MODES
+
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in modes if m not in ("auto", "on", "off")]
+    bad = [m for m in modes if m not in PREFETCH_MODES]
     if not modes or bad or len(set(modes)) != len(modes):
-        raise argparse.ArgumentTypeError(f"give distinct modes of auto, on, off separated by commas, got {text!r}")
+        raise argparse.ArgumentTypeError(f"give distinct modes of {', '.join(PREFETCH_MODES)} separated by commas, "
+                                         f"got {text!r}")
     return modes
 
 
 def _label(text: str) -> str:
-    import re
+    from relaygen_sgl.core.config import NAME
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", text) or text.startswith("graded-"):
+    if not NAME.fullmatch(text) or text.startswith("graded-"):
         raise argparse.ArgumentTypeError(f"a label is letters, digits and . _ + - (not graded-*), got {text!r}")
     return text
 
@@ -81,8 +77,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from relaygen_sgl.core.config import METHODS, ROLES
-    from relaygen_sgl.runtime.policy import DEFAULT_BUDGET
+    from relaygen_sgl.core.config import LOOPBACK, METHODS, ROLES
+    from relaygen_sgl.core.run_settings import DEFAULT_BUDGET
 
     p = _Parser(prog="relaygen", description="RelayGen on SGLang: large/small model switching at switch cues.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -97,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start both servers of a preset in the background; again: keep the ones that "
                         "answer, start the dead or missing ones")
     up.add_argument("--preset", required=True)
-    up.add_argument("--host", default="127.0.0.1",
+    up.add_argument("--host", default=LOOPBACK,
                     help="bind address; beyond loopback needs $RELAYGEN_SGLANG_API_KEY (the servers run client code)")
     up.add_argument("--timeout", type=float, default=None, help="seconds to wait for health (default: preset's)")
     up.add_argument("--replicas-large", type=_positive_int, default=1,
@@ -115,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("server-command")
     sc.add_argument("role", choices=ROLES)
     sc.add_argument("preset")
-    sc.add_argument("host", nargs="?", default="127.0.0.1")
+    sc.add_argument("host", nargs="?", default=LOOPBACK)
     sc.set_defaults(func=c.cmd_server_command)
 
     st = sub.add_parser("status", help="show the servers `up` started")
@@ -197,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve the relay as an OpenAI-compatible model")
     _add_endpoint_args(sv)
-    sv.add_argument("--host", default="127.0.0.1", help="a non-loopback address needs an API key (or --insecure)")
+    sv.add_argument("--host", default=LOOPBACK, help="a non-loopback address needs an API key (or --insecure)")
     sv.add_argument("--port", type=_positive_int, default=8000)
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
                     "and /openapi.json (visible in `ps`: prefer --api-key-file or $RELAYGEN_API_KEY)")
@@ -255,18 +251,21 @@ def _add_endpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_server_args(p: argparse.ArgumentParser, on_small_failure: str = "large") -> None:
-    from relaygen_sgl.runtime.policy import DEFAULT_BUDGET
+    # run settings: parsed here, defaulted and checked in one place (core/run_settings.py)
+    from relaygen_sgl.core.config import ROLES
+    from relaygen_sgl.core.cues import CUE_MATCHES
+    from relaygen_sgl.core.run_settings import DEFAULT_BUDGET, PREFETCH_MODES, SEED_MAX, SEED_MIN
 
     _add_endpoint_args(p)
-    p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_BUDGET)
-    p.add_argument("--temperature", type=_non_negative_float, default=None)
-    p.add_argument("--seed", type=_seed, default=None)
-    p.add_argument("--answer-role", choices=("small", "large"), default="small")
-    p.add_argument("--cue-match", choices=("word", "substring"), default="word",
+    p.add_argument("--max-tokens", type=_int, default=None, help=f"completion budget (default {DEFAULT_BUDGET})")
+    p.add_argument("--temperature", type=_float, default=None)
+    p.add_argument("--seed", type=_int, default=None, help=f"an integer in [{SEED_MIN}, {SEED_MAX}]")
+    p.add_argument("--answer-role", choices=ROLES, default=None, help="the role that answers (default small)")
+    p.add_argument("--cue-match", choices=CUE_MATCHES, default=None,
                    help="cues as words (default) or as the reference's plain substrings ('now' fires in 'know')")
-    p.add_argument("--deadline", type=_positive_int, default=None,
+    p.add_argument("--deadline", type=_float, default=None,
                    help="stop a run (its SGLang requests aborted) after this many seconds; default none")
-    p.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--prefetch", choices=PREFETCH_MODES, default=None,
                    help="warm the other server with the growing trajectory during each turn (never changes a token); "
                         "auto (default): decided per handoff from the load this process puts on the receiving "
                         "server and the preset's thresholds (docs/usage/prefetch-and-seeds.md); on: always; "
@@ -277,15 +276,15 @@ def _add_server_args(p: argparse.ArgumentParser, on_small_failure: str = "large"
 
 
 def _add_protocol_args(p: argparse.ArgumentParser, reserve: bool = True) -> None:
-    from relaygen_sgl.core.reference import DEFAULT_PROTOCOL, PROTOCOLS
-    from relaygen_sgl.runtime.policy import DEFAULT_ANSWER_RESERVE
+    from relaygen_sgl.core.reference import PROTOCOLS
+    from relaygen_sgl.core.run_settings import DEFAULT_ANSWER_RESERVE
 
-    p.add_argument("--protocol", choices=PROTOCOLS, default=DEFAULT_PROTOCOL,
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
                    help="relaygen-sgl (default): ours; reference: the reference implementation point by point "
                         "(its cues as stop strings, min 5 tokens, EOS re-prompt, prompt bytes, shared budget; "
                         "docs/fidelity.md)")
     if reserve:
-        p.add_argument("--answer-reserve", type=_non_negative_int, default=None, metavar="TOKENS",
+        p.add_argument("--answer-reserve", type=_int, default=None, metavar="TOKENS",
                        help=f"tokens of --max-tokens kept for the answer: thinking is closed when only these are "
                             f"left (default {DEFAULT_ANSWER_RESERVE}, at most a quarter of --max-tokens; 0: none; "
                             "not with --protocol reference, which shares the budget)")
@@ -293,7 +292,9 @@ def _add_protocol_args(p: argparse.ArgumentParser, reserve: bool = True) -> None
 
 def _add_client_args(p: argparse.ArgumentParser, on_small_failure: str = "large") -> None:
     # eval and bench measure the relay: a sample the large model finished alone is not one
-    p.add_argument("--on-small-failure", choices=("large", "fail"), default=on_small_failure,
+    from relaygen_sgl.core.config import SMALL_FAILURE_MODES
+
+    p.add_argument("--on-small-failure", choices=SMALL_FAILURE_MODES, default=on_small_failure,
                    help="if the small server fails: go on with the large model alone or fail "
                         f"(default {on_small_failure})")
     p.add_argument("--timeout", type=_positive_int, default=3600,
@@ -326,7 +327,7 @@ def _internal_error(e: BaseException, argv: Sequence[str]) -> int:
         where = f"details in {log}"
     except Exception as log_error:  # noqa: BLE001 - the log is a courtesy; the line must still go out
         where = f"no log written: {type(log_error).__name__}: {log_error}"
-    message = " ".join(str(e).split())[:300]
+    message = one_line(e, 300)
     sys.stderr.write(f"relaygen: internal error: {type(e).__name__}: {message} ({where})\n")
     return EXIT_INTERNAL
 
@@ -338,7 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"relaygen: argument '{bad}' is not valid UTF-8\n")
         return EXIT_USAGE
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # the parser's one line (or --help) is out: its status, for callers in-process too
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

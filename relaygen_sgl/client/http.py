@@ -35,7 +35,14 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from relaygen_sgl.core.errors import ConfigError, EngineError, EngineFailed, EngineRejected, EngineUnreachable
+from relaygen_sgl.core.errors import (
+    ConfigError,
+    EngineError,
+    EngineFailed,
+    EngineRejected,
+    EngineUnreachable,
+    one_line,
+)
 
 _JSON = {"content-type": "application/json"}
 # meta_info keys that --incremental-streaming-output sends per chunk, like output_ids
@@ -106,25 +113,20 @@ def _finish(meta: dict[str, Any], regexes: Sequence[str]) -> Finish:
     raise EngineFailed(f"unexpected finish_reason {reason!r}")
 
 
-def _one_line(text: Any, limit: int = 300) -> str:
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
 def _error_text(raw: bytes) -> str:
     """The message in an SGLang error body: {"error": {"message"}} (most endpoints),
     {"error": "..."} (the /generate contract gate, auth), {"detail": ...} (FastAPI), text."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return _one_line(raw.decode(errors="replace")) or "(empty body)"
+        return one_line(raw.decode(errors="replace"), 300) or "(empty body)"
     if isinstance(data, dict):
         err = data.get("error", data.get("detail", data.get("message")))
         if isinstance(err, dict):
             err = err.get("message", err)
         if err is not None:
-            return _one_line(err if isinstance(err, str) else orjson.dumps(err).decode())
-    return _one_line(raw.decode(errors="replace"))
+            return one_line(err if isinstance(err, str) else orjson.dumps(err).decode(), 300)
+    return one_line(raw.decode(errors="replace"), 300)
 
 
 def _is_ids(value: Any) -> bool:
@@ -196,11 +198,11 @@ class EngineClient:
             except httpx.TransportError as e:
                 after = f" after {state.tokens} streamed tokens" if state.tokens else ""
                 err: EngineError = EngineUnreachable(
-                    f"{self.url}: {what}: {type(e).__name__}{after}: {_one_line(e)}", url=self.url)
+                    f"{self.url}: {what}: {type(e).__name__}{after}: {one_line(e, 300)}", url=self.url)
                 if state.tokens:
                     raise err from e
             except httpx.HTTPError as e:  # decoding errors and the like: one line, not retried
-                raise EngineFailed(f"{self.url}: {what}: {type(e).__name__}: {_one_line(e)}",
+                raise EngineFailed(f"{self.url}: {what}: {type(e).__name__}: {one_line(e, 300)}",
                                    url=self.url) from e
             except EngineError as e:
                 # `retryable` says what kind of failure it is; nothing is retried once a
@@ -366,7 +368,7 @@ class EngineClient:
 
     # ------------------------------------------------------------------ non-generating calls
     def _malformed(self, what: str, detail: str) -> EngineError:
-        return _err(EngineFailed, f"{self.url}: {what}: malformed answer: {_one_line(detail, 200)}", self.url)
+        return _err(EngineFailed, f"{self.url}: {what}: malformed answer: {one_line(detail, 200)}", self.url)
 
     def _json(self, raw: bytes | str, what: str) -> Any:
         try:
@@ -410,7 +412,7 @@ class EngineClient:
         code = code if isinstance(code, int) and not isinstance(code, bool) else None
         after = f" after {tokens} streamed tokens" if tokens else ""
         where = f"HTTP {code} in the stream" if code else "error in the stream"
-        text = f"{self.url}: {what}: {where}{after}: {_one_line(message)}"
+        text = f"{self.url}: {what}: {where}{after}: {one_line(message, 300)}"
         if code is not None and 400 <= code < 500:
             return _err(EngineRejected, text, self.url, code)
         retryable = bool(isinstance(err, dict) and err.get("retryable"))  # SGLang sends False
@@ -424,7 +426,7 @@ class EngineClient:
         status = status if isinstance(status, int) and not isinstance(status, bool) else None
         after = f" after {tokens} streamed tokens" if tokens else ""
         text = (f"{self.url}: {what}: the server aborted the request{after}: "
-                f"{_one_line(reason.get('message') or 'Aborted')}")
+                f"{one_line(reason.get('message') or 'Aborted', 300)}")
         if status is not None and 400 <= status < 500:
             return _err(EngineRejected, text, self.url, status)
         server_side = status is not None and status >= 500

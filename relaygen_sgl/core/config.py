@@ -6,6 +6,7 @@ launch/presets.toml). Everything here is data or derived from data; nothing runs
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from relaygen_sgl.core.errors import ConfigError
 
 ROLES = ("large", "small")  # the two models of a pair; every role-keyed table uses this order
 METHODS = ("relay", "single-large", "single-small")  # the relay and its one-model baselines
+SMALL_FAILURE_MODES = ("large", "fail")  # on_small_failure: go on with the large model alone, or fail
+LOOPBACK = "127.0.0.1"  # where servers bind and clients connect unless told otherwise
 CVD = "CUDA_VISIBLE_DEVICES"
 API_KEY_ENV = "RELAYGEN_SGLANG_API_KEY"  # SGLang's --api-key, for the servers and every client
 _PKG = Path(__file__).resolve().parent.parent  # the relaygen_sgl package
@@ -63,7 +66,7 @@ def cpu_shim_dir() -> Path:
 def client_url(host: str, port: int) -> str:
     """The URL clients use for a server bound to host:port: a wildcard address means this
     machine's loopback (as SGLang's own ServerArgs.url does), an IPv6 literal gets brackets."""
-    h = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    h = {"": LOOPBACK, "0.0.0.0": LOOPBACK, "::": "::1"}.get(host, host)
     return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
 
 
@@ -78,6 +81,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def exposed(host: str, api_key: str | None) -> bool:
+    """A server bound to `host` without a key takes requests from other machines: what both
+    `up` (SGLang servers that run client code) and `serve` refuse unless told otherwise."""
+    return api_key is None and not is_loopback(host)
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")  # a name that is safe in a file name, a URL and a log
 
 
 def sglang_api_key(environ: dict[str, str] | None = None) -> str | None:
@@ -147,7 +159,7 @@ class RoleSpec:
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     gpus: int = 0  # GPUs one server of this role needs (= its tp x pp x dp); devices are allocated at `up`
-    memory_gib: float | None = None  # on a shared device: GiB for its weights + KV cache (plan.shared_fractions)
+    memory_gib: float | None = None  # on a shared device: GiB for its weights + KV cache (launch.shared_fractions)
 
     def model_path(self, settings: Settings) -> str:
         if self.local_model:
@@ -179,7 +191,7 @@ class Preset:
     min_free_gib: float | None = None  # free memory per GPU the plan needs (doctor; a shared dry run assumes it)
     runtime_reserve_gib: float = 0.0  # shared device: left free for both servers' activations and CUDA graphs
 
-    def url(self, role: str, host: str = "127.0.0.1") -> str:
+    def url(self, role: str, host: str = LOOPBACK) -> str:
         return client_url(host, self.roles[role].port)
 
     @property

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+EXIT_USAGE = 2  # bad input: a refused argument, setting or file (the CLI's exit status)
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """Text as one line (newlines and runs of spaces folded), cut to `limit` characters:
+    what a user sees of an error."""
+    line = " ".join(str(text).split())
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
 
 class RelayGenError(Exception):
     """Base of every error a user can cause or fix; `str(e)` is the one line shown."""
@@ -14,7 +23,7 @@ class RelayGenError(Exception):
 class ConfigError(RelayGenError):
     """A preset, profile, family or argument is invalid."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ModelFetchError(RelayGenError):

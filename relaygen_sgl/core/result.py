@@ -8,6 +8,9 @@ from typing import Any
 from relaygen_sgl.core.config import ROLES
 
 INSERTED = "inserted"  # text the program itself adds (the forced "\n</think>")
+# A listener's (role, text) event: the small server failed mid-turn; `text`, already delivered,
+# is void, and the large model's version of the turn follows.
+REROUTED = "rerouted"
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,6 @@ from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.core.records import read_records, rewrite
 from relaygen_sgl.core.reference import DEFAULT_PROTOCOL, REFERENCE, gpqa_prompt, math_prompt, reference_protocol
 from relaygen_sgl.jobs.batch import BatchSummary, Prompt, run_batch
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    dataset: str
-    k: int = 4
-    limit: int | None = None
 
 
 def build_prompts(problems: list[Problem], k: int, protocol: str = DEFAULT_PROTOCOL,

@@ -46,21 +46,11 @@ from typing import Any
 
 from relaygen_sgl.client.http import EngineClient
 from relaygen_sgl.core.errors import ConfigError, RelayGenError
+from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, PREFETCH_MODES
 
-PREFETCH_MODES = ("auto", "on", "off")
 DEFAULT_WORKERS = 64  # prefetches in flight at once, all trajectories together (one per trajectory at most)
 
 Server = tuple[str, int | None]  # (URL, DP rank the trajectory is pinned to): one queue of requests
-
-
-def prefetch_mode(value: bool | str | None) -> str | None:
-    """The mode ("auto", "on", "off") from a mode or a bool (True: on, False: off); None
-    stays None (the backend's default)."""
-    if value is None or value in PREFETCH_MODES:
-        return value  # type: ignore[return-value]
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    raise ConfigError(f"prefetch must be one of {', '.join(PREFETCH_MODES)} (or true/false), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -109,12 +99,14 @@ class ServerLoad:
 class Prefetching:
     """The backend's prefetch side: the rule, the load it reads, the workers, the counts."""
 
-    def __init__(self, rule: PrefetchRule | None = None, default: bool | str = "auto",
+    def __init__(self, rule: PrefetchRule | None = None, default: str = DEFAULT_PREFETCH,
                  speculative: Iterable[str] = (), workers: int = DEFAULT_WORKERS) -> None:
-        if not isinstance(workers, int) or workers < 1:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"prefetch workers must be a positive integer, got {workers!r}")
+        if default not in PREFETCH_MODES:
+            raise ConfigError(f"prefetch must be one of {', '.join(PREFETCH_MODES)}, got {default!r}")
         self.rule = rule or PrefetchRule()
-        self.default: str = prefetch_mode(default) or "auto"
+        self.default = default  # the mode of a run that sets none (RunSettings.prefetch None)
         self.speculative = frozenset(speculative)  # URLs of servers that decode speculatively
         self.load = ServerLoad()
         self.workers = workers
@@ -123,23 +115,22 @@ class Prefetching:
         # sent: requests that completed; declined: offers auto turned down for load;
         # no_worker: offers dropped because every worker was busy; failed: requests that failed;
         # in_flight_at_turn_end: turns that ended while their prefetch still ran
-        self.counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
         self._count_lock = threading.Lock()
 
     def count(self, what: str) -> None:
         with self._count_lock:
-            self.counts[what] += 1
+            self._counts[what] += 1
 
     def snapshot(self) -> Counter[str]:
         """The counts now (workers may be adding to them)."""
         with self._count_lock:
-            return Counter(self.counts)
+            return Counter(self._counts)
 
-    def start(self, mode: str | None, engine: EngineClient, extra: dict[str, Any] | None, base: Sequence[int], *,
+    def start(self, mode: str, engine: EngineClient, extra: dict[str, Any] | None, base: Sequence[int], *,
               prefix: bool, receiver: Server, sender: Server) -> Prefetcher | None:
         """A Prefetcher for one turn (None where nothing would be sent). `receiver`: the server
         it warms; `sender`: the one the turn runs on (its load already counts the turn)."""
-        mode = prefetch_mode(mode) or self.default
         if mode == "off":
             return None
         every = self.rule.spacing(mode)
@@ -194,7 +185,6 @@ class Prefetcher:
         self._running = False  # ... and its request has gone to the server
         self._sent = 0  # length of the longest prefix sent
         self.closed = False
-        self.requests = 0
         if prefix:
             self._offer([])
 
@@ -237,7 +227,6 @@ class Prefetcher:
             self._running = True
         try:
             self.engine.generate(ids, {"max_new_tokens": 0}, extra=self.extra, retries=0)
-            self.requests += 1
             self.count("sent")
         except RelayGenError:  # only a hint: it costs a colder handoff; the turn reports a server that is gone
             self.count("failed")

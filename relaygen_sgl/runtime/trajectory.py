@@ -1,5 +1,6 @@
 """The one owner of a program's trajectory: its token ids, its segments, whether the small
-server failed (degraded) and the error that stopped it.
+server failed (degraded), the error that stopped it, and the caller's control of the run
+(who listens to its deltas, what cancels it).
 
 The routing backend keeps one Trajectory per SGLang program state (in the state's
 variables, so a `fork` hands each branch a copy of its parent's). The interpreter's
@@ -10,13 +11,12 @@ each model turn as the ids the model wrote, so a handoff never re-tokenizes gene
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 from relaygen_sgl.client.tokenizer import Tokenizer
 from relaygen_sgl.core.result import INSERTED, RelayResult, Segment, compute_stats
-from relaygen_sgl.runtime.policy import DeltaSink
+from relaygen_sgl.runtime.plan import RunControl
 
 KEY = "_relaygen_trajectory"  # where a program state keeps its trajectory (s.variables)
 
@@ -31,10 +31,11 @@ class Trajectory:
         self.segments: list[Segment] = []
         self.consumed = 0  # characters of the program's text already in the ids
         self.degraded: dict[str, Any] | None = None
+        # what stopped a turn: the interpreter stores it only after waking the program, so
+        # the backend records it here for the relay loop to read at once
         self.error: BaseException | None = None
-        self.on_delta: DeltaSink | None = None
-        self.cancel = threading.Event()  # set by a caller that stopped listening
-        self.prefetch: str | None = None  # "auto", "on", "off"; None: the backend's default
+        self.control = RunControl()  # a relay's plan brings the caller's
+        self.pending: Any = None  # the relay loop's TurnSpec for the next gen (None: a plain gen)
         self.unseeded = False  # a seeded, sampled turn ran where the seed cannot reproduce it
         self.t0 = time.perf_counter()
         self.ttft: float | None = None
@@ -97,8 +98,7 @@ class Trajectory:
         """A branch of `fork`: the history up to the fork point (`at_chars` of the program's
         text; the parent may have gone on since), then its own future."""
         child = Trajectory(sid, self.tokenizer, self.slot)
-        child.degraded, child.on_delta, child.t0, child.ttft = self.degraded, self.on_delta, self.t0, self.ttft
-        child.prefetch = self.prefetch
+        child.degraded, child.control, child.t0, child.ttft = self.degraded, self.control, self.t0, self.ttft
         if not self.prompt_ids or len(self.prompt) > at_chars:
             return child  # nothing taken in before the fork: the branch starts from text
         child.prompt, child.prompt_ids = self.prompt, list(self.prompt_ids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from relaygen_sgl.client.http import EngineClient, Finish, Generation
@@ -18,7 +19,7 @@ from relaygen_sgl.core.cues import CONTEXT_CHARS, cue_next, find_cue
 from relaygen_sgl.core.errors import Cancelled
 from relaygen_sgl.core.result import Segment
 from relaygen_sgl.runtime.gen_params import INPUT_LOGPROB_KEYS, OUTPUT_LOGPROB_KEYS
-from relaygen_sgl.runtime.policy import DeltaSink, TurnSpec
+from relaygen_sgl.runtime.plan import DeltaSink
 
 CUE_WINDOW_TOKENS = 12  # tokens decoded to see whether the next one may complete a cue
 
@@ -90,6 +91,187 @@ def _cue_next(tok: Tokenizer, ctx: str, ids: list[int], patterns: Sequence[str])
     return cue_next(ctx + text if len(window) == len(ids) else text, patterns)
 
 
+@dataclass(frozen=True)
+class TurnSpec:
+    """The typed request for one turn: what the relay's policy asks the backend to run
+    (runtime/policy.py builds one per turn), or what a plain `sgl.gen` means (the backend
+    builds one from the gen's sampling parameters). Role None: the trajectory is over, with
+    `finish` saying why."""
+
+    role: str | None
+    max_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    cue_patterns: tuple[str, ...] = ()
+    # A cue may not end the turn before this many tokens. Enforced here, not with SGLang's
+    # min_new_tokens: that masks EOS (and not stop strings), which would change what the
+    # model writes; gating only the cue keeps a greedy relay equal to the single model.
+    min_tokens: int = 0
+    sampling: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # top-level request fields (routed_dp_rank, logprobs)
+    insert: str = ""  # text the program appends before this turn (the forced "\n</think>\n\n")
+    finish: str = ""  # why the trajectory ended (role None)
+    # The reference's vLLM semantics (protocol "reference"): `min_tokens` also goes to SGLang
+    # as min_new_tokens (EOS held back) and a stop string completed within them is passed
+    # over; stop strings match only this turn's own output, and one that ends inside a token
+    # cuts the text there (vLLM's include_stop_str_in_output).
+    reference: bool = False
+    # A plain gen (not a relay turn) ends as on RuntimeEndpoint: the matched stop string leaves
+    # the text (SGLang's detokenizer trims it, no_stop_trim off) and the turn's ids are the
+    # trimmed text's; a stop regex ends it where the server matched, every token kept; a stop
+    # begun in the text before the gen does not end it (the server searches its own output).
+    # A relay turn keeps its stop (the hand-back's sentence end is the model's) and reads its
+    # regexes as cues.
+    plain: bool = False
+    seed: int | None = None  # the seeded sampler's seed (runtime/seeding.py)
+    prefetch: str = "off"  # warm the other server during the turn: auto | on | off
+    last: bool = False  # no turn follows (the answer): nothing to warm
+    # The request's input when it is not the trajectory's ids: the reference re-renders each
+    # request after its first from the text so far, re-tokenized, as it re-sent its conversation.
+    prefix_ids: tuple[int, ...] | None = None
+
+
+class _Turn:
+    """One turn's requests and what they returned so far; each way a request can end the
+    turn is one method (a cue, a plain gen's regex, vLLM's stop, a stop begun before it)."""
+
+    def __init__(self, engine: EngineClient, tok: Tokenizer, prefix_ids: Sequence[int], context_text: str,
+                 spec: TurnSpec) -> None:
+        self.engine, self.tok, self.prefix_ids, self.spec = engine, tok, prefix_ids, spec
+        # vLLM (the reference) and SGLang (a plain gen) match stop strings in a request's own
+        # output only: no context.
+        self.ctx = "" if spec.reference or spec.plain else context_text[-CONTEXT_CHARS:]
+        self.kept: list[int] = []
+        self.first: Generation | None = None
+        self.latency = self.server_latency = 0.0
+        self.requests = self.discarded = 0
+        self.logprobs: dict[str, list] = {}  # with return_logprob: the turn's, as one request's meta_info holds them
+        self.ids_out: list[int] | None = None  # text cut inside a token (a trimmed or vLLM's stop), re-encoded
+        self.finish = Finish("length")
+
+    def remaining(self) -> int:
+        left = self.spec.max_tokens - len(self.kept)
+        ctx_len = self.engine.context_length
+        if ctx_len is not None:  # SGLang refuses a request whose input + max_new_tokens passes the context
+            left = min(left, ctx_len - len(self.prefix_ids) - len(self.kept))
+        return left
+
+    def sampling(self, remaining: int) -> dict[str, Any]:
+        spec, kept = self.spec, self.kept
+        sampling: dict[str, Any] = {**spec.sampling, "max_new_tokens": remaining, "no_stop_trim": True}
+        if spec.sampling.get("min_new_tokens"):  # a plain gen's: counted from the turn's start
+            sampling["min_new_tokens"] = max(0, min(spec.sampling["min_new_tokens"] - len(kept), remaining))
+        if spec.stop:
+            sampling["stop"] = list(spec.stop)
+        if spec.cue_patterns:
+            sampling["stop_regex"] = list(spec.cue_patterns)
+        if spec.reference and spec.min_tokens > len(kept):
+            # vLLM's min_tokens masks EOS for these tokens, as SGLang's min_new_tokens does
+            sampling["min_new_tokens"] = min(spec.min_tokens - len(kept), remaining)
+        return sampling
+
+    def request(self, remaining: int, on_tokens: Callable[[list[int], bool], None]) -> Generation:
+        extra = self.spec.extra
+        if self.first is not None and "logprob_start_len" in extra:
+            # it counts from this request's prompt: only the turn's first request is asked
+            # for prompt logprobs, the rest for their output's
+            extra = {k: v for k, v in extra.items() if k != "logprob_start_len"}
+        gen = self.engine.generate([*self.prefix_ids, *self.kept], self.sampling(remaining), on_tokens=on_tokens,
+                                   extra=extra or None)
+        self.requests += 1
+        self.first = self.first or gen
+        if self.spec.extra.get("return_logprob"):
+            _take_logprobs(self.logprobs, gen.meta, len(self.kept))
+        self.latency += gen.latency_s
+        self.server_latency += gen.server_latency_s
+        return gen
+
+    def take(self, gen: Generation) -> bool:
+        """Fold a request's output into the turn; True when the turn is over."""
+        new, finish = gen.output_ids, gen.finish
+        if new and new[-1] in self.tok.eos_ids and finish.kind in ("regex", "stop"):
+            # SGLang checks stop strings before EOS, on text decoded with special tokens: an
+            # EOS can complete a match ("Therefore" + "<|im_end|>" fits \W). The model ended.
+            finish = Finish("eos", new[-1])
+        self.finish = finish
+        full = self.kept + new
+        if finish.kind == "regex":
+            return self.plain_regex(full) if self.spec.plain else self.cue(full)
+        if self.spec.reference and finish.kind == "stop" and isinstance(finish.matched, str):
+            return self.vllm_stop(full)
+        return self.straddling_stop(full)
+
+    def plain_regex(self, full: list[int]) -> bool:
+        """SGLang's stop regex on a plain gen: it ends where the server matched, every token kept."""
+        self.kept, self.finish = full, Finish("stop", self.finish.matched)
+        return True
+
+    def cue(self, full: list[int]) -> bool:
+        """The server matched a cue pattern: the turn ends there if it is a word match past
+        `min_tokens`; else every token is kept and the same role goes on."""
+        tok, ctx = self.tok, self.ctx
+        hit = find_cue(ctx + tok.decode(full), self.spec.cue_patterns, after=len(ctx) + len(tok.decode(self.kept)))
+        if hit is not None:
+            cut = tok.cut_index(full, hit.end - len(ctx))
+            if cut >= self.spec.min_tokens:
+                self.kept, self.discarded = full[:cut], self.discarded + len(full) - cut
+                self.finish = Finish("cue", hit.cue)
+                return True
+        self.kept, self.finish = full, Finish("length")  # the budget check ends it if nothing remains
+        return False
+
+    def vllm_stop(self, full: list[int]) -> bool:
+        hit = _vllm_stop(self.tok, full, len(self.kept), self.spec.stop, self.spec.min_tokens)
+        if hit is None:  # within the first min_tokens: vLLM does not look yet; go on
+            self.kept, self.finish = full, Finish("length")
+            return False
+        stop_str, count, text = hit
+        self.discarded += len(full) - count
+        self.kept = full[:count]
+        whole = self.tok.decode(self.kept)
+        if text != whole:  # vLLM cut the text inside the token that completed the stop
+            self.ids_out = _ids_upto(self.tok, self.kept, whole, len(text))
+        self.finish = Finish("stop", stop_str)
+        return True
+
+    def straddling_stop(self, full: list[int]) -> bool:
+        """The server only searches its own output, so a stop string that began in the text
+        before this request ("." + "</" | "think>") is found here; else the request's own
+        finish ends the turn."""
+        straddle = _straddling_stop(self.ctx, self.tok.decode(self.kept), self.tok.decode(full), self.spec.stop)
+        if straddle is None:
+            self.kept = full
+            return True
+        stop_str, end = straddle
+        cut = max(1, self.tok.cut_index(full, end))
+        self.discarded += len(full) - cut
+        self.kept = full[:cut]
+        self.finish = Finish("stop", stop_str)
+        return True
+
+    def segment(self) -> Segment:
+        spec, kept, finish, first = self.spec, self.kept, self.finish, self.first
+        for key in OUTPUT_LOGPROB_KEYS:
+            if key in self.logprobs:  # the tokens a cue cut or a straddling stop dropped drop theirs too
+                del self.logprobs[key][len(kept):]
+        ids = self.ids_out if self.ids_out is not None else kept
+        return Segment(
+            role=spec.role or "", text=self.tok.decode(ids), token_ids=ids, completion_tokens=len(kept),
+            prompt_tokens=first.prompt_tokens if first else 0, cached_tokens=first.cached_tokens if first else 0,
+            latency_s=round(self.latency, 4), server_latency_s=round(self.server_latency, 4),
+            ttft_s=round(first.ttft_s, 4) if first else 0.0, finish=finish.kind, matched=finish.matched,
+            requests=self.requests, discarded_tokens=self.discarded, logprobs=self.logprobs or None,
+        )
+
+    def trim_plain(self) -> None:
+        """A plain gen's output as SGLang returns it: the matched stop string (or EOS / stop
+        token) leaves the text and ids."""
+        finish, kept = self.finish, self.kept
+        if finish.kind == "stop" and isinstance(finish.matched, str):
+            self.ids_out = _trimmed(self.tok, kept, finish.matched)
+        elif finish.kind == "eos" and kept and kept[-1] == finish.matched:
+            self.ids_out = kept[:-1]
+
+
 def run_turn(
     engine: EngineClient,
     tok: Tokenizer,
@@ -107,135 +289,34 @@ def run_turn(
     next token may complete a cue (the handoff prefetch; it decodes, so it is asked only when
     needed)."""
     assert spec.role is not None
-    kept: list[int] = []
-    first: Generation | None = None
-    latency = server_latency = 0.0
-    requests = 0
-    discarded = 0
-    logprobs: dict[str, list] = {}  # with return_logprob: the turn's, as one request's meta_info holds them
-    # Always streamed: it costs little and gives an honest time to first token.
-    # vLLM (the reference) and SGLang (a plain gen) match stop strings in a request's own
-    # output only: no context.
-    ctx = "" if spec.reference or spec.plain else context_text[-CONTEXT_CHARS:]
-    ids_out: list[int] | None = None  # text cut inside a token (a trimmed or vLLM's stop), re-encoded
+    turn = _Turn(engine, tok, prefix_ids, context_text, spec)
     # held back: the last token while a cue may cut it, or (reference) a stop may cut inside
     # it; for a plain gen, as many tokens as a stop string may span, since it leaves the text
     holdback = 1 if spec.reference or (spec.cue_patterns and not spec.plain) else 0
     if spec.plain and spec.stop:
         holdback = max(len(x) for x in spec.stop) + 1
-    streamer = _Streamer(tok, spec.role, sink, holdback, ctx, spec.stop)
-    ctx_len = engine.context_length
-    while True:
-        remaining = spec.max_tokens - len(kept)
-        if ctx_len is not None:
-            # SGLang refuses a request whose input + max_new_tokens passes the context
-            remaining = min(remaining, ctx_len - len(prefix_ids) - len(kept))
-        if remaining <= 0:
-            finish = Finish("length")
-            break
-        sampling: dict[str, Any] = {**spec.sampling, "max_new_tokens": remaining, "no_stop_trim": True}
-        if spec.sampling.get("min_new_tokens"):  # a plain gen's: counted from the turn's start
-            sampling["min_new_tokens"] = max(0, min(spec.sampling["min_new_tokens"] - len(kept), remaining))
-        if spec.stop:
-            sampling["stop"] = list(spec.stop)
-        if spec.cue_patterns:
-            sampling["stop_regex"] = list(spec.cue_patterns)
-        if spec.reference and spec.min_tokens > len(kept):
-            # vLLM's min_tokens masks EOS for these tokens, as SGLang's min_new_tokens does
-            sampling["min_new_tokens"] = min(spec.min_tokens - len(kept), remaining)
-        base = list(kept)
+    streamer = _Streamer(tok, spec.role, sink, holdback, turn.ctx, spec.stop)
+    while (remaining := turn.remaining()) > 0:
+        base = list(turn.kept)
 
         def on_tokens(ids: list[int], last: bool, base: list[int] = base) -> None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the run was stopped: cancelled by its caller or past its deadline")
-            turn = base + ids
-            streamer.update(turn)
+            so_far = base + ids
+            streamer.update(so_far)
             # The request's last chunk is not offered: what follows it at once is the next
             # request (the handoff, or this turn's next one), which a prefetch would delay.
             if on_ids is not None and not last:
-                on_ids(turn, lambda: _cue_next(tok, ctx, turn, spec.cue_patterns))
+                on_ids(so_far, lambda: _cue_next(tok, turn.ctx, so_far, spec.cue_patterns))
 
-        extra = spec.extra
-        if first is not None and "logprob_start_len" in extra:
-            # it counts from this request's prompt: only the turn's first request is asked
-            # for prompt logprobs, the rest for their output's
-            extra = {k: v for k, v in extra.items() if k != "logprob_start_len"}
-        gen = engine.generate([*prefix_ids, *kept], sampling, on_tokens=on_tokens, extra=extra or None)
-        requests += 1
-        first = first or gen
-        if spec.extra.get("return_logprob"):
-            _take_logprobs(logprobs, gen.meta, len(kept))
-        latency += gen.latency_s
-        server_latency += gen.server_latency_s
-        new = gen.output_ids
-        finish = gen.finish
-        if new and new[-1] in tok.eos_ids and finish.kind in ("regex", "stop"):
-            # SGLang checks stop strings before EOS, on text decoded with special tokens: an
-            # EOS can complete a match ("Therefore" + "<|im_end|>" fits \W). The model ended.
-            finish = Finish("eos", new[-1])
-        if finish.kind == "regex" and spec.plain:
-            # SGLang's stop regex: the gen ends where the server matched, every token kept
-            kept = kept + new
-            finish = Finish("stop", finish.matched)
+        if turn.take(turn.request(remaining, on_tokens)):
             break
-        if finish.kind == "regex":
-            full = kept + new
-            seg_text = tok.decode(full)
-            before = len(tok.decode(kept))
-            hit = find_cue(ctx + seg_text, spec.cue_patterns, after=len(ctx) + before)
-            if hit is not None:
-                cut = tok.cut_index(full, hit.end - len(ctx))
-                if cut >= spec.min_tokens:
-                    kept = full[:cut]
-                    discarded += len(full) - cut
-                    finish = Finish("cue", hit.cue)
-                    break
-            # Not a word match, or too early: keep every token and let the same role go on
-            # (the loop's budget check ends the turn if nothing remains).
-            kept = full
-            continue
-        full = kept + new
-        if spec.reference and finish.kind == "stop" and isinstance(finish.matched, str):
-            hit = _vllm_stop(tok, full, len(kept), spec.stop, spec.min_tokens)
-            if hit is None:  # within the first min_tokens: vLLM does not look yet; go on
-                kept = full
-                continue
-            stop_str, count, text = hit
-            discarded += len(full) - count
-            kept = full[:count]
-            whole = tok.decode(kept)
-            if text != whole:  # vLLM cut the text inside the token that completed the stop
-                ids_out = _ids_upto(tok, kept, whole, len(text))
-            finish = Finish("stop", stop_str)
-            break
-        straddle = _straddling_stop(ctx, tok.decode(kept), tok.decode(full), spec.stop)
-        if straddle is not None:
-            # The server only searches its own output, so a stop string that began in the
-            # text before this request ("." + "</" | "think>") is found here.
-            stop_str, end = straddle
-            cut = max(1, tok.cut_index(full, end))
-            discarded += len(full) - cut
-            kept = full[:cut]
-            finish = Finish("stop", stop_str)
-            break
-        kept = full
-        break
-    if spec.plain and finish.kind == "stop" and isinstance(finish.matched, str):
-        ids_out = _trimmed(tok, kept, finish.matched)
-    elif spec.plain and finish.kind == "eos" and kept and kept[-1] == finish.matched:
-        ids_out = kept[:-1]  # SGLang drops the matched token (EOS or a stop_token_id) from the output
-    streamer.update(ids_out if ids_out is not None else kept, final=True)
-    for key in OUTPUT_LOGPROB_KEYS:
-        if key in logprobs:  # the tokens a cue cut or a straddling stop dropped drop theirs too
-            del logprobs[key][len(kept):]
-    return Segment(
-        role=spec.role, text=tok.decode(ids_out if ids_out is not None else kept),
-        token_ids=ids_out if ids_out is not None else kept, completion_tokens=len(kept),
-        prompt_tokens=first.prompt_tokens if first else 0, cached_tokens=first.cached_tokens if first else 0,
-        latency_s=round(latency, 4), server_latency_s=round(server_latency, 4),
-        ttft_s=round(first.ttft_s, 4) if first else 0.0, finish=finish.kind, matched=finish.matched,
-        requests=requests, discarded_tokens=discarded, logprobs=logprobs or None,
-    )
+    else:
+        turn.finish = Finish("length")
+    if spec.plain:
+        turn.trim_plain()
+    streamer.update(turn.ids_out if turn.ids_out is not None else turn.kept, final=True)
+    return turn.segment()
 
 
 def _trimmed(tok: Tokenizer, ids: list[int], matched: str) -> list[int] | None:

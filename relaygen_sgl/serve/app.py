@@ -17,8 +17,8 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from relaygen_sgl.core.cues import CueProfile
-from relaygen_sgl.runtime.policy import DEFAULT_BUDGET
+from relaygen_sgl.core.run_settings import DEFAULT_BUDGET
 from relaygen_sgl.serve.http import (
     BODY_TIMEOUT_S,
     ERROR_SCHEMA,
@@ -46,18 +46,25 @@ from relaygen_sgl.serve.stream import Gone, JobStream, complete, sse, timeout_er
 
 log = logging.getLogger("relaygen.serve")
 POLL_S = 0.25  # how often a waiting request checks its client and deadline
+DEFAULT_REQUEST_TOKENS = 4096  # max_tokens of a chat request without one, as vLLM's and SGLang's servers leave it short
 
 
 @dataclass(frozen=True)
 class ServeSettings:
     model_name: str = "relaygen"
     max_budget: int = DEFAULT_BUDGET  # --max-tokens: the most a request may ask for
-    default_max_tokens: int = 4096  # a request without max_tokens gets min(this, max_budget)
+    default_max_tokens: int | None = None  # a request without max_tokens gets this (None: 4096), at most max_budget
     request_timeout_s: float = 600.0  # deadline per request, queue wait included
     max_concurrency: int = 16  # relays running at once
     max_queue: int = 64  # requests waiting for a slot; past this, 429
     health_interval_s: float = 30.0  # background check when no request said how the servers are; 0: none
     body_timeout_s: float = BODY_TIMEOUT_S  # a request body must arrive within this after its headers, else 408
+
+    @property
+    def request_default(self) -> int:
+        """max_tokens of a request that gives none."""
+        return min(DEFAULT_REQUEST_TOKENS if self.default_max_tokens is None else self.default_max_tokens,
+                   self.max_budget)
 
 
 def key_digest(key: str) -> bytes:
@@ -129,6 +136,19 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
     if getattr(relay, "small_down", None):  # started degraded: /health says so before any request
         health.known["small"] = False
     metrics = Metrics(gate)
+    app = FastAPI(title="relaygen-sgl", description="The RelayGen relay as an OpenAI-compatible model",
+                  docs_url=None, redoc_url=None, lifespan=_lifespan(health))
+    app.add_middleware(_Auth, digest=digest)
+    app.add_middleware(Observe, metrics=metrics)  # added last: outermost, it sees every answer
+    app.state.gate, app.state.health, app.state.settings, app.state.metrics = gate, health, s, metrics
+    _add_error_handlers(app)
+    _add_info_routes(app, s, health, metrics)
+    _add_chat_route(app, relay, s, allowed, gate, health, metrics)
+    return app
+
+
+def _lifespan(health: Health) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The background health check runs while the app serves; its thread is joined off the event loop."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -138,11 +158,12 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
         finally:
             await asyncio.to_thread(health.close)
 
-    app = FastAPI(title="relaygen-sgl", description="The RelayGen relay as an OpenAI-compatible model",
-                  docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.add_middleware(_Auth, digest=digest)
-    app.add_middleware(Observe, metrics=metrics)  # added last: outermost, it sees every answer
-    app.state.gate, app.state.health, app.state.settings, app.state.metrics = gate, health, s, metrics
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error JSON: unknown URLs and methods, invalid parameters, and
+    anything unexpected (its type only, no traceback or message)."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
@@ -164,6 +185,11 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
     async def internal(_: Request, e: Exception) -> Response:
         log.exception("internal error")
         return ApiError(500, f"internal error ({type(e).__name__})", "server_error").response()
+
+
+def _add_info_routes(app: FastAPI, s: ServeSettings, health: Health, metrics: Metrics) -> None:
+    """/health, /metrics and the model list. (The routes' function names give their
+    operationIds in /openapi.json.)"""
 
     @app.get("/health", summary="Whether the process is up and the SGLang servers worked last time")
     async def health_route() -> Response:
@@ -188,6 +214,22 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
                             code="model_not_found").response()
         return JSONResponse(card())
 
+
+def _error_responses() -> dict[str, Any]:
+    """The chat route's error answers, for /openapi.json."""
+    return {str(code): {"description": what, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            for code, what in ((400, "malformed or unsupported"), (401, "missing or wrong API key"),
+                               (404, "unknown model"), (408, "the body did not arrive in time"),
+                               (413, "body over 1 MiB"), (415, "not JSON"),
+                               (422, "a value out of range"), (429, "at capacity; see Retry-After"),
+                               (502, "an SGLang server failed"), (504, "past the deadline"))}
+
+
+def _add_chat_route(app: FastAPI, relay: Any, s: ServeSettings, allowed: dict[str, CueProfile], gate: Gate,
+                    health: Health, metrics: Metrics) -> None:
+    """POST /v1/chat/completions: read and check the body, wait for a slot, run the relay in
+    its own thread (Job), answer whole or streamed."""
+
     def ended(job: Job) -> None:  # in the job's thread, once the relay has really stopped
         gate.record(time.monotonic() - job.started_at)
         gate.release()
@@ -195,17 +237,11 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
         metrics.relay_ended(job)
 
     body_schema = chat_schema(s.model_name, s.max_budget, sorted(allowed), s.request_timeout_s)
-    responses = {str(code): {"description": what, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
-                 for code, what in ((400, "malformed or unsupported"), (401, "missing or wrong API key"),
-                                    (404, "unknown model"), (408, "the body did not arrive in time"),
-                                    (413, "body over 1 MiB"), (415, "not JSON"),
-                                    (422, "a value out of range"), (429, "at capacity; see Retry-After"),
-                                    (502, "an SGLang server failed"), (504, "past the deadline"))}
 
     @app.post("/v1/chat/completions", summary="Chat completion by the relay (OpenAI-compatible)",
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": body_schema}}},
-                             "responses": responses})
+                             "responses": _error_responses()})
     async def chat(request: Request) -> Response:
         out: Outcome = request.scope.get(KEY) or Outcome()
         try:
@@ -217,7 +253,7 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
             return e.response()
         try:
             req: ChatRequest = parse_request(body, model_name=s.model_name,
-                                             max_budget=s.max_budget, default_max_tokens=s.default_max_tokens,
+                                             max_budget=s.max_budget, default_max_tokens=s.request_default,
                                              profiles=allowed, timeout_s=s.request_timeout_s)
             out.stream = req.stream
             deadline = time.monotonic() + req.timeout_s
@@ -228,7 +264,7 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
             out.note = "client left while queued"
             return Response(status_code=499)
         try:
-            job = Job(relay, req.messages, req.method, req.run, on_end=ended)
+            job = Job(relay, req.messages, req.settings, on_end=ended)
             job.start()
         except BaseException:
             gate.release()
@@ -237,8 +273,6 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
         if req.stream:
             return JobStream(sse(relay, job, req, deadline, s.model_name, request), job)
         return await complete(relay, job, req, deadline, s.model_name, request)
-
-    return app
 
 
 def serve(relay: Any, host: str, port: int, settings: ServeSettings | None = None, *, api_key: str | None = None,

@@ -15,12 +15,12 @@ from fastapi.responses import JSONResponse
 
 from relaygen_sgl.core.config import METHODS, ROLES
 from relaygen_sgl.core.cues import CueProfile
+from relaygen_sgl.core.run_settings import SEED_MAX, SEED_MIN, TEMPERATURE_MAX, RunSettings, SettingError
 
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 30.0  # --body-timeout: the whole body must arrive within this after the headers
 CLOSE = {"connection": "close"}  # a body left unread: the connection cannot carry another request
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
-MAX_SEED = 2**63 - 1
 RELAY_KEYS = ("method", "profile", "answer_role", "timeout")
 ROLES_IN = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -83,8 +83,7 @@ class ChatRequest:
     """A validated request: what Relay.run gets, and how to answer."""
 
     messages: list[dict[str, str]]
-    method: str
-    run: dict[str, Any]  # max_tokens, temperature, top_p, top_k, seed, answer_role, profile
+    settings: RunSettings  # the run's, checked where every run's are (core/run_settings.py)
     stream: bool = False
     include_usage: bool = False
     stops: tuple[str, ...] = ()
@@ -92,16 +91,24 @@ class ChatRequest:
     profile_name: str | None = field(default=None)
 
 
-def _number(body: dict[str, Any], key: str, *, integer: bool, lo: float, hi: float, lo_open: bool = False,
-            param: str | None = None) -> Any:
+def _typed(body: dict[str, Any], key: str, integer: bool, param: str | None = None) -> Any:
+    """A JSON number of the right kind (a boolean is none); its range is checked elsewhere."""
     value = body.get(key)
-    if value is None:
-        return None
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    param = param or key
     if not ok_type or isinstance(value, bool):
+        param = param or key
         raise ApiError(422, f"{param} must be {'an integer' if integer else 'a number'}", param=param,
                        code="invalid_type")
+    return value
+
+
+def _number(body: dict[str, Any], key: str, *, integer: bool, lo: float, hi: float, lo_open: bool = False,
+            param: str | None = None) -> Any:
+    """A number this server bounds itself (its token cap, a request's timeout)."""
+    if body.get(key) is None:
+        return None
+    value = _typed(body, key, integer, param)
+    param = param or key
     if not (lo < value if lo_open else lo <= value) or not value <= hi:
         low = f"> {lo}" if lo_open else f">= {lo}"
         raise ApiError(422, f"{param} must be {low} and <= {hi}", param=param, code="invalid_value")
@@ -199,13 +206,8 @@ def _relay_options(body: dict[str, Any], profiles: Mapping[str, CueProfile], tim
     if unknown:
         raise ApiError(400, f"relay: unknown option {_short(unknown[0], 40)}; accepted: {', '.join(RELAY_KEYS)}",
                        param="relay")
-    out: dict[str, Any] = {"method": opts.get("method", "relay"), "timeout": timeout_s}
-    if out["method"] not in METHODS:
-        raise ApiError(422, f"relay.method must be one of {', '.join(METHODS)}", param="relay.method")
-    if opts.get("answer_role") is not None:
-        if opts["answer_role"] not in ROLES:
-            raise ApiError(422, "relay.answer_role must be large or small", param="relay.answer_role")
-        out["answer_role"] = opts["answer_role"]
+    out: dict[str, Any] = {k: opts[k] for k in ("method", "answer_role") if opts.get(k) is not None}
+    out["timeout"] = timeout_s
     if opts.get("profile") is not None:
         name = opts["profile"]
         # only a name this server allows; never a path (the value is not echoed back)
@@ -238,27 +240,23 @@ def parse_request(body: Any, *, model_name: str, max_budget: int, default_max_to
     if opts is not None and (not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool)):
         raise ApiError(400, "stream_options must be an object with a boolean include_usage", param="stream_options")
     stops = _stops(body)
-    run: dict[str, Any] = {}
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, key, integer=True, lo=1, hi=max_budget)
-    run["max_tokens"] = max_tokens if max_tokens is not None else min(default_max_tokens, max_budget)
-    for key, integer, lo, hi, lo_open in (("temperature", False, 0, 2, False), ("top_p", False, 0, 1, True),
-                                          ("seed", True, 0, MAX_SEED, False)):
-        value = _number(body, key, integer=integer, lo=lo, hi=hi, lo_open=lo_open)
-        if value is not None:
-            run[key] = value
-    top_k = body.get("top_k")
-    if top_k is not None:
-        if not (type(top_k) is int and top_k == -1):  # -1: no top-k cut
-            top_k = _number(body, "top_k", integer=True, lo=1, hi=1 << 30)
-        run["top_k"] = top_k
+    max_tokens = _number(body, key, integer=True, lo=1, hi=max_budget)  # this server's cap
+    values: dict[str, Any] = {"max_tokens": max_tokens if max_tokens is not None else default_max_tokens}
+    for name, integer in (("temperature", False), ("top_p", False), ("seed", True), ("top_k", True)):
+        if body.get(name) is not None:
+            values[name] = _typed(body, name, integer)
     relay = _relay_options(body, profiles, timeout_s)
-    if "answer_role" in relay:
-        run["answer_role"] = relay["answer_role"]
+    values.update({k: relay[k] for k in ("method", "answer_role") if k in relay})
     profile_name = relay.get("profile")
     if profile_name is not None:
-        run["profile"] = profiles[profile_name]
-    return ChatRequest(messages=messages, method=relay["method"], run=run, stream=bool(stream),
+        values["profile"] = profiles[profile_name]
+    try:
+        settings = RunSettings.of(values)
+    except SettingError as e:
+        param = f"relay.{e.setting}" if e.setting in ("method", "answer_role") else e.setting
+        raise ApiError(422, str(e), param=param, code="invalid_value") from None
+    return ChatRequest(messages=messages, settings=settings, stream=bool(stream),
                        include_usage=bool((opts or {}).get("include_usage", False)), stops=stops,
                        timeout_s=relay["timeout"], profile_name=profile_name)
 
@@ -277,7 +275,7 @@ def chat_schema(model_name: str, max_budget: int, profile_names: list[str], time
     relay = {"type": "object", "additionalProperties": False, "properties": {
         "method": {"type": "string", "enum": list(METHODS)},
         "profile": {"type": "string", "enum": profile_names},
-        "answer_role": {"type": "string", "enum": ["large", "small"]},
+        "answer_role": {"type": "string", "enum": list(ROLES)},
         "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": timeout_s,
                     "description": "seconds; at most the server's --request-timeout"}}}
     tokens = {"type": "integer", "minimum": 1, "maximum": max_budget}
@@ -285,10 +283,10 @@ def chat_schema(model_name: str, max_budget: int, profile_names: list[str], time
         "model": {"type": "string", "enum": [model_name]},
         "messages": {"type": "array", "minItems": 1, "items": message},
         "max_tokens": tokens, "max_completion_tokens": tokens,
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "temperature": {"type": "number", "minimum": 0, "maximum": TEMPERATURE_MAX},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": -1, "not": {"const": 0}},
-        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+        "seed": {"type": "integer", "minimum": SEED_MIN, "maximum": SEED_MAX},
         "stop": stop, "n": {"type": "integer", "enum": [1]},
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},

@@ -14,7 +14,7 @@ from typing import Any
 
 from relaygen_sgl.core.config import ROLES
 from relaygen_sgl.core.errors import EngineFailed, EngineUnreachable
-from relaygen_sgl.runtime.backend import REROUTED
+from relaygen_sgl.core.result import REROUTED
 
 REASONING, CONTENT = "reasoning_content", "content"
 
@@ -93,9 +93,9 @@ class Job:
     `stop(reason)` sets the cancel event the relay checks between tokens (it then closes
     its stream to SGLang, which aborts the request there)."""
 
-    def __init__(self, relay: Any, question: list[dict[str, str]], method: str, run: dict[str, Any],
+    def __init__(self, relay: Any, question: list[dict[str, str]], settings: Any,
                  on_end: Callable[[Job], None]) -> None:
-        self.relay, self.question, self.method, self.run_kwargs = relay, question, method, run
+        self.relay, self.question, self.settings = relay, question, settings
         self.on_end = on_end
         self.cancel = threading.Event()
         self.reason: str | None = None  # why it was stopped: stop | disconnect | deadline
@@ -125,8 +125,8 @@ class Job:
     def _work(self) -> None:
         item: tuple[Any, ...]
         try:
-            result = self.relay.run(self.question, self.method, on_delta=lambda r, d: self._put("delta", r, d),
-                                    cancel=self.cancel, **self.run_kwargs)
+            result = self.relay.run(self.question, settings=self.settings,
+                                    on_delta=lambda r, d: self._put("delta", r, d), cancel=self.cancel)
             self.result, item = result, ("done", result)
         except BaseException as e:  # handed to the request, answered there
             self.error, item = e, ("error", e)

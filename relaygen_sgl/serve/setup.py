@@ -3,15 +3,13 @@ API key and where it came from, and whether the address may go without a key."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from relaygen_sgl.core.config import data_path, is_loopback
+from relaygen_sgl.core.config import NAME, data_path, exposed
 from relaygen_sgl.core.cues import CueProfile, available_profiles, load_profile
 from relaygen_sgl.core.errors import ConfigError
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 KEY_ENV = "RELAYGEN_API_KEY"
 
 
@@ -62,6 +60,6 @@ def resolve_api_key(key: str | None, key_file: str | None, environ: Mapping[str,
 
 def check_exposure(host: str, key: str | None, insecure: bool) -> None:
     """A server on a non-loopback address needs a key unless the operator says --insecure."""
-    if key is None and not insecure and not is_loopback(host):
+    if exposed(host, key) and not insecure:
         raise ConfigError(f"--host {host} is reachable from other machines and no API key is set: give --api-key-file, "
                           f"{KEY_ENV} or --api-key (or --insecure to serve without one)")

@@ -17,8 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from relaygen_sgl.core.errors import ConfigError, EngineRejected, RelayAborted, RelayGenError
-from relaygen_sgl.core.result import RelayResult
-from relaygen_sgl.runtime.backend import REROUTED
+from relaygen_sgl.core.result import REROUTED, RelayResult
 from relaygen_sgl.serve.http import ApiError, ChatRequest
 from relaygen_sgl.serve.observe import KEY
 from relaygen_sgl.serve.runtime import CONTENT, REASONING, Job, TextShaper, stop_cut

@@ -1,4 +1,5 @@
-"""Server management: the plan of a preset's servers (commands, GPUs, ports), their
-processes, `relaygen up/status/down`, local model weights, and the CPU servers' patches."""
+"""Server management: how a preset's servers launch (launch: commands, ports, order), the
+GPUs they get (gpus), their processes, `relaygen up/status/down`, local model weights, and
+the CPU servers' patches."""
 
 __all__: list[str] = []

@@ -18,16 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from relaygen_sgl.client.http import ClientConfig, EngineClient
-from relaygen_sgl.core.config import ROLES, Preset, Settings, load_preset, sglang_api_key
+from relaygen_sgl.core.config import LOOPBACK, ROLES, Preset, Settings, load_preset, sglang_api_key
 from relaygen_sgl.core.errors import ConfigError, RelayGenError, StackError
 from relaygen_sgl.core.state import read_state
-from relaygen_sgl.servers.plan import (
-    allocate,
-    gpu_memory,
-    shared_fractions,
-    total_gpus,
-    visible_devices,
-)
+from relaygen_sgl.servers.gpus import allocate, gpu_memory, total_gpus, visible_devices
+from relaygen_sgl.servers.launch import shared_fractions
 from relaygen_sgl.servers.processes import is_ours, port_in_use
 
 SGLANG_PIN = "0.5.23"  # pyproject's gpu extra
@@ -218,7 +213,7 @@ def check_models(preset: Preset, settings: Settings, environ: Mapping[str, str])
     return checks
 
 
-def check_ports(preset: Preset, up_ports: set[int], host: str = "127.0.0.1") -> Check:
+def check_ports(preset: Preset, up_ports: set[int], host: str = LOOPBACK) -> Check:
     busy, ours = [], []
     for role, spec in preset.roles.items():
         if spec.port in up_ports:

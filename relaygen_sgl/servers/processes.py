@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from relaygen_sgl.client.http import ClientConfig, EngineClient
-from relaygen_sgl.core.config import sglang_api_key
+from relaygen_sgl.core.config import LOOPBACK, sglang_api_key
 from relaygen_sgl.core.errors import LaunchError
-from relaygen_sgl.servers.plan import ServerCommand
+from relaygen_sgl.servers.launch import ServerCommand
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -102,7 +102,7 @@ def stop_group(pgid: int, timeout_s: float = 30.0) -> None:
         pass
 
 
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
     """True when a server could not listen on host:port because something already does:
     the check binds the address the server will bind (IPv4 or IPv6), with SO_REUSEADDR as
     uvicorn sets it. A host this machine cannot bind is a LaunchError."""

@@ -22,8 +22,8 @@ from relaygen_sgl.core.config import (
 from relaygen_sgl.core.errors import LaunchError, RelayGenError, StackError
 from relaygen_sgl.core.files import exclusive
 from relaygen_sgl.core.state import ServerRecord, read_state, role_urls, write_state
-from relaygen_sgl.servers.plan import dry_run as plan_dry_run
-from relaygen_sgl.servers.plan import server_plan, shell_lines
+from relaygen_sgl.servers.launch import LaunchPlan, Process, launch_plan, shell_lines
+from relaygen_sgl.servers.launch import dry_run as plan_dry_run
 from relaygen_sgl.servers.processes import (
     answers_generation,
     is_ours,
@@ -38,15 +38,6 @@ from relaygen_sgl.servers.processes import (
 BUSY = "another relaygen up/down is running"
 
 
-def live_servers(settings: Settings) -> list[ServerRecord]:
-    state = read_state(settings)
-    if not state:
-        return []
-    fields = set(ServerRecord.__dataclass_fields__)
-    return [ServerRecord(**{k: v for k, v in rec.items() if k in fields}) for rec in state["servers"]
-            if is_ours(rec) or orphans(rec)]
-
-
 def _lock(settings: Settings) -> Any:
     return exclusive(settings.run_dir / "stack.lock", BUSY, StackError)
 
@@ -57,10 +48,10 @@ def up(preset: Preset, settings: Settings, host: str = "127.0.0.1", timeout_s: f
     (same pid), dead or missing ones are started again; servers of another preset still up are
     refused. With replicas {role: n>1}, n servers for that role behind one SGLang router
     (cache-aware) on the role's own port. With $RELAYGEN_SGLANG_API_KEY set every server
-    requires that key. Each server gets its own block of GPUs (plan.allocate); servers that
+    requires that key. Each server gets its own block of GPUs (servers.gpus.allocate); servers that
     share a GPU start one after the other, each once the one before answers. One `up`/`down`
     at a time (run/stack.lock). With `dry_run`, starts and writes nothing and returns the plan
-    instead (plan.dry_run). The result is status() plus `kept` and `started` (what was done)."""
+    instead (servers.launch.dry_run). The result is status() plus `kept` and `started` (what was done)."""
     if dry_run:
         return plan_dry_run(preset, settings, host=host, replicas=replicas, kv_tokens=kv_tokens)
     with _lock(settings):
@@ -98,6 +89,30 @@ def _same_settings(state: dict[str, Any], host: str, counts: dict[str, int], kv_
 
 def _up(preset: Preset, settings: Settings, host: str, timeout_s: float | None,
         replicas: dict[str, int] | None, kv_tokens: int | None, restart: frozenset[str]) -> dict[str, Any]:
+    state, old, plan, api_key = _check_running(preset, settings, host, replicas, kv_tokens)
+    kept, why = _keep_or_start(plan, old, restart)
+    to_start = [p for p in plan.processes if p.port in why]
+    _clear_ports(to_start, old, host)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    head = {"preset": preset.name, "started": (state or {}).get("started", stamp) if kept else stamp,
+            "replicas": plan.counts, "host": host, "kv_tokens": kv_tokens, "api_key": bool(api_key),
+            "device_free_gib": plan.free_gib}
+    started = _start_missing(preset, settings, host, plan, to_start, old, kept, head, stamp,
+                             timeout_s or preset.startup_timeout_s)
+    out = status(settings)
+    out["kept"] = [{"role": r["role"], "kind": r.get("kind", "server"), "port": r["port"], "pid": r["pid"]}
+                   for r in kept.values()]
+    out["started"] = [{"role": rec.role, "kind": rec.kind, "port": rec.port, "pid": rec.pid, "why": why[port]}
+                      for port, (rec, _) in started.items()]
+    return out
+
+
+def _check_running(preset: Preset, settings: Settings, host: str, replicas: dict[str, int] | None,
+                   kv_tokens: int | None) -> tuple[dict[str, Any] | None, dict[tuple[str, str, int], dict[str, Any]],
+                                                   LaunchPlan, str | None]:
+    """What runs, and whether `up` may go on: servers still up must be of this preset and
+    started with the same settings. Returns the state file, this preset's records by (role,
+    kind, port) (its restarts count on), the plan and the servers' API key."""
     state = read_state(settings)
     records = state["servers"] if state else []
     alive = [r for r in records if is_ours(r) or orphans(r)]
@@ -108,14 +123,21 @@ def _up(preset: Preset, settings: Settings, host: str, timeout_s: float | None,
     # ConfigError (one line) when too few GPUs are visible or the host needs a key. On a shared
     # GPU with servers still up, the fractions of the first plan (free memory then, not now).
     recorded_free = state.get("device_free_gib") if alive and state else None
-    plan = server_plan(preset, settings, host, replicas, kv_tokens, api_key=api_key,
+    plan = launch_plan(preset, settings, host, replicas, kv_tokens, api_key=api_key,
                        free_gib=float(recorded_free) if isinstance(recorded_free, (int, float)) else None)
     if alive and state:
         other = _same_settings(state, host, plan.counts, kv_tokens, bool(api_key))
         if other:
             raise StackError(f"servers of preset {preset.name!r} are up with {other}; run `relaygen down` first")
-    same = bool(state) and state.get("preset") == preset.name  # its records count restarts on
+    same = bool(state) and state.get("preset") == preset.name
     old = {(r["role"], r.get("kind", "server"), r["port"]): r for r in records} if same else {}
+    return state, old, plan, api_key
+
+
+def _keep_or_start(plan: LaunchPlan, old: dict[tuple[str, str, int], dict[str, Any]],
+                   restart: frozenset[str]) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Each planned process is kept (its record, by port) when it runs and answers, or starts,
+    with the reason why (by port). A process that runs but does not answer is an error."""
     kept: dict[int, dict[str, Any]] = {}  # port -> record
     why: dict[int, str] = {}  # port -> why it starts
     for p in plan.processes:
@@ -136,67 +158,81 @@ def _up(preset: Preset, settings: Settings, host: str, timeout_s: float | None,
         if p.port in kept and first is not None:
             del kept[p.port]
             why[p.port] = f"shares its GPU with the server on port {first}, which must start first"
-    to_start = [p for p in plan.processes if p.port in why]
-    for p in to_start:  # what is left of the old process: a forced restart, or a dead leader's workers
+    return kept, why
+
+
+def _clear_ports(to_start: list[Process], old: dict[tuple[str, str, int], dict[str, Any]], host: str) -> None:
+    """Stop what is left of the old processes (a forced restart, or a dead leader's workers);
+    any other process on a port to start on is an error."""
+    for p in to_start:
         rec = old.get((p.role, p.kind, p.port))
         if rec and (is_ours(rec) or orphans(rec)):
             stop_group(rec["pid"])
     for p in to_start:
         if port_in_use(p.port, host):
             raise LaunchError(f"port {p.port} for the {p.role} {p.kind} is already in use on {host}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+
+def _start_missing(preset: Preset, settings: Settings, host: str, plan: LaunchPlan, to_start: list[Process],
+                   old: dict[tuple[str, str, int], dict[str, Any]], kept: dict[int, dict[str, Any]],
+                   head: dict[str, Any], stamp: str, timeout: float) -> dict[int, tuple[ServerRecord, Any]]:
+    """Start each process in plan order, each once those it depends on answer, and wait until
+    all answer. Each start is recorded at once, so `down` can clean up even if this process dies
+    mid-start; on any failure what this call started is stopped and the state keeps only what
+    was kept. The key files are removed in every case: the servers read them at start."""
     started: dict[int, tuple[ServerRecord, Any]] = {}
-    timeout = timeout_s or preset.startup_timeout_s
-
-    def save() -> None:
-        servers = [kept[p.port] if p.port in kept else started[p.port][0].__dict__ for p in plan.processes
-                   if p.port in kept or p.port in started]
-        write_state(settings, {"preset": preset.name, "started": (state or {}).get("started", stamp) if kept else stamp,
-                               "replicas": plan.counts, "host": host, "kv_tokens": kv_tokens,
-                               "api_key": bool(api_key), "device_free_gib": plan.free_gib, "servers": servers})
-
-    def wait(port: int) -> None:
-        if port in started:
-            rec, proc = started[port]
-            wait_healthy(rec.url, proc, Path(rec.log), timeout, rec.role)
-
     try:
         for p in to_start:
             for port in p.after:  # the servers before it on its GPU must be up: each sizes its memory at start
-                wait(port)
+                _wait_started(started, port, timeout)
             if p.kind == "router":  # a router needs healthy workers
                 for port, (rec, _) in list(started.items()):
                     if rec.role == p.role and rec.kind == "server":
-                        wait(port)
-            log = settings.run_dir / "logs" / f"{preset.name}-{p.role}-{p.kind}-{p.port}-{stamp}.log"
-            proc = start_server(p.command, log)
-            before = old.get((p.role, p.kind, p.port))
-            rec = ServerRecord(role=p.role, url=p.url(host), pid=proc.pid, log=str(log), port=p.port,
-                               kind=p.kind, start_ticks=start_ticks(proc.pid), devices=p.command.env.get(CVD),
-                               started_at=time.time(),
-                               restarts=int(before.get("restarts", 0)) + 1 if before else 0)
-            started[p.port] = (rec, proc)
-            save()  # recorded at once, so `down` can clean up even if this process dies mid-start
+                        _wait_started(started, port, timeout)
+            started[p.port] = _start_one(p, preset, settings, host, stamp, old.get((p.role, p.kind, p.port)))
+            _record(settings, head, plan, kept, started)
         for port in started:
-            wait(port)
+            _wait_started(started, port, timeout)
     except BaseException:
         for rec, _ in reversed(list(started.values())):
             stop_group(rec.pid)
         started.clear()
         if kept:
-            save()
+            _record(settings, head, plan, kept, started)
         else:
             settings.state_file.unlink(missing_ok=True)
         raise
-    finally:  # the servers read their key at start; the files are no longer needed
+    finally:
         for path in (settings.run_dir / "auth").glob(f"{preset.name}-*.yaml"):
             path.unlink(missing_ok=True)
-    out = status(settings)
-    out["kept"] = [{"role": r["role"], "kind": r.get("kind", "server"), "port": r["port"], "pid": r["pid"]}
-                   for r in kept.values()]
-    out["started"] = [{"role": rec.role, "kind": rec.kind, "port": rec.port, "pid": rec.pid, "why": why[port]}
-                      for port, (rec, _) in started.items()]
-    return out
+    return started
+
+
+def _start_one(p: Process, preset: Preset, settings: Settings, host: str, stamp: str,
+               before: dict[str, Any] | None) -> tuple[ServerRecord, Any]:
+    """Start one process, logging to its own file; `before` (its old record) counts restarts."""
+    log = settings.run_dir / "logs" / f"{preset.name}-{p.role}-{p.kind}-{p.port}-{stamp}.log"
+    proc = start_server(p.command, log)
+    rec = ServerRecord(role=p.role, url=p.url(host), pid=proc.pid, log=str(log), port=p.port,
+                       kind=p.kind, start_ticks=start_ticks(proc.pid), devices=p.command.env.get(CVD),
+                       started_at=time.time(),
+                       restarts=int(before.get("restarts", 0)) + 1 if before else 0)
+    return rec, proc
+
+
+def _wait_started(started: dict[int, tuple[ServerRecord, Any]], port: int, timeout: float) -> None:
+    """Wait until the process this call started on `port` answers (nothing to wait for otherwise)."""
+    if port in started:
+        rec, proc = started[port]
+        wait_healthy(rec.url, proc, Path(rec.log), timeout, rec.role)
+
+
+def _record(settings: Settings, head: dict[str, Any], plan: LaunchPlan, kept: dict[int, dict[str, Any]],
+            started: dict[int, tuple[ServerRecord, Any]]) -> None:
+    """The state file: `head` (the run's settings), then each process kept or started so far, in plan order."""
+    servers = [kept[p.port] if p.port in kept else started[p.port][0].__dict__ for p in plan.processes
+               if p.port in kept or p.port in started]
+    write_state(settings, {**head, "servers": servers})
 
 
 def up_lines(out: dict[str, Any], dry_run: bool = False) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relaygen_sgl.api import Relay
-from relaygen_sgl.bench.handoff import handoffs_only, replay
+from relaygen_sgl.bench.replay import handoffs_only, replay
 from relaygen_sgl.bench.runner import run_floor
 from relaygen_sgl.runtime.prefetch import PrefetchRule
 
@@ -89,11 +89,11 @@ def test_greedy_relay_on_one_server_reproduces_single_model_greedy(cpu_pair):
 def test_prefetch_never_changes_a_token_and_warms_each_handoff(cpu_pair):
     question = QUESTION + " Be careful."  # not cached by earlier tests
     with Relay(preset="cpu-tiny", large=cpu_pair.large, small=cpu_pair.small) as r:
-        off = r.run(question, max_tokens=160, temperature=0.0, prefetch=False)
-        again = r.run(question, max_tokens=160, temperature=0.0, prefetch=True)  # the preset's spacing
+        off = r.run(question, max_tokens=160, temperature=0.0, prefetch="off")
+        again = r.run(question, max_tokens=160, temperature=0.0, prefetch="on")  # the preset's spacing
         assert r.backend.prefetching.rule.every > 1
         r.backend.prefetching.rule = PrefetchRule(every=1)  # every token: the closest the prefetch can keep
-        on = r.run(question + " ", max_tokens=160, temperature=0.0, prefetch=True)
+        on = r.run(question + " ", max_tokens=160, temperature=0.0, prefetch="on")
     assert again.token_ids == off.token_ids, "prefetch changed the greedy trajectory"
 
     def handoffs(res):  # every model turn after the first; the small server's first one included

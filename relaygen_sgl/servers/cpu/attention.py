@@ -3,9 +3,9 @@
 SGLang 0.5.23's `TorchNativeAttnBackend._run_sdpa_forward_extend` builds a query of the
 request's whole length (prefix rows left uninitialised) and runs causal SDPA over it, then
 keeps the new rows: an extend of n new tokens on a prefix of P costs (P+n)^2 instead of
-n*(P+n). On the CPU pair that made a handoff's one-token prefill on a 200-token
-trajectory take 2x a decode step and 9x at 768 tokens (measured: README, "CPU compute
-patches"), so every handoff, prefetch and follow-up turn paid for the prefix again.
+n*(P+n). A handoff's few-token prefill then costs more the longer the trajectory, so every
+handoff, prefetch and follow-up turn pays for the prefix again (on the CPU pair, several
+decode steps once trajectories are a few hundred tokens long: docs/results.md).
 
 `extend_new_rows` gives the same rows: query row i (position P+i) attends keys 0..P+i,
 the causal mask aligned to the bottom right. Sliding windows and encoder (cross)

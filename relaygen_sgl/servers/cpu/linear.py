@@ -3,15 +3,11 @@ this CPU computes faster for that weight shape and row count, measured on first 
 
 Rows of 2-8 are what a handoff prefill of a few tokens (after the inserted "</think>": 6-8)
 and a decode step at 2-8 concurrent requests compute. Which product is faster depends on the
-CPU and its BLAS: on the AMD EPYC of 2026-11, fp32 `F.linear` for 2-5 rows was far slower than
-for one row (SmolLM2-135M's 30 layers of linear maps: 24 ms for 1 row, 33-41 ms for 2-5) and
-`W @ x.T` took 18-35 ms; on the Intel Xeon (AVX-512, MKL) of 2026-12, `F.linear` for 2-3 rows
-cost what one row costs and `W @ x.T` twice that (from 6 rows on W x^T is the faster there
-too), and forcing W x^T made a 2-token prefill 1.81 decode steps against 1.12 with F.linear
-(docs/cpu.md, "CPU compute patches"). So neither is hard-wired: the first call of each (weight
-shape, rows) times both on its own input, three times each, interleaved, and keeps the faster.
-That costs a few calls once per shape and row count; with SmolLM2-135M's shapes, well under a
-second of one server's first few-row forwards.
+CPU and its BLAS, in both directions, and the slower one costs a handoff's first token a large
+part of a decode step (the machines and numbers: docs/results.md, "Measurements behind design
+choices"). So neither is hard-wired: the first call of each (weight shape, rows) times both on
+its own input, three times each, interleaved, and keeps the faster. That costs a few calls once
+per shape and row count, during one server's first few-row forwards.
 
 Only fp32 CPU tensors of 2-8 rows without AMX packing are measured; everything else runs
 SGLang's `UnquantizedLinearMethod.apply`. W x^T equals F.linear up to float rounding (another
@@ -66,5 +62,4 @@ def few_rows_fastest(original: Any) -> Any:
         return as_columns(w, x, bias) if columns[key] else original(self, layer, x, bias)
 
     apply.__wrapped__ = original  # type: ignore[attr-defined]
-    apply.choices = columns  # type: ignore[attr-defined]  # what was measured, for tests and a curious reader
     return apply

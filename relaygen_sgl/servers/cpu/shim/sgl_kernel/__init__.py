@@ -1,7 +1,7 @@
 """Pure-torch stand-in for the CPU ops of sgl-kernel, whose CPU build is not on PyPI.
 
 This folder goes on the PYTHONPATH of CPU SGLang server processes only (see
-relaygen_sgl/servers/plan.py); it must never sit beside a real sgl-kernel install.
+relaygen_sgl/servers/launch.py); it must never sit beside a real sgl-kernel install.
 SGLang 0.5.23's CPU engine imports two ops from it; anything else raises, so a
 new dependency shows up as a clear error instead of silently wrong numbers.
 """

@@ -1,14 +1,12 @@
-"""The plan of a preset's servers, the one place it is made: every SGLang server's and
-router's command line and environment, their ports, and their GPUs. `relaygen up` starts
-this plan, `relaygen up --dry-run` prints it, and `launch/serve.sh` runs one server of it.
+"""How a preset's servers are launched, the one place it is decided: every SGLang server's and
+router's command line and environment, their ports, their order, and on a shared device their
+--mem-fraction-static. `relaygen up` starts this LaunchPlan, `relaygen up --dry-run` prints it,
+and `launch/serve.sh` runs one server of it; one plan for all three keeps what a user pastes
+and what `up` starts the same. Which GPUs each server gets is servers.gpus.
 
-GPUs: a preset says how many GPUs one server of a role needs (`gpus = N`, which must equal
-the server's --tp x --pp x --dp); devices are handed out from what is visible: the user's
-$CUDA_VISIBLE_DEVICES when set (allocation happens inside it, never around it), else what
-nvidia-smi lists, else none. Each server, large replicas first and then small ones, gets its
-own consecutive block; a shared-device preset (`share_device = true`) puts both roles on the
-same block, starts them one after the other and computes their --mem-fraction-static
-(shared_fractions).
+A shared-device preset (`share_device = true`) starts its servers one after the other and
+computes their --mem-fraction-static (shared_fractions), since each server sizes its cache
+from the memory free when it starts.
 
 Exposure: SGLang's --enable-custom-logit-processor unpickles code a client sends, so a server
 with it binds beyond loopback only with an API key (check_exposure)."""
@@ -19,9 +17,8 @@ import dataclasses
 import json
 import os
 import shlex
-import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,19 +26,19 @@ from typing import Any
 from relaygen_sgl.core.config import (
     API_KEY_ENV,
     CVD,
+    LOOPBACK,
     ROLES,
     Preset,
     Settings,
     check_models,
     client_url,
     cpu_shim_dir,
-    is_loopback,
+    exposed,
     sglang_api_key,
 )
 from relaygen_sgl.core.errors import ConfigError, StackError
+from relaygen_sgl.servers.gpus import devices_for, gpu_memory
 
-_SMI = ("nvidia-smi", "--query-gpu=index", "--format=csv,noheader")
-_SMI_MEMORY = ("nvidia-smi", "--query-gpu=index,uuid,memory.free,memory.total", "--format=csv,noheader,nounits")
 KEY_PLACEHOLDER = "<api-key-config.yaml>"
 CUSTOM_LOGITS = "--enable-custom-logit-processor"
 DEVICE_ORDER = "CUDA_DEVICE_ORDER"
@@ -79,12 +76,12 @@ def auth_config(settings: Settings, name: str, api_key: str) -> Path:
     return path
 
 
-def server_command(preset: Preset, role: str, settings: Settings, host: str = "127.0.0.1",
+def server_command(preset: Preset, role: str, settings: Settings, host: str = LOOPBACK,
                    python: str = sys.executable, port: int | None = None,
                    kv_tokens: int | None = None, api_key: str | None = None,
                    devices: Sequence[str] | None = None) -> ServerCommand:
     """With `api_key` the server requires it (written to a --config file, see auth_config);
-    with `devices` (its block from gpus.allocate) it sees only those GPUs."""
+    with `devices` (its block from servers.gpus.allocate) it sees only those GPUs."""
     spec = preset.roles[role]
     args = _override(spec.args, "--max-total-tokens", str(kv_tokens) if kv_tokens else None)
     argv = (python, "-m", "sglang.launch_server", "--model-path", spec.model_path(settings),
@@ -106,7 +103,7 @@ def server_command(preset: Preset, role: str, settings: Settings, host: str = "1
     return ServerCommand(argv=argv, env=env)
 
 
-def router_command(worker_urls: list[str], port: int, host: str = "127.0.0.1",
+def router_command(worker_urls: list[str], port: int, host: str = LOOPBACK,
                    python: str = sys.executable) -> ServerCommand:
     """SGLang's own router (sglang-router) in front of a role's replicas. cache_aware sends a
     request to the replica holding the longest matching prefix, so a trajectory's handoffs
@@ -122,115 +119,10 @@ def replica_port(base: int, index: int) -> int:
 
 
 @dataclass(frozen=True)
-class Visible:
-    devices: tuple[str, ...]
-    source: str  # for messages: "CUDA_VISIBLE_DEVICES=4,5", "nvidia-smi", "CUDA_VISIBLE_DEVICES unset, ..."
-
-
-def _nvidia_smi(run: Callable[..., Any] = subprocess.run) -> tuple[str, ...]:
-    try:
-        out = run(list(_SMI), capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    if out.returncode != 0:
-        return ()
-    return tuple(line.strip() for line in out.stdout.splitlines() if line.strip().isdigit())
-
-
-def visible_devices(environ: Mapping[str, str] | None = None,
-                    run: Callable[..., Any] = subprocess.run) -> Visible:
-    """The devices `up` may hand out: $CUDA_VISIBLE_DEVICES when set (even to nothing), else
-    the GPUs nvidia-smi lists, else none."""
-    env = os.environ if environ is None else environ
-    if CVD in env:
-        value = env[CVD]
-        return Visible(tuple(d.strip() for d in value.split(",") if d.strip()), f"{CVD}={value}")
-    found = _nvidia_smi(run)
-    return Visible(found, f"{CVD} unset, nvidia-smi lists {','.join(found)}" if found
-                   else f"{CVD} unset, no GPU from nvidia-smi")
-
-
-def total_gpus(preset: Preset, counts: Mapping[str, int]) -> int:
-    if preset.share_device:
-        return max(spec.gpus for spec in preset.roles.values())
-    return sum(spec.gpus * counts.get(role, 1) for role, spec in preset.roles.items())
-
-
-def allocate(preset: Preset, counts: Mapping[str, int], visible: Visible) -> dict[tuple[str, int], tuple[str, ...]]:
-    """{(role, replica): its devices}, a consecutive block each, large replicas first; a role
-    that needs no GPU gets none. ConfigError (one line) when the visible devices are too few."""
-    need = total_gpus(preset, counts)
-    if preset.share_device:
-        if any(counts.get(role, 1) != 1 for role in preset.roles):
-            raise ConfigError(f"preset {preset.name} puts both servers on one device: one server per role "
-                              "(no --replicas-large/--replicas-small)")
-        if need > len(visible.devices):
-            raise ConfigError(f"preset {preset.name} needs {need} GPU (both servers share it), none visible "
-                              f"({visible.source})")
-        return {(role, 0): tuple(visible.devices[:need]) for role in preset.roles}
-    if need > len(visible.devices):
-        parts = ", ".join(f"{role}: {spec.gpus} x {counts.get(role, 1)}" + (" replicas" if counts.get(role, 1) > 1
-                                                                             else "")
-                          for role, spec in preset.roles.items())
-        raise ConfigError(f"preset {preset.name} needs {need} GPUs ({parts}), only {len(visible.devices)} "
-                          f"visible ({visible.source})")
-    out: dict[tuple[str, int], tuple[str, ...]] = {}
-    at = 0
-    for role, spec in preset.roles.items():  # ROLES order: large, small
-        for i in range(counts.get(role, 1)):
-            out[(role, i)] = tuple(visible.devices[at:at + spec.gpus]) if spec.gpus else ()
-            at += spec.gpus
-    return out
-
-
-def devices_for(preset: Preset, counts: Mapping[str, int], assume: bool = False,
-                environ: Mapping[str, str] | None = None) -> tuple[dict[tuple[str, int], tuple[str, ...]], str | None]:
-    """The allocation `up` uses, and a note. Nothing is asked when no role needs a GPU. With
-    `assume` (a dry run) and no GPU visible at all, devices 0..N-1 are assumed, said in the note."""
-    need = total_gpus(preset, counts)
-    visible = visible_devices(environ) if need else Visible((), "no GPU needed")
-    if assume and need and not visible.devices:
-        assumed = Visible(tuple(str(i) for i in range(need)), "assumed")
-        return allocate(preset, counts, assumed), (f"no GPU visible ({visible.source}): assumed devices "
-                                                   f"0..{need - 1}; a real start here would refuse")
-    return allocate(preset, counts, visible), None
-
-
-@dataclass(frozen=True)
-class GpuMemory:
-    free_gib: float
-    total_gib: float
-
-
-def gpu_memory(run: Callable[..., Any] = subprocess.run) -> dict[str, GpuMemory]:
-    """Free and total memory per GPU from nvidia-smi, keyed by its index and by its UUID (what
-    CUDA_VISIBLE_DEVICES may hold); empty when nvidia-smi is missing or fails."""
-    try:
-        out = run(list(_SMI_MEMORY), capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if out.returncode != 0:
-        return {}
-    found: dict[str, GpuMemory] = {}
-    for line in out.stdout.splitlines():
-        parts = [x.strip() for x in line.split(",")]
-        if len(parts) != 4:
-            continue
-        try:
-            mem = GpuMemory(float(parts[2]) / 1024, float(parts[3]) / 1024)  # MiB
-        except ValueError:
-            continue
-        found[parts[0]] = found[parts[1]] = mem
-    return found
-
-
-@dataclass(frozen=True)
 class Fraction:
     """A server's --mem-fraction-static on a shared device, and how it was reached."""
     role: str
     value: float
-    static_gib: float  # what it holds for weights + KV cache
-    free_at_start_gib: float  # what SGLang will measure as free when it starts (estimated)
     why: str
 
 
@@ -264,7 +156,7 @@ def shared_fractions(preset: Preset, free_gib: float) -> dict[str, Fraction]:
         why = (f"{first}, with about {left:.1f} GiB free; SGLang holds mem_fraction_static x the memory free at "
                f"its start for weights + KV: {value} x {left:.1f} = {value * left:.1f} GiB (memory_gib "
                f"{want[role]:g} + {static - want[role]:.1f} of the {spare:.1f} GiB spare)")
-        out[role] = Fraction(role, value, value * left, left, why)
+        out[role] = Fraction(role, value, why)
         left -= value * left  # what it holds (the fraction is rounded down)
     return out
 
@@ -272,14 +164,14 @@ def shared_fractions(preset: Preset, free_gib: float) -> dict[str, Fraction]:
 def check_exposure(preset: Preset, host: str, api_key: str | None) -> None:
     """A server with --enable-custom-logit-processor runs code a client sends (SGLang unpickles
     it): beyond loopback only with an API key. ConfigError (one line, exit 2) otherwise."""
-    if api_key or is_loopback(host):
+    if not exposed(host, api_key or None):
         return
     roles = [role for role, spec in preset.roles.items() if CUSTOM_LOGITS in spec.args]
     if roles:
         raise ConfigError(f"--host {host} is reachable from other machines and the {' and '.join(roles)} "
                           f"server{'s' if len(roles) > 1 else ''} of {preset.name} run client code "
                           f"({CUSTOM_LOGITS}): set ${API_KEY_ENV} (every server then requires it), or bind "
-                          "127.0.0.1")
+                          f"{LOOPBACK}")
 
 
 def check_counts(replicas: Mapping[str, int] | None, api_key: str | None) -> dict[str, int]:
@@ -311,7 +203,7 @@ class Process:
 
 
 @dataclass(frozen=True)
-class Plan:
+class LaunchPlan:
     preset: str
     host: str
     counts: dict[str, int]
@@ -332,10 +224,10 @@ def _shared_free(preset: Preset, devices: Sequence[str], assumed: bool) -> tuple
     return assume, f"free memory unknown: assumed {assume:g} GiB (the preset's min_free_gib)"
 
 
-def server_plan(preset: Preset, settings: Settings, host: str = "127.0.0.1",
+def launch_plan(preset: Preset, settings: Settings, host: str = LOOPBACK,
                 replicas: Mapping[str, int] | None = None, kv_tokens: int | None = None,
                 api_key: str | None = None, assume: bool = False, key_file: bool = True,
-                free_gib: float | None = None) -> Plan:
+                free_gib: float | None = None) -> LaunchPlan:
     """Every process `up` starts, in order. A role with one server serves on its own port;
     with more, replica i on replica_port(base, i) and a router on the role's port, after its
     workers. With `api_key`, each server requires it: written to a 0600 --config file, or
@@ -374,16 +266,16 @@ def server_plan(preset: Preset, settings: Settings, host: str = "127.0.0.1",
         if counts[role] > 1:
             workers = [client_url(host, p) for p in ports]
             processes.append(Process(role, "router", counts[role], base, router_command(workers, base, host=host)))
-    return Plan(preset.name, host, counts, tuple(processes), note, shared_device=shared,
+    return LaunchPlan(preset.name, host, counts, tuple(processes), note, shared_device=shared,
                 free_gib=free if shared is not None else None)
 
 
-def dry_run(preset: Preset, settings: Settings, host: str = "127.0.0.1", replicas: Mapping[str, int] | None = None,
+def dry_run(preset: Preset, settings: Settings, host: str = LOOPBACK, replicas: Mapping[str, int] | None = None,
             kv_tokens: int | None = None) -> dict[str, Any]:
     """What `up` would start, in its order: {"preset", "servers": [{"role", "replica", "port",
     "argv", "env"}], "note"}. Starts nothing and writes nothing; the API key is never shown."""
     key = sglang_api_key()
-    plan = server_plan(preset, settings, host, replicas, kv_tokens, api_key=key, assume=True, key_file=False)
+    plan = launch_plan(preset, settings, host, replicas, kv_tokens, api_key=key, assume=True, key_file=False)
     notes = [plan.note] if plan.note else []
     try:
         check_exposure(preset, host, key)
@@ -416,7 +308,7 @@ def dry_run(preset: Preset, settings: Settings, host: str = "127.0.0.1", replica
     return {**out, "servers": servers, "note": "; ".join(notes) or None}
 
 
-def role_command(preset: Preset, role: str, settings: Settings, host: str = "127.0.0.1",
+def role_command(preset: Preset, role: str, settings: Settings, host: str = LOOPBACK,
                  assume: bool = False) -> tuple[ServerCommand, str | None]:
     """One server of `role`, for launch/serve.sh: the first server of that role in the plan
     `up` makes with one replica per role, so two roles started by hand on one machine do not
@@ -424,14 +316,14 @@ def role_command(preset: Preset, role: str, settings: Settings, host: str = "127
     devices; the note says so."""
     key = sglang_api_key()
     try:
-        plan = server_plan(preset, settings, host, api_key=key, assume=assume)
+        plan = launch_plan(preset, settings, host, api_key=key, assume=assume)
         note = plan.note
     except ConfigError as both:  # not enough for both roles: this one alone?
         alone = dataclasses.replace(preset, roles={**preset.roles,
                                                    **{r: dataclasses.replace(s, gpus=0) for r, s in
                                                       preset.roles.items() if r != role}})
         try:
-            plan = server_plan(alone, settings, host, api_key=key, assume=assume)
+            plan = launch_plan(alone, settings, host, api_key=key, assume=assume)
         except ConfigError:
             raise both from None
         note = f"{both}; the {role} server alone takes the first {preset.roles[role].gpus}"
