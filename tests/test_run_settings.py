@@ -8,7 +8,7 @@ import pytest
 from relaygen_sgl.cli import main as cli
 from relaygen_sgl.core.errors import EXIT_USAGE, ConfigError
 from relaygen_sgl.core.run_settings import SEED_MAX, SEED_MIN, RunSettings, SettingError
-from relaygen_sgl.serve.http import ApiError, chat_schema, parse_request
+from relaygen_sgl.serve.protocol import ApiError, chat_schema, parse_request
 
 NOWHERE = ("--large", "http://127.0.0.1:9", "--small", "http://127.0.0.1:9")  # never reached
 HI = [{"role": "user", "content": "hi"}]

@@ -20,8 +20,8 @@ from relaygen_sgl.api import Relay
 from relaygen_sgl.cli import main as cli
 from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.errors import ConfigError
+from relaygen_sgl.serve.admission import CONTENT, REASONING, TextShaper, stop_cut
 from relaygen_sgl.serve.app import create_app, key_digest, key_ok
-from relaygen_sgl.serve.runtime import CONTENT, REASONING, TextShaper, stop_cut
 from relaygen_sgl.serve.setup import allowed_profiles, check_exposure, resolve_api_key
 
 THINK = "First we add 2 and 3 to get 5. Therefore the sum is 5. Thus, the answer is 5.</think>\n\nThe answer is 5."

@@ -5,19 +5,17 @@ first turn.
 
 Prefill-only (max_new_tokens 0) requests never change a token: they only put KV into the
 receiving server's cache. One request per trajectory is in flight at a time, sent when a
-token arrives; offers that arrive while it runs are dropped, not queued. A queued offer
-went out the moment the last request ended, mid-way between two tokens, so the receiving
-server was busy at nearly every instant, the handoff's included: on the CPU pair 9 of 10
-handoffs waited 0.04-0.08 s behind a prefetch. Sent only as tokens arrive, a prefetch
-started one token before the turn ends is the only one still running at the handoff. The
-request's last chunk is never offered (`run_turn`): the handoff request follows it within a
-millisecond, and a prefetch sent then ran ahead of it on the receiving server, doubling the
-handoff's time at every token's spacing (0.085 -> 0.058 s median, per-token prefetch).
-For the same reason nothing is sent at a token that the next one may turn into a cue.
-A preset can space them out (`prefetch_every`): on the CPU pair a prefill pass costs the
-receiver what a decode step costs the writer, and a prefetch at every token cost a whole
-relay 4-5% of its speed; at every 2nd the handoffs were as fast and the relay lost about 1%
-(docs/cpu.md, "CPU compute patches").
+token arrives; offers that arrive while it runs are dropped, not queued: a queued offer goes
+out the moment the last request ends, mid-way between two tokens, and keeps the receiving
+server busy at nearly every instant, the handoff's included. Sent only as tokens arrive, a
+prefetch started one token before the turn ends is the only one still running at the
+handoff. The request's last chunk is never offered (`run_turn`): the handoff request follows
+it within a millisecond, and a prefetch sent then would run ahead of it on the receiving
+server. For the same reason nothing is sent at a token that the next one may turn into a
+cue. A preset can space them out (`prefetch_every`): where a prefill pass costs the receiver
+what a decode step costs the writer (the CPU presets), a prefetch at every token costs the
+relay more than it saves. docs/results.md ("Measurements behind design choices") has the
+numbers behind each of these.
 
 Modes (`--prefetch auto|on|off`): `on` sends at the preset's spacing whatever the load;
 `auto` decides at every offer from what this process knows then (PrefetchRule): how many

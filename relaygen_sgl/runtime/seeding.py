@@ -6,15 +6,13 @@ custom logit processor (server flag --enable-custom-logit-processor) that sample
 token itself and hands the server's sampler logits with one finite entry, so the server's
 own RNG has no choice left.
 
-Where it runs (sglang/srt, 0.5.23): model_runner.py:2103 sample() -> _preprocess_logits
-(2075) applies penalties, the grammar mask and logit_bias (sampling_batch_info.py:443),
-then Sampler.forward (layers/sampler.py:148) -> _preprocess_logits (sampler.py:139) ->
-apply_custom_logit_processor (sampler.py:1019); only after that the sampler divides by the
-temperature (sampler.py:275) and applies top_k / top_p / min_p to the softmax
-(top_k_top_p_min_p_sampling_from_probs_torch, sampler.py:785). So the processor gets
-biased logits NOT yet divided by the temperature, and does all of that itself, with the
-request's own server-normalized SamplingParams (temperature 0 arrives as top_k=1,
-sampling_params.py:247). Output logprobs of a seeded request come from the returned
+Where it runs (sglang/srt): ModelRunner.sample() first applies penalties, the grammar mask
+and logit_bias (sampling_batch_info.py), then Sampler.forward calls
+apply_custom_logit_processor; only after that does the sampler divide by the temperature
+and apply top_k / top_p / min_p to the softmax (top_k_top_p_min_p_sampling_from_probs_torch,
+layers/sampler.py). So the processor gets biased logits NOT yet divided by the temperature,
+and does all of that itself, with the request's own server-normalized SamplingParams
+(temperature 0 arrives as top_k=1, sampling_params.py). Output logprobs of a seeded request come from the returned
 logits (0 for the chosen token, -inf elsewhere); input logprobs are unaffected.
 
 The draw: u = hash(seed, position) in [0, 1) (splitmix64 on Python ints, no RNG state),
@@ -91,7 +89,7 @@ class SeededSampler(CustomLogitProcessor):
     @classmethod
     def _position(cls, req):
         """The absolute index of the token being sampled: kv_committed_len, set when the batch
-        is scheduled (mem_cache/allocation.py:485 extend, :686 decode), counts every token fed,
+        is scheduled (mem_cache/allocation.py, for extend and decode), counts every token fed,
         the cached prefix included. origin + output is only the fallback: under the overlap
         scheduler it lags by one on most decode steps (results land after the next launch)."""
         kv = getattr(req, "kv", None)

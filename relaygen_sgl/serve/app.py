@@ -30,7 +30,9 @@ from starlette.requests import ClientDisconnect
 
 from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.core.run_settings import DEFAULT_BUDGET
-from relaygen_sgl.serve.http import (
+from relaygen_sgl.serve.admission import Busy, Gate, Health, Job
+from relaygen_sgl.serve.observe import KEY, METRICS_TYPE, Metrics, Observe, Outcome
+from relaygen_sgl.serve.protocol import (
     BODY_TIMEOUT_S,
     ERROR_SCHEMA,
     ApiError,
@@ -39,8 +41,6 @@ from relaygen_sgl.serve.http import (
     parse_request,
     read_json,
 )
-from relaygen_sgl.serve.observe import KEY, METRICS_TYPE, Metrics, Observe, Outcome
-from relaygen_sgl.serve.runtime import Busy, Gate, Health, Job
 from relaygen_sgl.serve.setup import allowed_profiles
 from relaygen_sgl.serve.stream import Gone, JobStream, complete, sse, timeout_error
 

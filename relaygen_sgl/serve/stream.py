@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from relaygen_sgl.core.errors import ConfigError, EngineRejected, RelayAborted, RelayGenError
 from relaygen_sgl.core.result import REROUTED, RelayResult
-from relaygen_sgl.serve.http import ApiError, ChatRequest
+from relaygen_sgl.serve.admission import CONTENT, REASONING, Job, TextShaper, stop_cut
 from relaygen_sgl.serve.observe import KEY
-from relaygen_sgl.serve.runtime import CONTENT, REASONING, Job, TextShaper, stop_cut
+from relaygen_sgl.serve.protocol import ApiError, ChatRequest
 
 log = logging.getLogger("relaygen.serve")
 POLL_S = 0.25

@@ -1,5 +1,5 @@
 """The request side of `relaygen serve`: OpenAI-shaped errors, the body read under its
-size limit, a chat completions request validated into Relay.run arguments, and the
+size limit, a chat completions request validated into its RunSettings, and the
 OpenAPI schema of that request (what /openapi.json declares)."""
 
 from __future__ import annotations
