@@ -47,8 +47,8 @@ def record_runs(relay: Relay) -> list[tuple[str, str | None]]:
     """(method, prefetch) of every relay.run from now on, in order."""
     order: list[tuple[str, str | None]] = []
     run = relay.run
-    relay.run = lambda q, method, **kw: (  # type: ignore[method-assign]
-        order.append((method, kw.get("prefetch"))) or run(q, method, **kw))
+    relay.run = lambda q, settings: (  # type: ignore[method-assign]
+        order.append((settings.method, settings.prefetch)) or run(q, settings=settings))
     return order
 
 

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from relaygen_sgl.core.config import METHODS
 from relaygen_sgl.core.datasets import load_problems
 from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.core.result import RelayResult, Segment
+from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, RunSettings
 
 
 @dataclass(frozen=True)
@@ -44,19 +45,30 @@ class BenchConfig:
     # The load part's relay once per prefetch mode, interleaved with single-large; the first
     # is "relay" in the report, each further one is compared with it (auto against off: does
     # the load-aware prefetch cost anything under load?). (): the backend's default mode only.
-    load_prefetch: tuple[str, ...] = ("auto", "off")
+    load_prefetch: tuple[str, ...] = (DEFAULT_PREFETCH, "off")
     # Rounds of the load part per level: from one round each, two cases that do the same work
     # (auto and off at 16 concurrent, where auto sends next to no prefetch) read further apart
     # than the effects the part looks for; pooled over rounds in A B, B A order, drift and
     # noise weigh less.
     load_rounds: int = 2
-    protocol: str = "relaygen-sgl"  # "reference": every run under the reference implementation's protocol
+    # every run's settings but what each part sets itself (method, budget, seed, prefetch mode):
+    # the protocol, for one ("reference": the reference implementation's)
+    settings: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self) -> None:
         for name in ("questions", "reps", "max_tokens", "load_max_tokens", "handoff_questions", "load_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"bench {name} must be a positive integer, got {value!r}")
+
+    @property
+    def protocol(self) -> str:
+        return self.settings.protocol
+
+    def run(self, method: str, max_tokens: int, seed: int, prefetch: str | None = None) -> RunSettings:
+        """One run's settings: the bench's, with the part's own."""
+        return self.settings.but(method=method, max_tokens=max_tokens, seed=seed,
+                                 **({"prefetch": prefetch} if prefetch else {}))
 
     @classmethod
     def quick(cls, preset: str) -> BenchConfig:
@@ -81,7 +93,7 @@ def run_speed(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callabl
     for rep in range(cfg.reps):
         for qi, q in enumerate(questions):
             for method in METHODS:  # interleaved: A B C A B C
-                res = relay.run(q, method, max_tokens=cfg.max_tokens, seed=rep, protocol=cfg.protocol)
+                res = relay.run(q, settings=cfg.run(method, cfg.max_tokens, rep))
                 runs[method].append(res)
                 log(f"speed rep {rep} q{qi} {method}: {res.stats.e2e_s:.2f}s "
                     f"{res.stats.large_tokens + res.stats.small_tokens} tok")
@@ -190,13 +202,13 @@ def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
     runs: dict[str, list[RelayResult]] = {"prefetch": [], "tokens": []}
     counts: dict[str, Counter[str]] = {name: Counter() for name in runs}
     engines = servers_of(relay)
-    variants = (("prefetch", True), ("tokens", False))
+    variants = (("prefetch", "on"), ("tokens", "off"))
     for qi, q in enumerate(questions):
         for name, on in variants if qi % 2 == 0 else variants[::-1]:
             for e in engines:
                 e.flush_cache(timeout_s=30)
             before = relay.backend.prefetching.snapshot()
-            res = relay.run(q, "relay", max_tokens=cfg.max_tokens, seed=0, prefetch=on, protocol=cfg.protocol)
+            res = relay.run(q, settings=cfg.run("relay", cfg.max_tokens, 0, on))
             counts[name] += relay.backend.prefetching.snapshot() - before
             runs[name].append(res)
             log(f"handoff q{qi} {name}: {res.stats.e2e_s:.2f}s, {res.stats.switches} switches")
@@ -297,8 +309,7 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
 
                 def one(i: int, q: str) -> None:
                     nonlocal tokens
-                    r = relay.run(q, method, max_tokens=cfg.load_max_tokens, seed=i, protocol=cfg.protocol,
-                                  prefetch=mode)
+                    r = relay.run(q, settings=cfg.run(method, cfg.load_max_tokens, i, mode))
                     with lock:
                         lat.append(r.stats.e2e_s)
                         tokens += r.stats.large_tokens + r.stats.small_tokens

@@ -311,13 +311,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from relaygen_sgl.bench.runner import BenchConfig, run_bench
 
+    settings = run_settings(args)  # the protocol, checked before any server is asked
     with open_relay(args) as r:
         name = _preset_name(r)
         cfg = BenchConfig.quick(name) if args.quick else BenchConfig(preset=name)
         overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens),
-                                       ("dataset", args.dataset), ("protocol", args.protocol),
-                                       ("load_prefetch", args.load_prefetch),
+                                       ("dataset", args.dataset), ("load_prefetch", args.load_prefetch),
                                        ("load_rounds", args.load_rounds)) if v}
+        overrides["settings"] = settings
         if overrides:
             import dataclasses
 
