@@ -9,7 +9,7 @@ SGLANG_VERSION := 0.5.23
 DEMO_QUESTION ?= Tom has 3 apples and buys 5 more. Then he gives 2 away. How many apples does he have? Explain step by step.
 DEMO_MAX_TOKENS ?= 256
 
-.PHONY: setup system-deps models demo test test-unit test-integration lint clean
+.PHONY: setup system-deps models demo test test-fast test-unit test-integration lint clean
 
 setup: $(STAMP)
 
@@ -34,14 +34,24 @@ demo: models
 	$(RELAYGEN) run "$(DEMO_QUESTION)" --preset cpu-tiny --max-tokens $(DEMO_MAX_TOKENS) --seed 0; \
 	  rc=$$?; $(RELAYGEN) down; exit $$rc
 
+# Unit tests on both cores (pytest-xdist), then the integration tests in one process (they share
+# one pair of real servers); each prints its 25 slowest steps (docs/testing.md keeps the table).
+UNIT := -m "not integration" -n 2 --durations=25
+INTEGRATION := -m integration --durations=25
+
 test: models system-deps lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(UNIT)
+	$(PY) -m pytest -q $(INTEGRATION)
+
+test-fast: models system-deps lint
+	$(PY) -m pytest -q $(UNIT) -m "not integration and not slow"
+	$(PY) -m pytest -q $(INTEGRATION) -m "integration and not slow"
 
 test-unit: setup system-deps
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q $(UNIT)
 
 test-integration: models
-	$(PY) -m pytest -q -m integration
+	$(PY) -m pytest -q $(INTEGRATION)
 
 lint: setup
 	$(VENV)/bin/ruff check relaygen_sgl programs tests

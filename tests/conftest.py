@@ -18,14 +18,25 @@ def tiny_tokenizer(tmp_path_factory) -> str:
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-@pytest.fixture(params=[True, False], ids=["incremental", "cumulative"])
-def fake(request, tiny_tokenizer) -> FakeSGLang:
-    """The SGLang double, once with --incremental-streaming-output (deltas) and once
-    without (the whole output so far in every chunk): every test on it runs with both."""
+STREAM_MODES = ("incremental", "cumulative")
+
+
+def pytest_generate_tests(metafunc):
+    """Tests on the SGLang double run in the presets' stream mode (--incremental-streaming-output:
+    deltas); a module that tests the stream parser itself sets `STREAM_MODES = "both"` and runs
+    each test in both modes (deltas, and the whole output so far in every chunk)."""
+    if "fake" in metafunc.fixturenames:
+        both = getattr(metafunc.module, "STREAM_MODES", None) == "both"
+        metafunc.parametrize("stream_mode", STREAM_MODES if both else STREAM_MODES[:1])
+
+
+@pytest.fixture
+def fake(stream_mode, tiny_tokenizer) -> FakeSGLang:
+    """The SGLang double in the test's stream mode (see pytest_generate_tests)."""
     from transformers import AutoTokenizer
 
     eos = AutoTokenizer.from_pretrained(tiny_tokenizer).eos_token_id
-    return FakeSGLang(tiny_tokenizer, eos_id=eos, incremental=request.param)
+    return FakeSGLang(tiny_tokenizer, eos_id=eos, incremental=stream_mode == "incremental")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import orjson
 import pytest
-from test_cli import one_line_error, relaygen
+from test_cli import one_line_error, run_cli
 
 from relaygen_sgl.cli import commands
 from relaygen_sgl.cli import main as cli
@@ -33,7 +33,7 @@ def prompts(tmp_path):
 
 # ---------------------------------------------------------------- batch output
 def test_batch_output_that_is_the_prompts_file_is_refused_untouched(prompts, tmp_path):
-    proc = relaygen("batch", "relay", str(prompts), "-o", str(prompts), *NOWHERE)
+    proc = run_cli("batch", "relay", str(prompts), "-o", str(prompts), *NOWHERE)
     assert proc.returncode == 2 and "is the prompts file" in one_line_error(proc)
     assert prompts.read_bytes() == PROMPTS
     os.link(prompts, tmp_path / "same-inode.jsonl")
@@ -47,10 +47,10 @@ def test_batch_output_that_is_the_prompts_file_is_refused_untouched(prompts, tmp
 def test_batch_output_holding_something_else_is_refused_untouched(prompts, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_bytes(b"# Notes\n\nNot run records.\n")
-    proc = relaygen("batch", "relay", str(prompts), "-o", str(readme), *NOWHERE)
+    proc = run_cli("batch", "relay", str(prompts), "-o", str(readme), *NOWHERE)
     assert proc.returncode == 2 and "not a file of run records (line 1" in one_line_error(proc)
     assert readme.read_bytes() == b"# Notes\n\nNot run records.\n"
-    proc = relaygen("batch", "relay", str(prompts), "-o", str(tmp_path), *NOWHERE)
+    proc = run_cli("batch", "relay", str(prompts), "-o", str(tmp_path), *NOWHERE)
     assert proc.returncode == 2 and "is a directory" in one_line_error(proc)
     other = tmp_path / "other.jsonl"  # JSON objects, but not run records (no status)
     other.write_bytes(PROMPTS)
@@ -67,7 +67,7 @@ def test_batch_output_holding_something_else_is_refused_untouched(prompts, tmp_p
 def test_a_second_batch_on_the_same_output_is_refused(prompts, tmp_path):
     out = tmp_path / "out.jsonl"
     with claim_output(prompts, out):
-        proc = relaygen("batch", "relay", str(prompts), "-o", str(out), *NOWHERE)
+        proc = run_cli("batch", "relay", str(prompts), "-o", str(out), *NOWHERE)
         assert "another relaygen batch is writing" in one_line_error(proc)
         with pytest.raises(RelayGenError, match="another relaygen batch"):
             with claim_output(prompts, out):
@@ -137,27 +137,27 @@ def test_a_failing_write_stops_the_batch_with_one_line(prompts, tmp_path, monkey
 
 # ---------------------------------------------------------------- run arguments
 def test_a_url_without_a_scheme_is_one_line():
-    proc = relaygen("run", "hi", "--large", "localhost:30000", "--small", "localhost:30001")
+    proc = run_cli("run", "hi", "--large", "localhost:30000", "--small", "localhost:30001")
     assert proc.returncode == 2 and "invalid server URL 'localhost:30000'" in one_line_error(proc)
 
 
 def test_a_seed_out_of_sglangs_range_and_an_empty_question_are_refused():
-    proc = relaygen("run", "hi", "--seed", str(2**70), *NOWHERE)
+    proc = run_cli("run", "hi", "--seed", str(2**70), *NOWHERE)
     assert proc.returncode == 2 and "--seed" in one_line_error(proc)
-    assert relaygen("run", "hi", "--seed", str(2**63), *NOWHERE).returncode == 2
-    proc = relaygen("run", "", *NOWHERE)
+    assert run_cli("run", "hi", "--seed", str(2**63), *NOWHERE).returncode == 2
+    proc = run_cli("run", "", *NOWHERE)
     assert proc.returncode == 2 and "the question is empty" in one_line_error(proc)
 
 
 def test_a_profile_that_is_a_json_array_is_one_line(tmp_path):
     bad = tmp_path / "array.json"
     bad.write_text(json.dumps(["Thus", "So"]))
-    proc = relaygen("run", "hi", "--profile", str(bad), *NOWHERE)
+    proc = run_cli("run", "hi", "--profile", str(bad), *NOWHERE)
     assert proc.returncode == 2 and "expected a JSON object" in one_line_error(proc)
 
 
 def test_an_unknown_model_name_lists_the_valid_ones():
-    proc = relaygen("models", "fetch", "--name", "nope")
+    proc = run_cli("models", "fetch", "--name", "nope")
     err = one_line_error(proc)
     assert proc.returncode == 2 and "unknown local model 'nope'" in err and "smollm2-135m-instruct" in err
 
@@ -175,11 +175,11 @@ def test_status_and_down_with_a_corrupt_state_file():
     settings = load_settings()
     settings.run_dir.mkdir(parents=True)
     settings.state_file.write_text('{"preset": "cpu-tiny", "servers": [{"role": "lar')
-    proc = relaygen("status")
+    proc = run_cli("status")
     assert proc.returncode == 1 and "corrupt" in one_line_error(proc) and "large: - pid - unknown" in proc.stdout
-    proc = relaygen("status", "--json")
+    proc = run_cli("status", "--json")
     assert proc.returncode == 1 and "corrupt" in json.loads(proc.stdout)["problem"]
-    assert "corrupt" in one_line_error(relaygen("down"))
+    assert "corrupt" in one_line_error(run_cli("down"))
 
 
 def test_status_with_a_dead_server():
@@ -190,7 +190,7 @@ def test_status_with_a_dead_server():
     settings.state_file.write_text(json.dumps({"preset": "cpu-tiny", "servers": [
         {"role": "large", "url": "http://127.0.0.1:9", "pid": dead.pid, "log": "x.log", "port": 9,
          "start_ticks": 1}]}))
-    proc = relaygen("status")
+    proc = run_cli("status")
     assert proc.returncode == 1 and "large dead" in one_line_error(proc)
     assert "large: http://127.0.0.1:9 pid" in proc.stdout and "small: - pid - missing" in proc.stdout
 
@@ -200,8 +200,8 @@ def test_up_and_down_refuse_while_another_runs():
 
     settings = load_settings()
     with exclusive(settings.run_dir / "stack.lock", "held by the test"):
-        assert "another relaygen up/down is running" in one_line_error(relaygen("down"))
-        assert "another relaygen up/down is running" in one_line_error(relaygen("up", "--preset", "cpu-tiny"))
+        assert "another relaygen up/down is running" in one_line_error(run_cli("down"))
+        assert "another relaygen up/down is running" in one_line_error(run_cli("up", "--preset", "cpu-tiny"))
 
 
 # ---------------------------------------------------------------- last resort

@@ -14,6 +14,7 @@ from doubles import FakeSGLang
 from relaygen_sgl.client.http import ClientConfig, EngineClient, Finish
 from relaygen_sgl.core.errors import Cancelled, EngineFailed, EngineRejected, EngineUnreachable
 
+STREAM_MODES = "both"  # the stream parser: deltas and cumulative output both
 URL = "http://engine.test:1"
 PROMPT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
 # "é" and "ü" are two byte-level tokens each: a chunk may end inside a character

@@ -12,7 +12,7 @@ import sys
 import tomllib
 
 import pytest
-from test_cli import one_line_error, relaygen
+from test_cli import one_line_error, run_cli
 
 from relaygen_sgl.cli import main as cli
 from relaygen_sgl.core import config
@@ -160,11 +160,11 @@ def test_dry_run_json_on_a_machine_without_gpus_starts_and_writes_nothing(tmp_pa
 def test_dry_run_uses_the_gpus_nvidia_smi_lists_and_refuses_when_too_few(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     env = _fake_nvidia_smi(tmp_path, "0\\n1\\n2\\n3\\n4\\n5\\n")
-    plan = json.loads(relaygen("up", "--preset", QWEN, "--replicas-small", "2", "--dry-run", "--json",
+    plan = json.loads(run_cli("up", "--preset", QWEN, "--replicas-small", "2", "--dry-run", "--json",
                                env_extra=env).stdout)
     assert plan["note"] is None
     assert [s["env"].get("CUDA_VISIBLE_DEVICES") for s in plan["servers"]] == ["0,1", "2", "3", None]
-    err = one_line_error(relaygen("up", "--preset", QWEN, "--replicas-large", "3", "--dry-run", env_extra=env))
+    err = one_line_error(run_cli("up", "--preset", QWEN, "--replicas-large", "3", "--dry-run", env_extra=env))
     assert "needs 7 GPUs (large: 2 x 3 replicas, small: 1 x 1), only 6 visible" in err
 
 

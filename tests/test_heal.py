@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import one_line_error, relaygen
+from test_cli import one_line_error, relaygen, run_cli
 
 from relaygen_sgl.cli import main as cli
 from relaygen_sgl.core.config import load_preset, load_settings
@@ -144,7 +144,7 @@ def test_restart_of_the_first_server_on_a_shared_gpu_restarts_the_second_too(sta
 
 
 def test_restart_with_nothing_up_is_one_line():
-    assert "nothing is up" in one_line_error(relaygen("restart", "small"))
+    assert "nothing is up" in one_line_error(run_cli("restart", "small"))
 
 
 # ---------------------------------------------------------------- exposure (issue 21 item 4)

@@ -11,7 +11,7 @@ import os
 import time
 
 import pytest
-from test_cli import one_line_error, relaygen
+from test_cli import one_line_error, run_cli
 from test_gpus import _with_preset_data
 
 from relaygen_sgl.core.config import load_preset, load_settings, preset_names
@@ -50,7 +50,7 @@ def _argv_fraction(server: dict) -> float:
 
 @pytest.mark.parametrize("name", [BIG, SMALL_CARD])
 def test_dry_run_json_puts_both_on_device_0_large_first_with_fractions_and_why(name, tmp_path):
-    out = relaygen("up", "--preset", name, "--dry-run", "--json",
+    out = run_cli("up", "--preset", name, "--dry-run", "--json",
                    env_extra={"CUDA_VISIBLE_DEVICES": "0", **_no_smi(tmp_path)})
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
@@ -69,7 +69,7 @@ def test_dry_run_json_puts_both_on_device_0_large_first_with_fractions_and_why(n
 
 def test_the_fractions_follow_the_free_memory_nvidia_smi_reports(tmp_path):
     def plan_for(free_mib: int, total_mib: int) -> dict:
-        out = relaygen("up", "--preset", BIG, "--dry-run", "--json",
+        out = run_cli("up", "--preset", BIG, "--dry-run", "--json",
                        env_extra={"CUDA_VISIBLE_DEVICES": "0", **_fake_smi(tmp_path / str(free_mib), free_mib,
                                                                              total_mib)})
         assert out.returncode == 0, out.stderr
@@ -82,7 +82,7 @@ def test_the_fractions_follow_the_free_memory_nvidia_smi_reports(tmp_path):
     assert [s["mem_fraction_static"] for s in h100["servers"]] < [s["mem_fraction_static"]
                                                                   for s in h200["servers"]]
     (tmp_path / "small").mkdir()
-    refused = relaygen("up", "--preset", BIG, "--dry-run", "--json",
+    refused = run_cli("up", "--preset", BIG, "--dry-run", "--json",
                        env_extra={"CUDA_VISIBLE_DEVICES": "0", **_fake_smi(tmp_path / "small", 40000, 49140)})
     assert "needs 77 GiB free on its GPU (large 66 + small 6 + 5 runtime reserve), it has 39.1 GiB free" in \
         one_line_error(refused)

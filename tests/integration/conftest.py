@@ -5,12 +5,10 @@ It runs on the preset's ports + 100, so the CLI tests can use the preset's own p
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from paths import REAL_MODELS
+from shared_pair import Pair, alive, pair_problem
 
 from relaygen_sgl.core.config import Settings, load_preset
 from relaygen_sgl.servers import stack
@@ -18,20 +16,15 @@ from relaygen_sgl.servers import stack
 PORT_SHIFT = 100
 
 
-@dataclass(frozen=True)
-class Pair:
-    settings: Settings
-    large: str
-    small: str
-    pids: tuple[int, ...]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+@pytest.fixture(autouse=True)
+def shared_pair_is_up(request):
+    """Before every test on the shared pair: both servers alive and answering, else the test
+    fails at once, naming the server, instead of timing out on requests to it."""
+    if "cpu_pair" in request.fixturenames:
+        problem = pair_problem(request.getfixturevalue("cpu_pair"))
+        if problem:
+            pytest.fail(problem, pytrace=False)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -47,4 +40,4 @@ def cpu_pair(tmp_path_factory) -> Pair:
     pair = Pair(settings, st["large"]["url"], st["small"]["url"], (st["large"]["pid"], st["small"]["pid"]))
     yield pair
     stack.down(settings)
-    assert not [p for p in pair.pids if _alive(p)], "down left a server process behind"
+    assert not [p for p in pair.pids if alive(p)], "down left a server process behind"

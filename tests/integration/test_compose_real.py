@@ -118,6 +118,7 @@ def test_multiple_choice_from_python(cpu_pair):
     assert "</think>" in rec["text"] and rec["stats"]["large_tokens"] > 0
 
 
+@pytest.mark.slow  # builds a wheel and a venv
 def test_an_installed_wheel_runs_the_bundled_relay(cpu_pair, tmp_path):
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
