@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
+import orjson
 import pytest
 from doubles import LARGE, SMALL
 
@@ -12,6 +16,9 @@ from relaygen_sgl.bench.runner import (
     BenchConfig,
     handoff_samples,
     handoff_summary,
+    replay_choice,
+    replayable,
+    run_bench,
     run_floor,
     run_load,
     run_speed,
@@ -75,36 +82,68 @@ def test_spread_and_markdown():
     s = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1}
     speed = {m: {k: s for k in ("latency_s", "completion_tokens", "s_per_token", "large_share", "switches")}
              for m in ("relay", "single-large", "single-small")}
+    one = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1}
+
+    def spread_of(value):
+        return {"median": value, "min": value, "max": value, "n": 1}
+
     result = {"preset": "p", "elapsed_s": 1, "machine": {"cpu": "c", "cores": 2, "memory_gib": 1, "versions": {}},
+              "samples": BenchConfig(preset="p", questions=1, reps=1).samples(),
+              "elapsed_by_part_s": {"speed": 1.0, "live_handoffs": 2.0},
               "handoff": {"replay": {f: {"handoffs": 1, "mean_reprefilled_tokens": 2.0, "mean_handoff_latency_s": 0.1,
-                                         "reprefill_ratio_vs_tokens": 1.0, "latency_ratio_vs_tokens": 1.0}
+                                         "reprefilled_tokens": spread_of(2.0), "handoff_latency_s": spread_of(0.1),
+                                         "reprefill_ratio_vs_tokens": 1.0, "latency_ratio_vs_tokens": 1.0,
+                                         "relays": 1}
                                      for f in ("tokens", "text", "chat")},
                           "prefetch": {"handoffs": 3, "mean_reprefilled_tokens": 1.3, "mean_handoff_latency_s": 0.06,
+                                       "reprefilled_tokens": {"median": 1.0, "min": 1.0, "max": 2.0, "n": 3},
+                                       "handoff_latency_s": {"median": 0.055, "min": 0.05, "max": 0.075, "n": 3},
                                        "after_inserted_text": {"handoffs": 1, "mean_reprefilled_tokens": 8.0,
-                                                               "mean_handoff_latency_s": 0.1},
+                                                               "mean_handoff_latency_s": 0.1,
+                                                               "reprefilled_tokens": spread_of(8.0),
+                                                               "handoff_latency_s": spread_of(0.1)},
                                        "prefetch_requests": 4, "prefetch_in_flight_at_turn_end": 1},
                           "floor": {"small": {"new_tokens": 2, "stream_step_s": 0.05,
                                               "first_token_s": {"0": {"median": 0.06, "min": 0.05, "max": 0.07, "n": 3},
                                                                 "0.3": {"median": 0.08, "min": 0.07, "max": 0.09,
                                                                         "n": 3}},
+                                              "reprefilled_tokens": {"median": 2, "min": 2, "max": 2, "n": 6},
                                               "over_decode_step": {"0": 1.2, "0.3": 1.6}}},
-                          "tokens": {"handoffs": 3, "mean_reprefilled_tokens": 14.0, "mean_handoff_latency_s": 0.2},
+                          # the keys of a result from before the spreads
+                          "tokens": {"handoffs": 3, "mean_reprefilled_tokens": 14.0, "mean_handoff_latency_s": 0.2,
+                                     "median_handoff_latency_s": 0.19},
                           "decode_step_s": 0.05},
               "overhead": {"relay_e2e_over_server_time": s, "target": 1.05}, "speed": speed,
               "speedup": {"measured_per_token": 1.0, "measured_latency": 1.0, "predicted": 1.0,
                           "relay_large_share": 1.0, "t_small_over_t_large": 1.0},
               "load": {"1": {"relay": {"tokens_per_s": 1, "p50_latency_s": 1, "p95_latency_s": 1,
-                                       "tokens_per_s_by_round": [0.9, 1.1]},
+                                       "tokens_per_s_by_round": [0.9, 1.1], "trajectories": 4, "rounds": 2,
+                                       "latency_s": one},
                              "single-large": {"tokens_per_s": 2, "p50_latency_s": 1, "p95_latency_s": 1},
                              "relay_over_single_large": 0.5}}}
     md = markdown(result)
     assert "Handoffs in live relays" in md and "target <= 1.05" in md and "Throughput under load" in md
-    assert "| token-exact + prefetch | at a cue | 3 | 1.3 | 0.06 | 1.2 |" in md
-    assert "| token-exact + prefetch | after inserted text | 1 | 8.0 | 0.1 | 2.0 |" in md and "| 0.5 |" in md
-    assert "4 prefetch requests; 1 turns ended while their prefetch still ran" in md
-    assert "| 1 | relay |  | 1 (0.9, 1.1) | 1 | 1 |" in md  # pooled tokens/s, then each round's
-    assert "| server | after 0 s idle | after 0.3 s idle |" in md
-    assert "| small | 0.06 (0.05-0.07): 1.2 steps | 0.08 (0.07-0.09): 1.6 steps |" in md
+    # n, mean re-prefilled with its spread, latency median (min-max), mean, mean over the decode step
+    assert "| token-exact + prefetch | at a cue | 3 | 1.3, 1.0 (1.0-2.0) | 0.055 (0.05-0.075) | 0.06 | 1.2 |" in md
+    assert "| token-exact + prefetch | after inserted text | 1 | 8.0, 8.0 (8.0-8.0) | 0.1 (0.1-0.1) | 0.1 | 2.0 |" in md
+    # a result from before the spreads were recorded: its median, the spread unknown
+    assert "| token-exact, no prefetch | at a cue | 3 | 14.0, n/a | 0.19 (median only) | 0.2 | 4.0 |" in md
+    assert "| token-exact, no prefetch | after inserted text | None | n/a | n/a | n/a | n/a |" in md
+    assert "4 prefetch requests; 1 turns ended while their prefetch still ran" in md and "| 0.5 |" in md
+    assert "| 1 | relay |  | 4 (2) | 1 (0.9, 1.1) | 1 | 1 |" in md  # n, pooled tokens/s, then each round's
+    assert "| server | after 0 s idle | after 0.3 s idle | re-prefilled tokens |" in md
+    assert "| small | 0.06 (0.05-0.07), n=3: 1.2 steps | 0.08 (0.07-0.09), n=3: 1.6 steps | 2 (2-2), n=6 |" in md
+    assert "| tokens | 1 | 2.0, 2.0 (2.0-2.0) | 0.1, 0.1 (0.1-0.1) | 1 / 1 |" in md
+    assert "Each cell: median (min-max) over the method's n runs (1 question x 1 rep, the" in md
+    assert "| single-small | 1 | 1.0 (1.0-1.0) |" in md
+    assert ("Samples (full run): speed and overhead 1 question x 1 rep = 1 run per method, 512 tokens; live "
+            "handoffs 12 questions x 2 variants; floor 8 trials per idle gap and server") in md
+    assert "load 4 levels (1, 2, 4, 16) x 2 rounds x 3 cases, 256 tokens." in md
+    assert "Time per part (s): speed 1.0, live handoffs 2.0." in md
+    assert "(1 relay, 1 single-large, 1 single-small runs)" in md
+    # a result from before the counts were recorded: no header line, no n column to fill
+    old = {k: v for k, v in result.items() if k not in ("samples", "elapsed_by_part_s")}
+    assert "Samples (" not in markdown(old) and "Time per part" not in markdown(old)
 
 
 def test_handoffs_are_the_turns_after_the_other_roles_turn(fake):
@@ -261,3 +300,86 @@ def test_the_load_part_pools_its_rounds_in_reversed_order(fake):
 def test_a_bench_config_refuses_counts_below_one():
     with pytest.raises(ConfigError, match="load_rounds"):
         BenchConfig(preset="cpu-tiny", load_rounds=0)
+
+
+def test_a_whole_bench_on_the_doubles_prints_every_figure_with_its_n(fake, tmp_path, monkeypatch):
+    """run_bench end to end with a small config: every part runs, bench.json keeps its keys and
+    adds the sample counts, and bench.md prints each figure's spread and n. (The double serves
+    no chat completions: the replay runs the two /generate formats, chat reads n/a.)"""
+    monkeypatch.setattr("relaygen_sgl.bench.replay.FORMATS", ("tokens", "text"))
+    # the doubles' tape follows Q's prompt: every question of the run is Q
+    monkeypatch.setattr("relaygen_sgl.bench.runner.load_problems", lambda name: [SimpleNamespace(question=Q)] * 20)
+    relay = bench_relay(fake, think=THINK * 3, prefetch="off")
+    cfg = dataclasses.replace(BenchConfig.quick("cpu-tiny"), max_tokens=200, load_levels=(1, 2), load_max_tokens=40,
+                              handoff_questions=2, floor_trials=1, load_prefetch=("auto", "off"), load_rounds=2)
+    result = run_bench(cfg, relay, tmp_path, log=lambda m: None)
+    saved = orjson.loads((tmp_path / "bench.json").read_bytes())
+    assert set(saved) >= {"preset", "config", "machine", "machine_summary", "urls", "profile", "elapsed_s",
+                          "handoff", "overhead", "speedup", "speed", "load", "samples", "elapsed_by_part_s"}
+    assert list(saved["elapsed_by_part_s"]) == ["speed", "live_handoffs", "floor", "replay", "load"]
+    assert saved["samples"]["speed_runs_per_method"] == 4 and saved["samples"]["kind"] == "quick"
+    ho = saved["handoff"]
+    for name in ("prefetch", "tokens"):  # the old keys beside the new spreads
+        h = ho[name]
+        assert {"handoffs", "mean_reprefilled_tokens", "mean_handoff_latency_s", "median_handoff_latency_s",
+                "after_inserted_text", "prefetch_requests", "prefetch_in_flight_at_turn_end"} <= set(h)
+        assert h["handoff_latency_s"]["n"] == h["handoffs"] > 0 and h["relays"] == 2
+    for fmt in ("tokens", "text", "chat"):
+        assert ho["replay"][fmt]["handoff_latency_s"]["n"] == ho["replay"][fmt]["handoffs"]
+    for fl in ho["floor"].values():
+        assert all(d["n"] == 1 for d in fl["first_token_s"].values())
+    md = (tmp_path / "bench.md").read_text()
+    assert md == markdown(result)
+    assert "Samples (quick run): speed and overhead 2 questions x 2 reps = 4 runs per method" in md
+    assert "live handoffs 2 questions x 2 variants; floor 1 trial per idle gap" in md
+    assert "load 2 levels (1, 2) x 2 rounds x 3 cases, 40 tokens." in md
+    assert "Time per part (s): speed " in md and ", load " in md
+    assert "Each cell: median (min-max) over the method's n runs (2 questions x 2 reps" in md
+    assert "| relay | 4 | " in md and "(4 relay, 4 single-large, 4 single-small runs)" in md
+    h = ho["prefetch"]
+    lat, tok = h["handoff_latency_s"], h["reprefilled_tokens"]
+    assert (f"| token-exact + prefetch | at a cue | {h['handoffs']} | {h['mean_reprefilled_tokens']}, "
+            f"{tok['median']} ({tok['min']}-{tok['max']}) | "
+            f"{lat['median']} ({lat['min']}-{lat['max']}) | {h['mean_handoff_latency_s']} |") in md
+    assert "Relays, one per question: 2 token-exact + prefetch (2 switched) and 2 token-exact, no prefetch" in md
+    r = ho["replay"]["tokens"]
+    lat = r["handoff_latency_s"]
+    assert r["handoffs"] > 0 and (f"| tokens | {r['handoffs']} | {r['mean_reprefilled_tokens']}, " in md)
+    assert f"{r['mean_handoff_latency_s']}, {lat['median']} ({lat['min']}-{lat['max']}) | 1 / 1 |" in md
+    assert "Replayed: 1 relay, for each question" in md  # one question: one relay
+    assert "| chat | 0 | n/a | n/a | n/a |" in md
+    load = saved["load"]["2"]["single-large"]
+    assert f"| 2 | single-large | off | {load['trajectories']} (2) | " in md
+
+
+def test_quick_runs_every_part_on_fewer_samples_and_the_full_run_keeps_its_own():
+    full, quick = BenchConfig(preset="p"), BenchConfig.quick("p")
+    assert (full.kind, full.questions, full.reps, full.max_tokens, full.load_levels, full.load_max_tokens,
+            full.handoff_questions, full.load_rounds, full.floor_trials, full.load_prefetch) == \
+        ("full", 3, 2, 512, (1, 2, 4, 16), 256, 12, 2, 8, ("auto", "off"))
+    assert (quick.kind, quick.questions, quick.reps, quick.max_tokens, quick.load_levels, quick.load_max_tokens,
+            quick.handoff_questions, quick.load_rounds, quick.floor_trials, quick.load_prefetch) == \
+        ("quick", 2, 2, 128, (1, 4, 16), 96, 6, 1, 4, ("auto", "off"))
+    # every part keeps at least two samples to spread over
+    assert quick.questions * quick.reps >= 2 and quick.handoff_questions >= 2 and quick.floor_trials >= 2
+    assert quick.questions >= 2 and len(quick.load_levels) >= 2  # level 1: two trajectories at least
+    assert quick.samples()["speed_runs_per_method"] == 4 and quick.samples()["load_cases"] == 3
+    with pytest.raises(ConfigError, match="floor_trials"):
+        BenchConfig(preset="p", floor_trials=0)
+    with pytest.raises(ConfigError, match="load_levels"):
+        BenchConfig(preset="p", load_levels=(1, 0))
+
+
+def test_the_replay_takes_each_questions_relay_with_the_most_switches_that_gives_a_handoff(fake):
+    relay = bench_relay(fake, prefetch="off")
+    set_tape(fake, relay, "The sum is 5.</think>\n\nThe answer is 5.")  # no cue: one switch, to the answer
+    once = relay.run(Q, max_tokens=200)
+    set_tape(fake, relay, THINK * 3)
+    often = relay.run(Q, max_tokens=200)
+    roles = [[s.role for s in r.segments if s.role in ("large", "small")] for r in (once, often)]
+    assert len(roles[0]) == len(set(roles[0])) and len(roles[1]) > len(set(roles[1]))
+    assert not replayable(once) and replayable(often) and often.stats.switches > once.stats.switches
+    # the speed part's relay first, a live one of the same question after: the one with more switches
+    assert replay_choice([(Q, once), (Q, often), (Q, once)]) == {Q: often}
+    # a question whose every relay gives no handoff is left out, not replayed for nothing
+    assert replay_choice([(Q, once), ("other", once)]) == {}

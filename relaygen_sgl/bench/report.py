@@ -17,18 +17,52 @@ def markdown(r: dict[str, Any]) -> str:
     lines += _handoff_floor(ho.get("floor") or {})
     lines += _handoff_formats(ho)
     lines += _overhead(r["overhead"])
-    lines += _speed(r["speed"])
-    lines += _speedup(r["speedup"])
+    lines += _speed(r["speed"], r.get("samples") or {})
+    lines += _speedup(r["speedup"], r["speed"])
     lines += _throughput(r["load"])
     return "\n".join(lines) + "\n"
 
 
 def _header(r: dict[str, Any]) -> list[str]:
     m = r["machine"]
-    return [f"# relaygen bench: {r['preset']}", "",
-            f"Machine: {r.get('machine_summary') or m['cpu']}; "
-            f"sglang {m['versions'].get('sglang')}, torch {m['versions'].get('torch')}. "
-            f"Medians (min-max) over interleaved runs; {r['elapsed_s']} s in all.", ""]
+    lines = [f"# relaygen bench: {r['preset']}", "",
+             f"Machine: {r.get('machine_summary') or m['cpu']}; "
+             f"sglang {m['versions'].get('sglang')}, torch {m['versions'].get('torch')}. "
+             f"Medians (min-max) over interleaved runs, each with the n it rests on; {r['elapsed_s']} s in all.", ""]
+    return lines + _samples(r.get("samples") or {}, r.get("elapsed_by_part_s") or {})
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _samples(n: dict[str, Any], parts: dict[str, float]) -> list[str]:
+    """The run's sample counts, part by part, and each part's wall time (results from before
+    they were recorded have neither)."""
+    lines = []
+    if n:
+        levels = n["load_levels"]
+        lines.append(
+            f"Samples ({n['kind']} run): speed and overhead {_count(n['questions'], 'question')} x "
+            f"{_count(n['reps'], 'rep')} = {_count(n['speed_runs_per_method'], 'run')} per method, "
+            f"{n['max_tokens']} tokens; live handoffs {_count(n['handoff_questions'], 'question')} x "
+            f"{n['handoff_variants']} variants; floor {_count(n['floor_trials_per_gap'], 'trial')} per idle gap and "
+            f"server; replay: per question, the relay with the most switches; load "
+            f"{_count(len(levels), 'level')} ({', '.join(map(str, levels))}) x {_count(n['load_rounds'], 'round')} "
+            f"x {n['load_cases']} cases, {n['load_max_tokens']} tokens.")
+    if parts:
+        lines.append("Time per part (s): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in parts.items()) + ".")
+    return [*lines, ""] if lines else []
+
+
+def _spread_text(d: dict[str, float] | None) -> str:
+    """median (min-max), or n/a without samples."""
+    return f"{d['median']} ({d['min']}-{d['max']})" if d and d.get("n") else "n/a"
+
+
+def _mean_spread(mean: float | None, d: dict[str, float] | None) -> str:
+    """mean, median (min-max); n/a without samples."""
+    return "n/a" if mean is None else f"{mean}, {_spread_text(d)}"
 
 
 def _live_handoffs(ho: dict[str, Any]) -> list[str]:
@@ -38,16 +72,28 @@ def _live_handoffs(ho: dict[str, Any]) -> list[str]:
     lines = ["## Handoffs in live relays (batch 1, cold caches, interleaved)", "",
              f"One decode step of the large model alone: {step} s. Handoff latency: from the end of one role's "
              "turn to the other role's first token. At a cue: the switch and the hand-back. After inserted "
-             "text: the answer turn after a forced \"</think>\", which no prefetch can send ahead.", "",
-             "| handoff | where | handoffs | re-prefilled tokens (mean) | handoff latency (s, mean) | "
-             "latency / decode step |",
-             "|---|---|---|---|---|---|"]
+             "text: the answer turn after a forced \"</think>\", which no prefetch can send ahead. n: the "
+             "handoffs each row rests on.", "",
+             "| handoff | where | n | re-prefilled tokens: mean, median (min-max) | handoff latency (s): "
+             "median (min-max) | mean | mean / decode step |",
+             "|---|---|---|---|---|---|---|"]
+    relays = []
     for name, label in (("prefetch", "token-exact + prefetch"), ("tokens", "token-exact, no prefetch")):
-        for where, h in (("at a cue", ho.get(name) or {}),
-                         ("after inserted text", (ho.get(name) or {}).get("after_inserted_text") or {})):
+        whole = ho.get(name) or {}
+        for where, h in (("at a cue", whole), ("after inserted text", whole.get("after_inserted_text") or {})):
             lat = h.get("mean_handoff_latency_s")
-            lines.append(f"| {label} | {where} | {h.get('handoffs')} | {h.get('mean_reprefilled_tokens')} | {lat} | "
+            # a result from before the spreads: its median alone
+            spread = (_spread_text(h["handoff_latency_s"]) if "handoff_latency_s" in h else
+                      f"{h['median_handoff_latency_s']} (median only)" if h.get("median_handoff_latency_s") is not None
+                      else "n/a")
+            lines.append(f"| {label} | {where} | {h.get('handoffs')} | "
+                         f"{_mean_spread(h.get('mean_reprefilled_tokens'), h.get('reprefilled_tokens'))} | "
+                         f"{spread} | {'n/a' if lat is None else lat} | "
                          f"{round(lat / step, 2) if lat and step else 'n/a'} |")
+        if "relays" in whole:
+            relays.append(f"{whole['relays']} {label} ({whole.get('relays_that_switched')} switched)")
+    if relays:
+        lines += ["", f"Relays, one per question: {' and '.join(relays)}."]
     pf = ho.get("prefetch") or {}
     if "prefetch_in_flight_at_turn_end" in pf:
         lines += ["", f"With prefetch: {pf.get('prefetch_requests')} prefetch requests; "
@@ -64,16 +110,20 @@ def _handoff_floor(floor: dict[str, Any]) -> list[str]:
     gaps = list(some["first_token_s"])
     lines = ["", "The floor: the cheapest handoff each server can take, a request adding "
                  f"{some['new_tokens']} tokens to a prefix it has just cached, sent after "
-                 "the server idled for a while; first token (s, median (min-max)) and over the decode step above. "
+                 "the server idled for a while; first token (s, median (min-max), n requests) and its median over "
+                 "the decode step above; then the tokens those requests re-prefilled as the server reports them "
+                 f"({some['new_tokens']} when the floor is what it says). "
                  "A live handoff's receiver has idled since its last prefetch or turn.", "",
-             "| server | " + " | ".join(f"after {g} s idle" for g in gaps) + " |",
-             "|---|" + "---|" * len(gaps)]
+             "| server | " + " | ".join(f"after {g} s idle" for g in gaps) + " | re-prefilled tokens |",
+             "|---|" + "---|" * (len(gaps) + 1)]
     for role, fl in floor.items():
         cells = []
         for g in gaps:
             d, ratio = fl["first_token_s"][g], fl["over_decode_step"].get(g)
-            cells.append(f"{d['median']} ({d['min']}-{d['max']}): {ratio if ratio is not None else 'n/a'} steps"
+            cells.append(f"{_spread_text(d)}, n={d['n']}: {ratio if ratio is not None else 'n/a'} steps"
                          if d["n"] else "n/a")
+        refilled = fl.get("reprefilled_tokens")
+        cells.append(f"{_spread_text(refilled)}, n={refilled['n']}" if isinstance(refilled, dict) else "n/a")
         lines.append(f"| {role} | " + " | ".join(cells) + " |")
     return lines
 
@@ -82,17 +132,26 @@ def _handoff_formats(ho: dict[str, Any]) -> list[str]:
     lines = ["", "## Handoff format (per handoff, replayed trajectories)", ""]
     if not any(ho["replay"][fmt]["handoffs"] for fmt in FORMATS):
         # each role's first turn is a cold prefill, not a handoff: a relay needs two switches
-        lines.append("No handoff to replay: no relay of the speed part switched twice (each role's first turn "
-                     "prefills cold and is left out); a longer --max-tokens gives more switches.")
+        lines.append("No handoff to replay: no relay of the speed and live-handoff parts gave a role a second turn "
+                     "(each role's first turn prefills cold and is left out); a longer --max-tokens gives more "
+                     "switches.")
         return lines
-    lines += ["| format | handoffs | re-prefilled tokens | handoff latency (s) | vs tokens (prefill / latency) |",
+    relays = ho["replay"]["tokens"].get("relays")
+    lines += [(f"Replayed: {relays} relay{'' if relays == 1 else 's'}, for each question of the speed and live-handoff "
+               "parts its relay with the most switches where that gave a role a second turn" if relays else
+               "Replayed: the relays of the speed part") +
+              ", in each format from flushed caches; n: the handoffs each row rests on (every turn after "
+              "each role's first).", "",
+              "| format | n | re-prefilled tokens: mean, median (min-max) | handoff latency (s): mean, "
+              "median (min-max) | vs tokens (mean prefill / mean latency) |",
               "|---|---|---|---|---|"]
     for fmt in FORMATS:
         h = ho["replay"][fmt]
-        ratio = ("1 / 1" if fmt == "tokens" else
+        ratio = ("1 / 1" if fmt == "tokens" else "n/a" if not h["handoffs"] else
                  f"{h.get('reprefill_ratio_vs_tokens')}x / {h.get('latency_ratio_vs_tokens')}x")
-        lines.append(f"| {fmt} | {h['handoffs']} | {h['mean_reprefilled_tokens']} | "
-                     f"{h['mean_handoff_latency_s']} | {ratio} |")
+        lines.append(f"| {fmt} | {h['handoffs']} | "
+                     f"{_mean_spread(h['mean_reprefilled_tokens'], h.get('reprefilled_tokens'))} | "
+                     f"{_mean_spread(h['mean_handoff_latency_s'], h.get('handoff_latency_s'))} | {ratio} |")
     return lines
 
 
@@ -103,25 +162,28 @@ def _overhead(overhead: dict[str, Any]) -> list[str]:
             f"({o['min']}-{o['max']}, n={o['n']}); target <= {overhead['target']}", ""]
 
 
-def _spread_text(d: dict[str, float]) -> str:
-    return f"{d['median']} ({d['min']}-{d['max']})"
-
-
-def _speed(speed: dict[str, Any]) -> list[str]:
+def _speed(speed: dict[str, Any], n: dict[str, Any]) -> list[str]:
+    how = (f" ({_count(n['questions'], 'question')} x {_count(n['reps'], 'rep')}, the methods interleaved)"
+           if n else "")
+    degraded = {m: c for m, c in (speed.get("degraded_runs") or {}).items() if c}
     lines = ["## Speed at batch 1", "",
-             "| method | latency (s) | completion tokens | s/token | large share | switches |",
-             "|---|---|---|---|---|---|"]
+             f"Each cell: median (min-max) over the method's n runs{how}"
+             + (f"; runs the large model finished alone, left out: {degraded}" if degraded else "") + ".", "",
+             "| method | n | latency (s) | completion tokens | s/token | large share | switches |",
+             "|---|---|---|---|---|---|---|"]
     f = _spread_text
     for method in METHODS:
         s = speed[method]
-        lines.append(f"| {method} | {f(s['latency_s'])} | {f(s['completion_tokens'])} | {f(s['s_per_token'])} | "
-                     f"{f(s['large_share'])} | {f(s['switches'])} |")
+        lines.append(f"| {method} | {s['latency_s'].get('n', '')} | {f(s['latency_s'])} | "
+                     f"{f(s['completion_tokens'])} | {f(s['s_per_token'])} | {f(s['large_share'])} | "
+                     f"{f(s['switches'])} |")
     return lines
 
 
-def _speedup(sp: dict[str, Any]) -> list[str]:
+def _speedup(sp: dict[str, Any], speed: dict[str, Any]) -> list[str]:
     """The measured speedup against the cost model, then (when measured) where the relay's time goes."""
-    lines = ["", f"Relay vs single-large, all runs' time over all their tokens: measured speedup "
+    runs = ", ".join(f"{speed[m]['latency_s'].get('n')} {m}" for m in METHODS)
+    lines = ["", f"Relay vs single-large, all runs' time over all their tokens ({runs} runs): measured speedup "
                  f"**{sp['measured_per_token']}x** (median latency ratio {sp['measured_latency']}x); cost model "
                  f"1/(share_L + share_S * t_S/t_L) = **{sp['predicted']}x** with share_L={sp['relay_large_share']} "
                  f"(relay tokens written by the large model), t_S/t_L={sp['t_small_over_t_large']} measured in this "
@@ -143,10 +205,11 @@ def _throughput(load: dict[str, Any]) -> list[str]:
     the table, each prefetch-mode ratio gathered over the levels into one sentence."""
     lines = ["## Throughput under load", "",
              "tokens/s pooled over the rounds of each case (all tokens over all wall time; each round's in "
-             "brackets), the rounds' order reversed each time.", "",
-             "| concurrent | method | prefetch | tokens/s | p50 latency (s) | p95 latency (s) | prefetch requests | "
-             "relay / single-large |",
-             "|---|---|---|---|---|---|---|---|"]
+             "brackets), the rounds' order reversed each time; p50 and p95 latency over every trajectory of those "
+             "rounds; n: trajectories (rounds) behind both.", "",
+             "| concurrent | method | prefetch | n | tokens/s | p50 latency (s) | p95 latency (s) | "
+             "prefetch requests | relay / single-large |",
+             "|---|---|---|---|---|---|---|---|---|"]
     compared: dict[str, list[str]] = {}  # "relay_auto_over_off" -> "0.99 (1)", ...
     for level, by in load.items():
         lines += _throughput_rows(level, by)
@@ -170,7 +233,8 @@ def _throughput_rows(level: str, by: dict[str, Any]) -> list[str]:
                  "" if name == "single-large" else d.get("over_single_large"))
         rounds = d.get("tokens_per_s_by_round") or []
         tps = f"{d['tokens_per_s']} ({', '.join(map(str, rounds))})" if len(rounds) > 1 else d["tokens_per_s"]
-        rows.append(f"| {level} | {name} | {d.get('prefetch', '')} | {tps} | {d['p50_latency_s']} | "
+        n = f"{d['trajectories']} ({d.get('rounds', 1)})" if "trajectories" in d else ""
+        rows.append(f"| {level} | {name} | {d.get('prefetch', '')} | {n} | {tps} | {d['p50_latency_s']} | "
                     f"{d['p95_latency_s']} | {d.get('prefetch_requests', '')} | {ratio} |")
     return rows
 

@@ -51,15 +51,22 @@ class BenchConfig:
     # than the effects the part looks for; pooled over rounds in A B, B A order, drift and
     # noise weigh less.
     load_rounds: int = 2
+    # The floor's requests per idle gap and server (bench.replay.idle_floor).
+    floor_trials: int = FLOOR_TRIALS
+    # "full" (the published numbers) or "quick" (the same parts on fewer samples): named in the report
+    kind: str = "full"
     # every run's settings but what each part sets itself (method, budget, seed, prefetch mode):
     # the protocol, for one ("reference": the reference implementation's)
     settings: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self) -> None:
-        for name in ("questions", "reps", "max_tokens", "load_max_tokens", "handoff_questions", "load_rounds"):
+        for name in ("questions", "reps", "max_tokens", "load_max_tokens", "handoff_questions", "load_rounds",
+                     "floor_trials"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"bench {name} must be a positive integer, got {value!r}")
+        if not self.load_levels or any(not isinstance(v, int) or v < 1 for v in self.load_levels):
+            raise ConfigError(f"bench load_levels must be positive integers, got {self.load_levels!r}")
 
     @property
     def protocol(self) -> str:
@@ -72,8 +79,24 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, preset: str) -> BenchConfig:
-        return cls(preset=preset, questions=3, reps=2, max_tokens=160, load_levels=(1, 2, 4, 16),
-                   load_max_tokens=200, dataset="amc23")
+        """Every part of the full run on fewer samples, each figure still a spread with its n (about
+        8 min on cpu-tiny, 2 cores: docs/usage/bench.md): 2 questions x 2 reps at 128 tokens for
+        speed and overhead; 6 questions x 2 variants of live handoffs at 128 tokens (shorter
+        relays hand off at a cue too rarely); 4 floor trials per gap; load at 1, 4 and 16
+        concurrent, 96 tokens, one round (the load part is most of the time: 3 cases x 3 levels)."""
+        return cls(preset=preset, questions=2, reps=2, max_tokens=128, load_levels=(1, 4, 16),
+                   load_max_tokens=96, dataset="amc23", handoff_questions=6, load_rounds=1, floor_trials=4,
+                   kind="quick")
+
+    def samples(self) -> dict[str, Any]:
+        """How many samples each part rests on, as configured (the report's header; each figure
+        carries its own measured n beside it)."""
+        return {"kind": self.kind, "questions": self.questions, "reps": self.reps,
+                "speed_runs_per_method": self.questions * self.reps, "max_tokens": self.max_tokens,
+                "handoff_questions": self.handoff_questions, "handoff_variants": 2,
+                "floor_trials_per_gap": self.floor_trials, "load_levels": list(self.load_levels),
+                "load_rounds": self.load_rounds, "load_max_tokens": self.load_max_tokens,
+                "load_cases": len(self.load_prefetch or (None,)) + 1}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -90,11 +113,14 @@ def _pct(values: list[float], q: float) -> float:
 
 def run_speed(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
     runs: dict[str, list[RelayResult]] = {m: [] for m in METHODS}
+    asked: list[tuple[str, RelayResult]] = []  # each relay run with its question (the format replay's)
     for rep in range(cfg.reps):
         for qi, q in enumerate(questions):
             for method in METHODS:  # interleaved: A B C A B C
                 res = relay.run(q, settings=cfg.run(method, cfg.max_tokens, rep))
                 runs[method].append(res)
+                if method == "relay" and res.degraded is None:
+                    asked.append((q, res))
                 log(f"speed rep {rep} q{qi} {method}: {res.stats.e2e_s:.2f}s "
                     f"{res.stats.large_tokens + res.stats.small_tokens} tok")
     # a run the large model finished alone (the small server failed) is not a relay: counted
@@ -154,7 +180,7 @@ def run_speed(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callabl
     overhead = [r.stats.e2e_s / sum(s.server_latency_s for s in r.segments if s.role in ("large", "small"))
                 for r in runs["relay"] if any(s.server_latency_s for s in r.segments)]
     out["overhead"] = {"relay_e2e_over_server_time": spread(overhead), "target": 1.05}
-    out["_runs"] = runs
+    out["_runs"], out["_asked"] = runs, asked
     return out
 
 
@@ -178,11 +204,13 @@ def handoff_samples(results: list[RelayResult], after_text: bool = False) -> lis
 
 
 def handoff_summary(segs: list[Segment]) -> dict[str, Any]:
+    """Means (the keys older readers know) and each measure's spread with its n."""
     lat = [s.handoff_s for s in segs if s.handoff_s is not None]
     return {"handoffs": len(segs),
             "mean_reprefilled_tokens": round(statistics.fmean(s.reprefilled for s in segs), 2) if segs else None,
             "mean_handoff_latency_s": round(statistics.fmean(lat), 4) if lat else None,
-            "median_handoff_latency_s": round(statistics.median(lat), 4) if lat else None}
+            "median_handoff_latency_s": round(statistics.median(lat), 4) if lat else None,
+            "handoff_latency_s": spread(lat), "reprefilled_tokens": spread([float(s.reprefilled) for s in segs])}
 
 
 def server_roles(relay: Relay) -> dict[str, EngineClient]:
@@ -200,7 +228,9 @@ def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
     interleaved (the order alternating), each from cold caches: what each handoff
     re-prefills and how long the receiving role takes from the cue to its first token."""
     runs: dict[str, list[RelayResult]] = {"prefetch": [], "tokens": []}
+    switched: dict[str, int] = {name: 0 for name in runs}
     counts: dict[str, Counter[str]] = {name: Counter() for name in runs}
+    asked: list[tuple[str, RelayResult]] = []
     engines = servers_of(relay)
     variants = (("prefetch", "on"), ("tokens", "off"))
     for qi, q in enumerate(questions):
@@ -211,13 +241,35 @@ def run_live_handoffs(relay: Relay, questions: list[str], cfg: BenchConfig,
             res = relay.run(q, settings=cfg.run("relay", cfg.max_tokens, 0, on))
             counts[name] += relay.backend.prefetching.snapshot() - before
             runs[name].append(res)
+            asked += [(q, res)] if res.degraded is None else []
+            switched[name] += res.stats.switches > 0
             log(f"handoff q{qi} {name}: {res.stats.e2e_s:.2f}s, {res.stats.switches} switches")
-    return {name: {**handoff_summary(handoff_samples(rs)),
-                   "after_inserted_text": handoff_summary(handoff_samples(rs, after_text=True)),
-                   "prefetch_requests": counts[name]["sent"],
-                   # turns that ended (at a handoff, mostly) while their prefetch still ran
-                   "prefetch_in_flight_at_turn_end": counts[name]["in_flight_at_turn_end"]}
-            for name, rs in runs.items()}
+    out: dict[str, Any] = {
+        name: {**handoff_summary(handoff_samples(rs)), "relays": len(rs), "relays_that_switched": switched[name],
+               "after_inserted_text": handoff_summary(handoff_samples(rs, after_text=True)),
+               "prefetch_requests": counts[name]["sent"],
+               # turns that ended (at a handoff, mostly) while their prefetch still ran
+               "prefetch_in_flight_at_turn_end": counts[name]["in_flight_at_turn_end"]}
+        for name, rs in runs.items()}
+    out["_asked"] = asked  # each relay with its question, for the format replay
+    return out
+
+
+def replayable(res: RelayResult) -> bool:
+    """Whether replaying `res` gives a handoff: a role's second turn (each role's first
+    prefills cold and is left out)."""
+    roles = [s.role for s in res.segments if s.role in ("large", "small")]
+    return len(roles) > len(set(roles))
+
+
+def replay_choice(asked: list[tuple[str, RelayResult]]) -> dict[str, RelayResult]:
+    """For each question, of its relays whose replay gives a handoff, the one with the most
+    switches (the first of a tie); a question with none is left out."""
+    best: dict[str, RelayResult] = {}
+    for q, res in asked:
+        if replayable(res) and (q not in best or res.stats.switches > best[q].stats.switches):
+            best[q] = res
+    return best
 
 
 def run_floor(relay: Relay, results: list[RelayResult], decode_step: float | None,
@@ -264,14 +316,16 @@ def run_handoff(relay: Relay, results: list[RelayResult], questions: list[str]) 
         out[fmt] = {"handoffs": len(mine),
                     "mean_reprefilled_tokens":
                         round(statistics.fmean(s.reprefilled for s in mine), 2) if mine else None,
-                    "mean_handoff_latency_s": round(statistics.fmean(s.ttft_s for s in mine), 4) if mine else None}
+                    "mean_handoff_latency_s": round(statistics.fmean(s.ttft_s for s in mine), 4) if mine else None,
+                    "reprefilled_tokens": spread([float(s.reprefilled) for s in mine]),
+                    "handoff_latency_s": spread([s.ttft_s for s in mine]), "relays": len(results)}
     base = out["tokens"]
     for fmt in ("text", "chat"):
         o = out[fmt]
         o["reprefill_ratio_vs_tokens"] = (round(o["mean_reprefilled_tokens"] / base["mean_reprefilled_tokens"], 3)
-                                          if base["mean_reprefilled_tokens"] else None)
+                                          if base["mean_reprefilled_tokens"] and o["handoffs"] else None)
         o["latency_ratio_vs_tokens"] = (round(o["mean_handoff_latency_s"] / base["mean_handoff_latency_s"], 3)
-                                        if base["mean_handoff_latency_s"] else None)
+                                        if base["mean_handoff_latency_s"] and o["handoffs"] else None)
     out["samples"] = [asdict(s) | {"reprefilled": s.reprefilled} for s in samples]
     return out
 
@@ -333,6 +387,8 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
                         "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
                         "tokens_per_s_by_round": [round(d["tokens"] / d["wall"], 2) for d in rounds],
                         "p50_latency_s": _pct(lat, 0.5), "p95_latency_s": _pct(lat, 0.95),
+                        "latency_s": spread(lat),
+                        "tokens_per_s_spread": spread([d["tokens"] / d["wall"] for d in rounds]),
                         "prefetch": (mode or relay.backend.prefetching.default) if method == "relay" else "off",
                         "prefetch_requests": sum(d["sent"] for d in rounds)}
         base = by["single-large"]["tokens_per_s"]
@@ -350,23 +406,36 @@ def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str]
     problems = load_problems(cfg.dataset)[: cfg.questions]
     questions = [p.question for p in problems]
     t0 = time.perf_counter()
+    parts: dict[str, float] = {}  # each part's wall time, in the order run
+    mark = [t0]
+
+    def lap(part: str) -> None:
+        now = time.perf_counter()
+        parts[part], mark[0] = round(now - mark[0], 1), now
+        log(f"bench: {part} done in {parts[part]} s ({round(now - t0)} s in all)")
+
     speed = run_speed(relay, questions, cfg, log)
-    all_runs = speed.pop("_runs")
+    lap("speed")
+    all_runs, asked = speed.pop("_runs"), speed.pop("_asked")
     runs = all_runs["relay"]
     handoff = run_live_handoffs(relay, [p.question for p in load_problems(cfg.dataset)[: cfg.handoff_questions]],
                                 cfg, log)
+    asked += handoff.pop("_asked")
+    lap("live_handoffs")
     handoff["decode_step_s"] = decode_step_s(all_runs["single-large"])
-    handoff["floor"] = run_floor(relay, runs, handoff["decode_step_s"])
-    # the format replay needs handoffs: the relay runs with the most switches, one per question
-    best: dict[str, RelayResult] = {}
-    for res, q in zip(runs, [q for _ in range(cfg.reps) for q in questions]):
-        if q not in best or res.stats.switches > best[q].stats.switches:
-            best[q] = res
+    handoff["floor"] = run_floor(relay, runs, handoff["decode_step_s"], trials=cfg.floor_trials)
+    lap("floor")
+    # the format replay needs handoffs: one relay per question of the speed and live parts, the
+    # one with the most switches (at a short budget most relays switch once: nothing to replay)
+    best = replay_choice(asked)
     handoff["replay"] = run_handoff(relay, list(best.values()), list(best))
+    lap("replay")
     load = run_load(relay, questions, cfg, log)
+    lap("load")
     result = {
         "preset": cfg.preset, "config": asdict(cfg), "machine": machine.describe(), "machine_summary": machine.short(),
         "urls": relay.urls, "profile": relay.profile.name, "elapsed_s": round(time.perf_counter() - t0, 1),
+        "elapsed_by_part_s": parts, "samples": cfg.samples(),
         "handoff": handoff, "overhead": speed.pop("overhead"), "speedup": speed.pop("speedup"), "speed": speed,
         "load": load,
     }

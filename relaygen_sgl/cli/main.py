@@ -174,18 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="benchmark handoff cost, overhead, speedup and throughput")
     _add_endpoint_args(be)
-    be.add_argument("--questions", type=_positive_int, default=None)
+    be.add_argument("--questions", type=_positive_int, default=None,
+                    help="questions of the speed, overhead and load parts (default 3; quick: 2)")
     be.add_argument("--dataset", default=None, help="questions from this data set (default aime25; quick: amc23)")
-    be.add_argument("--max-tokens", type=_positive_int, default=None)
+    be.add_argument("--max-tokens", type=_positive_int, default=None,
+                    help="budget of the speed part's and the live handoffs' runs (default 512; quick: 128)")
     be.add_argument("--quick", action="store_true",
-                    help="fewer questions, shorter budgets (~28 min on cpu-tiny, 2 cores)")
+                    help="every part on fewer samples: 2 questions x 2 reps, 128 tokens, 6 live-handoff questions, "
+                         "4 floor trials, load at 1, 4, 16 in one round of 96 tokens (~8 min on cpu-tiny, 2 cores); "
+                         "without it the full run, for published numbers")
     be.add_argument("--load-prefetch", type=_prefetch_modes, default=None, metavar="MODES",
                     help="prefetch modes of the load part's relay, comma-separated, each run interleaved with "
                          "the others and single-large (default auto,off; e.g. auto,on,off); the first is the "
                          "report's relay")
     be.add_argument("--load-rounds", type=_positive_int, default=None, metavar="N",
                     help="rounds of the load part per concurrency, the order reversed each round, tokens/s "
-                         "pooled over them (default 2)")
+                         "pooled over them (default 2; quick: 1)")
     be.add_argument("--out", required=True)
     _add_protocol_args(be, reserve=False)
     _add_client_args(be, on_small_failure="fail")
