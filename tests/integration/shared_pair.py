@@ -28,15 +28,16 @@ def alive(pid: int) -> bool:
 
 
 def pair_problem(pair: Pair, timeout_s: float = 5.0) -> str | None:
-    """Why the shared pair cannot serve the next test (a server process gone, or not
-    answering /health within `timeout_s`), or None when both are up."""
+    """Why the shared pair cannot serve the next test (a server process gone, or its HTTP
+    server not answering within `timeout_s`), or None when both are up."""
     for role, pid, url in (("large", pair.pids[0], pair.large), ("small", pair.pids[1], pair.small)):
         if not alive(pid):
             return f"the shared cpu pair's {role} server (pid {pid}) is dead: an earlier test left it so"
         try:
-            status = httpx.get(f"{url}/health", timeout=timeout_s).status_code
+            # /model_info answers from the HTTP process; /health would generate a token each time
+            status = httpx.get(f"{url}/model_info", timeout=timeout_s).status_code
         except httpx.HTTPError as e:
-            return f"the shared cpu pair's {role} server ({url}) does not answer /health: {type(e).__name__}: {e}"
+            return f"the shared cpu pair's {role} server ({url}) does not answer: {type(e).__name__}: {e}"
         if status != 200:
-            return f"the shared cpu pair's {role} server ({url}) answers /health with {status}"
+            return f"the shared cpu pair's {role} server ({url}) answers /model_info with {status}"
     return None
