@@ -1,18 +1,13 @@
-"""batch, eval and serve on the real CPU pair."""
+"""batch and eval on the real CPU pair (serve: test_serve_real.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import httpx
-import openai
 import orjson
 import pytest
 
@@ -29,7 +24,7 @@ def test_batch_killed_half_way_then_rerun_gives_each_id_once(cpu_pair, tmp_path)
     src.write_text("".join(json.dumps({"id": i, "question": f"What is {n} + {n}? Answer briefly."}) + "\n"
                            for n, i in enumerate(ids)))
     args = ["batch", "relay", str(src), "-o", str(out), "--large", cpu_pair.large, "--small", cpu_pair.small,
-            "--max-tokens", "48", "--concurrency", "2", "--no-progress", "--seed", "0"]
+            "--max-tokens", "24", "--concurrency", "2", "--no-progress", "--seed", "0"]
     proc = subprocess.Popen(relaygen_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -40,6 +35,7 @@ def test_batch_killed_half_way_then_rerun_gives_each_id_once(cpu_pair, tmp_path)
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err
     first = [orjson.loads(line) for line in out.read_bytes().splitlines()]  # every line whole
+    print(f"\nkilled with {len(first)} of {len(ids)} records written")
     assert 1 <= len(first) <= len(ids)
     done = subprocess.run(relaygen_cmd(*args), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -72,7 +68,7 @@ def test_batch_of_eight_with_a_malformed_line_and_a_failing_prompt(cpu_pair, tmp
 def test_eval_report_matches_its_per_problem_records(cpu_pair, tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.run(relaygen_cmd("eval", "--dataset", "aime25", "--limit", "2", "--k", "1", "--method", "relay",
-                                       "--method", "single-large", "--max-tokens", "48", "--out", str(out),
+                                       "--method", "single-large", "--max-tokens", "24", "--out", str(out),
                                        "--large", cpu_pair.large, "--small", cpu_pair.small, "--no-progress"),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
@@ -90,79 +86,3 @@ def test_eval_report_matches_its_per_problem_records(cpu_pair, tmp_path):
     assert report["methods"]["single-large"]["large_share"] == 1.0
     assert report["methods"]["relay"]["speedup_vs_single_large"] is not None
     assert (out / "report.md").read_text().count("|") > 10 and (out / "accuracy_vs_latency.png").stat().st_size > 0
-
-
-@pytest.fixture(scope="module")
-def served(cpu_pair):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    env = {**os.environ}
-    proc = subprocess.Popen(relaygen_cmd("serve", "--large", cpu_pair.large, "--small", cpu_pair.small,
-                                         "--port", str(port), "--api-key", "k3y"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=30).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    yield url, proc
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
-
-
-def test_openai_client_plain_and_streamed(served):
-    url, _ = served
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["relaygen"]
-    r = client.chat.completions.create(model="relaygen", messages=[{"role": "user", "content": "What is 2+2?"}],
-                                       max_tokens=40, seed=0)
-    relay = r.usage.model_extra["relay"]
-    assert r.usage.completion_tokens == relay["large_tokens"] + relay["small_tokens"] > 0
-    text = ""
-    for chunk in client.chat.completions.create(model="relaygen", messages=[{"role": "user", "content": "Hi!"}],
-                                                max_tokens=24, stream=True):
-        for c in chunk.choices:
-            text += (c.delta.content or "") + ((c.delta.model_extra or {}).get("reasoning_content") or "")
-    assert text
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
-
-
-def test_many_concurrent_streams_each_get_their_own_answer(served):
-    url, proc = served
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0, timeout=900)
-    topics = ["apples", "rivers", "prime numbers", "the moon", "chess", "volcanoes", "violins", "glaciers"]
-
-    def one(i: int) -> tuple[int, str]:
-        stream = client.chat.completions.create(
-            model="relaygen", max_tokens=8, temperature=0, stream=True,
-            messages=[{"role": "user", "content": f"Write one sentence about {topics[i % len(topics)]}."}])
-        out = ""
-        for chunk in stream:
-            for c in chunk.choices:
-                out += (c.delta.content or "") + ((c.delta.model_extra or {}).get("reasoning_content") or "")
-        return i, out
-
-    # greedy, one at a time: what each prompt should get
-    expected = {i: one(i)[1] for i in range(len(topics))}
-    assert len(set(expected.values())) == len(topics)
-    rss = []
-    for _ in range(2):  # two rounds of 64: memory must stay stable
-        with ThreadPoolExecutor(max_workers=64) as pool:
-            results = list(pool.map(one, range(64)))
-        assert len(results) == 64
-        exact = 0
-        for i, out in results:
-            mine = expected[i % len(topics)]
-            others = {v for k, v in expected.items() if k != i % len(topics)}
-            # batching may flip a float tie, but an answer must never be another request's
-            assert out == mine or out not in others, f"request {i} got another prompt's answer: {out!r}"
-            exact += out == mine
-        assert exact >= 0.9 * 64, f"only {exact}/64 matched their greedy answer"
-        rss.append(int(open(f"/proc/{proc.pid}/status").read().split("VmRSS:")[1].split()[0]))
-    assert rss[1] < rss[0] * 1.5, rss

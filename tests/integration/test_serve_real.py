@@ -1,5 +1,15 @@
-"""`relaygen serve` on the real CPU pair: clients that leave stop their generation on both
-SGLang servers, the others get their own greedy answers, and no thread is left behind."""
+"""`relaygen serve` on the real CPU pair. Every serve test is in this module, so each of its
+two processes starts once per session:
+
+- `server` (--api-key, every client sends it; --health-interval 0, so that only the tests'
+  own requests reach SGLang): the OpenAI client; 64 concurrent greedy streams, twice, a
+  quarter of them leaving early; one long stream whose client leaves.
+- `guarded` (one relay at a time, no queue, a short --body-timeout): clients that leave or
+  stall mid-body, and /metrics with a 429. It cannot be `server`: there the 64 streams must
+  all be admitted (16 run, 48 wait), here the second concurrent request gets 429.
+
+Each process writes its stderr to a file (a pipe nobody reads would block it once full);
+at teardown it holds no traceback and no "internal error"."""
 
 from __future__ import annotations
 
@@ -10,16 +20,23 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import orjson
 import pytest
 
 pytestmark = pytest.mark.integration
 
+KEY = "k3y"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 TOPICS = ["apples", "rivers", "prime numbers", "the moon", "chess", "volcanoes", "violins", "glaciers"]
-MAX_TOKENS = 32
+PROMPTS = [f"Write one sentence about {t}." for t in TOPICS]
+MAX_TOKENS = 8  # the point is whose answer, not its length; each of the 8 answers still crosses a handoff
+STREAMS = 64
+ROUNDS = 2  # memory (VmRSS) must stay stable from the first to the second
 IDLE_WITHIN_S = 10.0
 
 
@@ -27,29 +44,58 @@ def relaygen_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "relaygen_sgl.cli", *args]
 
 
-@pytest.fixture(scope="module")
-def server(cpu_pair, tmp_path_factory):
+@dataclass(frozen=True)
+class Served:
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log: Path  # the process's stderr
+
+
+def start_serve(cpu_pair, tmp_path_factory, name: str, *flags: str) -> Served:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"  # a file: a full pipe would block the server
-    proc = subprocess.Popen(relaygen_cmd("serve", "--large", cpu_pair.large, "--small", cpu_pair.small,
-                                         "--port", str(port), "--health-interval", "0"),
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
+    log = tmp_path_factory.mktemp(name) / "serve.log"  # a file: a full pipe would block the server
+    with log.open("w") as err:
+        proc = subprocess.Popen(relaygen_cmd("serve", "--large", cpu_pair.large, "--small", cpu_pair.small,
+                                             "--port", str(port), *flags),
+                                stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"relaygen serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:  # open without the key
+                return Served(url, port, proc, log)
         except httpx.HTTPError:
-            time.sleep(0.3)
-    yield url, proc
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
-    err = log.read_text()
-    assert "Traceback" not in err, err[-3000:]
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"relaygen serve not healthy within 120 s: {log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def stop_serve(served: Served) -> None:
+    served.proc.send_signal(signal.SIGINT)
+    try:
+        served.proc.wait(timeout=60)
+    finally:
+        if served.proc.poll() is None:
+            served.proc.kill()
+            served.proc.wait()
+    err = served.log.read_text()
+    assert "Traceback" not in err and "internal error" not in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(cpu_pair, tmp_path_factory):
+    served = start_serve(cpu_pair, tmp_path_factory, "serve", "--api-key", KEY, "--health-interval", "0")
+    yield served
+    stop_serve(served)
 
 
 POOL = "relaygen-prefet"  # the backend's prefix-prefetch executor (bounded; its idle workers stay)
@@ -67,6 +113,10 @@ def threads(pid: int, pooled: bool = False) -> int:
         except OSError:  # the thread ended meanwhile
             pass
     return total - sum(1 for n in names if n.startswith(POOL))
+
+
+def rss_kib(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
 
 
 def busy(url: str) -> int:
@@ -93,12 +143,19 @@ def wait_threads(pid: int, want: int, since: float, limit: float = 30.0) -> tupl
     return limit, threads(pid)
 
 
-def stream(client: httpx.Client, url: str, prompt: str, max_tokens: int, leave_after: int | None = None):
-    """(text, time left): the streamed reasoning + answer, or None and the time the client
-    closed the connection after `leave_after` data events."""
+@dataclass(frozen=True)
+class Streamed:
+    text: str | None  # the streamed reasoning + answer; None when the client left
+    at: float  # when the answer ended or the client closed the connection
+    roles: frozenset[str]  # the relay_role of its deltas: both when the answer was handed off
+
+
+def stream(client: httpx.Client, url: str, prompt: str, max_tokens: int, leave_after: int | None = None) -> Streamed:
+    """One streamed greedy chat completion; with `leave_after`, the client closes the
+    connection after that many data events."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True}
-    text, n = "", 0
+    text, n, roles = "", 0, set()
     with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
         assert resp.status_code == 200, resp.read()
         for line in resp.iter_lines():
@@ -109,56 +166,97 @@ def stream(client: httpx.Client, url: str, prompt: str, max_tokens: int, leave_a
             n += 1
             for c in event["choices"]:
                 text += (c["delta"].get("reasoning_content") or "") + (c["delta"].get("content") or "")
+                if c["delta"].get("relay_role"):
+                    roles.add(c["delta"]["relay_role"])
             if leave_after is not None and n >= leave_after:
                 break
-    return (None, time.monotonic()) if leave_after is not None else (text, time.monotonic())
+    return Streamed(None if leave_after is not None else text, time.monotonic(), frozenset(roles))
 
 
-def test_64_streams_a_quarter_leave_early_the_rest_get_their_greedy_answers(server, cpu_pair):
-    url, proc = server
-    with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=128)) as client:
-        prompts = [f"Write one sentence about {t}." for t in TOPICS]
+def test_openai_client_plain_and_streamed_with_the_api_key(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["relaygen"]
+    r = client.chat.completions.create(model="relaygen", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                       max_tokens=16, seed=0)
+    relay = r.usage.model_extra["relay"]
+    assert r.usage.completion_tokens == relay["large_tokens"] + relay["small_tokens"] > 0
+    text = ""
+    for chunk in client.chat.completions.create(model="relaygen", messages=[{"role": "user", "content": "Hi!"}],
+                                                max_tokens=8, stream=True):
+        for c in chunk.choices:
+            text += (c.delta.content or "") + ((c.delta.model_extra or {}).get("reasoning_content") or "")
+    assert text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_64_streams_twice_a_quarter_leave_early_the_rest_get_their_own_greedy_answers(server, cpu_pair):
+    """Each round: 64 concurrent greedy streams, 8 per topic; a quarter ask for a long story
+    (max_tokens 1000) and leave after a chunk or two. The other 48 (6 per prompt) get their
+    own prompt's answer (>= 90% exactly what it got alone, none ever another prompt's:
+    batching may flip a float tie), both SGLang servers are idle within IDLE_WITHIN_S of the
+    last answer (so the leavers' generations stopped), no thread is left behind, and VmRSS
+    stays stable from round 1 to round 2."""
+    pid = server.proc.pid
+    with httpx.Client(timeout=600, headers=AUTH, limits=httpx.Limits(max_connections=2 * STREAMS)) as client:
         t0 = time.monotonic()
-        expected = [stream(client, url, p, MAX_TOKENS)[0] for p in prompts]  # greedy, one at a time
-        print(f"\n{len(prompts)} greedy answers one at a time in {time.monotonic() - t0:.1f} s", flush=True)
-        assert all(expected) and len(set(expected)) >= len(TOPICS) - 1
+        alone = [stream(client, server.url, p, MAX_TOKENS) for p in PROMPTS]  # greedy, one at a time
+        expected = [s.text for s in alone]
+        print(f"\n{len(PROMPTS)} greedy answers one at a time in {time.monotonic() - t0:.1f} s, "
+              f"{sum(len(s.roles) > 1 for s in alone)} handed off between the servers", flush=True)
+        assert all(expected) and len(set(expected)) == len(PROMPTS)
+        # the premise: the answers cross a handoff, where one stream's text could meet another's
+        assert sum(len(s.roles) > 1 for s in alone) >= len(PROMPTS) // 2, [sorted(s.roles) for s in alone]
         assert wait_idle(cpu_pair, time.monotonic()) < IDLE_WITHIN_S
-        base, base_all = threads(proc.pid), threads(proc.pid, pooled=True)
+        base, base_all = threads(pid), threads(pid, pooled=True)
 
-        def one(i: int):
-            prompt = prompts[i % len(prompts)]
-            if i % 4 == 0:  # a quarter leave after the first content chunk or two, with a long budget
-                return i, *stream(client, url, prompt, 1000, leave_after=2 + (i // 4) % 2)
-            return i, *stream(client, url, prompt, MAX_TOKENS)
+        def one(i: int) -> tuple[int, Streamed]:
+            row, col = divmod(i, len(PROMPTS))
+            if (row + col) % 4 == 0:  # a quarter (2 per prompt) leave after a chunk or two of a long story:
+                # it would still run when the rest are done, had its generation not stopped
+                return i, stream(client, server.url, f"Tell me a very long story about {TOPICS[col]}.", 1000,
+                                 leave_after=2 + row % 2)
+            return i, stream(client, server.url, PROMPTS[col], MAX_TOKENS)
 
-        t0 = time.monotonic()
-        with ThreadPoolExecutor(max_workers=64) as pool:
-            results = list(pool.map(one, range(64)))
-        done = time.monotonic()
-        peak = threads(proc.pid, pooled=True)
-    left = [t for i, text, t in results if text is None]
-    completed = [(i, text) for i, text, _ in results if text is not None]
-    assert len(left) == 16 and len(completed) == 48
-    wrong = [(i, text) for i, text in completed if text != expected[i % len(prompts)]]
-    assert not wrong, f"{len(wrong)} answers differ from their greedy answer, e.g. {wrong[0]}"
-    last_leave = max(left)
-    idle_s = wait_idle(cpu_pair, done)
-    threads_s, after = wait_threads(proc.pid, base, done)
-    print(f"\n64 streams in {done - t0:.1f} s; last leave {done - last_leave:.1f} s before the last answer; "
-          f"both servers idle {idle_s:.2f} s after the last answer ({done - last_leave + idle_s:.2f} s after the "
-          f"last leave); threads (prefetch pool left out) {base} before, {after} after {threads_s:.2f} s; "
-          f"with the pool {base_all} before, {peak} at the end of the burst, {threads(proc.pid, pooled=True)} now")
-    assert idle_s < IDLE_WITHIN_S
-    assert after <= base, f"{after} threads, {base} before"
+        rss = []
+        for round_ in range(1, ROUNDS + 1):
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(max_workers=STREAMS) as pool:
+                results = list(pool.map(one, range(STREAMS)))
+            done = time.monotonic()
+            peak = threads(pid, pooled=True)
+            left = [s.at for _, s in results if s.text is None]
+            completed = [(i, s.text) for i, s in results if s.text is not None]
+            assert len(left) == STREAMS // 4 and len(completed) == STREAMS - STREAMS // 4
+            exact = 0
+            for i, text in completed:
+                mine = expected[i % len(PROMPTS)]
+                others = set(expected) - {mine}
+                assert text == mine or text not in others, f"round {round_}: request {i} got another prompt's " \
+                    f"answer: {text!r}"
+                exact += text == mine
+            assert exact >= 0.9 * len(completed), f"round {round_}: only {exact}/{len(completed)} matched " \
+                "their greedy answer"
+            idle_s = wait_idle(cpu_pair, done)
+            threads_s, after = wait_threads(pid, base, done)
+            rss.append(rss_kib(pid))
+            print(f"round {round_}: {STREAMS} streams in {done - t0:.1f} s, {exact}/{len(completed)} exactly their "
+                  f"greedy answer; last leave {done - max(left):.1f} s before the last answer; both servers idle "
+                  f"{idle_s:.2f} s after the last answer; threads (prefetch pool left out) {base} before, {after} "
+                  f"after {threads_s:.2f} s; with the pool {base_all} before, {peak} at the end of the burst, "
+                  f"{threads(pid, pooled=True)} now; VmRSS {rss[-1] / 1024:.0f} MiB", flush=True)
+            assert idle_s < IDLE_WITHIN_S, f"round {round_}: the servers still ran {idle_s:.1f} s after the end"
+            assert after <= base, f"round {round_}: {after} threads, {base} before"
+    assert rss[1] < rss[0] * 1.5, rss
 
 
 def test_a_long_stream_whose_client_leaves_after_two_chunks_frees_both_servers(server, cpu_pair):
-    url, proc = server
-    base = threads(proc.pid)
-    with httpx.Client(timeout=600) as client:
-        _, left_at = stream(client, url, "Tell me a very long story about a dragon.", 2000, leave_after=3)
+    pid = server.proc.pid
+    base = threads(pid)
+    with httpx.Client(timeout=600, headers=AUTH) as client:
+        left_at = stream(client, server.url, "Tell me a very long story about a dragon.", 2000, leave_after=3).at
     idle_s = wait_idle(cpu_pair, left_at)
-    threads_s, after = wait_threads(proc.pid, base, left_at)
+    threads_s, after = wait_threads(pid, base, left_at)
     print(f"\nmax_tokens 2000, left after two chunks: both servers idle {idle_s:.2f} s later; threads {base} -> "
           f"{after} in {threads_s:.2f} s")
     assert idle_s < IDLE_WITHIN_S and after <= base
@@ -172,28 +270,10 @@ BODY_TIMEOUT_S = 2.0
 def guarded(cpu_pair, tmp_path_factory):
     """A second `relaygen serve`: one relay at a time, no queue (the next gets 429), and a
     short --body-timeout."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    log = tmp_path_factory.mktemp("guarded") / "serve.log"
-    proc = subprocess.Popen(relaygen_cmd("serve", "--large", cpu_pair.large, "--small", cpu_pair.small,
-                                         "--port", str(port), "--health-interval", "0", "--max-concurrency", "1",
-                                         "--max-queue", "0", "--body-timeout", str(BODY_TIMEOUT_S)),
-                            stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    yield url, port, log
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
-    err = log.read_text()
-    assert "Traceback" not in err and "internal error" not in err, err[-3000:]
+    served = start_serve(cpu_pair, tmp_path_factory, "guarded", "--health-interval", "0", "--max-concurrency", "1",
+                         "--max-queue", "0", "--body-timeout", str(BODY_TIMEOUT_S))
+    yield served
+    stop_serve(served)
 
 
 def access(log: Path) -> list[str]:
@@ -205,7 +285,7 @@ PARTIAL = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: appl
 
 
 def test_30_clients_that_leave_mid_body_are_info_lines_and_no_traceback(guarded):
-    url, port, log = guarded
+    url, port, log = guarded.url, guarded.port, guarded.log
     before = len(access(log))
 
     def leave(_: int) -> None:
@@ -230,7 +310,7 @@ def test_30_clients_that_leave_mid_body_are_info_lines_and_no_traceback(guarded)
 
 
 def test_a_client_that_stalls_mid_body_gets_408_within_the_bound(guarded):
-    _, port, log = guarded
+    port, log = guarded.port, guarded.log
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.settimeout(30)
         t0 = time.monotonic()
@@ -264,7 +344,7 @@ def value(m: dict, name: str, **labels: str) -> float:
 
 
 def test_metrics_after_five_real_requests_equal_what_the_responses_reported(guarded):
-    url, _, log = guarded
+    url, log = guarded.url, guarded.log
     chat = f"{url}/v1/chat/completions"
     before, lines_before = scrape(url), len(access(log))
     usages, statuses = [], []
