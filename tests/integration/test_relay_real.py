@@ -20,6 +20,10 @@ def relay_run(cpu_pair):
     """A relay on the bundled question with segments from both roles: seed 2 at 120 tokens
     switches 5 times on cpu-tiny (the seeded sampler makes it the same run on any CPU pair)."""
     with Relay(preset="cpu-tiny", large=cpu_pair.large, small=cpu_pair.small) as r:
+        # from empty caches: an earlier test of the session may have run this trajectory, and its
+        # cached tokens would hide the handoffs' re-prefill this module accounts for
+        for engine in r.backend.servers.values():
+            engine.flush_cache(timeout_s=30)
         res = r.run(QUESTION, max_tokens=RUN_TOKENS, seed=RUN_SEED)
         if not ({"large", "small"} <= {s.role for s in res.segments} and res.stats.switches >= 2):
             pytest.fail(f"seed {RUN_SEED} at {RUN_TOKENS} tokens no longer switches twice ({res.stats.switches} "
