@@ -74,11 +74,27 @@ def test_unreachable_server_is_one_line():
     assert "127.0.0.1:9" in err
 
 
+def bind_when_free(s: socket.socket, port: int, within_s: float = 60.0) -> None:
+    """Bind 127.0.0.1:port, waiting for a listener an earlier test's servers (the CLI stack on the
+    preset's ports) may still hold for a moment after `relaygen down`."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            s.bind(("127.0.0.1", port))
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.mark.integration
 def test_port_in_use():
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", 30000))
+        bind_when_free(s, 30000)
         s.listen()
         err = one_line_error(run_cli("up", "--preset", "cpu-tiny"))
     assert "port 30000" in err and "in use" in err
