@@ -208,7 +208,7 @@ class Relay:
 
     def plan(self, method: str | None = None, settings: RunSettings | None = None, **kwargs: Any) -> RelayPlan:
         """A run's plan, as `run` would make it (settings whole or as keyword arguments)."""
-        return self.backend.plan(_settings(settings, kwargs, **({"method": method} if method else {})))
+        return self.backend.plan(RunSettings.given(settings, kwargs, **({"method": method} if method else {})))
 
     def run(self, question: str | list[dict[str, str]], method: str | None = None, *,
             settings: RunSettings | None = None, on_delta: Any = None, cancel: threading.Event | None = None,
@@ -218,7 +218,7 @@ class Relay:
         max_tokens, answer_role, temperature, top_p, top_k, seed, cue_match, prefetch,
         protocol, answer_reserve, deadline_s, profile ...). `on_delta(role, text)` hears the
         text as it is written; a set `cancel` stops the run."""
-        settings = _settings(settings, kwargs, **({"method": method} if method else {}))
+        settings = RunSettings.given(settings, kwargs, **({"method": method} if method else {}))
         control = RunControl(on_delta, cancel or threading.Event())
         with _deadline(settings, control):
             plan = self.backend.plan(settings, control)
@@ -233,7 +233,7 @@ class Relay:
         its trajectory's result, then what it returned (a dict's keys, else under "output")."""
         func = load_program(program) if isinstance(program, str) else program
         args = {k: v for k, v in arguments.items() if accepts(func, k)}
-        settings = _settings(settings, kwargs)
+        settings = RunSettings.given(settings, kwargs)
         control = RunControl()
         with _deadline(settings, control):
             if accepts(func, "plan"):
@@ -286,15 +286,6 @@ class Relay:
             if item[0] == "error":
                 raise item[1]
             yield item
-
-
-def _settings(settings: RunSettings | None, kwargs: dict[str, Any], **base: Any) -> RunSettings:
-    """The run's settings: given whole, or built from keyword arguments (not both)."""
-    if settings is not None:
-        if kwargs:
-            raise ConfigError(f"give settings or keyword settings, not both: {', '.join(sorted(kwargs))}")
-        return settings.but(**base) if base else settings
-    return RunSettings.of({**base, **kwargs})
 
 
 @contextlib.contextmanager

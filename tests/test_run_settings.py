@@ -82,5 +82,9 @@ def test_unknown_settings_and_settings_given_twice_are_refused():
         RunSettings.of({"max_token": 5})
     base = RunSettings(seed=1)
     assert base.but(seed=2).seed == 2 and base.seed == 1
+    with pytest.raises(SettingError, match="give settings or keyword settings, not both: seed"):
+        RunSettings.given(base, {"seed": 3})
+    assert RunSettings.given(base, {}, method="single-large") == base.but(method="single-large")
+    assert RunSettings.given(None, {"seed": 3}, method="single-small") == RunSettings(seed=3, method="single-small")
     with pytest.raises(SettingError):
         base.but(seed=True)

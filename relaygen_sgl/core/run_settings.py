@@ -115,6 +115,17 @@ class RunSettings:
             raise SettingError(unknown[0], f"unknown run setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
         return cls(**values)
 
+    @classmethod
+    def given(cls, settings: RunSettings | None, kwargs: dict[str, Any], **fixed: Any) -> RunSettings:
+        """A caller's settings, given whole or as keyword arguments (not both), with `fixed`
+        (e.g. the method a call names) over them."""
+        if settings is None:
+            return cls.of({**kwargs, **fixed})
+        if kwargs:
+            raise SettingError(sorted(kwargs)[0], "give settings or keyword settings, not both: "
+                               f"{', '.join(sorted(kwargs))}")
+        return settings.but(**fixed) if fixed else settings
+
     def but(self, **changes: Any) -> RunSettings:
         """A copy with some settings changed, validated again."""
         return RunSettings.of({**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})

@@ -98,9 +98,7 @@ class RelayBackend(BaseBackend):
              **kwargs: Any) -> RelayPlan:
         """A run's plan: its settings (given whole, or as keyword arguments) with this backend's
         profile (unless they name one), family, tokenizer and default prefetch mode."""
-        if settings is not None and kwargs:
-            raise ConfigError(f"give settings or keyword settings, not both: {', '.join(sorted(kwargs))}")
-        settings = settings or RunSettings.of(kwargs)
+        settings = RunSettings.given(settings, kwargs)
         return RelayPlan(settings, self._profile(settings.profile), self.family, self.tokenizer.path,
                          settings.prefetch or self.prefetching.default, control or RunControl())
 
