@@ -161,8 +161,7 @@ class RelayBackend(BaseBackend):
 
     def _server(self, role: str, traj: Trajectory) -> Server:
         """The queue the trajectory's requests to `role` join: the server, and its DP rank."""
-        n = self.dp_sizes.get(role)
-        return self.engines[role].url, (traj.slot % n if n else None)
+        return self.engines[role].url, self._pin(role, traj).get("routed_dp_rank")
 
     def _pin(self, role: str, traj: Trajectory) -> dict[str, Any]:
         return self.pin(role, traj.slot)
