@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -269,23 +270,34 @@ class Relay:
                **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Yield (role, text delta) as tokens arrive, across switches; the last item is
         ("result", RelayResult). An item ("rerouted", text) says the small server failed
-        mid-turn: `text`, already yielded, is void, and the large model's version follows."""
+        mid-turn: `text`, already yielded, is void, and the large model's version follows.
+        Closing the generator (or dropping it) before its end stops the run: its SGLang
+        requests are aborted, as when a `cancel` event is set."""
         q: queue.Queue = queue.Queue()
         done = object()
+        cancel = kwargs.pop("cancel", None) or threading.Event()
 
         def work() -> None:
             try:
-                q.put(("result", self.run(question, method, on_delta=lambda r, d: q.put((r, d)), **kwargs)))
+                q.put(("result", self.run(question, method, on_delta=lambda r, d: q.put((r, d)), cancel=cancel,
+                                          **kwargs)))
             except BaseException as e:  # handed to the consumer, raised there
                 q.put(("error", e))
             finally:
                 q.put(done)
 
         threading.Thread(target=work, daemon=True).start()
-        while (item := q.get()) is not done:
-            if item[0] == "error":
-                raise item[1]
-            yield item
+        ended = False
+        try:
+            while (item := q.get()) is not done:
+                if item[0] == "error":
+                    ended = True
+                    raise item[1]
+                yield item
+            ended = True
+        finally:
+            if not ended:  # closed or collected part way (GeneratorExit): nobody listens any more
+                cancel.set()
 
 
 @contextlib.contextmanager
@@ -294,6 +306,7 @@ def _deadline(settings: RunSettings, control: RunControl) -> Iterator[None]:
     if settings.deadline_s is None:
         yield
         return
+    control.deadline = time.monotonic() + settings.deadline_s  # no read waits past it
     timer = threading.Timer(settings.deadline_s, control.cancel.set)
     timer.daemon = True
     timer.start()

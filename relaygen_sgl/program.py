@@ -21,7 +21,7 @@ from typing import Any
 import sglang as sgl
 from sglang.lang.ir import SglSamplingParams
 
-from relaygen_sgl.core.errors import Cancelled, ConfigError, RelayAborted, RelayGenError
+from relaygen_sgl.core.errors import STOPPED, Cancelled, ConfigError, RelayAborted, RelayGenError
 from relaygen_sgl.core.result import RelayResult
 from relaygen_sgl.core.run_settings import RunSettings
 from relaygen_sgl.runtime.gen_params import gen_params, is_gen_param, relay_gen_kwargs
@@ -101,7 +101,7 @@ def _loop(s: Any, traj: Trajectory, plan: RelayPlan, policy: RelayPolicy, params
         if spec.role is None:
             return spec
         if traj.control.cancel.is_set():
-            raise _aborted(s, traj, Cancelled("the run was stopped: cancelled by its caller or past its deadline"),
+            raise _aborted(s, traj, Cancelled(STOPPED),
                            plan)
         spec = replace(spec, sampling={**spec.sampling, **params.sampling}, extra={**spec.extra, **params.extra})
         if render is not None and policy.turns:

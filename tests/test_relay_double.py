@@ -4,6 +4,8 @@ trajectory must reproduce the tape exactly whatever the switching does."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from doubles import LARGE, QUESTION, SMALL
 from hypothesis import HealthCheck, given, settings
@@ -177,7 +179,9 @@ def test_5xx_is_retried_4xx_is_not(fake):
     assert turns and all(s.rerouted_from is None for s in turns)
     # one request per small request the trajectory counts, plus the failed one (its retry is the next)
     assert len(small.requests) == sum(s.requests for s in turns) + 1
-    assert small.requests[0] == small.requests[1]
+    # the same request again, under a request id of its own (the failed one's may still be held)
+    assert {**small.requests[0], "rid": None} == {**small.requests[1], "rid": None}
+    assert small.requests[0]["rid"] != small.requests[1]["rid"]
 
     # an HTTP 400 is the request's fault: sent once, never retried, and the run fails with it
     fake.hosts.clear()
@@ -456,3 +460,17 @@ def _wait(cond, timeout: float = 5.0) -> bool:
     while time.monotonic() < deadline and not cond():
         time.sleep(0.01)
     return cond()
+
+
+def test_closing_a_stream_stops_its_relay(fake):
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    for host in fake.hosts.values():
+        host.chunk_delay_s = 0.05  # the whole relay takes seconds
+    gen = relay.stream(QUESTION, max_tokens=500)
+    role, _ = next(gen)
+    assert role == "large"
+    gen.close()  # the caller is gone
+    time.sleep(0.5)  # the turn in flight ends at once
+    sent = sum(len(h.requests) for h in fake.hosts.values())
+    time.sleep(1.5)
+    assert sum(len(h.requests) for h in fake.hosts.values()) == sent == 1  # no turn after the first

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -35,7 +36,10 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
+from relaygen_sgl.client.cancel import Stop, watchdog
 from relaygen_sgl.core.errors import (
+    STOPPED,
+    Cancelled,
     ConfigError,
     EngineError,
     EngineFailed,
@@ -140,6 +144,12 @@ def _err(cls: type[EngineError], message: str, url: str, status: int | None = No
     return e
 
 
+def _socket(resp: httpx.Response) -> Any:
+    """The socket under a response (httpcore's network stream); None under a test transport."""
+    stream = resp.extensions.get("network_stream")
+    return stream.get_extra_info("socket") if stream is not None else None
+
+
 class _Attempt:
     """What one attempt has handed its caller so far: once tokens went out, no retry."""
 
@@ -184,7 +194,8 @@ class EngineClient:
         self.close()
 
     # ------------------------------------------------------------------ plumbing
-    def _with_retries(self, call: Callable[[_Attempt], Any], what: str, retries: int | None = None) -> Any:
+    def _with_retries(self, call: Callable[[_Attempt], Any], what: str, retries: int | None = None,
+                      stop: Stop | None = None) -> Any:
         retries = self.config.retries if retries is None else retries
         attempt = 0
         while True:
@@ -210,7 +221,7 @@ class EngineClient:
                 if state.tokens or not getattr(e, "retryable", False):
                     raise
                 err = e
-            if attempt >= retries:
+            if attempt >= retries or (stop is not None and stop.is_set()):
                 raise err
             time.sleep(self.config.backoff_s * (2**attempt))
             attempt += 1
@@ -231,14 +242,17 @@ class EngineClient:
         on_tokens: Callable[[list[int], bool], None] | None = None,
         extra: dict[str, Any] | None = None,
         retries: int | None = None,
+        stop: Stop | None = None,
     ) -> Generation:
         """One /generate call. With `on_tokens`, the answer is streamed and the callback
         receives the cumulative output_ids as they arrive (the client's own list: copy it
         to keep it) and whether the chunk is the request's last. An exception from the
         callback ends the request (the stream is closed, which aborts it in SGLang) and
         propagates. `retries` overrides the client's own count for this call (0: a hint
-        such as a prefetch, which must not hold a worker through backoffs to a dead server)."""
-        return self._generate({"input_ids": list(input_ids)}, sampling, on_tokens, extra, retries)
+        such as a prefetch, which must not hold a worker through backoffs to a dead server).
+        With `stop`, the request ends as soon as it is set, queued, prefilling or decoding
+        (client/cancel.py), no read waits past its deadline, and it raises Cancelled."""
+        return self._generate({"input_ids": list(input_ids)}, sampling, on_tokens, extra, retries, stop)
 
     def generate_text(
         self,
@@ -253,21 +267,57 @@ class EngineClient:
 
     def _generate(self, body: dict[str, Any], sampling: dict[str, Any],
                   on_tokens: Callable[[list[int], bool], None] | None, extra: dict[str, Any] | None,
-                  retries: int | None = None) -> Generation:
+                  retries: int | None = None, stop: Stop | None = None) -> Generation:
         body["sampling_params"] = sampling
         if extra:
             body.update(extra)
         regexes = tuple(sampling.get("stop_regex") or ())
+        if stop is not None:
+            return self._stoppable(body, regexes, on_tokens, retries, stop)
         if on_tokens is None:
             return self._with_retries(lambda a: self._generate_once(body, regexes), "POST /generate", retries)
         body["stream"] = True
         return self._with_retries(lambda a: self._generate_stream(body, regexes, on_tokens, a), "POST /generate",
                                   retries)
 
-    def _generate_once(self, body: dict[str, Any], regexes: Sequence[str]) -> Generation:
+    def _stoppable(self, body: dict[str, Any], regexes: Sequence[str],
+                   on_tokens: Callable[[list[int], bool], None] | None, retries: int | None,
+                   stop: Stop) -> Generation:
+        """A generation its caller can end at any point: each attempt has a request id of its
+        own, which the watchdog aborts in SGLang when `stop` is set, and a stream's socket,
+        which it shuts down; reads wait no longer than the deadline leaves."""
+
+        def attempt(a: _Attempt) -> Generation:
+            if stop.is_set():
+                raise Cancelled(STOPPED)
+            mine = {**body, "rid": uuid.uuid4().hex, **({"stream": True} if on_tokens is not None else {})}
+            left = stop.left()
+            timeout = None if left is None else httpx.Timeout(
+                min(self.config.read_timeout_s, left + 0.5), connect=min(self.config.connect_timeout_s, left + 0.5))
+            with watchdog().watch(stop, functools.partial(self.abort, mine["rid"])) as watch:
+                if on_tokens is None:
+                    return self._generate_once(mine, regexes, timeout)
+                return self._generate_stream(mine, regexes, on_tokens, a, timeout, watch.attach)
+
+        try:
+            return self._with_retries(attempt, "POST /generate", retries, stop)
+        except EngineError as e:
+            if stop.is_set():  # what the abort or the shut socket made of the request
+                raise Cancelled(STOPPED) from e
+            raise
+
+    def abort(self, rid: str) -> None:
+        """Ask the server to abort request `rid` wherever it is (SGLang's /abort_request;
+        a request it no longer holds is ignored). One short try; errors are the caller's."""
+        self._http.post("/abort_request", content=orjson.dumps({"rid": rid}), headers=_JSON,
+                        timeout=httpx.Timeout(5.0, connect=min(self.config.connect_timeout_s, 5.0)))
+
+    def _generate_once(self, body: dict[str, Any], regexes: Sequence[str],
+                       timeout: httpx.Timeout | None = None) -> Generation:
         what = "POST /generate"
         t0 = time.perf_counter()
-        resp = self._http.post("/generate", content=orjson.dumps(body), headers=_JSON)
+        resp = self._http.post("/generate", content=orjson.dumps(body), headers=_JSON,
+                               **({"timeout": timeout} if timeout is not None else {}))
         self._check(resp, what)
         out = self._json(resp.content, what)
         if not isinstance(out, dict) or not isinstance(out.get("meta_info"), dict):
@@ -279,7 +329,9 @@ class EngineClient:
         return self._to_generation(out, regexes, dt, dt, what)
 
     def _generate_stream(self, body: dict[str, Any], regexes: Sequence[str],
-                         on_tokens: Callable[[list[int], bool], None], attempt: _Attempt) -> Generation:
+                         on_tokens: Callable[[list[int], bool], None], attempt: _Attempt,
+                         timeout: httpx.Timeout | None = None,
+                         on_socket: Callable[[Any], None] | None = None) -> Generation:
         what = "POST /generate"
         t0 = time.perf_counter()
         ttft: float | None = None
@@ -288,7 +340,10 @@ class EngineClient:
         meta: dict[str, Any] | None = None
         deltas: dict[str, list] = {}  # the output logprobs so far (STREAMED_DELTA_KEYS)
         finished = False
-        with self._http.stream("POST", "/generate", content=orjson.dumps(body), headers=_JSON) as resp:
+        with self._http.stream("POST", "/generate", content=orjson.dumps(body), headers=_JSON,
+                               **({"timeout": timeout} if timeout is not None else {})) as resp:
+            if on_socket is not None:
+                on_socket(_socket(resp))
             for chunk in self._stream_chunks(resp, what, lambda: len(ids)):
                 m = chunk.get("meta_info")
                 if not isinstance(m, dict):

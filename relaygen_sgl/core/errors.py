@@ -67,6 +67,9 @@ class CalibrationError(RelayGenError):
     """Calibration cannot go on: bad input, a server without logprobs, nothing usable."""
 
 
+STOPPED = "the run was stopped: cancelled by its caller or past its deadline"
+
+
 class Cancelled(RelayGenError):
     """The caller stopped listening (a client went away, a deadline passed): the turn was
     stopped and its SGLang request aborted."""

@@ -171,7 +171,8 @@ class RelayBackend(BaseBackend):
         small server that is down."""
         down = traj.degraded is not None or (self.small_down is not None and not self.small_down.back)
         for role in ROLES[: 1 if self.one_server or down else 2]:
-            self.engines[role].generate(ids, {"max_new_tokens": 0}, extra=self._pin(role, traj) or None)
+            self.engines[role].generate(ids, {"max_new_tokens": 0}, extra=self._pin(role, traj) or None,
+                                        stop=traj.control.stop)
 
     # ------------------------------------------------------------------ BaseBackend
     def commit_lazy_operations(self, s: StreamExecutor) -> None:
@@ -255,7 +256,8 @@ class RelayBackend(BaseBackend):
                 method: ChoicesSamplingMethod) -> ChoicesDecision:
         role = "large" if traj.degraded else self._route(s)  # the small server failed: the large model answers
         traj.absorb(s.text_)
-        return score_choices(self.engines[role], self.tokenizer, traj.ids, choices, method, self._pin(role, traj))
+        return score_choices(self.engines[role], self.tokenizer, traj.ids, choices, method, self._pin(role, traj),
+                             traj.control.stop)
 
     def _turn(self, s: StreamExecutor, traj: Trajectory, sp: SglSamplingParams, sink: Any) -> Segment:
         """One gen: the relay loop's request when it left one, else the plain gen's."""
@@ -331,7 +333,7 @@ class RelayBackend(BaseBackend):
             try:
                 return run_turn(self.engines[on], self.tokenizer, ids, text, replace(
                     spec, role=on, extra={**spec.extra, **self._pin(on, traj), **extra}, sampling={**sampling, **add}),
-                    sink=sink, cancel=traj.control.cancel, on_ids=pf.offer if pf is not None else None)
+                    sink=sink, stop=traj.control.stop, on_ids=pf.offer if pf is not None else None)
             finally:
                 if pf is not None:
                     pf.close()

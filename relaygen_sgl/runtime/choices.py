@@ -8,13 +8,14 @@ from typing import Any
 
 from sglang.lang.choices import ChoicesDecision, ChoicesSamplingMethod
 
+from relaygen_sgl.client.cancel import Stop
 from relaygen_sgl.client.http import EngineClient
 from relaygen_sgl.client.tokenizer import Tokenizer
 from relaygen_sgl.core.errors import ConfigError, EngineFailed
 
 
 def score_choices(engine: EngineClient, tokenizer: Tokenizer, prefix: Sequence[int], choices: list[str],
-                  method: ChoicesSamplingMethod, pin: dict[str, Any]) -> ChoicesDecision:
+                  method: ChoicesSamplingMethod, pin: dict[str, Any], stop: Stop | None = None) -> ChoicesDecision:
     if not choices:
         raise ConfigError("select needs at least one choice")
     # The prefix as the models wrote it, then each choice's own ids. Entry 0 of SGLang's input
@@ -27,7 +28,8 @@ def score_choices(engine: EngineClient, tokenizer: Tokenizer, prefix: Sequence[i
         if not ids:
             raise ConfigError(f"select: the choice {choice!r} has no tokens")
         g = engine.generate([*prefix, *ids], {"max_new_tokens": 0, "temperature": 0},
-                            extra={"return_logprob": True, "logprob_start_len": max(len(prefix) - 1, 0), **pin})
+                            extra={"return_logprob": True, "logprob_start_len": max(len(prefix) - 1, 0), **pin},
+                            stop=stop)
         entries = list(g.meta.get("input_token_logprobs") or [])[-len(ids):]
         if len(entries) != len(ids) or any(e is None or e[0] is None for e in entries):
             raise EngineFailed(f"{engine.url}: select: no logprobs for the choice {choice!r}")
@@ -37,7 +39,7 @@ def score_choices(engine: EngineClient, tokenizer: Tokenizer, prefix: Sequence[i
         unconditional = []
         for ids, _ in per_choice:
             g = engine.generate(ids, {"max_new_tokens": 0, "temperature": 0},
-                                extra={"return_logprob": True, "logprob_start_len": 0, **pin})
+                                extra={"return_logprob": True, "logprob_start_len": 0, **pin}, stop=stop)
             unconditional.append([list(e) if e else [None, t, None]
                                   for e, t in zip(g.meta.get("input_token_logprobs") or [], ids)])
     logprobs = [entries for _, entries in per_choice]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relaygen_sgl.client.cancel import Stop
 from relaygen_sgl.core.config import Family
 from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.core.errors import ConfigError
@@ -26,6 +27,12 @@ class RunControl:
 
     on_delta: DeltaSink | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() past which the run stops (the settings' deadline_s)
+
+    @property
+    def stop(self) -> Stop:
+        """What ends the run's requests early (client/cancel.py)."""
+        return Stop(self.cancel, self.deadline)
 
 
 @dataclass(frozen=True)

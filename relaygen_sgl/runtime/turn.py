@@ -8,15 +8,15 @@ so nothing is lost and its radix cache holds the whole prefix.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from relaygen_sgl.client.cancel import Stop
 from relaygen_sgl.client.http import EngineClient, Finish, Generation
 from relaygen_sgl.client.tokenizer import Tokenizer
 from relaygen_sgl.core.cues import CONTEXT_CHARS, cue_next, find_cue
-from relaygen_sgl.core.errors import Cancelled
+from relaygen_sgl.core.errors import STOPPED, Cancelled
 from relaygen_sgl.core.result import Segment
 from relaygen_sgl.runtime.gen_params import INPUT_LOGPROB_KEYS, OUTPUT_LOGPROB_KEYS
 from relaygen_sgl.runtime.plan import DeltaSink
@@ -135,8 +135,8 @@ class _Turn:
     turn is one method (a cue, a plain gen's regex, vLLM's stop, a stop begun before it)."""
 
     def __init__(self, engine: EngineClient, tok: Tokenizer, prefix_ids: Sequence[int], context_text: str,
-                 spec: TurnSpec) -> None:
-        self.engine, self.tok, self.prefix_ids, self.spec = engine, tok, prefix_ids, spec
+                 spec: TurnSpec, stop: Stop | None = None) -> None:
+        self.engine, self.tok, self.prefix_ids, self.spec, self.stop = engine, tok, prefix_ids, spec, stop
         # vLLM (the reference) and SGLang (a plain gen) match stop strings in a request's own
         # output only: no context.
         self.ctx = "" if spec.reference or spec.plain else context_text[-CONTEXT_CHARS:]
@@ -176,7 +176,7 @@ class _Turn:
             # for prompt logprobs, the rest for their output's
             extra = {k: v for k, v in extra.items() if k != "logprob_start_len"}
         gen = self.engine.generate([*self.prefix_ids, *self.kept], self.sampling(remaining), on_tokens=on_tokens,
-                                   extra=extra or None)
+                                   extra=extra or None, stop=self.stop)
         self.requests += 1
         self.first = self.first or gen
         if self.spec.extra.get("return_logprob"):
@@ -279,17 +279,17 @@ def run_turn(
     context_text: str,
     spec: TurnSpec,
     sink: DeltaSink | None = None,
-    cancel: threading.Event | None = None,
+    stop: Stop | None = None,
     on_ids: Callable[[list[int], Callable[[], bool]], None] | None = None,
 ) -> Segment:
     """Run `spec` on `engine` from `prefix_ids`; `context_text` is the trajectory text before
-    it (the left side of a cue's word boundary). A set `cancel` stops it between tokens (the
-    stream to SGLang is closed, which aborts the request there). `on_ids` hears the turn's
+    it (the left side of a cue's word boundary). A set `stop` ends it at once, wherever its
+    request is (client/cancel.py), and raises Cancelled. `on_ids` hears the turn's
     tokens so far as they arrive, but for a request's last chunk, with a check of whether the
     next token may complete a cue (the handoff prefetch; it decodes, so it is asked only when
     needed)."""
     assert spec.role is not None
-    turn = _Turn(engine, tok, prefix_ids, context_text, spec)
+    turn = _Turn(engine, tok, prefix_ids, context_text, spec, stop)
     # held back: the last token while a cue may cut it, or (reference) a stop may cut inside
     # it; for a plain gen, as many tokens as a stop string may span, since it leaves the text
     holdback = 1 if spec.reference or (spec.cue_patterns and not spec.plain) else 0
@@ -300,8 +300,8 @@ def run_turn(
         base = list(turn.kept)
 
         def on_tokens(ids: list[int], last: bool, base: list[int] = base) -> None:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("the run was stopped: cancelled by its caller or past its deadline")
+            if stop is not None and stop.is_set():
+                raise Cancelled(STOPPED)
             so_far = base + ids
             streamer.update(so_far)
             # The request's last chunk is not offered: what follows it at once is the next
