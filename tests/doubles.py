@@ -128,6 +128,9 @@ class Host:
     max_input: int | None = None  # longer inputs get SGLang's 400 (prompt longer than the context)
     dp_size: int | None = None  # answer /server_info with this --dp
     context_len: int | None = None  # max_model_len: input + max_new_tokens beyond it gets a 400, as in SGLang
+    # the KV pool (--max-total-tokens): /server_info reports it and max_req_input_len; an input of
+    # max_req_input_len tokens or more gets a 400, and max_new_tokens is cut to what the pool holds
+    kv_tokens: int | None = None
     # an EAGLE server: {"speculative_algorithm": "EAGLE3", "speculative_eagle_topk": .., "speculative_num_steps":
     # .., "speculative_num_draft_tokens": ..}; it reserves max(topk * steps, drafts) of the context per request
     speculative: dict | None = None
@@ -146,6 +149,14 @@ class Host:
     healthy: bool = True  # /health_generate answers 503 when False
     # a model as a function instead of the tape: (input ids and output so far, EOS masked?) -> next token
     model: Callable[[list[int], bool], int] | None = None
+    # what /v1/loads reports, one dict per DP rank ({"num_running_reqs": .., "num_waiting_reqs": ..}, the
+    # rest of LoadSnapshot's core fields 0); None: no such route (404), as behind a router
+    loads: list[dict] | None = None
+
+
+def _max_req_len(host: Host) -> int:
+    """managers/tp_worker.py: min(context - 1, pool - 1)."""
+    return min((host.context_len or 1 << 30) - 1, host.kv_tokens - 1)
 
 
 class Script:
@@ -214,9 +225,13 @@ class FakeSGLang:
                     "max_model_len": host.context_len}
             return httpx.Response(200, json={"object": "list", "data": [card]})
         if path == "/server_info" and not host.router:
+            pool = {"max_total_num_tokens": host.kv_tokens, "max_req_input_len": _max_req_len(host) - 5} \
+                if host.kv_tokens else {}
             return httpx.Response(200, json={"dp_size": host.dp_size or 1, "tp_size": 1, "version": "0.5.23",
                                              "frontend": "python", "internal_states": [{}],
-                                             **(host.speculative or {})})
+                                             **(host.speculative or {}), **pool})
+        if path == "/v1/loads" and host.loads is not None:
+            return self._loads(host, request)
         if path == "/flush_cache":
             host.cache.clear()
             return httpx.Response(200, text="Cache flushed.\nPlease check backend logs for more details. (When there "
@@ -228,6 +243,28 @@ class FakeSGLang:
         if path != "/generate":
             return httpx.Response(404, json={"detail": "Not Found"})
         return self._generate(host, orjson.loads(request.content), request)
+
+    @staticmethod
+    def _loads(host: Host, request: httpx.Request) -> httpx.Response:
+        """entrypoints/v1_loads.py: one LoadSnapshot.to_dict per DP rank (`dp_rank` filters; a rank
+        outside the server gives none), `include` checked against its sections (400 otherwise)."""
+        include = request.url.params.get("include")
+        sections = {s.strip() for s in include.split(",")} if include else set()
+        valid = {"core", "memory", "spec", "lora", "disagg", "queues", "all"}
+        if not sections <= valid:
+            detail = f"Invalid include sections: {sections - valid}. Valid options: {sorted(valid)}"
+            return httpx.Response(400, json={"detail": detail})
+        core = ("timestamp", "dp_rank", "num_running_reqs", "num_waiting_reqs", "num_waiting_uncached_tokens",
+                "num_used_tokens", "num_total_tokens", "num_active_tokens", "num_prealloc_ready_tokens",
+                "max_total_num_tokens", "max_running_requests", "token_usage", "gen_throughput", "cache_hit_rate",
+                "utilization", "total_prefill_uncached_tokens", "total_prefill_busy_us", "decode_moments")
+        loads = [{**{k: None if k == "decode_moments" else 0 for k in core}, "timestamp": time.time(),
+                  **load, "dp_rank": rank} for rank, load in enumerate(host.loads or [])]
+        rank = request.url.params.get("dp_rank")
+        if rank is not None:
+            loads = [x for x in loads if x["dp_rank"] == int(rank)]
+        return httpx.Response(200, json={"timestamp": "2026-12-05T00:00:00+00:00", "version": "0.5.23",
+                                         "accelerator": None, "num_accelerators": 1, "loads": loads})
 
     def _generate(self, host: Host, body: dict, request: httpx.Request) -> httpx.Response:
         host.requests.append(body)
@@ -298,6 +335,9 @@ class FakeSGLang:
         n_input = len(body["input_ids"]) if body.get("input_ids") is not None else len(self.tok.encode(body["text"]))
         if host.max_input is not None and n_input > host.max_input:
             return "The input is longer than the context length"
+        if host.kv_tokens and n_input >= _max_req_len(host) - 5:  # scheduler.py, max_req_input_len
+            return (f"Input length ({n_input} tokens) exceeds the maximum allowed length "
+                    f"({_max_req_len(host) - 5} tokens). Use a shorter input or enable --allow-auto-truncate.")
         spec = host.speculative or {}
         reserved = max(spec.get("speculative_eagle_topk", 0) * spec.get("speculative_num_steps", 0),
                        spec.get("speculative_num_draft_tokens", 0))  # managers/utils.py compute_num_reserved_tokens
@@ -429,6 +469,8 @@ class FakeSGLang:
         stops, regexes = _as_list(sp.get("stop")), _as_list(sp.get("stop_regex"))
         min_new = sp.get("min_new_tokens", 0)
         max_new = sp.get("max_new_tokens", 128)
+        if host.kv_tokens:  # scheduler.py: silently cut to what max_req_len leaves
+            max_new = max(0, min(max_new, _max_req_len(host) - len(ids) - 1))
         while len(out) < max_new:
             pos = len(ids) + len(out)
             if host.model is not None:

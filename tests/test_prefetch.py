@@ -4,6 +4,7 @@ auto's load rule, the workers, and which runs prefetch at all on the SGLang doub
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,7 +12,7 @@ from doubles import LARGE, QUESTION, SMALL
 
 from relaygen_sgl.core.errors import ConfigError, EngineUnreachable
 from relaygen_sgl.core.run_settings import RunSettings
-from relaygen_sgl.runtime.prefetch import Prefetcher, Prefetching, PrefetchRule
+from relaygen_sgl.runtime.prefetch import LOADS_PATH, Prefetcher, Prefetching, PrefetchRule, ReportedLoad
 
 
 class Engine:
@@ -32,6 +33,16 @@ class Engine:
 
 def settle(pool: ThreadPoolExecutor) -> None:
     pool.submit(lambda: None).result(5)
+
+
+def until(done, timeout_s: float = 5.0) -> bool:
+    """Wait (bounded) for background work: `done()` true, or False at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def test_offers_while_one_runs_are_dropped_not_queued():
@@ -96,7 +107,6 @@ def test_a_prefetch_to_a_dead_server_frees_its_worker_at_once_no_backoff():
     """A hint is not retried: the client's retries back off 2 + 4 + 8 s here, and a worker held
     through them is one fewer for every other trajectory."""
     import socket
-    import time
 
     from relaygen_sgl.client.http import ClientConfig, EngineClient
 
@@ -145,6 +155,75 @@ def test_nothing_is_sent_where_the_next_token_may_complete_a_cue():
     assert eng.sent == [[1, 2, 3, 4, 5]]
 
 
+def test_chunks_of_several_tokens_send_at_each_crossing_of_the_spacing():
+    """EAGLE's accepted drafts, SGLang's stream_interval, chunks merged for a lagging client:
+    a multiple of the spacing is seldom a chunk's end; the first offer past it sends."""
+    eng, pool = Engine(), ThreadPoolExecutor(max_workers=1)
+    eng.release.set()
+    pf = Prefetcher(pool.submit, eng, None, [1], every=64, prefix=False)
+    for n in range(3, 400, 3):
+        pf.offer(list(range(n)))
+        settle(pool)
+    assert [len(ids) - 1 for ids in eng.sent] == [66, 129, 192, 258, 321, 384]
+
+
+def test_with_three_token_stream_chunks_a_prefetch_goes_out_at_every_crossing_of_64(fake, tiny_tokenizer):
+    """A turn streamed from the SGLang double in chunks of 3 tokens (stream_interval 3: the
+    turn's lengths run 1, 4, 7, ...), spacing 64: one prefetch to the other server per multiple
+    of 64 the turn passes, each carrying the turn as it stood at the first chunk past it."""
+    from relaygen_sgl.client.http import ClientConfig, EngineClient
+    from relaygen_sgl.client.tokenizer import load_tokenizer
+    from relaygen_sgl.runtime.policy import TurnSpec
+    from relaygen_sgl.runtime.turn import run_turn
+
+    prompt = "Count with me."
+    p_ids = fake.tok.encode(prompt)
+    c_ids = (fake.tok.encode(" one two three four five six seven eight nine ten." * 40))[:420] + [fake.eos_id]
+    large, small = fake.add_host(LARGE, p_ids + c_ids), fake.add_host(SMALL, p_ids + c_ids)
+    large.chunk_tokens, large.chunk_delay_s = 3, 0.004  # a decode step: each prefetch ends before the next
+    offered: list[int] = []
+    config = ClientConfig(retries=0, backoff_s=0.0)
+    prefetching = Prefetching(PrefetchRule(every=64))
+    with EngineClient(LARGE, config, fake.transport) as writer, EngineClient(SMALL, config, fake.transport) as other:
+        pf = prefetching.start("on", other, None, p_ids, prefix=False, receiver=(SMALL, None), sender=(LARGE, None))
+        assert pf is not None
+
+        def on_ids(ids, cue_next):
+            offered.append(len(ids))
+            pf.offer(ids, cue_next)
+
+        seg = run_turn(writer, load_tokenizer(tiny_tokenizer), p_ids, prompt, TurnSpec(role="large", max_tokens=500),
+                       on_ids=on_ids)
+        until(lambda: prefetching.snapshot()["sent"] >= 6)  # the last may still run (timed out: fewer)
+        pf.close()
+    assert seg.finish == "eos" and offered[:3] == [1, 4, 7]
+    crossings = [next(n for n in offered if n >= m) for m in range(64, offered[-1] + 1, 64)]
+    assert crossings == [64, 130, 193, 256, 322, 385]
+    assert [len(r["input_ids"]) - len(p_ids) for r in prefetches(small)] == crossings
+    assert prefetching.snapshot()["sent"] == 6
+
+
+def test_at_most_per_server_prefetches_are_in_flight_to_one_server_the_rest_dropped_and_counted():
+    eng = Engine()
+    pf = Prefetching(PrefetchRule(every=1), workers=8, per_server=2)
+    small, large = ("http://small:2", None), ("http://large:1", None)
+    on_small = [pf.start("on", eng, None, [k], prefix=True, receiver=small, sender=large) for k in (1, 2, 3)]
+    assert eng.entered.wait(5)
+    assert pf.snapshot() == {"server_full": 1}  # the third trajectory's prefix: two were in flight there
+    # another server, or another DP rank of the same one, is a queue of its own
+    pf.start("on", eng, None, [7], prefix=True, receiver=large, sender=small)
+    pf.start("on", eng, None, [8], prefix=True, receiver=("http://small:2", 1), sender=large)
+    assert pf.snapshot()["server_full"] == 1
+    eng.release.set()
+    assert until(lambda: pf.snapshot()["sent"] == 4)
+    on_small[2].offer([4])  # room again: the dropped one's next offer goes out
+    assert until(lambda: pf.snapshot()["sent"] == 5)
+    assert sorted(map(tuple, eng.sent)) == [(1,), (2,), (3, 4), (7,), (8,)]
+    assert pf.snapshot() == {"sent": 5, "server_full": 1}
+    with pytest.raises(ConfigError, match="in flight per server must be a positive integer"):
+        Prefetching(per_server=0)
+
+
 # ---------------------------------------------------------------- auto's decision and the workers
 def test_auto_declines_where_other_turns_run_on_the_receiver_and_on_speculative_servers():
     pf = Prefetching(PrefetchRule(every=1, max_load=1, max_load_speculative=0), speculative=["http://spec:1"])
@@ -188,6 +267,100 @@ def test_the_spacing_per_mode_and_the_preset_data():
     for bad in ("sometimes", True, False):
         with pytest.raises(ConfigError, match="prefetch must be one of auto, on, off"):
             RunSettings(prefetch=bad)
+
+
+# ---------------------------------------------------------------- other clients' load (SGLang's /v1/loads)
+def loads_asked(host) -> int:
+    return sum(1 for method, path in host.calls if (method, path) == ("GET", "/v1/loads"))
+
+
+def test_auto_counts_other_clients_requests_as_the_server_reports_them(fake):
+    from relaygen_sgl.client.http import ClientConfig, EngineClient
+
+    host = fake.add_host(SMALL, [])
+    host.loads = [{"num_running_reqs": 2, "num_waiting_reqs": 1}]  # another client's three requests
+    pf = Prefetching(PrefetchRule(every=1, max_load=2), load_ttl_s=0.0)  # ttl 0: read again at each offer
+    small, large = (SMALL, None), ("http://large.test:1", None)
+    with EngineClient(SMALL, ClientConfig(retries=0, backoff_s=0.0), fake.transport) as engine:
+        pf.start("on", engine, None, [1], prefix=False, receiver=small, sender=large)
+        assert loads_asked(host) == 0  # on does not ask: it sends whatever the load
+        pf.start("auto", engine, None, [1], prefix=False, receiver=small, sender=large)
+        # no reading yet: this process's count alone (none), and a reading asked for meanwhile
+        assert pf.allows(small, large)
+        assert until(lambda: pf.allows(small, large) is False)  # 3 others > 2
+        assert loads_asked(host) >= 1
+        # what the server reports of this process's own turns is not counted twice
+        host.loads = [{"num_running_reqs": 2, "num_waiting_reqs": 0}]
+        with pf.load.turn(small), pf.load.turn(small):
+            assert until(lambda: pf.reported.others(small) == 0)
+            assert pf.load_on(small) == 2 and pf.allows(small, large)
+        # one DP rank's requests do not count on another rank
+        host.loads = [{"num_running_reqs": 0, "num_waiting_reqs": 0}, {"num_running_reqs": 5, "num_waiting_reqs": 0}]
+        assert until(lambda: pf.reported.others((SMALL, 1)) == 5)
+        assert pf.allows((SMALL, 0), large) and not pf.allows((SMALL, 1), large)
+        assert pf.reported.others(small) == 5  # unpinned: every rank's
+    assert pf.snapshot()["declined"] >= 2
+
+
+def test_a_server_without_the_load_endpoint_is_asked_once_and_counts_this_process_only(fake):
+    from relaygen_sgl.client.http import ClientConfig, EngineClient
+
+    host = fake.add_host(SMALL, [])  # loads None: 404, as SGLang's router answers
+    pf = Prefetching(PrefetchRule(every=1, max_load=0), load_ttl_s=0.0)
+    small, large = (SMALL, None), ("http://large.test:1", None)
+    with EngineClient(SMALL, ClientConfig(retries=0, backoff_s=0.0), fake.transport) as engine:
+        pf.start("auto", engine, None, [1], prefix=True, receiver=small, sender=large)  # asks at once
+        assert until(lambda: SMALL in pf.reported.unreported)
+        for _ in range(5):
+            assert pf.allows(small, large)
+        with pf.load.turn(small):
+            assert not pf.allows(small, large)  # the fallback: this process's turns
+    assert loads_asked(host) == 1
+
+
+class LoadsEngine:
+    """A server's /v1/loads as a stub: each GET waits for `release`, then answers `reply` (or
+    raises it)."""
+
+    url = "http://small.test:2"
+
+    def __init__(self, reply) -> None:
+        self.reply, self.asked, self.release = reply, 0, threading.Event()
+
+    def get_json(self, path):
+        assert path == LOADS_PATH
+        self.asked += 1
+        self.release.wait(5)
+        if isinstance(self.reply, Exception):
+            raise self.reply
+        return self.reply
+
+
+def test_the_reported_load_is_read_in_the_background_at_most_once_a_ttl():
+    now = [100.0]
+    engine = LoadsEngine({"loads": [{"dp_rank": 0, "num_running_reqs": 4, "num_waiting_reqs": 0}]})
+    reported = ReportedLoad(lambda server: 1, ttl_s=1.0, clock=lambda: now[0])  # this process: 1 there
+    reported.watch(engine)
+    server = (engine.url, None)
+    t0 = time.monotonic()
+    assert [reported.others(server) for _ in range(50)] == [0] * 50  # the offer never waits for the read
+    assert time.monotonic() - t0 < 0.5 and until(lambda: engine.asked == 1)
+    engine.release.set()
+    assert until(lambda: reported.others(server) == 3)
+    now[0] += 0.9
+    assert reported.others(server) == 3 and engine.asked == 1  # within the TTL: not asked again
+    now[0] += 0.2
+    engine.reply = EngineUnreachable("gone", url=engine.url)
+    reported.others(server)
+    assert until(lambda: engine.asked == 2)
+    assert until(lambda: reported.others(server) == 0)  # no answer: no reading, and asked again later
+    assert engine.url not in reported.unreported
+    now[0] += 1.1
+    engine.reply = {"version": "something else"}  # not SGLang's format: not asked again
+    reported.others(server)
+    assert until(lambda: engine.url in reported.unreported) and engine.asked == 3
+    now[0] += 5
+    assert reported.others(server) == 0 and engine.asked == 3
 
 
 def test_a_prefetch_finds_a_free_worker_or_is_dropped_and_counted_never_queued():
