@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import orjson
 import pytest
 from doubles import LARGE, SMALL
@@ -161,3 +163,32 @@ def test_a_results_file_of_something_else_is_refused_untouched(tmp_path):
     with pytest.raises(ConfigError, match="not a file of run records"):
         run_batch([Prompt("a", "q", 1)], out, lambda p: {}, progress=False)
     assert out.read_bytes() == b"keep me\n"
+
+
+def test_a_batch_holds_its_output_and_ties_it_to_the_settings_it_was_written_with(tmp_path):
+    from relaygen_sgl.core.errors import RelayGenError
+    from relaygen_sgl.jobs.output import read_settings
+
+    out = tmp_path / "out.jsonl"
+    prompts = [Prompt("a", "q", 1), Prompt("b", "q", 2)]
+    second: list[str] = []
+
+    def run_one(p: Prompt) -> dict:
+        if not second:  # another batch on the same output, while this one writes it
+            try:
+                run_batch(prompts, out, lambda p: {"text": "theirs"}, progress=False)
+                second.append("ran")
+            except RelayGenError as e:
+                second.append(str(e))
+        return {"text": f"ours {p.id}"}
+
+    header = {"program": "relay", "max_tokens": 8}
+    assert run_batch(prompts, out, run_one, concurrency=1, progress=False, header=header).ok == 2
+    assert second[0].startswith(f"another relaygen batch is writing {out} (pid {os.getpid()}, ")
+    assert [r["text"] for r in records(out)] == ["ours a", "ours b"]
+    assert read_settings(out) == header and not (tmp_path / "out.jsonl.lock").exists()
+    with pytest.raises(ConfigError, match=r"max_tokens=8; this run has max_tokens=9 \(use --fresh to start over\)$"):
+        run_batch(prompts, out, run_one, progress=False, header={**header, "max_tokens": 9})
+    again = run_batch(prompts, out, run_one, progress=False, header={**header, "max_tokens": 9}, fresh=True)
+    assert (again.ok, again.skipped_done) == (2, 0) and read_settings(out)["max_tokens"] == 9
+    assert len(records(out)) == 2

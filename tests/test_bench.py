@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from types import SimpleNamespace
 
 import orjson
@@ -383,3 +384,32 @@ def test_the_replay_takes_each_questions_relay_with_the_most_switches_that_gives
     assert replay_choice([(Q, once), (Q, often), (Q, once)]) == {Q: often}
     # a question whose every relay gives no handoff is left out, not replayed for nothing
     assert replay_choice([(Q, once), ("other", once)]) == {}
+
+
+def test_a_second_bench_on_the_same_folder_is_refused_and_the_report_is_replaced_whole(fake, tmp_path, monkeypatch):
+    """A bench holds its folder for the whole run: a second one (here started while the first
+    measures) is refused before it asks a server anything; the report files are replaced
+    atomically, no temporary or lock left behind."""
+    from relaygen_sgl.core.errors import RelayGenError
+
+    monkeypatch.setattr("relaygen_sgl.bench.replay.FORMATS", ("tokens",))
+    monkeypatch.setattr("relaygen_sgl.bench.runner.load_problems", lambda name: [SimpleNamespace(question=Q)] * 20)
+    relay = bench_relay(fake, prefetch="off")
+    cfg = dataclasses.replace(BenchConfig.quick("cpu-tiny"), questions=1, reps=1, max_tokens=60, load_levels=(1,),
+                              load_max_tokens=20, handoff_questions=1, floor_trials=1, load_prefetch=("off",))
+    (tmp_path / "bench.md").write_text("an older report\n")
+    refused: list[str] = []
+    run = relay.run
+
+    def run_and_start_another(q, settings):
+        if not refused:
+            with pytest.raises(RelayGenError) as info:
+                run_bench(cfg, SimpleNamespace(), tmp_path, log=lambda m: None)  # no server to ask
+            refused.append(str(info.value))
+        return run(q, settings=settings)
+
+    relay.run = run_and_start_another  # type: ignore[method-assign]
+    result = run_bench(cfg, relay, tmp_path, log=lambda m: None)
+    assert refused and refused[0].startswith(f"another relaygen bench is writing {tmp_path} (pid {os.getpid()}, ")
+    assert (tmp_path / "bench.md").read_text() == markdown(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]

@@ -29,7 +29,7 @@ from relaygen_sgl.client.http import ClientConfig, EngineClient
 from relaygen_sgl.client.tokenizer import Tokenizer
 from relaygen_sgl.core.cues import load_profile
 from relaygen_sgl.core.datasets import Problem
-from relaygen_sgl.core.errors import CalibrationError
+from relaygen_sgl.core.errors import CalibrationError, ConfigError
 
 EASY, HARD = 0.9, 0.2
 TEXT_A = "First we add 2 and 3 to get 5. Therefore the answer is 42. Then we multiply by 4! Is it right? Yes."
@@ -389,11 +389,32 @@ def test_a_whole_calibration_run_writes_the_profile_and_resumes(fake, tok, tmp_p
     run_calibration(relay, PROBLEMS, more, paths, candidates=CUES, progress=False)
     assert len(double.scoring) == 1 + 4 + 1 + 1 + 2 + 1 + 1
     assert double.scoring[-1]["input_ids"][len(p_ids):] == rec["completion_ids"]
-    # other settings never mix with the cache
+    # other settings never mix with the cache: refused in one line naming them; --fresh starts over
     other = CalibrationSettings(data="test", samples=2, max_tokens=400)
-    with pytest.raises(CalibrationError, match="other settings"):
+    before = paths.trajectories.read_bytes()
+    with pytest.raises(ConfigError) as refused:
         run_calibration(relay, PROBLEMS, other, paths, candidates=CUES, progress=False)
+    assert str(refused.value) == (f"{paths.trajectories} was written with max_tokens=500; this run has "
+                                  "max_tokens=400 (use --fresh to start over)")
+    assert paths.trajectories.read_bytes() == before
+    scored = len(double.scoring)
+    rep4 = run_calibration(relay, PROBLEMS, other, paths, candidates=CUES, progress=False, fresh=True)
+    assert rep4.profile.provenance["max_tokens"] == 400 and rep4.trajectories == 4
+    assert len(double.scoring) == scored + 1 + 4  # nothing cached was used
+    assert {orjson.loads(x)["config"]["max_tokens"] for x in paths.trajectories.read_bytes().splitlines()} == {400}
+    assert not any(p.name.endswith((".lock", ".tmp")) or p.name.startswith(".") for p in paths.out.parent.iterdir())
     relay.close()
+
+
+def test_a_second_calibration_on_the_same_cache_is_refused(tmp_path):
+    from relaygen_sgl.core.errors import RelayGenError
+    from relaygen_sgl.jobs.output import claim_output
+
+    paths = CalibrationPaths.for_output(tmp_path / "pair.json")
+    with claim_output(None, paths.margins, job="calibrate"):
+        with pytest.raises(RelayGenError, match=r"another relaygen calibrate is writing .*pair\.margins\.jsonl"):
+            run_calibration(object(), PROBLEMS, CalibrationSettings(data="test"), paths, candidates=CUES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no lock left
 
 
 def test_a_small_server_without_logprobs_stops_before_generation(fake, tok, tmp_path):

@@ -139,3 +139,26 @@ def test_record_writer_refuses_writes_after_close(tmp_path):
 def test_record_writer_that_cannot_open_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot write"):
         records.RecordWriter(tmp_path)  # a directory
+
+
+def test_a_rewrite_takes_a_unique_temporary_name_and_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    import stat
+
+    p = write_lines(tmp_path / "runs.jsonl", [{"id": "old"}])
+    (tmp_path / "runs.jsonl.tmp").mkdir()  # the name a fixed temporary would take, in use
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(
+        "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file") or real_fsync(fd))
+    records.rewrite(p, [{"id": "a"}])
+    assert records.read_records(p) == [{"id": "a"}]
+    assert synced == ["file", "dir"]  # the data before the rename, the rename itself after it
+
+    def power_cut(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", power_cut)
+    with pytest.raises(OSError):
+        records.rewrite(p, [{"id": "b"}])
+    assert records.read_records(p) == [{"id": "a"}]
+    assert sorted(os.listdir(tmp_path)) == ["runs.jsonl", "runs.jsonl.tmp"]  # no temporary of ours left

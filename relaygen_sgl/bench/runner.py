@@ -23,6 +23,7 @@ from relaygen_sgl.api import Relay
 from relaygen_sgl.bench import machine
 from relaygen_sgl.bench.replay import FLOOR_TRIALS, FORMATS, handoffs_only, idle_floor, replay
 from relaygen_sgl.client.http import EngineClient
+from relaygen_sgl.core import files
 from relaygen_sgl.core.config import METHODS
 from relaygen_sgl.core.datasets import load_problems
 from relaygen_sgl.core.errors import ConfigError
@@ -403,6 +404,13 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
 
 
 def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every part, then the report in `out_dir`, held for the whole run (OUT/bench.lock): a
+    second bench on it is refused before it measures anything (two would skew each other)."""
+    with files.held(out_dir / "bench.lock", out_dir, "bench"):
+        return _run_bench(cfg, relay, out_dir, log)
+
+
+def _run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     problems = load_problems(cfg.dataset)[: cfg.questions]
     questions = [p.question for p in problems]
     t0 = time.perf_counter()
@@ -444,9 +452,11 @@ def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str]
 
 
 def write_report(result: dict[str, Any], out_dir: Path) -> None:
+    """bench.json, bench.md and bench.png, each replaced atomically (files.replacing)."""
     from relaygen_sgl.bench.report import markdown, plot
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (out_dir / "bench.md").write_text(markdown(result))
-    plot(result, out_dir / "bench.png")
+    files.write_atomic(out_dir / "bench.json", orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    files.write_atomic(out_dir / "bench.md", markdown(result).encode())
+    with files.replacing(out_dir / "bench.png") as tmp:
+        plot(result, tmp)

@@ -7,7 +7,7 @@ A trajectory record holds the prompt and every completion token with `segments` 
 which roles wrote them; a margin record holds one margin per completion token and the
 digest of the trajectory it scored, so margins whose trajectory changed are scored again.
 Each record carries the settings that made it (`config`); a cache made with other settings
-is refused.
+is refused in one line naming them (jobs.output.refuse_other_settings; `--fresh` starts over).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import orjson
 
 from relaygen_sgl.calibration.cue_stats import ScoredTrajectory
 from relaygen_sgl.core.config import ROLES
-from relaygen_sgl.core.errors import CalibrationError
 from relaygen_sgl.core.records import Record, drop_ids, latest_by_id
+from relaygen_sgl.jobs.output import refuse_other_settings
 
 
 def ok_records(path: Path) -> dict[str, Record]:
@@ -37,14 +37,11 @@ def error_messages(path: Path) -> dict[str, str]:
 
 
 def check_cache_config(path: Path, key: str, expected: dict[str, Any]) -> None:
-    """A cache made with other settings is refused, not silently mixed in."""
+    """A cache made with other settings is refused (ConfigError, one line naming each setting
+    that differs), not silently mixed in."""
     for rec in ok_records(path).values():
         got = rec.get(key)
-        if got != expected:
-            diff = ", ".join(f"{k} {(got or {}).get(k)!r} there vs {v!r} now" for k, v in expected.items()
-                             if (got or {}).get(k) != v)
-            raise CalibrationError(f"the cache {path} was made with other settings ({diff}); "
-                                   "pass another --cache or remove it")
+        refuse_other_settings(path, got if isinstance(got, dict) else {}, expected)
 
 
 # ---------------------------------------------------------------- trajectories

@@ -19,12 +19,15 @@ Everything slow is cached next to the output and resumable (`calibration_cache`)
 trajectories (`<out stem>.trajectories.jsonl`, or `--cache PATH`) and the margins
 (`<trajectories stem>.margins.jsonl`), one JSON line per trajectory, written as each
 finishes (`batch.run_batch`: ids already done are skipped on a rerun, error records retried).
+A run holds both caches (jobs.output.claim_output: a second calibration on them is refused);
+a cache made with other settings is refused in one line, and `fresh` empties both first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +58,7 @@ from relaygen_sgl.core import files
 from relaygen_sgl.core.config import ROLES, data_path
 from relaygen_sgl.core.cues import MAX_STOP_REGEXES, CueProfile
 from relaygen_sgl.core.errors import CalibrationError, ConfigError
+from relaygen_sgl.jobs.output import Claim, claim_output
 
 DEFAULT_SAMPLES = 4
 PROBE_TOKENS = 48  # the logprob probe scores the first tokens of the first prompt
@@ -124,30 +128,47 @@ class CalibrationReport:
 # ---------------------------------------------------------------- the run
 def run_calibration(relay: Any, problems: Sequence[Any], settings: CalibrationSettings, paths: CalibrationPaths,
                     *, candidates: Sequence[str] | None = None, progress: bool = True,
-                    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> CalibrationReport:
+                    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                    fresh: bool = False) -> CalibrationReport:
     """Generate (cached), score (cached), compute the statistics, write the profile and figures.
-    `relay` is an open api.Relay (its constructor already checked both servers' vocabularies)."""
+    `relay` is an open api.Relay (its constructor already checked both servers' vocabularies).
+    `fresh`: both caches are emptied first, so nothing cached is used."""
     if not problems:
         raise CalibrationError(f"data set {settings.data} holds no problems")
     candidates = tuple(candidates or load_candidates())
-    setup = _prepare(relay, problems[0], settings, paths)
-    meta, trajectories, failed = _generate(relay, problems, settings, paths, setup.gen_config, progress, log)
-    scored, score_failed = _score(relay.engines["small"], meta, trajectories, settings, paths, setup.score_config,
-                                  progress, log)
-    failed.update(score_failed)
-    if not scored:
-        first = next(iter(failed.values()), "nothing was generated")
-        raise CalibrationError(f"no trajectory could be generated and scored ({len(failed)} failed; first: {first})")
-    # 3-4. statistics and selection
-    stats = cue_statistics(scored, candidates, relay.tokenizer.decode)
-    chosen = _choose(stats, settings, len(scored))
-    profile = _build_profile(relay, setup, settings, paths, chosen, stats, scored,
-                             problems=len(problems), candidates=len(candidates), failed=len(failed))
-    # 5. the profile, written whole; 6. figures
-    _write_profile(profile, paths.out)
-    _write_figures(profile, stats, scored, paths, settings.data)
+    with _claim_caches(paths, fresh) as caches:
+        setup = _prepare(relay, problems[0], settings, paths)
+        meta, trajectories, failed = _generate(relay, problems, settings, paths, caches[0], setup.gen_config,
+                                               progress, log)
+        scored, score_failed = _score(relay.engines["small"], meta, trajectories, settings, paths, caches[1],
+                                      setup.score_config, progress, log)
+        failed.update(score_failed)
+        if not scored:
+            first = next(iter(failed.values()), "nothing was generated")
+            raise CalibrationError(f"no trajectory could be generated and scored ({len(failed)} failed; "
+                                   f"first: {first})")
+        # 3-4. statistics and selection
+        stats = cue_statistics(scored, candidates, relay.tokenizer.decode)
+        chosen = _choose(stats, settings, len(scored))
+        profile = _build_profile(relay, setup, settings, paths, chosen, stats, scored,
+                                 problems=len(problems), candidates=len(candidates), failed=len(failed))
+        # 5. the profile, written whole; 6. figures
+        _write_profile(profile, paths.out)
+        _write_figures(profile, stats, scored, paths, settings.data)
     return CalibrationReport(profile, stats, paths, len(scored), failed,
                              figures=[str(paths.delta_png), str(paths.trace_png)])
+
+
+@contextlib.contextmanager
+def _claim_caches(paths: CalibrationPaths, fresh: bool) -> Iterator[tuple[Claim, Claim]]:
+    """Both caches held for the run (the margins are rewritten before they are appended to);
+    with `fresh`, emptied."""
+    with claim_output(None, paths.trajectories, job="calibrate") as trajectories, \
+            claim_output(None, paths.margins, job="calibrate") as margins:
+        if fresh:
+            trajectories.start(fresh=True)
+            margins.start(fresh=True)
+        yield trajectories, margins
 
 
 @dataclass(frozen=True)
@@ -181,7 +202,7 @@ def _prepare(relay: Any, first: Any, settings: CalibrationSettings, paths: Calib
 
 
 def _generate(relay: Any, problems: Sequence[Any], settings: CalibrationSettings, paths: CalibrationPaths,
-              gen_config: dict[str, Any], progress: bool, log: Callable[[str], None],
+              cache: Claim, gen_config: dict[str, Any], progress: bool, log: Callable[[str], None],
               ) -> tuple[dict[str, tuple[Any, int]], dict[str, dict[str, Any]], dict[str, str]]:
     """Step 1: `samples` trajectories per problem by the large model, cached. Returns the
     sample ids ("<problem id>#<j>" -> (problem, j)), this run's trajectory records by id, and
@@ -204,8 +225,7 @@ def _generate(relay: Any, problems: Sequence[Any], settings: CalibrationSettings
 
     log(f"calibrate: {len(prompts)} trajectories ({len(problems)} problems x {settings.samples} samples) "
         f"-> {paths.trajectories}")
-    if run_batch(prompts, paths.trajectories, generate_one, concurrency=settings.concurrency,
-                 progress=progress).interrupted:
+    if run_batch(prompts, cache, generate_one, concurrency=settings.concurrency, progress=progress).interrupted:
         raise KeyboardInterrupt
     trajectories = {k: v for k, v in ok_records(paths.trajectories).items() if k in meta}
     failed = {k: f"generation: {v}" for k, v in error_messages(paths.trajectories).items() if k in meta}
@@ -213,8 +233,8 @@ def _generate(relay: Any, problems: Sequence[Any], settings: CalibrationSettings
 
 
 def _score(small: Any, meta: dict[str, tuple[Any, int]], trajectories: dict[str, dict[str, Any]],
-           settings: CalibrationSettings, paths: CalibrationPaths, score_config: dict[str, Any], progress: bool,
-           log: Callable[[str], None]) -> tuple[list[ScoredTrajectory], dict[str, str]]:
+           settings: CalibrationSettings, paths: CalibrationPaths, cache: Claim, score_config: dict[str, Any],
+           progress: bool, log: Callable[[str], None]) -> tuple[list[ScoredTrajectory], dict[str, str]]:
     """Step 2: the small model's margins over each trajectory, teacher-forced, cached. A margin
     record whose trajectory changed since (its digest differs) is dropped and scored again.
     Returns the trajectories paired with their margins, and why each failed one failed."""
@@ -232,7 +252,7 @@ def _score(small: Any, meta: dict[str, tuple[Any, int]], trajectories: dict[str,
                              score_config)
 
     log(f"calibrate: scoring {len(to_score)} trajectories with the small model -> {paths.margins}")
-    if run_batch(to_score, paths.margins, score_one, concurrency=settings.concurrency, progress=progress).interrupted:
+    if run_batch(to_score, cache, score_one, concurrency=settings.concurrency, progress=progress).interrupted:
         raise KeyboardInterrupt
     failed = {k: f"scoring: {v}" for k, v in error_messages(paths.margins).items() if k in trajectories}
     scored, mismatched = pair_scored(meta, trajectories, ok_records(paths.margins), digests)
@@ -281,11 +301,9 @@ def _build_profile(relay: Any, setup: _Setup, settings: CalibrationSettings, pat
 
 
 def _write_profile(profile: CueProfile, path: Path) -> None:
-    """One JSON document (not JSONL), replaced atomically."""
-    tmp = path.with_name(path.name + ".tmp")
+    """One JSON document (not JSONL), replaced atomically (files.write_atomic)."""
     try:
-        tmp.write_bytes(orjson.dumps(profile.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
-        tmp.replace(path)
+        files.write_atomic(path, orjson.dumps(profile.to_dict(), option=orjson.OPT_INDENT_2) + b"\n")
     except OSError as e:
         raise CalibrationError(f"cannot write the profile {path}: {e.strerror or e}") from e
 
@@ -296,9 +314,10 @@ def _write_figures(profile: CueProfile, stats: CalibrationStats, scored: Sequenc
     selected cues' regions."""
     from relaygen_sgl.calibration.plots import plot_deltas, plot_trace
 
-    plot_deltas(stats, paths.delta_png, title=f"{profile.name}: {len(scored)} trajectories, {data}")
+    with files.replacing(paths.delta_png) as tmp:
+        plot_deltas(stats, tmp, title=f"{profile.name}: {len(scored)} trajectories, {data}")
     best = max(scored, key=lambda t: sum(b - a for c, sp in stats.regions.get(t.id, {}).items()
                                           if stats.cues[c].selected for a, b in sp))
     sel_regions = {c: sp for c, sp in stats.regions.get(best.id, {}).items() if stats.cues[c].selected}
-    plot_trace(best.margins, sel_regions, paths.trace_png, title=f"{best.id}: small-model margin",
-               scored=best.scored)
+    with files.replacing(paths.trace_png) as tmp:
+        plot_trace(best.margins, sel_regions, tmp, title=f"{best.id}: small-model margin", scored=best.scored)

@@ -37,6 +37,14 @@ def _preset_name(r) -> str:  # type: ignore[no-untyped-def]
     return r.preset.name if r.preset is not None else f"custom ({r.family.name}, profile {r.profile.name})"
 
 
+def _source(r) -> dict[str, str | None]:  # type: ignore[no-untyped-def]
+    """The preset and the cue profile a run's records come from: part of the settings its output
+    is tied to (jobs/output.py). A stand-in for a Relay without them names neither."""
+    preset, profile = getattr(r, "preset", None), getattr(r, "profile", None)
+    return {"preset": preset.name if preset is not None else None,
+            "profile": profile.name if profile is not None else None}
+
+
 # the run settings' flags (cli/main.py _add_server_args) and the RunSettings fields they set
 _SETTING_FLAGS = {"max_tokens": "max_tokens", "temperature": "temperature", "seed": "seed",
                   "answer_role": "answer_role", "cue_match": "cue_match", "prefetch": "prefetch",
@@ -201,7 +209,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     from relaygen_sgl.core.config import METHODS
     from relaygen_sgl.jobs.batch import read_prompts, run_batch
-    from relaygen_sgl.jobs.output import check_output, claim_output
+    from relaygen_sgl.jobs.output import check_output, claim_output, settings_header
     from relaygen_sgl.loader import load_program
 
     report = read_prompts(Path(args.prompts))
@@ -210,7 +218,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         sys.stderr.write(f"relaygen: {problem}\n")
     func = load_program(args.program)  # a bad name or path fails here, once, not per prompt
     settings = run_settings(args, **({"method": args.program} if args.program in METHODS else {}))
-    with claim_output(Path(args.prompts), Path(args.out)), open_relay(args) as r:
+    program = args.program if args.program in METHODS else str(Path(args.program).resolve())
+    with claim_output(Path(args.prompts), Path(args.out)) as out, open_relay(args) as r:
+        header = settings_header(settings, job="batch", program=program, **_source(r))
         if args.program in METHODS:
             def run_one(p):  # type: ignore[no-untyped-def]
                 return r.run(p.question, settings=settings).to_dict(token_ids=args.ids)
@@ -218,8 +228,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
             def run_one(p):  # type: ignore[no-untyped-def]
                 return r.run_program(func, {"question": p.question, **p.extra}, settings)
 
-        summary = run_batch(report.prompts, Path(args.out), run_one, concurrency=args.concurrency,
-                            progress=not args.no_progress, input_problems=report.problems)
+        summary = run_batch(report.prompts, out, run_one, concurrency=args.concurrency,
+                            progress=not args.no_progress, input_problems=report.problems, header=header,
+                            fresh=args.fresh)
     line = (f"{summary.ok} ok, {summary.errors} error(s), {summary.skipped_done} already done, "
             f"{summary.completion_tokens} tokens in {summary.elapsed_s:.1f}s -> {args.out}")
     if summary.interrupted:
@@ -236,7 +247,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from relaygen_sgl.bench import machine
     from relaygen_sgl.core.datasets import load_problems
-    from relaygen_sgl.jobs.evaluate import build_prompts, protocol_header, published_for, report, run_method
+    from relaygen_sgl.jobs.evaluate import (
+        build_prompts,
+        claim_folder,
+        method_path,
+        protocol_header,
+        published_for,
+        report,
+        run_method,
+    )
+    from relaygen_sgl.jobs.output import check_settings, settings_header
 
     settings = run_settings(args)
     problems = load_problems(args.dataset)
@@ -259,7 +279,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods = args.method or ["relay"]
     if args.label and len(methods) != 1:
         raise ConfigError("--label names one method's runs: give exactly one --method with it")
-    with open_relay(args) as r:
+    with claim_folder(out), open_relay(args) as r:
+        headers = {m: settings_header(settings.but(method=m), job="eval", dataset=args.dataset, **_source(r))
+                   for m in methods}
+        if not args.fresh:  # every method's output, before any of them runs
+            for method in methods:
+                check_settings(method_path(out, method, args.label), headers[method])
         for method in methods:
             def run_one(p, method=method):  # type: ignore[no-untyped-def]
                 question = ([{"role": "user", "content": p.extra["user_message"]}] if "user_message" in p.extra
@@ -269,20 +294,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             print(f"{method}: {len(prompts)} samples ({len(problems)} problems x k={args.k})", file=sys.stderr)
             summary = run_method(method, prompts, out, run_one, concurrency, progress=not args.no_progress,
-                                 label=args.label)
+                                 label=args.label, header=headers[method], fresh=args.fresh)
             if summary.interrupted:
                 sys.stderr.write("relaygen: interrupted; rerun the same command to finish\n")
                 return 130
         preset = _preset_name(r)
         family = r.family.name
         published = published_for(r.preset.name if r.preset is not None else "", family, args.dataset)
-    header = {"dataset": args.dataset, "preset": preset, "k": args.k, "limit": args.limit,
-              "max_tokens": settings.max_tokens, "cue_match": settings.cue_match,
-              "machine": machine.short(), "machine_detail": machine.describe(),
-              **protocol_header(settings.protocol, k=args.k, max_tokens=settings.max_tokens,
-                                concurrency=concurrency, seeded=seeded), "seed": settings.seed,
-              "published": published}
-    result = report(out, header)
+        header = {"dataset": args.dataset, "preset": preset, "k": args.k, "limit": args.limit,
+                  "max_tokens": settings.max_tokens, "cue_match": settings.cue_match,
+                  "machine": machine.short(), "machine_detail": machine.describe(),
+                  **protocol_header(settings.protocol, k=args.k, max_tokens=settings.max_tokens,
+                                    concurrency=concurrency, seeded=seeded), "seed": settings.seed,
+                  "published": published}
+        result = report(out, header)  # DIR still held: no other eval changes what it reads
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'accuracy_vs_latency.png'}")
     return 0 if all(row["errors"] == 0 for row in result["methods"].values()) else 1
@@ -386,7 +411,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     with open_relay(args) as r:
         try:
             rep = run_calibration(r, problems, settings, paths, candidates=candidates,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, fresh=args.fresh)
         except KeyboardInterrupt:
             sys.stderr.write(f"relaygen: interrupted; the work done is cached in {paths.trajectories} and "
                              f"{paths.margins}; rerun the same command to go on\n")

@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("program", help="relay | single-large | single-small | self-consistency | multiple-choice "
                        "| path/to/program.py (an @sgl.function; each prompt line's fields fill its arguments)")
     batch.add_argument("prompts", help="JSONL with id and question per line")
-    batch.add_argument("-o", "--out", required=True, help="output JSONL (appended; reruns skip done ids)")
+    batch.add_argument("-o", "--out", required=True,
+                       help="output JSONL (appended; reruns with the same settings skip done ids)")
+    _add_fresh_arg(batch, "OUT's records")
     _add_server_args(batch)
     batch.add_argument("--concurrency", type=_positive_int, default=4)
     batch.add_argument("--no-progress", action="store_true")
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples per problem; unseeded, as the reference, unless --seed S (sample j: seed S+j)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="first N problems only")
     ev.add_argument("--out", required=True, help="output folder")
+    _add_fresh_arg(ev, "the records of each --method in --out")
     _add_server_args(ev, on_small_failure="fail")
     ev.add_argument("--concurrency", type=_positive_int, default=None,
                     help="samples run at once (default 4; 1 under --protocol reference, as the reference ran)")
@@ -239,10 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--cache", help="trajectory cache JSONL (default: <out stem>.trajectories.jsonl); "
                     "margins go to <cache stem>.margins.jsonl")
     ca.add_argument("--concurrency", type=_positive_int, default=4)
+    _add_fresh_arg(ca, "the trajectory and margin caches")
     ca.add_argument("--no-progress", action="store_true")
     _add_client_args(ca)
     ca.set_defaults(func=c.cmd_calibrate)
     return p
+
+
+def _add_fresh_arg(p: argparse.ArgumentParser, what: str) -> None:
+    from relaygen_sgl.jobs.output import FRESH
+
+    p.add_argument(FRESH, action="store_true",
+                   help=f"discard {what} and start over (without it a rerun resumes, and one with other "
+                        "settings is refused)")
 
 
 def _add_endpoint_args(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@ Run records (batch, eval, calibration caches), prompts, bundled data sets and th
 `show` reads are all JSON objects one per line. Reading is tolerant: a torn last line from
 a killed run, a line that is not JSON or not an object is skipped and reported through
 `warn` as "line N: why", never raised. Writing appends whole lines under a lock, flushed
-as produced, so a killed run leaves only whole lines behind.
+as produced, so a killed run leaves only whole lines behind; a rewrite replaces the file
+atomically and durably (files.write_atomic).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from relaygen_sgl.core import files
 from relaygen_sgl.core.errors import ConfigError
 
 Record = dict[str, Any]
@@ -81,11 +83,9 @@ def latest_by_id(path: Path | str, status: str | None = None) -> dict[str, Recor
 
 
 def rewrite(path: Path | str, records: Iterable[Record]) -> None:
-    """Replace a file's content atomically (a crash leaves the old or the new file)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_bytes(b"".join(dumps(r) for r in records))
-    tmp.replace(p)
+    """Replace a file's content atomically and durably (a crash or a power loss leaves the old
+    or the new file). OSError, or TypeError for a record JSON cannot hold, leaves it as it was."""
+    files.write_atomic(Path(path), (dumps(r) for r in records))
 
 
 def drop_ids(path: Path | str, ids: set[str]) -> None:
@@ -116,11 +116,13 @@ class RecordWriter:
             return True
 
     def close(self) -> None:
+        """Flush, fsync the file and its folder (the name of a file this writer created), close."""
         with self._lock:
             if not self._f.closed:
                 self._f.flush()
                 os.fsync(self._f.fileno())
                 self._f.close()
+                files.fsync_dir(self.path.parent)
 
     def __enter__(self) -> RecordWriter:
         return self

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from relaygen_sgl.core import files
 from relaygen_sgl.core.config import ROLES, Settings
 from relaygen_sgl.core.errors import StackError
 
@@ -63,11 +64,10 @@ def read_state(settings: Settings) -> dict[str, Any] | None:
 
 
 def write_state(settings: Settings, state: dict[str, Any]) -> None:
-    """Replace the state file at once (a reader sees the old state or the new, never half)."""
+    """Replace the state file at once and durably (a reader, or `down` after a power loss, sees
+    the old state or the new, never half or empty)."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = settings.state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(settings.state_file)
+    files.write_atomic(settings.state_file, json.dumps(state, indent=2).encode())
 
 
 def role_urls(state: dict[str, Any]) -> dict[str, str]:

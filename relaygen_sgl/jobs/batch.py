@@ -1,9 +1,11 @@
 """Batch runs: a program over a prompts file, results as JSONL written as each finishes.
 
-Resumable (ids already done are skipped; earlier error records are retried and
-replaced), one failing prompt becomes an error record, bad input lines are reported
-with their line number and skipped, and an interrupt leaves a valid file: every line
-is written whole under a lock and flushed at once. A result JSON cannot hold becomes an
+One writer per output: the run holds its output (jobs.output.claim_output) from the
+rewrite that drops old error records to the last record. Resumable with the same settings
+(ids already done are skipped; earlier error records are retried and replaced; other
+settings are refused, `fresh` starts over), one failing prompt becomes an error record,
+bad input lines are reported with their line number and skipped, and an interrupt leaves
+a valid file: every line is written whole under a lock and flushed at once. A result JSON cannot hold becomes an
 error record; a write that fails (disk full) stops the run with BatchWriteError, what was
 written before it kept. Every result that comes back is counted: ok + errors == attempted.
 """
@@ -20,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relaygen_sgl.core import records
+from relaygen_sgl.core import files, records
 from relaygen_sgl.core.errors import ConfigError, RelayAborted, RelayGenError
-from relaygen_sgl.jobs.output import check_records_file
+from relaygen_sgl.jobs.output import Claim, check_records_file, claim_output
 
 RESULT_KEYS = {"id", "status", "error", "method", "text", "reasoning", "answer", "segments", "stats",
                "prompt_ids", "degraded"}
@@ -104,7 +106,6 @@ class ResultWriter(records.RecordWriter):
             try:
                 records.rewrite(path, kept.values())
             except OSError as e:  # the old file is still whole: rewrite replaces it atomically
-                path.with_name(path.name + ".tmp").unlink(missing_ok=True)
                 raise RelayGenError(f"cannot rewrite {path}: {e.strerror or e}") from None
         super().__init__(path)
         self.failed: str | None = None
@@ -134,8 +135,8 @@ class ResultWriter(records.RecordWriter):
         return rec
 
     def close(self) -> None:
-        """Flush, fsync and close; a failure is kept in `failed`, never raised. A device or
-        a pipe (-o /dev/stdout) cannot fsync, and needs not."""
+        """Flush, fsync the file and its folder, and close; a failure is kept in `failed`, never
+        raised. A device or a pipe (-o /dev/stdout) cannot fsync, and needs not."""
         with self._lock:
             if self._f.closed:
                 return
@@ -143,6 +144,7 @@ class ResultWriter(records.RecordWriter):
                 self._f.flush()
                 if self.path.is_file():
                     os.fsync(self._f.fileno())
+                    files.fsync_dir(self.path.parent)
             except OSError as e:  # the buffer could not be flushed: the disk is still full
                 self.failed = self.failed or e.strerror or str(e)
             finally:
@@ -199,11 +201,22 @@ def _tokens(rec: dict[str, Any]) -> int:
         return 0
 
 
-def run_batch(prompts: list[Prompt], out: Path, run_one: RunOne, *, concurrency: int = 4,
-              progress: bool = True, input_problems: list[str] | None = None) -> BatchSummary:
+def run_batch(prompts: list[Prompt], out: Path | Claim, run_one: RunOne, *, concurrency: int = 4,
+              progress: bool = True, input_problems: list[str] | None = None,
+              header: dict[str, Any] | None = None, fresh: bool = False, job: str = "batch") -> BatchSummary:
+    """Run `run_one` over the prompts not done yet in `out`, each record written as it comes.
+    `out` is held for the run (claim_output, in `job`'s name) unless the caller holds it
+    already (a Claim). `header`: the settings the records depend on (output.settings_header),
+    an output written with others refused; `fresh`: its records discarded first."""
+    if not isinstance(out, Claim):
+        with claim_output(None, out, job=job) as claim:
+            return run_batch(prompts, claim, run_one, concurrency=concurrency, progress=progress,
+                             input_problems=input_problems, header=header, fresh=fresh)
     from tqdm import tqdm
 
-    writer = ResultWriter(out)
+    out.start(header, fresh)
+    path = out.path
+    writer = ResultWriter(path)
     todo = [p for p in prompts if p.id not in writer.done]
     summary = BatchSummary(total=len(prompts), skipped_done=len(prompts) - len(todo),
                            input_problems=list(input_problems or []))
@@ -229,7 +242,7 @@ def run_batch(prompts: list[Prompt], out: Path, run_one: RunOne, *, concurrency:
             try:
                 rec = writer.write_result(rec, p.extra)
             except OSError as e:
-                failed.append(f"cannot write {out}: {e.strerror or e}")
+                failed.append(f"cannot write {path}: {e.strerror or e}")
                 stop.set()
                 rec = {"id": p.id, "status": "error", "error": f"not written: {e.strerror or e}"}
             except Exception as e:  # never a thread traceback: counted, and rerun next time
@@ -268,7 +281,7 @@ def run_batch(prompts: list[Prompt], out: Path, run_one: RunOne, *, concurrency:
         summary.elapsed_s = time.perf_counter() - t0
         bar.close()
         writer.close()
-    summary.write_error = failed[0] if failed else (f"cannot write {out}: {writer.failed}" if writer.failed else None)
+    summary.write_error = failed[0] if failed else (f"cannot write {path}: {writer.failed}" if writer.failed else None)
     if summary.write_error:
         raise BatchWriteError(f"{summary.write_error}; stopped after {summary.ok} ok and {summary.errors} error(s) "
                               f"(what was written is kept; rerun the same command to finish)", summary)

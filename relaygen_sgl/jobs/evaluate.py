@@ -1,12 +1,15 @@
 """`relaygen eval`: run methods over a benchmark with k samples, grade, and report.
 
-Each method's runs go to DIR/<method>.jsonl through the batch runner (resumable), the
-grades to DIR/graded-<method>.jsonl, and the report covers every method found in DIR,
-so running relay and single-large one after the other yields the speedup.
+Each method's runs go to DIR/<method>.jsonl through the batch runner (resumable with the
+same settings, jobs.output), the grades to DIR/graded-<method>.jsonl, and the report covers
+every method found in DIR, so running relay and single-large one after the other yields the
+speedup. One eval at a time writes DIR (`claim_folder`: DIR/eval.lock); every file is
+replaced atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,11 +18,13 @@ from typing import Any
 
 import orjson
 
+from relaygen_sgl.core import files
 from relaygen_sgl.core.config import METHODS, data_path
 from relaygen_sgl.core.datasets import Problem
 from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.core.records import read_records, rewrite
 from relaygen_sgl.core.reference import DEFAULT_PROTOCOL, REFERENCE, gpqa_prompt, math_prompt, reference_protocol
+from relaygen_sgl.jobs import output
 from relaygen_sgl.jobs.batch import BatchSummary, Prompt, run_batch
 
 
@@ -84,17 +89,29 @@ def published_for(preset: str, family: str | None, dataset: str) -> dict[str, An
             "accelerator": data["accelerator"], "protocol": data["protocol"]}
 
 
+def claim_folder(out_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold DIR for one eval (a context manager): a second eval on it is refused at once."""
+    return output.claim_folder(out_dir, "eval")
+
+
+def method_path(out_dir: Path, method: str, label: str | None = None) -> Path:
+    """DIR/<label>.jsonl: the label defaults to the method; other labels keep runs of the same
+    method on other servers apart, e.g. "relay+eagle3"."""
+    return out_dir / f"{label or method}.jsonl"
+
+
 def run_method(method: str, prompts: list[Prompt], out_dir: Path, run_one: Callable[[Prompt], dict[str, Any]],
-               concurrency: int, progress: bool = True, label: str | None = None) -> BatchSummary:
-    """One method's samples into DIR/<label>.jsonl (the label defaults to the method; other
-    labels keep runs of the same method on other servers apart, e.g. "relay+eagle3")."""
-    return run_batch(prompts, out_dir / f"{label or method}.jsonl", run_one, concurrency=concurrency,
-                     progress=progress)
+               concurrency: int, progress: bool = True, label: str | None = None,
+               header: dict[str, Any] | None = None, fresh: bool = False) -> BatchSummary:
+    """One method's samples into method_path(); `header` and `fresh` as batch.run_batch's."""
+    return run_batch(prompts, method_path(out_dir, method, label), run_one, concurrency=concurrency,
+                     progress=progress, header=header, fresh=fresh, job="eval")
 
 
 def run_labels(out_dir: Path) -> list[str]:
-    """The runs found in DIR: the three methods first, then other labels by name."""
-    found = {p.stem for p in out_dir.glob("*.jsonl") if not p.stem.startswith("graded-")}
+    """The runs found in DIR: the three methods first, then other labels by name (a hidden
+    file, such as a temporary one, is none)."""
+    found = {p.stem for p in out_dir.glob("*.jsonl") if not p.name.startswith((".", "graded-"))}
     return [m for m in METHODS if m in found] + sorted(found - set(METHODS))
 
 
@@ -162,8 +179,8 @@ def report(out_dir: Path, header: dict[str, Any], workers: int = 2, include_degr
             row["published_speedup"] = speed.get("speedup")
             row["published_large_share"] = speed.get("large_share")
     result = {**header, "methods": rows}
-    (out_dir / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (out_dir / "report.md").write_text(_markdown(result))
+    files.write_atomic(out_dir / "report.json", orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    files.write_atomic(out_dir / "report.md", _markdown(result).encode())
     _plot(rows, out_dir / "accuracy_vs_latency.png", header.get("dataset", ""))
     return result
 
@@ -243,5 +260,6 @@ def _plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title(f"accuracy vs latency: {title}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with files.replacing(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
