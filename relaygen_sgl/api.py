@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -19,9 +20,16 @@ from typing import Any
 
 from relaygen_sgl.client.http import ClientConfig, EngineClient
 from relaygen_sgl.client.tokenizer import check_same_vocabulary, load_tokenizer
-from relaygen_sgl.core.config import ROLES, load_family, load_preset, load_settings
+from relaygen_sgl.core.config import ROLES, load_family, load_preset, load_settings, sglang_api_key
 from relaygen_sgl.core.cues import CueProfile, load_profile
-from relaygen_sgl.core.errors import ConfigError, EngineFailed, EngineUnreachable, RelayAborted, RelayGenError
+from relaygen_sgl.core.errors import (
+    ConfigError,
+    DoesNotFit,
+    EngineFailed,
+    EngineUnreachable,
+    RelayAborted,
+    RelayGenError,
+)
 from relaygen_sgl.core.result import RelayResult
 from relaygen_sgl.core.run_settings import DEFAULT_BUDGET, DEFAULT_PREFETCH, RunSettings
 from relaygen_sgl.core.state import read_state, role_urls
@@ -126,6 +134,7 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
         profile = load_profile(profile)  # a bad profile is refused before any server is asked
     name = preset if preset is not None or (large and small) else default_preset()
     urls = resolve_urls(name, large, small)
+    client = client if client.api_key is not None else dataclasses.replace(client, api_key=sglang_api_key())
     engines = {"large": EngineClient(urls["large"], client, transport)}
     engines["small"] = engines["large"] if urls["small"] == urls["large"] else EngineClient(urls["small"], client,
                                                                                              transport)
@@ -259,6 +268,8 @@ class Relay:
     def _run(self, func: Any, args: dict[str, Any], with_state: bool = False) -> Any:
         state = func.run(backend=self.backend, **args)
         error = state.error()
+        if isinstance(error, DoesNotFit):  # refused before any request: a setting to change, nothing lost
+            raise error
         if error is not None:  # a plain program's failed gen (the relay loop raises its own)
             traj = state.stream_executor.variables.get(KEY)
             partial = traj.result("program", "error", self.family.think_end) if traj is not None else None

@@ -83,6 +83,7 @@ def relay(s: Any, plan: RelayPlan | None = None, **kwargs: Any) -> RelayResult:
         raise ConfigError(f"relay() takes a plan or settings, not both: {', '.join(sorted(kwargs))}")
     params = gen_params(SglSamplingParams(**per_turn))
     traj = trajectory_of(s)
+    plan = backend_of(s).fit(plan, len(traj.ids))  # refused before any request, not after minutes of work
     traj.control = plan.control  # the caller's listener and cancel, for this run's turns
     policy = RelayPolicy(plan)
     first = len(traj.segments)

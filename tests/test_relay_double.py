@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from relaygen_sgl.api import Relay
 from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.cues import CueProfile
-from relaygen_sgl.core.errors import ConfigError, RelayAborted
+from relaygen_sgl.core.errors import ConfigError, DoesNotFit, RelayAborted
 from relaygen_sgl.runtime.prefetch import PrefetchRule
 
 
@@ -337,8 +337,47 @@ def test_a_prompt_longer_than_the_context_is_refused_not_hidden(fake):
     for h in fake.hosts.values():
         h.context_len = len(p_ids) - 1
     relay = make_relay(fake, family="qwen3")
-    with pytest.raises(RelayAborted, match="longer than the model's context length"):
+    with pytest.raises(DoesNotFit, match="the prompt alone does not fit"):
         relay.run(QUESTION, max_tokens=50)
+    assert all(not h.requests for h in fake.hosts.values())
+
+
+def _small_pools(fake, kv_tokens):
+    relay, p_ids, tape = setup(fake, THINK.split("</think>")[0] * 8, family="qwen3")  # thinking, never closed
+    for h in fake.hosts.values():
+        h.kv_tokens = kv_tokens
+    fake.hosts["large.test:1"].kv_tokens = kv_tokens * 2  # the small server's pool is the tighter
+    return make_relay(fake, family="qwen3"), p_ids
+
+
+def test_a_budget_past_the_pool_is_refused_before_any_request(fake):
+    relay, p_ids = _small_pools(fake, 120)
+    with pytest.raises(DoesNotFit) as err:
+        relay.run(QUESTION, max_tokens=400)
+    message = str(err.value)
+    assert "small server" in message and "KV pool holds 120 tokens" in message
+    assert f"max_tokens={err.value.fits}" in message and 0 < err.value.fits < 120 - len(p_ids)
+    assert all(not h.requests for h in fake.hosts.values())
+    res = relay.run(QUESTION, max_tokens=err.value.fits)  # the budget it names runs
+    assert res.stats.finish in ("budget", "done", "eos")
+    # a run that sets no budget gets what the pair holds, not the 32768 default
+    res = relay.run(QUESTION)
+    assert res.stats.budget == err.value.fits
+
+
+def test_a_turn_at_the_pool_ends_the_run_with_its_work_kept(fake, monkeypatch):
+    from relaygen_sgl.runtime.backend import RelayBackend
+
+    relay, p_ids = _small_pools(fake, 120)
+    monkeypatch.setattr(RelayBackend, "fit", lambda self, plan, n: plan)  # the safety net alone
+    res = relay.run(QUESTION, max_tokens=400)  # no HTTP 400: each turn stops where the small pool would
+    assert res.stats.finish == "limit" and "KV pool" in res.extra["note"]
+    most = 120 - 1 - 5 - 1  # the small pool's max_req_len, its max_req_input_len, one input shorter
+    assert len(res.prompt_ids) + len(res.token_ids) == most
+    assert res.segments[-1].role in ("large", "small") and res.segments[-1].finish == "limit"
+    assert "</think>" not in res.text  # thinking was not closed as if the budget were spent
+    for h in fake.hosts.values():
+        assert all(len(r["input_ids"]) + r["sampling_params"]["max_new_tokens"] <= most for r in h.requests)
 
 
 def test_streaming_yields_role_deltas_across_switches(fake):

@@ -71,7 +71,8 @@ class ClientConfig:
 @dataclass(frozen=True)
 class Finish:
     """Why the server stopped. kind: "stop" (a stop string), "regex" (a stop_regex),
-    "eos" (EOS or a stop token id), "length" (max_new_tokens)."""
+    "eos" (EOS or a stop token id), "length" (max_new_tokens). A relay turn adds "cue"
+    (a verified switch cue) and "limit" (the trajectory is as long as a server accepts)."""
 
     kind: str
     matched: str | int | None = None
@@ -89,6 +90,25 @@ class Generation:
     latency_s: float  # request sent to last byte, measured here
     ttft_s: float  # request sent to first token, measured here (== latency_s unless streamed)
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+class Limits(NamedTuple):
+    """How long one request to a server may be. SGLang refuses an input of `max_input` tokens
+    or more (HTTP 400) and silently shortens max_new_tokens to what its KV pool holds
+    (managers/tp_worker.py: max_req_len = min(context - 1, pool - 1), max_req_input_len =
+    max_req_len - 5; scheduler.py clips max_new_tokens to max_req_len - input - 1), so a
+    trajectory that must stay sendable to this server holds at most `request_tokens`.
+    None where the server does not say (SGLang's router has no /server_info)."""
+
+    context: int | None  # max_model_len less EAGLE's reserved slots (see context_length)
+    kv_tokens: int | None  # max_total_num_tokens: the KV pool every request in flight shares
+    max_input: int | None  # max_req_input_len
+
+    @property
+    def request_tokens(self) -> int | None:
+        """Input plus output of one request, so that the whole can be sent again as an input."""
+        bounds = [b for b in (self.context, None if self.max_input is None else self.max_input - 1) if b is not None]
+        return min(bounds) if bounds else None
 
 
 class ChatUsage(NamedTuple):
@@ -525,6 +545,20 @@ class EngineClient:
             return int(data[0]["max_model_len"]) - self.reserved_tokens
         except (EngineError, KeyError, ValueError, TypeError, AttributeError):
             return None
+
+    @functools.cached_property
+    def limits(self) -> Limits:
+        """The server's request limits (Limits), read once: its pool is sized at start."""
+        try:
+            info = self.server_info()
+        except EngineError:
+            info = {}
+
+        def number(key: str) -> int | None:
+            value = info.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+        return Limits(self.context_length, number("max_total_num_tokens"), number("max_req_input_len"))
 
     @functools.cached_property
     def reserved_tokens(self) -> int:

@@ -59,6 +59,15 @@ class EngineFailed(EngineError):
     """The server answered 5xx or aborted the request."""
 
 
+class DoesNotFit(ConfigError):
+    """A run whose prompt and budget cannot fit a server's KV pool or context: refused before
+    any request. `fits`: the largest budget that does (0 when the prompt alone does not)."""
+
+    def __init__(self, message: str, fits: int = 0) -> None:
+        super().__init__(message)
+        self.fits = fits
+
+
 class TokenizerMismatch(ConfigError):
     """Two roles use different vocabularies; token-exact handoff is impossible."""
 

@@ -64,7 +64,9 @@ class RunSettings:
     backend's prefetch mode, the default answer reserve, no seed, no deadline."""
 
     method: str = "relay"
-    max_tokens: int = DEFAULT_BUDGET  # completion tokens across both models
+    # completion tokens across both models; None: DEFAULT_BUDGET, or what the servers hold
+    # where that is less (an explicit budget that does not fit is refused instead)
+    max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # -1: no top-k cut
@@ -80,7 +82,8 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
-        _integer("max_tokens", self.max_tokens, 1)
+        if self.max_tokens is not None:
+            _integer("max_tokens", self.max_tokens, 1)
         if self.temperature is not None:
             _number("temperature", self.temperature, 0.0, TEMPERATURE_MAX)
         if self.top_p is not None:
@@ -129,6 +132,11 @@ class RunSettings:
     def but(self, **changes: Any) -> RunSettings:
         """A copy with some settings changed, validated again."""
         return RunSettings.of({**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    @property
+    def budget(self) -> int:
+        """The budget asked for: max_tokens, else the default."""
+        return DEFAULT_BUDGET if self.max_tokens is None else self.max_tokens
 
     @property
     def reference(self) -> bool:

@@ -26,11 +26,11 @@ from sglang.lang.choices import ChoicesDecision, ChoicesSamplingMethod, token_le
 from sglang.lang.interpreter import StreamExecutor
 from sglang.lang.ir import SglSamplingParams
 
-from relaygen_sgl.client.http import EngineClient
+from relaygen_sgl.client.http import EngineClient, Limits
 from relaygen_sgl.client.tokenizer import Tokenizer
 from relaygen_sgl.core.config import ROLES, SMALL_FAILURE_MODES, Family
 from relaygen_sgl.core.cues import CueProfile, load_profile
-from relaygen_sgl.core.errors import ConfigError, EngineFailed, EngineRejected, EngineUnreachable
+from relaygen_sgl.core.errors import ConfigError, DoesNotFit, EngineFailed, EngineRejected, EngineUnreachable
 from relaygen_sgl.core.result import REROUTED, Segment
 from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, RunSettings
 from relaygen_sgl.runtime.choices import score_choices
@@ -158,6 +158,50 @@ class RelayBackend(BaseBackend):
         if role not in ROLES:
             raise ConfigError(f"the program routed a gen to unknown role {role!r}; use 'large' or 'small'")
         return role
+
+    def _roles_in_play(self, traj: Trajectory | None = None, method: str | None = None) -> tuple[str, ...]:
+        """The roles whose servers a trajectory may still be sent to."""
+        single = {"single-large": ("large",), "single-small": ("small",)}.get(method or "")
+        if single:
+            return single
+        down = (traj is not None and traj.degraded is not None) or (
+            self.small_down is not None and not self.small_down.back)
+        return ROLES[: 1 if self.one_server or down else 2]
+
+    def request_limit(self, traj: Trajectory | None = None) -> int | None:
+        """The most tokens a trajectory may hold so that every server it may still go to
+        accepts it as an input (client/http.py Limits); None where no server says."""
+        known = [n for role in self._roles_in_play(traj)
+                 if (n := self.engines[role].limits.request_tokens) is not None]
+        return min(known) if known else None
+
+    def fit(self, plan: RelayPlan, prompt_tokens: int) -> RelayPlan:
+        """The plan for a run whose prompt is known, refused before any request where its prompt
+        plus budget cannot fit a server it will use (DoesNotFit): else it fails where the pool
+        ends, after minutes of work. A run that set no budget gets the default, or what the
+        servers hold where that is less."""
+        tightest: tuple[int, str, Limits] | None = None
+        for role in self._roles_in_play(method=plan.method):
+            limits = self.engines[role].limits
+            if limits.request_tokens is not None and (tightest is None or limits.request_tokens < tightest[0]):
+                tightest = (limits.request_tokens, role, limits)
+        if tightest is None:
+            return plan
+        most, role, limits = tightest
+        # the text that closes thinking is inserted past the budget (what it does not count for)
+        fixed = prompt_tokens + max(0, len(self.tokenizer.encode(plan.closing_text)) - plan.rules.close_cost())
+        fits = max(0, most - fixed)
+        if plan.settings.max_tokens is None and fits:
+            return replace(plan, default_budget=min(plan.default_budget, fits))
+        if fixed + plan.budget <= most:
+            return plan
+        where = (f"its KV pool holds {limits.kv_tokens} tokens" if limits.kv_tokens is not None
+                 and (limits.context is None or limits.kv_tokens <= limits.context) else
+                 f"its context holds {limits.context} tokens")
+        advice = f"the largest budget that fits is max_tokens={fits}" if fits else "the prompt alone does not fit"
+        raise DoesNotFit(f"the {role} server cannot hold this run: {where}, a request at most {most}; the prompt "
+                         f"and closing text ({fixed}) + max_tokens {plan.budget} = {fixed + plan.budget}; {advice}",
+                         fits)
 
     def _server(self, role: str, traj: Trajectory) -> Server:
         """The queue the trajectory's requests to `role` join: the server, and its DP rank."""
@@ -329,11 +373,12 @@ class RelayBackend(BaseBackend):
                 pf = self.prefetching.start(
                     spec.prefetch, self.engines[other], self._pin(other, traj), ids,
                     prefix=traj.last_writer != other,  # else it has all but a token
-                    receiver=self._server(other, traj), sender=self._server(on, traj))
+                    receiver=self._server(other, traj), sender=self._server(on, traj), stop=traj.control.stop)
             try:
                 return run_turn(self.engines[on], self.tokenizer, ids, text, replace(
                     spec, role=on, extra={**spec.extra, **self._pin(on, traj), **extra}, sampling={**sampling, **add}),
-                    sink=sink, stop=traj.control.stop, on_ids=pf.offer if pf is not None else None)
+                    sink=sink, stop=traj.control.stop, on_ids=pf.offer if pf is not None else None,
+                    limit=self.request_limit(traj))
             finally:
                 if pf is not None:
                     pf.close()

@@ -97,6 +97,11 @@ class RelayPolicy:
         self.turns += 1
         if degraded:
             self.single_role = "large"
+        if turn.finish == "limit":
+            self.note = ("the trajectory reached the most tokens a request may hold on this pair (the smaller "
+                         "KV pool or context length of its servers): it ended there with its work kept, thinking "
+                         "not closed; a larger pool (--kv-tokens) or a smaller --max-tokens avoids it")
+            return self.end("limit")
         if self.phase == "answer":
             return self.end("eos" if turn.finish == "eos" else ("budget" if turn.finish == "length" else "done"))
         if turn.finish == "stop" and turn.matched == self.plan.family.think_end:

@@ -50,6 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from relaygen_sgl.client.cancel import Stop
 from relaygen_sgl.client.http import EngineClient
 from relaygen_sgl.core.errors import ConfigError, EngineRejected, RelayGenError
 from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, PREFETCH_MODES
@@ -244,9 +245,10 @@ class Prefetching:
             return Counter(self._counts)
 
     def start(self, mode: str, engine: EngineClient, extra: dict[str, Any] | None, base: Sequence[int], *,
-              prefix: bool, receiver: Server, sender: Server) -> Prefetcher | None:
+              prefix: bool, receiver: Server, sender: Server, stop: Stop | None = None) -> Prefetcher | None:
         """A Prefetcher for one turn (None where nothing would be sent). `receiver`: the server
-        it warms (`engine`); `sender`: the one the turn runs on (its load already counts the turn)."""
+        it warms (`engine`); `sender`: the one the turn runs on (its load already counts the turn);
+        `stop`: the run's, which ends a prefetch in flight with the run."""
         if mode == "off":
             return None
         every = self.rule.spacing(mode)
@@ -255,7 +257,8 @@ class Prefetching:
         if mode == "auto":
             self.reported.watch(engine)
         gate = (lambda: self.allows(receiver, sender)) if mode == "auto" else None
-        return Prefetcher(lambda fn: self.submit(fn, receiver), engine, extra, base, every, prefix, gate, self.count)
+        return Prefetcher(lambda fn: self.submit(fn, receiver), engine, extra, base, every, prefix, gate, self.count,
+                          stop)
 
     def load_on(self, server: Server) -> int:
         """Requests running on `server` now: this process's turns, and other clients' as the
@@ -324,12 +327,14 @@ class Prefetcher:
 
     def __init__(self, submit: Callable[[Callable[[], None]], bool], engine: EngineClient,
                  extra: dict[str, Any] | None, base: Sequence[int], every: int = 1, prefix: bool = True,
-                 gate: Callable[[], bool] | None = None, count: Callable[[str], None] | None = None) -> None:
+                 gate: Callable[[], bool] | None = None, count: Callable[[str], None] | None = None,
+                 stop: Stop | None = None) -> None:
         """`prefix`: send `base` now, so that (on the first turn) the small server's prefill of
         the prompt overlaps the large model's turn. Then at each multiple of `every` tokens of
         the turn (0: none). `gate` (auto): asked before each send. `submit` runs a send on a
-        worker, or refuses (False)."""
+        worker, or refuses (False). `stop`: the run's (a send in flight ends with the run)."""
         self.submit, self.engine, self.extra, self.base = submit, engine, extra or None, base
+        self.stop = stop
         self.every, self.gate = every, gate
         self.count = count or (lambda what: None)
         self._lock = threading.Lock()
@@ -382,7 +387,7 @@ class Prefetcher:
                 return
             self._running = True
         try:
-            self.engine.generate(ids, {"max_new_tokens": 0}, extra=self.extra, retries=0)
+            self.engine.generate(ids, {"max_new_tokens": 0}, extra=self.extra, retries=0, stop=self.stop)
             self.count("sent")
         except RelayGenError:  # only a hint: it costs a colder handoff; the turn reports a server that is gone
             self.count("failed")

@@ -135,8 +135,10 @@ class _Turn:
     turn is one method (a cue, a plain gen's regex, vLLM's stop, a stop begun before it)."""
 
     def __init__(self, engine: EngineClient, tok: Tokenizer, prefix_ids: Sequence[int], context_text: str,
-                 spec: TurnSpec, stop: Stop | None = None) -> None:
+                 spec: TurnSpec, stop: Stop | None = None, limit: int | None = None) -> None:
         self.engine, self.tok, self.prefix_ids, self.spec, self.stop = engine, tok, prefix_ids, spec, stop
+        # the most tokens the trajectory may hold (every server it may go to accepts it again)
+        self.limit = limit if limit is not None else engine.context_length
         # vLLM (the reference) and SGLang (a plain gen) match stop strings in a request's own
         # output only: no context.
         self.ctx = "" if spec.reference or spec.plain else context_text[-CONTEXT_CHARS:]
@@ -149,11 +151,20 @@ class _Turn:
         self.finish = Finish("length")
 
     def remaining(self) -> int:
-        left = self.spec.max_tokens - len(self.kept)
-        ctx_len = self.engine.context_length
-        if ctx_len is not None:  # SGLang refuses a request whose input + max_new_tokens passes the context
-            left = min(left, ctx_len - len(self.prefix_ids) - len(self.kept))
-        return left
+        return min(self.budget_left(), self.room())
+
+    def budget_left(self) -> int:
+        return self.spec.max_tokens - len(self.kept)
+
+    def room(self) -> int:
+        """Tokens the limit leaves: past it SGLang refuses the input (HTTP 400) or cuts the
+        output short without a word (client/http.py Limits)."""
+        return (1 << 62) if self.limit is None else self.limit - len(self.prefix_ids) - len(self.kept)
+
+    def at_limit(self) -> bool:
+        """The turn ended because the trajectory is as long as a server accepts, not because
+        its budget is spent."""
+        return self.finish.kind == "length" and self.room() <= 0 < self.budget_left()
 
     def sampling(self, remaining: int) -> dict[str, Any]:
         spec, kept = self.spec, self.kept
@@ -281,15 +292,17 @@ def run_turn(
     sink: DeltaSink | None = None,
     stop: Stop | None = None,
     on_ids: Callable[[list[int], Callable[[], bool]], None] | None = None,
+    limit: int | None = None,
 ) -> Segment:
     """Run `spec` on `engine` from `prefix_ids`; `context_text` is the trajectory text before
     it (the left side of a cue's word boundary). A set `stop` ends it at once, wherever its
     request is (client/cancel.py), and raises Cancelled. `on_ids` hears the turn's
     tokens so far as they arrive, but for a request's last chunk, with a check of whether the
     next token may complete a cue (the handoff prefetch; it decodes, so it is asked only when
-    needed)."""
+    needed). `limit`: the most tokens the trajectory may hold (default: the server's context);
+    a relay turn that reaches it first ends with finish "limit"."""
     assert spec.role is not None
-    turn = _Turn(engine, tok, prefix_ids, context_text, spec, stop)
+    turn = _Turn(engine, tok, prefix_ids, context_text, spec, stop, limit)
     # held back: the last token while a cue may cut it, or (reference) a stop may cut inside
     # it; for a plain gen, as many tokens as a stop string may span, since it leaves the text
     holdback = 1 if spec.reference or (spec.cue_patterns and not spec.plain) else 0
@@ -313,8 +326,10 @@ def run_turn(
             break
     else:
         turn.finish = Finish("length")
-    if spec.plain:
+    if spec.plain:  # cut short without a word, as SGLang itself cuts it
         turn.trim_plain()
+    elif turn.at_limit():
+        turn.finish = Finish("limit")
     streamer.update(turn.ids_out if turn.ids_out is not None else turn.kept, final=True)
     return turn.segment()
 
