@@ -7,6 +7,9 @@
 # The command line comes from launch/presets.toml (the same code path as `relaygen up`).
 # GPUs: the first block of ROLE as `relaygen up` allocates them (large first, then small,
 # inside $CUDA_VISIBLE_DEVICES when set, else nvidia-smi's list); exported as CUDA_VISIBLE_DEVICES.
+# One GPU for both roles (a share_device preset): start the large server first; `small` refuses
+# while the large one's port is not listening, and is sized from what nvidia-smi reports free
+# then (--mem-fraction-static and --max-total-tokens; servers/memory.py, docs/usage/gpus.md).
 # With RELAYGEN_SGLANG_API_KEY set the server requires that key (SGLang's --api-key): it is
 # passed in a 0600 YAML file under $RELAYGEN_HOME/run/auth (--config), never on the command line.
 set -euo pipefail

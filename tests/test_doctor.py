@@ -95,18 +95,33 @@ def test_the_driver_must_support_the_cuda_torch_was_built_for(driver, verdict):
 
 
 def test_gpu_count_and_free_memory_against_the_plan(monkeypatch):
-    monkeypatch.setattr("relaygen_sgl.servers.gpus.subprocess.run", Smi(free_mib=(81000, 81000, 20000)))
+    """The gpus line gives the verdict `up --dry-run` gives on this machine (servers.memory): KV
+    tokens per server and trajectories of the budget at once, FAIL where none fits."""
+    from relaygen_sgl.servers.launch import devices_memory
+
     env: dict[str, str] = {}
-    got = check_gpus(load_preset("qwen3-32b-1.7b"), False, env, Smi(free_mib=(81000, 81000, 20000)))
-    assert got.verdict == "FAIL" and "needs 40 GiB free on each (GPU 2 short)" in got.detail
-    monkeypatch.setattr("relaygen_sgl.servers.gpus.subprocess.run", Smi(free_mib=(81000,)))
-    one = check_gpus(load_preset("qwen3-32b-1.7b-1gpu"), False, env, Smi(free_mib=(81000,)))
-    assert one.verdict == "ok" and "both servers fit: large --mem-fraction-static 0.858, small" in one.detail
-    too_few = check_gpus(load_preset("qwen3-32b-1.7b"), False, env, Smi(free_mib=(81000,)))
+
+    def check(preset: str, free: tuple[int, ...], total: int = 81559):
+        smi = Smi(free_mib=free, total_mib=total)
+        monkeypatch.setattr("relaygen_sgl.servers.gpus.subprocess.run", smi)
+        return check_gpus(load_preset(preset), False, env, smi)
+
+    ok = check("qwen3-32b-1.7b", (81000, 81000, 81000))
+    assert ok.verdict == "ok" and "large 29" in ok.detail and "8 trajectories of the budget at once" in ok.detail
+    short = check("qwen3-32b-1.7b", (81000, 81000, 6000))  # the small server's GPU mostly taken
+    assert short.verdict == "FAIL" and "no trajectory of the budget fits (the small server holds fewer KV tokens" \
+        in short.detail and "GPU 2 5.9 of 79.6 GiB free" in short.detail
+    one = check("qwen3-32b-1.7b-1gpu-80gb", (81000,))
+    assert one.verdict == "ok" and "1 trajectory of the budget at once" in one.detail
+    from relaygen_sgl.servers.gpus import gpu_memory
+
+    same = devices_memory(load_preset("qwen3-32b-1.7b-1gpu-80gb"), {("large", 0): ("0",), ("small", 0): ("0",)},
+                          gpu_memory(Smi(free_mib=(81000,))))
+    assert one.detail.endswith(same.verdict)  # the dry run's verdict, word for word
+    too_few = check("qwen3-32b-1.7b", (81000,))
     assert too_few.verdict == "FAIL" and "needs 3 GPUs" in too_few.detail
-    monkeypatch.setattr("relaygen_sgl.servers.gpus.subprocess.run", Smi(free_mib=(30000,)))
-    small = check_gpus(load_preset("qwen3-32b-1.7b-1gpu"), False, env, Smi(free_mib=(30000,)))
-    assert small.verdict == "FAIL" and "needs 77 GiB free on its GPU" in small.detail
+    small = check("qwen3-32b-1.7b-1gpu", (81000,))  # the paper budget on an 80 GB card
+    assert small.verdict == "FAIL" and "needs 83.3 GiB free on its GPU" in small.detail
 
 
 def _sglang(accept: float | None):

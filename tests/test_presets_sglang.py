@@ -54,3 +54,24 @@ def test_the_parser_does_refuse_what_sglang_would():
 
     with pytest.raises((ValueError, KeyError)):
         SpeculativeAlgorithm.from_string("EAGLE9")
+
+
+@pytest.mark.parametrize("name", [n for n in preset_names() if load_preset(n).share_device])
+def test_the_sized_one_gpu_commands_parse_and_say_what_the_memory_plan_read(name, tmp_path, monkeypatch):
+    """The commands `up` runs on a shared GPU (with the plan's --mem-fraction-static and
+    --max-total-tokens) parse with SGLang's parser, and SGLang reads the flags the memory plan
+    sized them by (servers.memory.shape) as the plan did."""
+    from relaygen_sgl.servers import memory
+    from relaygen_sgl.servers.launch import launch_plan
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr("relaygen_sgl.servers.launch.gpu_memory", lambda *a, **k: {})
+    preset = load_preset(name)
+    plan = launch_plan(preset, Settings(home=tmp_path))
+    for p in plan.processes:
+        ns = _sglang_parser().parse_args(list(p.command.argv[3:]))
+        s = memory.shape(preset, p.role)
+        assert ns.mem_fraction_static == p.memory.fraction and ns.max_total_tokens == p.memory.kv_tokens
+        assert (ns.context_length, ns.max_running_requests, ns.chunked_prefill_size, ns.cuda_graph_max_bs_decode,
+                ns.tp_size) == (s.context, s.max_running_requests, s.chunked_prefill, s.decode_max_bs, s.tp)
+        assert ns.dtype == "bfloat16" and s.dtype_bytes == 2 and ns.kv_cache_dtype == "auto"

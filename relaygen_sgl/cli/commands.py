@@ -105,14 +105,17 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_server_command(args: argparse.Namespace) -> int:
     """For launch/serve.sh: `export K=V` lines, then the argv of one server of the plan
     `relaygen up` makes (servers.launch.role_command), one item per line. With $DRY_RUN set
-    and no GPU visible, devices 0..N-1 are assumed; a note goes to stderr."""
+    and no GPU visible, devices 0..N-1 are assumed; a note goes to stderr. The second server on
+    a shared GPU is sized from what is free now, once the first listens on its port."""
     import os
 
     from relaygen_sgl.core.config import load_preset, load_settings
     from relaygen_sgl.servers.launch import role_command
+    from relaygen_sgl.servers.processes import port_in_use
 
     cmd, note = role_command(load_preset(args.preset), args.role, load_settings(), host=args.host,
-                             assume=bool(os.environ.get("DRY_RUN")))
+                             assume=bool(os.environ.get("DRY_RUN")),
+                             listening=lambda port: port_in_use(port, args.host))
     if note:
         sys.stderr.write(f"relaygen: note: {note}\n")
     for key, value in cmd.env.items():

@@ -22,7 +22,7 @@ from relaygen_sgl.core.config import LOOPBACK, ROLES, Preset, Settings, load_pre
 from relaygen_sgl.core.errors import ConfigError, RelayGenError, StackError
 from relaygen_sgl.core.state import read_state
 from relaygen_sgl.servers.gpus import allocate, gpu_memory, total_gpus, visible_devices
-from relaygen_sgl.servers.launch import shared_fractions
+from relaygen_sgl.servers.launch import devices_memory
 from relaygen_sgl.servers.processes import is_ours, port_in_use
 
 SGLANG_PIN = "0.5.23"  # pyproject's gpu extra
@@ -153,18 +153,11 @@ def check_gpus(preset: Preset, servers_up: bool, environ: Mapping[str, str] | No
     if not known:
         return Check("gpus", "warn", f"{counted}; free memory unknown (nvidia-smi lists none of {','.join(used)})")
     free = ", ".join(f"GPU {d} {m.free_gib:.1f} of {m.total_gib:.1f} GiB free" for d, m in known.items())
-    if preset.share_device:
-        try:
-            fractions = shared_fractions(preset, min(m.free_gib for m in known.values()))
-        except ConfigError as e:
-            return Check("gpus", "FAIL", f"{counted}; {e}")
-        shares = ", ".join(f"{role} --mem-fraction-static {f.value}" for role, f in fractions.items())
-        return Check("gpus", "ok", f"{counted}; {free}; both servers fit: {shares}")
-    short = [d for d, m in known.items() if preset.min_free_gib and m.free_gib < preset.min_free_gib]
-    if short:
-        return Check("gpus", "FAIL", f"{counted}; {free}; {preset.name} needs {preset.min_free_gib:g} GiB free on "
-                                     f"each (GPU {','.join(short)} short)")
-    return Check("gpus", "ok", f"{counted}; {free}")
+    try:  # the verdict `up --dry-run` gives on this machine (servers.memory)
+        plan = devices_memory(preset, blocks, known)
+    except ConfigError as e:
+        return Check("gpus", "FAIL", f"{counted}; {free}; {e}")
+    return Check("gpus", "ok" if plan.fits else "FAIL", f"{counted}; {free}; {plan.verdict}")
 
 
 def _model_paths(preset: Preset, settings: Settings) -> list[tuple[str, str, bool]]:

@@ -20,7 +20,7 @@ from relaygen_sgl.core.config import CVD, Preset
 from relaygen_sgl.core.errors import ConfigError
 
 _SMI = ("nvidia-smi", "--query-gpu=index", "--format=csv,noheader")
-_SMI_MEMORY = ("nvidia-smi", "--query-gpu=index,uuid,memory.free,memory.total", "--format=csv,noheader,nounits")
+_SMI_MEMORY = ("nvidia-smi", "--query-gpu=index,uuid,memory.free,memory.total,name", "--format=csv,noheader,nounits")
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,12 @@ def devices_for(preset: Preset, counts: Mapping[str, int], assume: bool = False,
 class GpuMemory:
     free_gib: float
     total_gib: float
+    name: str = ""  # nvidia-smi's name ("NVIDIA H100 80GB HBM3"): servers.memory picks SGLang's attention backend by it
 
 
 def gpu_memory(run: Callable[..., Any] = subprocess.run) -> dict[str, GpuMemory]:
-    """Free and total memory per GPU from nvidia-smi, keyed by its index and by its UUID (what
-    CUDA_VISIBLE_DEVICES may hold); empty when nvidia-smi is missing or fails."""
+    """Free and total memory (and the name) per GPU from nvidia-smi, keyed by its index and by its
+    UUID (what CUDA_VISIBLE_DEVICES may hold); empty when nvidia-smi is missing or fails."""
     try:
         out = run(list(_SMI_MEMORY), capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
@@ -116,10 +117,10 @@ def gpu_memory(run: Callable[..., Any] = subprocess.run) -> dict[str, GpuMemory]
     found: dict[str, GpuMemory] = {}
     for line in out.stdout.splitlines():
         parts = [x.strip() for x in line.split(",")]
-        if len(parts) != 4:
+        if len(parts) not in (4, 5):
             continue
         try:
-            mem = GpuMemory(float(parts[2]) / 1024, float(parts[3]) / 1024)  # MiB
+            mem = GpuMemory(float(parts[2]) / 1024, float(parts[3]) / 1024, parts[4] if len(parts) == 5 else "")  # MiB
         except ValueError:
             continue
         found[parts[0]] = found[parts[1]] = mem

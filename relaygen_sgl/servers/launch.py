@@ -1,12 +1,14 @@
 """How a preset's servers are launched, the one place it is decided: every SGLang server's and
 router's command line and environment, their ports, their order, and on a shared device their
---mem-fraction-static. `relaygen up` starts this LaunchPlan, `relaygen up --dry-run` prints it,
-and `launch/serve.sh` runs one server of it; one plan for all three keeps what a user pastes
-and what `up` starts the same. Which GPUs each server gets is servers.gpus.
+--mem-fraction-static and --max-total-tokens. `relaygen up` starts this LaunchPlan, `relaygen up
+--dry-run` prints it, and `launch/serve.sh` runs one server of it; one plan for all three keeps
+what a user pastes and what `up` starts the same. Which GPUs each server gets is servers.gpus;
+how much memory and KV cache each gets is servers.memory.
 
-A shared-device preset (`share_device = true`) starts its servers one after the other and
-computes their --mem-fraction-static (shared_fractions), since each server sizes its cache
-from the memory free when it starts.
+A shared-device preset (`share_device = true`) starts its servers one after the other, each
+sized by servers.memory.plan_shared, since SGLang sizes a server's cache from the memory free
+when it starts; the second is sized again from what nvidia-smi reports once the first is up
+(size_second), and launch/serve.sh sizes it from what is free when it runs (role_command).
 
 Exposure: SGLang's --enable-custom-logit-processor unpickles code a client sends, so a server
 with it binds beyond loopback only with an API key (check_exposure)."""
@@ -18,7 +20,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,21 @@ from relaygen_sgl.core.config import (
     sglang_api_key,
 )
 from relaygen_sgl.core.errors import ConfigError, StackError
-from relaygen_sgl.servers.gpus import devices_for, gpu_memory
+from relaygen_sgl.servers.gpus import GpuMemory, devices_for, gpu_memory
+from relaygen_sgl.servers.memory import (
+    Card,
+    MemoryPlan,
+    ServerMemory,
+    last_on_device,
+    measured_card,
+    plan_cpu,
+    plan_for_card,
+    plan_separate,
+    plan_shared,
+    preset_cards,
+    shape,
+    trajectories_text,
+)
 
 KEY_PLACEHOLDER = "<api-key-config.yaml>"
 CUSTOM_LOGITS = "--enable-custom-logit-processor"
@@ -118,47 +134,27 @@ def replica_port(base: int, index: int) -> int:
     return base + 200 + 10 * index
 
 
-@dataclass(frozen=True)
-class Fraction:
-    """A server's --mem-fraction-static on a shared device, and how it was reached."""
-    role: str
-    value: float
-    why: str
+def device_card(preset: Preset, devices: Sequence[str], assumed: bool = False,
+                found: Mapping[str, GpuMemory] | None = None) -> Card:
+    """The GPU `devices` are, as nvidia-smi reports it (the one with least free memory), else
+    (`assumed`, or nvidia-smi lists none of them) an idle card of the first kind the preset
+    names: what a dry run on a machine without a GPU shows."""
+    smi = {} if assumed else (gpu_memory() if found is None else found)
+    mem = [smi[d] for d in devices if d in smi]
+    if mem:
+        least = min(mem, key=lambda m: m.free_gib)
+        return measured_card(least.name, least.total_gib * 1024, least.free_gib * 1024)
+    named = preset_cards(preset.name)
+    if not named:
+        raise ConfigError(f"preset {preset.name} names no cards (`cards` in launch/presets.toml) and nvidia-smi "
+                          f"reports none of GPU {','.join(devices) or '-'}")
+    return named[0]
 
 
-def shared_fractions(preset: Preset, free_gib: float) -> dict[str, Fraction]:
-    """--mem-fraction-static for each server of a shared-device preset, for `free_gib` free on
-    the device before the first starts. SGLang 0.5.23 sizes a server's KV cache as (memory free
-    after loading its weights) - (memory free when it started) x (1 - mem_fraction_static)
-    (mem_cache/kv_cache_configurator.py, _profile_available_bytes, and the same headroom after
-    CUDA-graph capture in kv_pool_runtime.py): weights + KV = fraction x the memory free AT ITS
-    START, not of the card. So the servers start in ROLES order, each once the one before answers,
-    and each fraction is its share over what the ones before it left. Each server gets its
-    memory_gib plus, in proportion to it, whatever exceeds the sum and runtime_reserve_gib (the
-    activations and CUDA graphs of both, never given out). The free memory the second server
-    sees is estimated as what the first left beyond its static share, an upper bound (the first's
-    activations and graphs are not counted), so a server never takes more than planned.
-    ConfigError (one line) when the device is too small."""
-    want = {role: preset.roles[role].memory_gib or 0.0 for role in ROLES}
-    need = sum(want.values()) + preset.runtime_reserve_gib
-    if free_gib < need:
-        parts = " + ".join(f"{role} {want[role]:g}" for role in ROLES)
-        raise ConfigError(f"preset {preset.name} needs {need:g} GiB free on its GPU ({parts} + "
-                          f"{preset.runtime_reserve_gib:g} runtime reserve), it has {free_gib:.1f} GiB free")
-    spare = free_gib - need
-    total = sum(want.values())
-    out: dict[str, Fraction] = {}
-    left = free_gib
-    for i, role in enumerate(ROLES):
-        static = want[role] + spare * want[role] / total
-        value = int(static / left * 1000) / 1000  # rounded down: never more than planned
-        first = "starts first" if i == 0 else f"starts once the {ROLES[i - 1]} server answers"
-        why = (f"{first}, with about {left:.1f} GiB free; SGLang holds mem_fraction_static x the memory free at "
-               f"its start for weights + KV: {value} x {left:.1f} = {value * left:.1f} GiB (memory_gib "
-               f"{want[role]:g} + {static - want[role]:.1f} of the {spare:.1f} GiB spare)")
-        out[role] = Fraction(role, value, why)
-        left -= value * left  # what it holds (the fraction is rounded down)
-    return out
+def _sized(cmd: ServerCommand, mem: ServerMemory) -> ServerCommand:
+    """The command with the plan's --mem-fraction-static and --max-total-tokens (pinned)."""
+    argv = _override(cmd.argv, "--mem-fraction-static", str(mem.fraction))
+    return dataclasses.replace(cmd, argv=_override(argv, "--max-total-tokens", str(mem.kv_tokens)))
 
 
 def check_exposure(preset: Preset, host: str, api_key: str | None) -> None:
@@ -189,14 +185,14 @@ def check_counts(replicas: Mapping[str, int] | None, api_key: str | None) -> dic
 class Process:
     """One process of the plan: a role's server (replica i) or the router in front of its
     replicas, on `port`, started by `command`; `after` are the ports of the servers that must
-    answer before it starts (they share its GPU), `fraction` its computed memory share there."""
+    answer before it starts (they share its GPU), `memory` its sizing there (servers.memory)."""
     role: str
     kind: str  # "server" | "router"
     replica: int
     port: int
     command: ServerCommand
     after: tuple[int, ...] = ()
-    fraction: Fraction | None = None
+    memory: ServerMemory | None = None
 
     def url(self, host: str) -> str:
         return client_url(host, self.port)
@@ -211,17 +207,9 @@ class LaunchPlan:
     note: str | None  # what was assumed (no GPU visible in a dry run), or None
     shared_device: str | None = None  # the device both servers share (share_device presets)
     free_gib: float | None = None  # its free memory the fractions were computed for
-
-
-def _shared_free(preset: Preset, devices: Sequence[str], assumed: bool) -> tuple[float, str]:
-    """Free GiB on the shared device, and where the number came from: nvidia-smi, else the
-    preset's min_free_gib (a dry run without a GPU, or a GPU nvidia-smi does not list)."""
-    found = {} if assumed else gpu_memory()
-    mem = [found[d] for d in devices if d in found]
-    if mem:
-        return min(m.free_gib for m in mem), f"{min(m.free_gib for m in mem):.1f} GiB free (nvidia-smi)"
-    assume = preset.min_free_gib or 0.0
-    return assume, f"free memory unknown: assumed {assume:g} GiB (the preset's min_free_gib)"
+    memory: MemoryPlan | None = None  # the shared device's plan (servers.memory.plan_shared)
+    card: Card | None = None  # the shared device, as the plan saw it
+    kv_tokens: int | None = None  # `up --kv-tokens`
 
 
 def launch_plan(preset: Preset, settings: Settings, host: str = LOOPBACK,
@@ -237,15 +225,15 @@ def launch_plan(preset: Preset, settings: Settings, host: str = LOOPBACK,
     if key_file:  # a plan to run (a dry run only notes it)
         check_exposure(preset, host, api_key)
     devices, note = devices_for(preset, counts, assume=assume)
-    fractions: dict[str, Fraction] = {}
-    shared = None
+    memory, card, shared = None, None, None
     if preset.share_device:
         shared = ",".join(devices[(ROLES[0], 0)])
-        if free_gib is None:
-            free, source = _shared_free(preset, devices[(ROLES[0], 0)], assumed=bool(note))
-        else:  # a heal: the servers still up hold memory the first plan counted as free
-            free, source = free_gib, f"{free_gib:.1f} GiB free when `up` first planned it"
-        fractions = shared_fractions(preset, free)
+        card = device_card(preset, devices[(ROLES[0], 0)], assumed=bool(note))
+        source = card.describe()
+        if free_gib is not None:  # a heal: the servers still up hold memory the first plan counted as free
+            card = dataclasses.replace(card, free_mib=free_gib * 1024)
+            source = f"{free_gib:.1f} GiB free when `up` first planned it"
+        memory = plan_shared(preset, card, kv_tokens=kv_tokens, source=source)
         note = "; ".join(x for x in (note, f"device {shared} shared by both servers: {source}") if x)
     processes: list[Process] = []
     for role in ROLES:
@@ -254,28 +242,91 @@ def launch_plan(preset: Preset, settings: Settings, host: str = LOOPBACK,
         for i, port in enumerate(ports):
             cmd = server_command(preset, role, settings, host=host, port=port, kv_tokens=kv_tokens,
                                  api_key=api_key if key_file else None, devices=devices[(role, i)])
-            fraction = fractions.get(role)
-            if fraction:
-                cmd = ServerCommand(_override(cmd.argv, "--mem-fraction-static", str(fraction.value)), cmd.env)
+            sizing = memory.servers[role] if memory else None
+            if sizing:
+                cmd = _sized(cmd, sizing)
             if api_key and not key_file:
                 cmd = ServerCommand(argv=(*cmd.argv, "--config", KEY_PLACEHOLDER), env=cmd.env)
             mine = set(devices[(role, i)])
             after = tuple(p.port for p in processes if p.kind == "server"
                           and mine & set(p.command.env.get(CVD, "").split(",")))
-            processes.append(Process(role, "server", i, port, cmd, after=after, fraction=fraction))
+            processes.append(Process(role, "server", i, port, cmd, after=after, memory=sizing))
         if counts[role] > 1:
             workers = [client_url(host, p) for p in ports]
             processes.append(Process(role, "router", counts[role], base, router_command(workers, base, host=host)))
     return LaunchPlan(preset.name, host, counts, tuple(processes), note, shared_device=shared,
-                free_gib=free if shared is not None else None)
+                      free_gib=card.free_gib if card is not None else None, memory=memory, card=card,
+                      kv_tokens=kv_tokens)
+
+
+def size_second(plan: LaunchPlan, p: Process, preset: Preset,
+                found: Mapping[str, GpuMemory] | None = None) -> Process:
+    """A server that starts after another on its GPU, sized again just before it starts from
+    what nvidia-smi reports free then (the first one up, its graphs captured): never above the
+    plan's estimate, less where the first took more than estimated. Unchanged when nvidia-smi
+    says nothing. ConfigError (one line) when no KV cache would be left."""
+    if plan.memory is None or plan.card is None or p.memory is None or not p.after or p.memory.free_gib is None:
+        return p
+    smi = gpu_memory() if found is None else found
+    now = [smi[d] for d in p.command.env.get(CVD, "").split(",") if d in smi]
+    if not now:
+        return p
+    free = min(m.free_gib for m in now)
+    if free >= p.memory.free_gib:
+        return p
+    mem = last_on_device(shape(preset, p.role, plan.kv_tokens), plan.card, p.role, free, preset.runtime_reserve_gib,
+                         why=f"started once the {ROLES[0]} server answered, with {free:.1f} GiB free (nvidia-smi; "
+                             f"{p.memory.free_gib:.1f} estimated)")
+    return dataclasses.replace(p, command=_sized(p.command, mem), memory=mem)
+
+
+def memory_plan(preset: Preset, plan: LaunchPlan, found: Mapping[str, GpuMemory] | None = None) -> MemoryPlan:
+    """What each role's first server holds and serves (servers.memory): the shared device's
+    plan, else each role on its own GPUs as nvidia-smi reports them (or an idle card of the
+    first kind the preset names), else the CPU's."""
+    if plan.memory is not None:
+        return plan.memory
+    blocks = {(p.role, p.replica): tuple(p.command.env.get(CVD, "").split(",")) for p in plan.processes
+              if p.kind == "server"}
+    return devices_memory(preset, blocks, found, plan.kv_tokens)
+
+
+def devices_memory(preset: Preset, blocks: Mapping[tuple[str, int], Sequence[str]],
+                   found: Mapping[str, GpuMemory] | None = None, kv_tokens: int | None = None) -> MemoryPlan:
+    """The memory plan for the devices servers.gpus.allocate gave each role, as nvidia-smi
+    reports them (`found`; else asked), a device it does not list as an idle card of the first
+    kind the preset names. ConfigError (one line) when a shared device is too small."""
+    if preset.device == "cpu":
+        return plan_cpu(preset, kv_tokens)
+    smi = gpu_memory() if found is None else found
+    if preset.share_device:
+        return plan_shared(preset, device_card(preset, blocks[(ROLES[0], 0)], found=smi), kv_tokens=kv_tokens)
+    return plan_separate(preset, {role: device_card(preset, blocks[(role, 0)], found=smi) for role in ROLES}, kv_tokens)
+
+
+def card_plans(preset: Preset, kv_tokens: int | None = None) -> dict[str, dict[str, Any]]:
+    """The plan on each card the preset names, in brief: KV tokens per role and trajectories."""
+    out: dict[str, dict[str, Any]] = {}
+    for card in preset_cards(preset.name):
+        try:
+            mp = plan_for_card(preset, card, kv_tokens)
+        except ConfigError as e:
+            out[card.key] = {"free_gib": round(card.free_gib, 1), "refused": str(e)}
+            continue
+        out[card.key] = {"free_gib": round(card.free_gib, 1), "trajectories": mp.trajectories,
+                         "kv_tokens": {role: s.kv_tokens for role, s in mp.servers.items()}}
+    return out
 
 
 def dry_run(preset: Preset, settings: Settings, host: str = LOOPBACK, replicas: Mapping[str, int] | None = None,
             kv_tokens: int | None = None) -> dict[str, Any]:
     """What `up` would start, in its order: {"preset", "servers": [{"role", "replica", "port",
-    "argv", "env"}], "note"}. Starts nothing and writes nothing; the API key is never shown."""
+    "argv", "env", "memory"}], "memory", "cards", "note"}: each server's KV tokens and the
+    trajectories of the budget that fit (servers.memory), here and on each card the preset
+    names. Starts nothing and writes nothing; the API key is never shown."""
     key = sglang_api_key()
     plan = launch_plan(preset, settings, host, replicas, kv_tokens, api_key=key, assume=True, key_file=False)
+    memory = memory_plan(preset, plan)
     notes = [plan.note] if plan.note else []
     try:
         check_exposure(preset, host, key)
@@ -295,9 +346,11 @@ def dry_run(preset: Preset, settings: Settings, host: str = LOOPBACK, replicas: 
                                  "port": p.port, "argv": list(p.command.argv), "env": dict(p.command.env)}
         if p.after:
             entry["starts_after"] = [f"{by_port[a].role} server on port {a} answers (same GPU)" for a in p.after]
-        if p.fraction:
-            entry["mem_fraction_static"] = p.fraction.value
-            entry["why"] = p.fraction.why
+        if p.memory:
+            entry["mem_fraction_static"] = p.memory.fraction
+            entry["why"] = p.memory.why
+        if p.kind == "server":
+            entry["memory"] = (p.memory or memory.servers[p.role]).to_dict()
         servers.append(entry)
     out: dict[str, Any] = {"preset": preset.name, "order": [f"{p.role} {p.kind}" + (f" {p.replica}" if p.kind ==
                                                                                      "server" else "")
@@ -305,16 +358,22 @@ def dry_run(preset: Preset, settings: Settings, host: str = LOOPBACK, replicas: 
     if plan.shared_device is not None:
         out["shared_device"] = plan.shared_device
         out["sequential"] = True
-    return {**out, "servers": servers, "note": "; ".join(notes) or None}
+    out["memory"] = memory.to_dict()
+    if preset.device == "cuda":
+        out["cards"] = card_plans(preset, kv_tokens)
+    return {**out, "servers": servers, "note": "; ".join(notes + list(memory.notes)) or None}
 
 
-def role_command(preset: Preset, role: str, settings: Settings, host: str = LOOPBACK,
-                 assume: bool = False) -> tuple[ServerCommand, str | None]:
+def role_command(preset: Preset, role: str, settings: Settings, host: str = LOOPBACK, assume: bool = False,
+                 listening: Callable[[int], bool] | None = None) -> tuple[ServerCommand, str | None]:
     """One server of `role`, for launch/serve.sh: the first server of that role in the plan
     `up` makes with one replica per role, so two roles started by hand on one machine do not
     share GPUs. Where only this role fits (a machine for one role) it takes the first visible
-    devices; the note says so."""
+    devices; the note says so. The second server on a shared GPU is sized from what is free
+    now (_second_on_device); `listening(port)` tells whether the first one is up."""
     key = sglang_api_key()
+    if preset.share_device and role != ROLES[0]:
+        return _second_on_device(preset, role, settings, host, key, assume, listening)
     try:
         plan = launch_plan(preset, settings, host, api_key=key, assume=assume)
         note = plan.note
@@ -328,10 +387,33 @@ def role_command(preset: Preset, role: str, settings: Settings, host: str = LOOP
             raise both from None
         note = f"{both}; the {role} server alone takes the first {preset.roles[role].gpus}"
     first = next(p for p in plan.processes if p.role == role and p.kind == "server")
-    if first.after:  # its --mem-fraction-static counts on the memory the first server left
-        note = "; ".join(x for x in (note, f"start it once the server on port {','.join(map(str, first.after))} "
-                                           "answers a generation (same GPU)") if x)
     return first.command, note
+
+
+def _second_on_device(preset: Preset, role: str, settings: Settings, host: str, key: str | None, assume: bool,
+                      listening: Callable[[int], bool] | None) -> tuple[ServerCommand, str]:
+    """launch/serve.sh for the server that starts second on a shared GPU: the first one is up
+    (else one line: start it first), so what nvidia-smi reports free now is what this one may
+    take, less its own context, its after-pool allocations and the reserve. With `assume` (a
+    dry run) or no nvidia-smi, the plan's estimate for an idle card."""
+    check_exposure(preset, host, key)
+    devices, note = devices_for(preset, {r: 1 for r in ROLES}, assume=assume)
+    mine = devices[(role, 0)]
+    before = preset.roles[ROLES[0]].port
+    card = device_card(preset, mine, assumed=assume or bool(note))
+    if card.measured:
+        if listening is not None and not listening(before):
+            raise ConfigError(f"start the {ROLES[0]} server first (launch/serve.sh {ROLES[0]} {preset.name}), and this "
+                              f"one once it answers: the {role} server takes what the {ROLES[0]} server leaves on "
+                              f"GPU {','.join(mine)}")
+        mem = last_on_device(shape(preset, role), card, role, card.free_gib, preset.runtime_reserve_gib,
+                             why=f"{card.free_gib:.1f} GiB free now (nvidia-smi) with the {ROLES[0]} server up")
+    else:
+        mem = plan_shared(preset, card).servers[role]
+    cmd = _sized(server_command(preset, role, settings, host=host, api_key=key, devices=mine), mem)
+    after = (f"start it once the server on port {before} answers a generation (same GPU); {mem.kv_tokens:,} KV tokens "
+             f"({trajectories_text(mem.trajectories)} of {mem.trajectory_tokens:,}): {mem.why}")
+    return cmd, "; ".join(x for x in (note, after) if x)
 
 
 def shell_lines(result: Mapping[str, Any]) -> list[str]:
@@ -340,6 +422,8 @@ def shell_lines(result: Mapping[str, Any]) -> list[str]:
              "terminal (or add &); a router once its workers answer"]
     if result.get("note"):
         lines.append(f"# note: {result['note']}")
+    if result.get("memory"):
+        lines.append(f"# memory (estimated from SGLang 0.5.23's allocation order): {result['memory']['verdict']}")
     for s in result["servers"]:
         what = "router" if s["replica"] == "router" else f"replica {s['replica']}"
         lines.append(f"# {s['role']} {what}, port {s['port']}")
@@ -347,6 +431,10 @@ def shell_lines(result: Mapping[str, Any]) -> list[str]:
             lines.append(f"# start it once the {after}")
         if "why" in s:
             lines.append(f"# --mem-fraction-static {s['mem_fraction_static']}: {s['why']}")
+        if "memory" in s:
+            m = s["memory"]
+            lines.append(f"# KV cache: {m['kv_tokens']:,} tokens, {trajectories_text(m['trajectories'])} of "
+                         f"{m['trajectory_tokens']:,} at once")
         env = [f"{k}={shlex.quote(v)}" for k, v in s["env"].items()]
         lines.append(" ".join(env + [shlex.join(s["argv"])]))
     return lines

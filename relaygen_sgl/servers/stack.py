@@ -22,7 +22,7 @@ from relaygen_sgl.core.config import (
 from relaygen_sgl.core.errors import LaunchError, RelayGenError, StackError
 from relaygen_sgl.core.files import exclusive
 from relaygen_sgl.core.state import ServerRecord, read_state, role_urls, write_state
-from relaygen_sgl.servers.launch import LaunchPlan, Process, launch_plan, shell_lines
+from relaygen_sgl.servers.launch import LaunchPlan, Process, launch_plan, shell_lines, size_second
 from relaygen_sgl.servers.launch import dry_run as plan_dry_run
 from relaygen_sgl.servers.processes import (
     answers_generation,
@@ -185,6 +185,8 @@ def _start_missing(preset: Preset, settings: Settings, host: str, plan: LaunchPl
         for p in to_start:
             for port in p.after:  # the servers before it on its GPU must be up: each sizes its memory at start
                 _wait_started(started, port, timeout)
+            if p.after:  # sized again from what nvidia-smi says they left (never above the plan's estimate)
+                p = size_second(plan, p, preset)
             if p.kind == "router":  # a router needs healthy workers
                 for port, (rec, _) in list(started.items()):
                     if rec.role == p.role and rec.kind == "server":
