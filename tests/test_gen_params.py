@@ -12,7 +12,7 @@ from doubles import ANSWER, QUESTION
 from sglang.lang.ir import REGEX_FLOAT, REGEX_INT, SglSamplingParams
 
 from relaygen_sgl import program as rg
-from relaygen_sgl.core.errors import ConfigError
+from relaygen_sgl.core.errors import ConfigError, RelayAborted
 from relaygen_sgl.runtime.gen_params import RELAY_REFUSED, gen_params
 from relaygen_sgl.runtime.trajectory import KEY
 
@@ -220,3 +220,39 @@ def test_after_a_relay_gens_are_plain_again_and_go_where_the_program_routed_befo
     host = "small.test:2" if route else "large.test:1"
     # a plain gen's min_tokens masks EOS on the server; a relay turn's would not be sent
     assert _gens(fake, host)[-1]["sampling_params"].get("min_new_tokens") == 3
+
+
+@pytest.fixture
+def deterministic_large(fake, monkeypatch):
+    """The large double as a server started with --enable-deterministic-inference."""
+    import httpx
+
+    handle = fake._handle
+
+    def handle_deterministic(request):
+        resp = handle(request)
+        if request.url.path == "/server_info" and request.url.host == "large.test" and resp.status_code == 200:
+            return httpx.Response(200, json={**resp.json(), "enable_deterministic_inference": True})
+        return resp
+
+    monkeypatch.setattr(fake, "_handle", handle_deterministic)
+
+
+@pytest.mark.parametrize("how", ["relay", "gen"])
+def test_min_p_is_refused_in_one_line_where_a_server_runs_deterministic_inference(deterministic_large, fake,
+                                                                                   backend, how):
+    """SGLang's deterministic sampler asserts min_p == 0 (layers/sampler.py), which would stop the
+    server: the request is refused before it is sent, in one line naming min_p and the flag."""
+    if how == "relay":  # the relay says how far it got: "relay stopped after N segments: " + the line
+        with pytest.raises((ConfigError, RelayAborted)) as err:
+            relayed.run(question=QUESTION, gen={"min_p": 0.05}, backend=backend)
+        error = err.value
+    else:
+        state = one_gen.run(question=QUESTION, gen={"min_p": 0.05}, backend=backend)  # greedy: asserts too
+        state.sync()
+        error = state.stream_executor.error_
+        assert isinstance(error, ConfigError), error
+    message = str(error)
+    assert "\n" not in message and "min_p=0.05 cannot be sent to http://large.test:1: " in message
+    assert "--enable-deterministic-inference" in message
+    assert not any(r["sampling_params"].get("min_p") for r in fake.hosts["large.test:1"].requests)

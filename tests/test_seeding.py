@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import glob
 import math
+import os
+import pickletools
+import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import httpx
+import orjson
 import pytest
 import torch
+from doubles import LARGE, SMALL
+from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
 
+from relaygen_sgl.core.errors import ConfigError, EngineFailed, EngineRejected, EngineUnreachable
+from relaygen_sgl.runtime import seeding
 from relaygen_sgl.runtime.seeding import (
     SeededSampler,
     SeedSupport,
@@ -168,8 +180,8 @@ def test_masked_tokens_are_never_chosen():
     assert all(sample(logits, seed=s) % 2 == 1 for s in range(200))
 
 
-def test_serialized_processor_loads_by_value_without_relaygen():
-    """The server unpickles the class where relaygen_sgl may not be importable."""
+def test_serialized_processor_loads_from_source_without_relaygen():
+    """The server builds the class where relaygen_sgl may not be importable."""
     blob = processor_str()
     code = textwrap.dedent(
         """
@@ -192,7 +204,7 @@ def test_serialized_processor_loads_by_value_without_relaygen():
     assert run.returncode == 0, run.stderr[-2000:]
     logits = torch.arange(100, dtype=torch.float32) / 10
     here = [sample(logits, seed=s, position=50, temperature=0.8, top_p=0.95, top_k=20) for s in range(30)]
-    assert run.stdout.strip().split(maxsplit=2) == ["__main__", "True", str(here)]
+    assert run.stdout.strip().split(maxsplit=2) == ["relaygen_seeded_sampler", "True", str(here)]
 
 
 def test_seeded_fields_shape():
@@ -223,20 +235,53 @@ def test_a_deterministic_server_seeds_with_sglangs_own_sampling_seed():
     assert seeding_mode(info | {"enable_deterministic_inference": True}) == "sglang"
     assert seeding_mode(info | {"enable_custom_logit_processor": False}) is None
 
-    class Server:
-        def __init__(self, info):
-            self.info = info
-
-        def server_info(self):
-            return self.info
-
     sampling = {"temperature": 0.6, "sampling_seed": 3}
     # no processor shipped: the request's sampling_seed does it, and the run still reproduces
-    det = Server({"enable_deterministic_inference": True, "enable_custom_logit_processor": False})
+    det = Engine({"enable_deterministic_inference": True, "enable_custom_logit_processor": False})
     assert SeedSupport().fields(det, 3, sampling) == ({}, {}, True)
-    extra, add, ok = SeedSupport().fields(Server(info), 3, sampling)
+    assert det.calls == ["server_info"]  # nothing to probe: SGLang samples from the seed itself
+    extra, add, ok = SeedSupport().fields(Engine(info), 3, sampling)
     assert extra == {"custom_logit_processor": processor_str()} and ok
-    assert SeedSupport().fields(Server({}), 3, sampling) == ({}, {}, False)
+    assert SeedSupport().fields(Engine({}), 3, sampling) == ({}, {}, False)
+
+
+PROCESSOR_INFO = {"enable_custom_logit_processor": True, "enable_deterministic_inference": False,
+                  "speculative_algorithm": None, "enable_watermark": False}
+DETERMINISTIC_INFO = {"enable_custom_logit_processor": False, "enable_deterministic_inference": True}
+
+
+class Engine:
+    """An EngineClient stand-in that answers as an SGLang server with `info` as its ServerArgs:
+    generate() loads a request's custom_logit_processor with SGLang's own
+    CustomLogitProcessor.from_str (when the flag is on and `runs`), applies it to a model row,
+    samples, and reports the sampled token's logprob from log_softmax(row / T), as
+    layers/sampler.py does. `fail` holds what each call raises in turn (None: answers)."""
+
+    def __init__(self, info, fail=(), runs=True, url="http://e.test:1"):
+        self.info, self.failures, self.runs, self.url = info, list(fail), runs, url
+        self.calls = []
+
+    def _call(self, what):
+        self.calls.append(what)
+        if self.failures and (e := self.failures.pop(0)) is not None:
+            raise e
+
+    def server_info(self):
+        self._call("server_info")
+        return dict(self.info)
+
+    def generate(self, ids, sampling, *, extra=None, **_):
+        self._call("generate")
+        t = float(sampling["temperature"])
+        row = torch.randn(1, 300) * 3
+        clp = (extra or {}).get("custom_logit_processor")
+        if clp and self.info.get("enable_custom_logit_processor") and self.runs:
+            params = {**sampling.get("custom_params", {}), "__req__": fake_req(position=len(ids), temperature=t)}
+            row = CustomLogitProcessor.from_str(clp)(row, [params])
+        logprobs = torch.log_softmax(row / t, -1)
+        token = int(torch.multinomial(logprobs.exp(), 1))
+        return SimpleNamespace(output_ids=[token], meta={"output_token_logprobs": [[float(logprobs[0, token]), token,
+                                                                                      None]]})
 
 
 def test_uniform_bits_are_not_position_aligned():
@@ -362,3 +407,283 @@ def test_the_step_reads_nothing_back_from_the_device_and_picks_the_same_tokens_a
         finite = torch.isfinite(out).sum(-1).tolist()
         assert finite == [3000 if p is None else 1 for p in params]  # sampled, not left to the server
     assert [o.argmax(-1).tolist() for o in outs] == BEFORE
+
+
+# ---------------------------------------------------------------- the processor on the wire
+def test_the_processor_is_one_call_to_eval_no_code_object():
+    """What SGLang unpickles (dill.loads in custom_logit_processor.py): builtins.eval of a
+    string, so nothing in it depends on the client's Python version."""
+    blob = bytes.fromhex(orjson.loads(processor_str())["callable"])
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(blob)]
+    strings = [arg for name, arg in ops if isinstance(arg, str)]
+    assert strings[:2] == ["builtins", "eval"] and len(strings) == 3
+    assert {name for name, _ in ops} <= {"PROTO", "FRAME", "SHORT_BINUNICODE", "BINUNICODE", "MEMOIZE",
+                                         "STACK_GLOBAL", "TUPLE1", "REDUCE", "STOP"}
+    assert "class SeededSampler(CustomLogitProcessor):" in strings[2] and "dill" not in strings[2]
+
+
+def other_pythons():
+    """CPython interpreters of other minor versions on this machine (PATH, pyenv), >= 3.10."""
+    found = {}
+    candidates = [shutil.which(f"python3.{m}") for m in range(10, 16)]
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates += sorted(glob.glob(os.path.join(root, "versions", "3.*", "bin", "python3")))
+    for exe in filter(None, candidates):
+        try:
+            v = subprocess.run([exe, "-c", "import sys; print(sys.version_info[1])"], capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if v.isdigit() and int(v) >= 10 and int(v) != sys.version_info[1]:
+            found.setdefault(int(v), exe)
+    return sorted(found.items())
+
+
+STUB_SGLANG = '''
+import json, pickle
+from abc import ABC, abstractmethod
+class CustomLogitProcessor(ABC):
+    """sglang/srt/sampling/custom_logit_processor.py's base and from_str (pickle for dill.loads:
+    on a plain pickle they do the same)."""
+    @abstractmethod
+    def __call__(self, logits, custom_param_list=None): ...
+    @classmethod
+    def from_str(cls, json_str):
+        return pickle.loads(bytes.fromhex(json.loads(json_str)["callable"]))()
+'''
+
+
+def test_the_processor_loads_on_other_python_minor_versions(tmp_path):
+    """A server on another Python minor version (SGLang's images) builds the same class. The
+    dill pickle of code objects this replaced loaded on 3.12 and 3.13 and segfaulted at its first
+    call, and raised SystemError (unknown opcode) on 3.10. No torch there: the class is built and
+    its pure-Python hash compared."""
+    pythons = other_pythons()
+    if not pythons:
+        pytest.skip("no CPython of another minor version on this machine")
+    pkg = tmp_path / "sglang" / "srt" / "sampling"
+    pkg.mkdir(parents=True)
+    for d in (tmp_path / "sglang", tmp_path / "sglang" / "srt", pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "custom_logit_processor.py").write_text(STUB_SGLANG)
+    code = ("import sys\nfrom sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor as C\n"
+            "p = C.from_str(sys.stdin.read())\nprint(type(p).__name__, isinstance(p, C), p.uniform(3, 17))")
+    for minor, exe in pythons:
+        run = subprocess.run([exe, "-c", code], input=processor_str(), capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
+        assert run.returncode == 0, (minor, run.stderr[-2000:])
+        assert run.stdout.split() == ["SeededSampler", "True", repr(uniform(3, 17))], minor
+
+
+def test_a_server_that_cannot_build_it_gets_a_processor_that_leaves_logits_alone():
+    ns = {"SOURCE": "class SeededSampler(CustomLogitProcessor):\n    def __call__(self, logits, custom_param_list="}
+    exec(seeding._LOADER, ns)
+    logits = torch.randn(2, 30)
+    assert torch.equal(ns["SeededSampler"]()(logits.clone(), [{"seed": 1, "__req__": fake_req()}, None]), logits)
+
+
+@pytest.fixture
+def fast_switching():
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: a race shows at once
+    yield
+    sys.setswitchinterval(old)
+
+
+def test_threads_building_seeded_requests_print_nothing_and_leave_stdout(monkeypatch, capfd, fast_switching):
+    """dill.dumps(recurse=True) swapped sys.stdout around a `dis` per function: threads that
+    built the first seeded requests at once printed bytecode and left sys.stdout swapped."""
+    stdout = sys.stdout
+    for _ in range(4):
+        monkeypatch.setattr(seeding, "_processor", None)  # each round builds it anew
+        barrier = threading.Barrier(16)
+
+        def build(seed):
+            barrier.wait()
+            return seeded_fields(seed, {"temperature": 0.7})
+
+        with ThreadPoolExecutor(16) as pool:
+            built = list(pool.map(build, range(16)))
+        assert sys.stdout is stdout
+        assert len({extra["custom_logit_processor"] for extra, _ in built}) == 1
+    print("still printing")
+    assert capfd.readouterr().out == "still printing\n"
+
+
+# ---------------------------------------------------------------- which servers seed
+def test_one_real_seeded_request_decides_and_is_sent_once():
+    e = Engine(PROCESSOR_INFO)
+    seeds = SeedSupport()
+    for _ in range(3):
+        extra, add, ok = seeds.fields(e, 3, {"temperature": 0.6})
+        assert ok and extra == {"custom_logit_processor": processor_str()} and add["custom_params"]["seed"] == 3
+    assert e.calls == ["server_info", "generate"]
+
+
+@pytest.mark.parametrize("engine", [Engine(PROCESSOR_INFO, runs=False),
+                                    Engine(PROCESSOR_INFO, fail=[None, EngineRejected("HTTP 400", status=400)])],
+                         ids=["processor-not-run", "request-refused"])
+def test_a_server_that_does_not_seed_is_off_for_good(engine):
+    """A router that drops custom_logit_processor (the token comes back with its model logprob),
+    a server that refuses the field: no seeding there, and it is not asked again."""
+    seeds = SeedSupport(retry_s=0.0)
+    for _ in range(3):
+        assert seeds.fields(engine, 3, {"temperature": 0.6}) == ({}, {}, False)
+    assert engine.calls == ["server_info", "generate"]
+
+
+@pytest.mark.parametrize("failure", [[EngineUnreachable("connection refused")],
+                                     [EngineFailed("HTTP 503", status=503)],
+                                     [None, EngineFailed("HTTP 502", status=502)],
+                                     [None, EngineUnreachable("connection reset")]],
+                         ids=["info-unreachable", "info-5xx", "probe-5xx", "probe-reset"])
+def test_a_transient_failure_is_asked_again_after_retry_s(failure):
+    """A failed /server_info or probe leaves the request unseeded and decides nothing: the
+    first request after retry_s asks again (it used to turn seeding off for the process)."""
+    now = [100.0]
+    e = Engine(PROCESSOR_INFO, fail=failure)
+    seeds = SeedSupport(retry_s=5.0, clock=lambda: now[0])
+    assert seeds.fields(e, 3, {"temperature": 0.6}) == ({}, {}, False)
+    asked = len(e.calls)
+    now[0] += 4.0
+    assert seeds.fields(e, 3, {"temperature": 0.6}) == ({}, {}, False)
+    assert len(e.calls) == asked  # not within retry_s
+    now[0] += 1.5
+    assert seeds.fields(e, 3, {"temperature": 0.6})[2] is True
+    assert e.calls[asked:][-1] == "generate" and e.calls.count("generate") == 1 + (len(failure) == 2)
+
+
+def test_concurrent_first_requests_ask_once():
+    e = Engine(PROCESSOR_INFO)
+    seeds = SeedSupport()
+    barrier = threading.Barrier(16)
+
+    def first(seed):
+        barrier.wait()
+        return seeds.fields(e, seed, {"temperature": 0.6})[2]
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(first, range(16)))
+    assert e.calls == ["server_info", "generate"]
+
+
+# ---------------------------------------------------------------- min_p on a deterministic server
+@pytest.mark.parametrize("seed", [None, 3])
+def test_min_p_is_refused_in_one_line_on_a_deterministic_server(seed):
+    """SGLang's sampler asserts `sampling_seed is None` under min_p, and a deterministic server
+    gives every request a sampling_seed: the assertion would stop the server."""
+    det, plain = Engine(DETERMINISTIC_INFO, url="http://det.test:1"), Engine(PROCESSOR_INFO)
+    seeds = SeedSupport()
+    with pytest.raises(ConfigError) as err:
+        seeds.fields(det, seed, {"temperature": 0.6, "min_p": 0.05})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("min_p=0.05 cannot be sent to http://det.test:1")
+    assert "--enable-deterministic-inference" in message
+    assert "generate" not in det.calls
+    assert seeds.fields(det, seed, {"temperature": 0.6, "min_p": 0.0}) == ({}, {}, True)
+    assert seeds.fields(plain, seed, {"temperature": 0.6, "min_p": 0.05})[2] is True
+    with pytest.raises(ConfigError):
+        seeds.check([plain, det], {"min_p": 0.1})
+    assert det.calls == ["server_info"] and plain.calls.count("server_info") == 1
+
+
+def test_min_p_on_unseeded_requests_costs_no_server_info_unless_set():
+    e = Engine(DETERMINISTIC_INFO)
+    assert SeedSupport().fields(e, None, {"temperature": 0.6}) == ({}, {}, True)
+    assert e.calls == []
+
+
+# ---------------------------------------------------------------- the CLI and the library, seeded at once
+FILLER = "Let me think. Therefore it is 5. Now, check: 2 + 3 = 5. "
+
+
+@pytest.fixture
+def seeding_fake(fake, monkeypatch):
+    """The SGLang double as a server started with --enable-custom-logit-processor: /server_info
+    says so, a request that carries a processor has it loaded with SGLang's own
+    CustomLogitProcessor.from_str and run on a row (one finite entry must come back), and its
+    tokens' logprobs are 0, as SGLang reports a seeded row's."""
+    handle = fake._handle
+    loaded = []
+
+    def handle_seeded(request):
+        resp = handle(request)
+        if request.url.path == "/server_info" and resp.status_code == 200:
+            return httpx.Response(200, json={**resp.json(), **PROCESSOR_INFO})
+        body = orjson.loads(request.content) if request.url.path == "/generate" else {}
+        if body.get("custom_logit_processor") and resp.status_code == 200:
+            sp = body["sampling_params"]
+            top_k = sp.get("top_k") if sp.get("top_k") not in (None, -1) else 1 << 30
+            req = fake_req(temperature=sp["temperature"], top_p=sp.get("top_p", 1.0), top_k=top_k)
+            row = CustomLogitProcessor.from_str(body["custom_logit_processor"])(
+                torch.randn(1, 64), [{**sp["custom_params"], "__req__": req}])
+            assert int(torch.isfinite(row).sum()) == 1
+            loaded.append(body["custom_logit_processor"])
+            if body.get("return_logprob") and not body.get("stream"):
+                out = resp.json()
+                out["meta_info"]["output_token_logprobs"] = [[0.0, t, None] for t in out["output_ids"]]
+                return httpx.Response(200, json=out)
+        return resp
+
+    monkeypatch.setattr(fake, "_handle", handle_seeded)
+    fake.loaded = loaded
+    for url in (LARGE, SMALL):
+        fake.add_host(url, [])
+    return fake
+
+
+def open_seeding_relay(fake):
+    from relaygen_sgl.api import Relay
+    from relaygen_sgl.client.http import ClientConfig
+
+    relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
+                  client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport)
+    tape = relay.tokenizer.encode(FILLER * 40)
+    for host in fake.hosts.values():
+        host.tape = list(tape)
+    return relay
+
+
+def test_seeded_batch_at_concurrency_16_writes_nothing_to_stdout(seeding_fake, tmp_path, monkeypatch, capfd,
+                                                                  fast_switching):
+    """`relaygen batch relay P.jsonl -o O.jsonl --seed 0 --concurrency 16` (16 prompts), five
+    times: batch writes its records to O.jsonl and its summary to stderr, so stdout stays empty
+    (it got hundreds of lines of bytecode in two runs of three)."""
+    from relaygen_sgl.cli import commands
+    from relaygen_sgl.cli.main import build_parser
+
+    monkeypatch.setattr(commands, "open_relay", lambda args: open_seeding_relay(seeding_fake))
+    prompts = tmp_path / "P.jsonl"
+    prompts.write_text("".join(orjson.dumps({"id": f"p{i}", "question": f"What is {i} + 3?"}).decode() + "\n"
+                               for i in range(16)))
+    stdout = sys.stdout
+    for run in range(5):
+        monkeypatch.setattr(seeding, "_processor", None)  # each run builds the processor, as a new process would
+        out = tmp_path / f"O{run}.jsonl"
+        args = build_parser().parse_args(["batch", "relay", str(prompts), "-o", str(out), "--seed", "0",
+                                          "--concurrency", "16", "--max-tokens", "16"])
+        assert args.func(args) == 0
+        captured = capfd.readouterr()
+        assert captured.out == "", captured.out[:2000]
+        assert sys.stdout is stdout
+        records = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+        assert len(records) == 16 and all(r["status"] == "ok" for r in records)
+        assert all(r["seed"] == {"value": 0, "reproducible": True} for r in records), records[0]
+    assert seeding_fake.loaded and len(set(seeding_fake.loaded)) == 1
+
+
+def test_a_library_process_prints_normally_after_16_concurrent_seeded_relays(seeding_fake, monkeypatch, capfd,
+                                                                            fast_switching):
+    monkeypatch.setattr(seeding, "_processor", None)
+    stdout = sys.stdout
+    relay = open_seeding_relay(seeding_fake)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: relay.run(f"What is {i} + 3?", "relay", seed=i, max_tokens=16),
+                                    range(16)))
+    finally:
+        relay.close()
+    assert all(r.extra["seed"]["reproducible"] for r in results) and seeding_fake.loaded
+    assert sys.stdout is stdout
+    print("printed after the relays")
+    assert capfd.readouterr().out == "printed after the relays\n"

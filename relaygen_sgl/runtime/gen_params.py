@@ -93,7 +93,8 @@ RELAY_REFUSED: dict[str, str] = {
     "logprob_start_len": "it counts from a request's prompt, and each relay turn's prompt is the trajectory so far",
     "choices": "a relay generates free text; run sgl.select after it",
 }
-# Applied to every turn, each on its own request (see docs/usage/composing.md).
+# Applied to every turn, each on its own request (see docs/usage/composing.md). min_p > 0 is refused,
+# before the request, by a server running --enable-deterministic-inference (runtime/seeding.py SeedSupport.check).
 RELAY_PER_TURN = ("min_p", "frequency_penalty", "presence_penalty", "ignore_eos", "return_logprob",
                   "top_logprobs_num", "return_text_in_logprobs")
 

@@ -20,21 +20,59 @@ where position is the absolute index of the token being sampled in the request's
 sequence. The token is picked by inverse CDF over the filtered distribution. Same seed
 and same position give the same u on either server, whether the prefix came in one
 request or was resent as input_ids by the relay, cached or not.
+
+How the processor travels (processor_str). SGLang loads a request's `custom_logit_processor`
+in its scheduler, while it builds a batch (sampling/sampling_batch_info.py calls
+CustomLogitProcessor.from_str): `dill.loads(bytes.fromhex(json["callable"]))`, then calls
+the result (sampling/custom_logit_processor.py, cached per string). SGLang's own to_str is
+`dill.dumps(cls)`, and a class pickled by value by dill carries its functions' CODE OBJECTS,
+whose layout changes with every Python minor version: a server on another minor version
+(SGLang's Docker images) fails or crashes on them, inside the scheduler, which takes the
+server down. What is sent instead holds no code object: a pickle of one call,
+`builtins.eval(EXPR)`, where EXPR execs a small loader and returns the class it made. The
+loader imports CustomLogitProcessor from the server's own sglang and execs this module's
+source of SeededSampler (inspect.getsource); should that fail on the server, the loader makes
+a processor that leaves the logits alone, so nothing we send stops a server. The server needs
+sglang and torch, not relaygen_sgl, and a Python that parses this class (3.10 to 3.13 checked;
+SGLang 0.5.23 asks for >= 3.11). Detecting the server's Python instead was not an option:
+/server_info reports ServerArgs and scheduler info, no Python version (utils/common.py
+build_server_info). Nothing sent depends on the client's Python, and building it writes nothing
+(dill.dumps(recurse=True) disassembles code with `dis` inside a temporary swap of sys.stdout,
+dill/detect.py nestedglobals, which threads building requests at once left swapped and
+printed bytecode through). The string is built once per process, under a lock; per request
+values (the seed) go in sampling_params.custom_params.
+
+Whether a server runs it (SeedSupport): its /server_info says which mode (the flags), then one
+real seeded request (input [0], one token) shows the processor loaded and ran there: the
+sampled token's logprob is 0, since SGLang computes output logprobs from the processor's
+one-finite-entry row (layers/sampler.py, Sampler.forward after _preprocess_logits). A router
+that drops the field, a server that could not build the class: logprob < 0, seeding off there.
+A transient failure (connection, 5xx) decides nothing: the request runs unseeded and the next
+one asks again, no sooner than SeedSupport.retry_s later. On a server with
+--enable-deterministic-inference, `min_p > 0` is refused before it is sent: SGLang then builds
+a sampling_seed for every request and its sampler asserts `sampling_seed is None` when any row
+of the batch has min_p (layers/sampler.py, top_k_top_p_min_p_sampling_from_probs_torch).
 """
 
 from __future__ import annotations
 
-import builtins
-import functools
+import inspect
 import json
-import types
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import dill
 from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+
+from relaygen_sgl.core.errors import ConfigError, EngineError, EngineRejected
 
 __all__ = ["SeedSupport", "SeededSampler", "processor_str", "seeded_fields", "seeding_mode", "server_supports_seeding",
            "uniform"]
+
+log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 
@@ -46,9 +84,9 @@ class SeededSampler(CustomLogitProcessor):
     (top_k <= 1, which is how SGLang stores temperature 0) and rows it cannot read are
     left as they are. It must never raise: it runs inside the server's scheduler.
 
-    Every method is self-contained (imports inside, no module globals): to_str() ships
-    copies of these functions by value, so the server needs sglang and torch, not
-    relaygen_sgl."""
+    Every method is self-contained (imports inside, no module globals but
+    CustomLogitProcessor): the server runs this class's source (processor_str), with sglang
+    and torch, not relaygen_sgl."""
 
     def __call__(self, logits, custom_param_list=None):
         if not custom_param_list:
@@ -210,43 +248,53 @@ class SeededSampler(CustomLogitProcessor):
 
     @classmethod
     def to_str(cls) -> str:
-        """The request's `custom_logit_processor`: this class pickled BY VALUE (see _detached)."""
-        return json.dumps({"callable": dill.dumps(_detached(cls), recurse=True).hex()})
+        """The request's `custom_logit_processor` (processor_str; not used on the server)."""
+        return processor_str()
 
 
-def _detached(cls: type) -> type:
-    """A copy of `cls` that dill pickles by value: dill pickles a class or function by
-    reference (module + name, imported again when loaded) whenever its module is importable
-    here, which relaygen_sgl.runtime.seeding is; the copy claims module __main__, which dill never
-    pickles by reference, and its functions get fresh globals holding only the builtins.
-    Its base class (sglang's CustomLogitProcessor) still goes by reference: the server has it."""
-    glob: dict[str, Any] = {"__builtins__": builtins, "__name__": "__main__"}
+# Run on the server, inside `eval`: imports the server's CustomLogitProcessor, then builds
+# SeededSampler from its source; if that fails there, a processor that leaves logits alone.
+_LOADER = """\
+from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+try:
+    exec(compile(SOURCE, "<relaygen_sgl SeededSampler>", "exec"))
+except Exception as e:
+    import logging
+    logging.getLogger("relaygen_sgl.runtime.seeding").warning("SeededSampler cannot be built here: %r", e)
 
-    def copy(f: types.FunctionType) -> types.FunctionType:
-        g = types.FunctionType(f.__code__, glob, f.__name__, f.__defaults__, f.__closure__)
-        g.__qualname__, g.__module__, g.__doc__ = f.__qualname__, "__main__", f.__doc__
-        return g
-
-    body: dict[str, Any] = {"__module__": "__main__", "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
-    for name, val in vars(cls).items():
-        if name in ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__",
-                    "_abc_impl", "__abstractmethods__", "to_str"):
-            continue
-        if isinstance(val, staticmethod):
-            body[name] = staticmethod(copy(val.__func__))
-        elif isinstance(val, classmethod):
-            body[name] = classmethod(copy(val.__func__))
-        elif isinstance(val, types.FunctionType):
-            body[name] = copy(val)
-        else:
-            body[name] = val
-    return type(cls)(cls.__name__, cls.__bases__, body)
+    class SeededSampler(CustomLogitProcessor):
+        def __call__(self, logits, custom_param_list=None):
+            return logits
+"""
+_processor: str | None = None
+_processor_lock = threading.Lock()
 
 
-@functools.cache
+class _Eval:
+    """Pickles as the call builtins.eval(expr): a name and a string, no code object."""
+
+    def __init__(self, expr: str) -> None:
+        self.expr = expr
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return eval, (self.expr,)
+
+
+def _build_processor_str() -> str:
+    namespace = {"__name__": "relaygen_seeded_sampler", "SOURCE": inspect.getsource(SeededSampler)}
+    expr = f"(lambda ns: (exec({_LOADER!r}, ns), ns['SeededSampler'])[1])({namespace!r})"
+    return json.dumps({"callable": pickle.dumps(_Eval(expr), protocol=4).hex()})
+
+
 def processor_str() -> str:
-    """SeededSampler.to_str(), made once per process (SGLang caches the loaded class per string)."""
-    return SeededSampler.to_str()
+    """The request's `custom_logit_processor`: SeededSampler as source (module docstring),
+    made once per process, under a lock (SGLang caches the loaded class per string)."""
+    global _processor
+    if _processor is None:
+        with _processor_lock:
+            if _processor is None:
+                _processor = _build_processor_str()
+    return _processor
 
 
 def uniform(seed: int, position: int) -> float:
@@ -297,26 +345,113 @@ def seeding_mode(server_info: dict[str, Any]) -> str | None:
 
 
 class SeedSupport:
-    """How each server reproduces a seed (asked once per server): the relay backend's view."""
+    """How each server reproduces a seed, the relay backend's view, learnt once per server:
+    its /server_info, then (for the processor) one real seeded request that must come back
+    sampled by SeededSampler. A transient failure (connection, timeout, 5xx) decides nothing:
+    that request runs unseeded and one after `retry_s` asks again. One thread asks per server
+    at a time; the others wait for its answer. Also refuses `min_p > 0` where SGLang's
+    deterministic sampler would assert on it (check)."""
 
-    def __init__(self) -> None:
-        self._known: dict[int, str | None] = {}
+    def __init__(self, retry_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.retry_s = retry_s
+        self._clock = clock
+        self._modes: dict[int, str | None] = {}  # per engine: decided for the process
+        self._infos: dict[int, dict[str, Any]] = {}
+        self._failed_at: dict[int, float] = {}  # per engine: the last transient failure
+        self._locks: dict[int, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def fields(self, engine: Any, seed: int | None, sampling: dict[str, Any]) -> tuple[dict, dict, bool]:
         """(extra, sampling_additions, reproducible) for one request of a run with `seed`
-        (the request carries `sampling_seed` already, for a deterministic server)."""
+        (the request carries `sampling_seed` already, for a deterministic server). Raises
+        ConfigError, before the request is sent, for a min_p it must not carry (check)."""
+        self.check([engine], sampling)
         if seed is None:
             return {}, {}, True
         extra, add = seeded_fields(int(seed), sampling)
         if not extra:  # greedy: reproducible without help
             return {}, {}, True
-        key = id(engine)
-        if key not in self._known:
-            try:
-                self._known[key] = seeding_mode(engine.server_info())
-            except Exception:  # an info endpoint that fails (a router): no seeding there
-                self._known[key] = None
-        mode = self._known[key]
+        mode = self.mode(engine)
         if mode == "sglang":
             return {}, {}, True
         return (extra, add, True) if mode == "processor" else ({}, {}, False)
+
+    def check(self, engines: Iterable[Any], sampling: dict[str, Any]) -> None:
+        """ConfigError in one line when `sampling` has min_p > 0 and one of `engines` runs
+        --enable-deterministic-inference: every request there gets a sampling_seed, and
+        SGLang's torch sampler asserts it is None when a row of the batch has min_p
+        (layers/sampler.py); the assertion stops the server. Asks each server's /server_info
+        once, and only for a min_p; one that cannot answer now raises its EngineError (the
+        request would fail the same way)."""
+        min_p = sampling.get("min_p")
+        if not min_p or float(min_p) <= 0.0:
+            return
+        for engine in engines:
+            if self._info(engine).get("enable_deterministic_inference") is True:
+                raise ConfigError(f"min_p={min_p} cannot be sent to {getattr(engine, 'url', engine)}: it runs "
+                                  f"--enable-deterministic-inference, where SGLang's sampler asserts min_p == 0 "
+                                  f"(the server would stop); leave min_p at 0 or use a server without that flag")
+
+    def mode(self, engine: Any) -> str | None:
+        """seeding_mode of `engine`'s server, the processor's verified by a seeded request;
+        None while a transient failure is under `retry_s` old."""
+        key = id(engine)
+        if key in self._modes:
+            return self._modes[key]
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key in self._modes:
+                return self._modes[key]
+            failed = self._failed_at.get(key)
+            if failed is not None and self._clock() - failed < self.retry_s:
+                return None
+            try:
+                mode = seeding_mode(self._info(engine))
+                if mode == "processor" and not self._probe(engine):
+                    mode = None
+            except EngineError as e:  # EngineRejected is caught in _info and _probe
+                self._failed_at[key] = self._clock()
+                log.info("seeding on %s undecided (asked again in %.0fs): %s", getattr(engine, "url", engine),
+                         self.retry_s, e)
+                return None
+            except Exception as e:  # an engine that cannot tell: no seeding there
+                log.warning("seeding is off on %s: %r", getattr(engine, "url", engine), e)
+                mode = None
+            self._modes[key] = mode
+            return mode
+
+    def _info(self, engine: Any) -> dict[str, Any]:
+        """The server's /server_info, kept once read; {} where it has none (a router's 4xx).
+        A transient failure raises its EngineError and is not kept."""
+        key = id(engine)
+        if key not in self._infos:
+            try:
+                info = engine.server_info()
+            except EngineRejected:
+                info = {}
+            self._infos[key] = info if isinstance(info, dict) else {}
+        return self._infos[key]
+
+    @staticmethod
+    def _probe(engine: Any) -> bool:
+        """One real seeded request (input [0], one token at temperature 1): True when it came
+        back sampled by SeededSampler, which leaves its token the only finite logit, so SGLang
+        reports logprob 0 for it; a server that did not run the processor samples from the
+        model and reports the token's own (negative) logprob. A 4xx (the field refused) is False."""
+        sampling = {"max_new_tokens": 1, "temperature": 1.0}
+        extra, add = seeded_fields(0, sampling)
+        try:
+            gen = engine.generate([0], {**sampling, **add}, extra={**extra, "return_logprob": True})
+        except EngineRejected as e:
+            log.warning("seeding is off on %s: the server refused a seeded request: %s",
+                        getattr(engine, "url", engine), e)
+            return False
+        entries = gen.meta.get("output_token_logprobs") or [None]
+        logprob = entries[0][0] if isinstance(entries[0], (list, tuple)) and entries[0] else None
+        if isinstance(logprob, (int, float)) and logprob > -1e-4:
+            return True
+        log.warning("seeding is off on %s: a seeded request came back not sampled by relaygen's processor "
+                    "(logprob %r; a router that drops custom_logit_processor, or a server that could not build it)",
+                    getattr(engine, "url", engine), logprob)
+        return False

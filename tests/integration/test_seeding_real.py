@@ -4,12 +4,15 @@ in the cpu-tiny preset's args."""
 
 from __future__ import annotations
 
+import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from relaygen_sgl.client.http import EngineClient
-from relaygen_sgl.runtime.seeding import processor_str, seeded_fields, server_supports_seeding
+from relaygen_sgl.runtime import seeding
+from relaygen_sgl.runtime.seeding import SeedSupport, processor_str, seeded_fields, server_supports_seeding
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +99,33 @@ def test_greedy_is_left_alone(clients):
     forced = large.generate(PROMPT, dict(SAMPLING, temperature=0.0, max_new_tokens=24, custom_params={"seed": 5}),
                             extra={"custom_logit_processor": processor_str()})
     assert forced.output_ids == plain.output_ids
+
+
+def test_the_probe_tells_a_seeded_answer_from_an_unseeded_one(clients):
+    """SeedSupport's probe on the real servers: with the processor the token comes back with
+    logprob 0 (SGLang's logprobs come from the processor's row), without it the model's own."""
+    seeds = SeedSupport()
+    for c in clients:
+        assert seeds.mode(c) == "processor", c.url
+    large, _ = clients
+    plain = [large.generate([0], {"max_new_tokens": 1, "temperature": 1.0}, extra={"return_logprob": True})
+             for _ in range(4)]
+    assert all(g.meta["output_token_logprobs"][0][0] < -1e-4 for g in plain)
+
+
+def test_sixteen_threads_sending_their_first_seeded_requests_print_nothing(clients, monkeypatch, capfd):
+    """Each thread builds its request's processor string at once (it used to be dill.dumps, which
+    swaps sys.stdout around `dis`); the server runs what they send."""
+    large, _ = clients
+    monkeypatch.setattr(seeding, "_processor", None)
+    stdout = sys.stdout
+    barrier = threading.Barrier(16)
+
+    def first(seed):
+        barrier.wait()
+        return seeded(large, PROMPT, seed, max_new_tokens=4).output_ids
+
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(pool.map(first, [5] * 8 + [6] * 8))
+    assert sys.stdout is stdout and capfd.readouterr().out == ""
+    assert len({tuple(o) for o in outs[:8]}) == 1 and len({tuple(o) for o in outs[8:]}) == 1
