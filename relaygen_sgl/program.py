@@ -83,11 +83,13 @@ def relay(s: Any, plan: RelayPlan | None = None, **kwargs: Any) -> RelayResult:
         raise ConfigError(f"relay() takes a plan or settings, not both: {', '.join(sorted(kwargs))}")
     params = gen_params(SglSamplingParams(**per_turn))
     traj = trajectory_of(s)
-    plan = backend_of(s).fit(plan, len(traj.ids))  # refused before any request, not after minutes of work
+    backend = backend_of(s)
+    plan = backend.fit(plan, len(traj.ids))  # refused before any request, not after minutes of work
     traj.control = plan.control  # the caller's listener and cancel, for this run's turns
     policy = RelayPolicy(plan)
     first = len(traj.segments)
-    spec = _loop(s, traj, plan, policy, params)
+    with backend.admitted(plan, traj):  # waits while the trajectories in flight fill the KV pools
+        spec = _loop(s, traj, plan, policy, params)
     traj = trajectory_of(s)  # takes in a trailing insert
     return _result(traj, plan, policy, spec.finish, first)
 

@@ -17,6 +17,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -36,6 +37,7 @@ from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, RunSettings
 from relaygen_sgl.runtime.choices import score_choices
 from relaygen_sgl.runtime.gen_params import gen_params
 from relaygen_sgl.runtime.plan import RelayPlan, RunControl
+from relaygen_sgl.runtime.pools import PoolGate
 from relaygen_sgl.runtime.prefetch import DEFAULT_WORKERS, Prefetching, PrefetchRule, Server
 from relaygen_sgl.runtime.seeding import SeedSupport
 from relaygen_sgl.runtime.trajectory import KEY, Trajectory
@@ -68,6 +70,7 @@ class RelayBackend(BaseBackend):
         # speculatively (URLs), the turns running per server (auto reads them), the workers
         # and what was sent, declined or dropped
         self.prefetching = Prefetching(prefetch_rule, prefetch, speculative, prefetch_workers)
+        self.pools = PoolGate()  # trajectories start while those in flight fit the KV pools
         self._profiles: dict[str, CueProfile] = {}
         self._seeds = SeedSupport()
         self._fork_lock = threading.Lock()
@@ -188,8 +191,7 @@ class RelayBackend(BaseBackend):
         if tightest is None:
             return plan
         most, role, limits = tightest
-        # the text that closes thinking is inserted past the budget (what it does not count for)
-        fixed = prompt_tokens + max(0, len(self.tokenizer.encode(plan.closing_text)) - plan.rules.close_cost())
+        fixed = prompt_tokens + self._closing_tokens(plan)
         fits = max(0, most - fixed)
         if plan.settings.max_tokens is None and fits:
             return replace(plan, default_budget=min(plan.default_budget, fits))
@@ -202,6 +204,20 @@ class RelayBackend(BaseBackend):
         raise DoesNotFit(f"the {role} server cannot hold this run: {where}, a request at most {most}; the prompt "
                          f"and closing text ({fixed}) + max_tokens {plan.budget} = {fixed + plan.budget}; {advice}",
                          fits)
+
+    def _closing_tokens(self, plan: RelayPlan) -> int:
+        """Tokens the text that closes thinking adds past the budget (what it does not count for)."""
+        return max(0, len(self.tokenizer.encode(plan.closing_text)) - plan.rules.close_cost())
+
+    @contextmanager
+    def admitted(self, plan: RelayPlan, traj: Trajectory) -> Iterator[None]:
+        """Run the block (a relay's turns) once the trajectory, at the most it can become, fits
+        every KV pool it will use beside the trajectories in flight (runtime/pools.py)."""
+        size = len(traj.ids) + self._closing_tokens(plan) + plan.budget
+        needs = {self._server(role, traj): (size, kv) for role in self._roles_in_play(traj, plan.method)
+                 if (kv := self.engines[role].limits.kv_tokens) is not None}
+        with self.pools.hold(needs, traj.control.stop):
+            yield
 
     def _server(self, role: str, traj: Trajectory) -> Server:
         """The queue the trajectory's requests to `role` join: the server, and its DP rank."""
@@ -315,6 +331,7 @@ class RelayBackend(BaseBackend):
             # what SGLang itself would refuse; the context clamp in run_turn must not hide it
             raise EngineRejected(f"the input ({len(traj.prompt_ids)} tokens) is longer than the model's context "
                                  f"length ({ctx} tokens)", url=self.engines[spec.role].url, status=400)
+        self._seeds.check(self.servers.values(), spec.sampling)  # min_p refused before any request
         seg = self._routed(traj, spec, ids, text, sink)
         traj.add(seg)
         return seg
