@@ -20,14 +20,16 @@ from relaygen_sgl.api import Relay
 from relaygen_sgl.cli import main as cli
 from relaygen_sgl.client.http import ClientConfig
 from relaygen_sgl.core.errors import ConfigError
-from relaygen_sgl.serve.admission import CONTENT, REASONING, TextShaper, stop_cut
 from relaygen_sgl.serve.app import create_app, key_digest, key_ok
+from relaygen_sgl.serve.protocol import FIELDS
 from relaygen_sgl.serve.setup import allowed_profiles, check_exposure, resolve_api_key
+from relaygen_sgl.serve.shaper import CONTENT, REASONING, TextShaper, stop_cut
 
 THINK = "First we add 2 and 3 to get 5. Therefore the sum is 5. Thus, the answer is 5.</think>\n\nThe answer is 5."
 Q = "What is 2 + 3?"
 LONG_Q = "Count colours for me."
 AUTH = {"authorization": "Bearer sekret"}
+JSON = {"content-type": "application/json"}
 
 
 class _Drip(httpx.SyncByteStream):
@@ -319,7 +321,7 @@ def test_a_request_past_its_deadline_is_stopped(make):
     assert wait_for(lambda: s.app.state.gate.running == 0 and len(s.transport.cut) == 2, 8.0), \
         (s.app.state.gate.running, s.transport.cut, s.generate_calls())
     r = chat(s, {**body, "relay": {"timeout": 31}})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "relay.timeout"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "relay.timeout"
 
 
 # ---------------------------------------------------------------- backpressure
@@ -396,6 +398,29 @@ def test_key_sources_and_exposure(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and "--insecure" in err
 
 
+def test_serve_waits_for_sglang_no_longer_than_a_request_and_checks_its_limits(monkeypatch, capsys):
+    from relaygen_sgl.cli import commands
+
+    seen = []
+
+    def opened(args):  # the relay serve would open, with the client's read timeout
+        seen.append(args.timeout)
+        raise ConfigError("stopped before serving")
+
+    monkeypatch.setattr(commands, "open_relay", opened)
+    base = ["serve", "--large", LARGE, "--small", SMALL]
+    for extra, timeout in (([], 600.0), (["--request-timeout", "42"], 42.0), (["--timeout", "7"], 7)):
+        assert cli.main([*base, *extra]) == 2
+        assert seen.pop() == timeout
+    capsys.readouterr()
+    for extra, words in ((["--max-connections", "80"], "--max-connections 80 must be above"),
+                         (["--header-timeout", "0"], "--header-timeout must be above 0"),
+                         (["--send-timeout", "0"], "--send-timeout must be above 0")):
+        assert cli.main([*base, *extra]) == 2 and not seen
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+
+
 def test_health_is_open_cheap_and_reveals_nothing(served):
     calls = served.generate_calls()
     for _ in range(5):
@@ -423,11 +448,11 @@ def test_health_reports_a_failing_server_from_its_background_check(make):
     ({"messages": [{"role": "user", "content": "   "}]}, 400),
     ({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}]}, 400),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 422),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 422),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 0}, 422),
-    ({"messages": [{"role": "user", "content": "hi"}], "relay": {"method": "both"}}, 422),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 0}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "relay": {"method": "both"}}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "relay": {"profile": "nope"}}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "relay": {"mehtod": "relay"}}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "false"}, 400),
@@ -451,14 +476,14 @@ def test_bodies_size_type_and_json(served):
     r = served.client.post("/v1/chat/completions", content=b"{not json",
                            headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    r = served.client.post("/v1/chat/completions", content=b" " * (2 << 20), headers=AUTH)
+    r = served.client.post("/v1/chat/completions", content=b" " * (2 << 20), headers={**AUTH, **JSON})
     assert r.status_code == 413 and is_openai_error(r)
 
     def chunked():
         for _ in range(40):
             yield b" " * 65536
 
-    r = served.client.post("/v1/chat/completions", content=chunked(), headers=AUTH)
+    r = served.client.post("/v1/chat/completions", content=chunked(), headers={**AUTH, **JSON})
     assert r.status_code == 413 and is_openai_error(r)
     r = served.client.post("/v1/chat/completions", content=b"messages=hi",
                            headers={**AUTH, "content-type": "application/x-www-form-urlencoded"})
@@ -472,6 +497,86 @@ def test_404_and_405_in_openai_shape(served):
     r = served.client.get("/v1/chat/completions", headers=AUTH)
     assert r.status_code == 405 and is_openai_error(r) and "POST" in r.headers["allow"]
     assert served.client.get("/v1/models/relaygen", headers=AUTH).json()["id"] == "relaygen"
+
+
+def test_an_unknown_field_is_named_in_a_400_and_known_openai_fields_keep_working(served):
+    hi = {"messages": [{"role": "user", "content": Q}]}
+    r = chat(served, {**hi, "max_token": 50})  # a typo that used to leave max_tokens at 4096
+    err = r.json()["error"]
+    assert r.status_code == 400 and is_openai_error(r) and err["param"] == "max_token"
+    assert err["code"] == "unknown_parameter" and "'max_token'" in err["message"] and "'max_tokens'" in err["message"]
+    r = chat(served, {**hi, "x" * 5000: 1})
+    assert r.status_code == 400 and len(r.json()["error"]["message"]) < 200 and len(r.json()["error"]["param"]) <= 80
+    ignored = {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
+               "parallel_tool_calls": False, "prompt_cache_key": "k", "safety_identifier": "s",
+               "prediction": {"type": "content", "content": "x"}}
+    r = chat(served, {**hi, "max_tokens": 200, **ignored, "reasoning_effort": None, "n": 1, "tools": []})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "The answer is 5."
+    for key, value in (("reasoning_effort", "high"), ("verbosity", "low"), ("web_search_options", {})):
+        r = chat(served, {**hi, key: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == key and is_openai_error(r)
+    schema = served.app.openapi()["paths"]["/v1/chat/completions"]["post"]
+    props = schema["requestBody"]["content"]["application/json"]["schema"]
+    assert props["additionalProperties"] is False and set(props["properties"]) == set(FIELDS)
+    assert "400" in schema["responses"] and "415" in schema["responses"] and "422" not in schema["responses"]
+
+
+@pytest.mark.parametrize("extra", [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 2}, {"seed": -1},
+                                   {"temperature": "hot"}, {"relay": {"timeout": 10**9}}])
+def test_a_value_out_of_range_or_of_the_wrong_type_is_an_openai_400(served, extra):
+    r = chat(served, {"messages": [{"role": "user", "content": Q}], **extra})
+    assert r.status_code == 400 and is_openai_error(r), r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] in {*extra, "relay.timeout"}
+
+
+def test_a_body_not_declared_as_json_gets_415(served):
+    payload = orjson.dumps({"messages": [{"role": "user", "content": Q}], "max_tokens": 200})
+    calls = served.generate_calls()
+    for headers in ({"content-type": "text/plain"}, {"content-type": "text/plain;charset=UTF-8"}, {}):
+        r = served.client.post("/v1/chat/completions", content=payload, headers={**AUTH, **headers})
+        assert r.status_code == 415 and is_openai_error(r) and r.json()["error"]["code"] == "unsupported_media_type"
+    assert served.generate_calls() == calls  # no relay ran
+    r = served.client.post("/v1/chat/completions", content=payload,
+                           headers={**AUTH, "content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200
+
+
+def test_the_access_log_escapes_the_path(served):
+    import logging
+
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")  # serve's
+    with captured_logs() as records:
+        for target in (b"/x%0Afoo", b"/x%0D%0Afoo%20bar", b"/v1/models%0A200%201.0s"):
+            with socket.create_connection(("127.0.0.1", port_of(served))) as sock:
+                sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sekret\r\n"
+                             b"Connection: close\r\n\r\n")
+                sock.settimeout(10)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 ")
+        assert wait_for(lambda: len(access_lines(records)) == 3)
+    lines = [line for r in records for line in formatter.format(r).splitlines()]
+    assert not any(line.startswith("foo") or line.startswith("200") for line in lines), lines
+    assert any("GET /x%0Afoo 404 " in line for line in lines), lines
+
+
+def test_a_failed_relay_names_no_sglang_url(make):
+    s = make()
+    s.fake.hosts["small.test:2"].down_after = 0
+    s.fake.hosts["large.test:1"].down_after = 0
+    r = chat(s, {"messages": [{"role": "user", "content": Q}], "max_tokens": 200})
+    assert r.status_code == 502 and is_openai_error(r)
+    assert "large.test" not in r.text and "small.test" not in r.text and "http" not in r.text, r.text
+
+
+def test_metrics_follow_prometheus_naming(served):
+    chat(served, {"messages": [{"role": "user", "content": Q}], "max_tokens": 200})
+    text = served.client.get("/metrics", headers=AUTH).text
+    assert "_created" not in text
+    assert 'relaygen_requests_total{code="200",route="/v1/chat/completions"} 1.0' in text
+    assert "relaygen_large_share_ratio_count 1.0" in text and "relaygen_large_share_count" not in text
+    assert 'relaygen_rejections_total{code="429"}' in text and "status=" not in text
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total"):
+        assert f"\n{name} " in text, name
 
 
 # ---------------------------------------------------------------- fuzz
@@ -573,8 +678,8 @@ def test_a_client_that_stalls_mid_body_gets_408_and_its_connection_closed(make):
     assert b'"code":"body_timeout"' in answer and 0.5 <= took < 3, took
     assert wait_for(lambda: any(" 408 " in line for line in access_lines(records)))
     families = scrape(s)
-    assert sample(families, "relaygen_rejections", status="408") == 1
-    assert sample(families, "relaygen_requests", route="/v1/chat/completions", status="408") == 1
+    assert sample(families, "relaygen_rejections", code="408") == 1
+    assert sample(families, "relaygen_requests", route="/v1/chat/completions", code="408") == 1
 
 
 def test_a_streaming_client_that_leaves_is_one_info_line(served):
@@ -655,9 +760,9 @@ def test_metrics_count_what_five_requests_reported(make):
     usages.append(chat(s, body).json()["usage"])
     m = scrape(s)
     chat_route = "/v1/chat/completions"
-    assert sample(m, "relaygen_requests", route=chat_route, status="200") == 4
-    assert sample(m, "relaygen_requests", route=chat_route, status="429") == 1
-    assert sample(m, "relaygen_rejections", status="429") == 1 and sample(m, "relaygen_rejections", status="413") == 0
+    assert sample(m, "relaygen_requests", route=chat_route, code="200") == 4
+    assert sample(m, "relaygen_requests", route=chat_route, code="429") == 1
+    assert sample(m, "relaygen_rejections", code="429") == 1 and sample(m, "relaygen_rejections", code="413") == 0
     for role in ("large", "small"):
         assert sample(m, "relaygen_tokens", role=role) == sum(u["relay"][f"{role}_tokens"] for u in usages)
     switches = sum(u["relay"]["switches"] for u in usages)
@@ -667,7 +772,7 @@ def test_metrics_count_what_five_requests_reported(make):
     assert sample(m, "relaygen_relays", outcome="completed") == 4
     assert sample(m, "relaygen_relays", outcome="failed") == 0
     assert sample(m, "relaygen_relay_seconds", "_count", method="relay") == 4
-    assert sample(m, "relaygen_large_share", "_count") == 4 and sample(m, "relaygen_relays_degraded") == 0
+    assert sample(m, "relaygen_large_share_ratio", "_count") == 4 and sample(m, "relaygen_relays_degraded") == 0
     assert sample(m, "relaygen_relays_running", "") == 0
     other = make()  # its own registry: nothing of the first app's counts
     assert sample(scrape(other), "relaygen_switches") == 0

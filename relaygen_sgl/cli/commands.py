@@ -361,23 +361,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from relaygen_sgl.core.errors import ConfigError
-    from relaygen_sgl.serve.app import ServeSettings, serve
+    from relaygen_sgl.serve.app import ServeSettings
+    from relaygen_sgl.serve.server import serve
     from relaygen_sgl.serve.setup import allowed_profiles, check_exposure, resolve_api_key
 
     key = resolve_api_key(args.api_key, args.api_key_file, os.environ)
     check_exposure(args.host, key, args.insecure)
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.request_timeout <= 0:
-        raise ConfigError("--request-timeout must be above 0")
-    if args.body_timeout <= 0:
-        raise ConfigError("--body-timeout must be above 0")
+    for flag in ("request_timeout", "body_timeout", "header_timeout", "send_timeout"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be above 0")
     profiles = allowed_profiles(args.profile_allow)
+    given = {field: getattr(args, flag) for flag, field in (("header_timeout", "header_timeout_s"),
+                                                             ("send_timeout", "send_timeout_s"),
+                                                             ("max_connections", "max_connections"))
+             if getattr(args, flag) is not None}  # unset: ServeSettings' own default
     settings = ServeSettings(model_name=args.model_name, max_budget=args.max_tokens,
                              default_max_tokens=args.default_max_tokens,
                              request_timeout_s=args.request_timeout, max_concurrency=args.max_concurrency,
                              max_queue=args.max_queue, health_interval_s=args.health_interval,
-                             body_timeout_s=args.body_timeout)
+                             body_timeout_s=args.body_timeout, **given)
+    if settings.connection_limit <= settings.max_concurrency + settings.max_queue:
+        raise ConfigError(f"--max-connections {settings.connection_limit} must be above --max-concurrency + "
+                          f"--max-queue ({settings.max_concurrency + settings.max_queue}): each running or queued "
+                          "request holds a connection")
+    if args.timeout is None:  # no wait for SGLang outlasts the request that waits
+        args.timeout = settings.request_timeout_s
     relay = open_relay(args)
     print(f"relaygen serving {args.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"(large {relay.urls['large']}, small {relay.urls['small']}; API key {'on' if key else 'off'}; "

@@ -224,7 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--body-timeout", type=_non_negative_float, default=30.0, metavar="SECONDS",
                     help="a request's whole body must arrive within this after its headers, else 408 and the "
                     "connection is closed (default 30)")
-    _add_client_args(sv)
+    sv.add_argument("--header-timeout", type=_non_negative_float, default=None, metavar="SECONDS",
+                    help="a request's headers must arrive within this of their first byte (or of the connection "
+                    "opening), else the connection is closed (default 10)")
+    sv.add_argument("--send-timeout", type=_non_negative_float, default=None, metavar="SECONDS",
+                    help="a response whose client reads nothing for this long is cut off and its relay stopped "
+                    "(default 30)")
+    sv.add_argument("--max-connections", type=_positive_int, default=None,
+                    help="open connections and requests at once; past it a request gets 503 (default "
+                    "--max-concurrency + --max-queue + 128)")
+    _add_client_args(sv, timeout=None)
     sv.set_defaults(func=c.cmd_serve)
 
     ca = sub.add_parser("calibrate", help="choose switch cues for a model pair (probability-margin calibration)")
@@ -306,15 +315,16 @@ def _add_protocol_args(p: argparse.ArgumentParser, reserve: bool = True) -> None
                             "not with --protocol reference, which shares the budget)")
 
 
-def _add_client_args(p: argparse.ArgumentParser, on_small_failure: str = "large") -> None:
+def _add_client_args(p: argparse.ArgumentParser, on_small_failure: str = "large", timeout: int | None = 3600) -> None:
     # eval and bench measure the relay: a sample the large model finished alone is not one
     from relaygen_sgl.core.config import SMALL_FAILURE_MODES
 
     p.add_argument("--on-small-failure", choices=SMALL_FAILURE_MODES, default=on_small_failure,
                    help="if the small server fails: go on with the large model alone or fail "
                         f"(default {on_small_failure})")
-    p.add_argument("--timeout", type=_positive_int, default=3600,
-                   help="longest wait for the next byte of a server's answer, seconds (a queued request may wait long)")
+    p.add_argument("--timeout", type=_positive_int, default=timeout,
+                   help="longest wait for the next byte of a server's answer, seconds (a queued request may wait long; "
+                        + (f"default {timeout})" if timeout is not None else "default: --request-timeout)"))
 
 
 def _not_utf8(argv: Sequence[str]) -> str | None:

@@ -1,6 +1,6 @@
 """What runs behind `relaygen serve`'s requests: the admission gate (running relays and a
-bounded wait queue), one relay job in its own thread (cancellable), the text shaper that
-splits reasoning from the answer and applies stop strings, and the cached health state."""
+bounded wait queue), one relay job in its own thread (cancellable, its deltas queued for
+the client up to a bound), and the cached health state."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from relaygen_sgl.core.config import ROLES
 from relaygen_sgl.core.errors import EngineFailed, EngineUnreachable
-from relaygen_sgl.core.result import REROUTED
 
-REASONING, CONTENT = "reasoning_content", "content"
+MAX_PENDING = 256  # deltas a job may have queued for its client; past that its relay waits (or drops them once stopped)
+PUT_POLL_S = 0.25  # how often a waiting relay checks whether it was stopped
 
 
 # ---------------------------------------------------------------- admission
@@ -89,9 +89,11 @@ def _resolve(fut: asyncio.Future) -> None:
 # ---------------------------------------------------------------- one relay
 class Job:
     """One Relay.run in its own thread. Its deltas and its end reach the event loop as
-    ("delta", role, text), ("done", result) or ("error", exception) items on `events`;
-    `stop(reason)` sets the cancel event the relay checks between tokens (it then closes
-    its stream to SGLang, which aborts the request there)."""
+    ("delta", role, text), ("done", result) or ("error", exception) items, read with
+    `get()`; `stop(reason)` sets the cancel event the relay checks between tokens (it then
+    closes its stream to SGLang, which aborts the request there). At most MAX_PENDING
+    deltas wait unread: past that the relay's thread waits for its client (a slow reader
+    slows its own relay, never the server's memory), and once stopped it drops them."""
 
     def __init__(self, relay: Any, question: list[dict[str, str]], settings: Any,
                  on_end: Callable[[Job], None]) -> None:
@@ -104,6 +106,7 @@ class Job:
         self.error: BaseException | None = None
         self.started_at = 0.0
         self.events: asyncio.Queue = asyncio.Queue()
+        self._room = threading.Semaphore(MAX_PENDING)
         self._loop = asyncio.get_running_loop()
 
     def start(self) -> None:
@@ -116,6 +119,18 @@ class Job:
         self.reason = reason
         self.cancel.set()
 
+    async def get(self) -> tuple[Any, ...]:
+        item = await self.events.get()
+        if item[0] == "delta":
+            self._room.release()
+        return item
+
+    def _delta(self, role: str, text: str) -> None:
+        while not self._room.acquire(timeout=PUT_POLL_S):
+            if self.cancel.is_set() or self._loop.is_closed():  # stopped: nobody needs the rest
+                return
+        self._put("delta", role, text)
+
     def _put(self, *item: Any) -> None:
         try:
             self._loop.call_soon_threadsafe(self.events.put_nowait, item)
@@ -126,7 +141,7 @@ class Job:
         item: tuple[Any, ...]
         try:
             result = self.relay.run(self.question, settings=self.settings,
-                                    on_delta=lambda r, d: self._put("delta", r, d), cancel=self.cancel)
+                                    on_delta=self._delta, cancel=self.cancel)
             self.result, item = result, ("done", result)
         except BaseException as e:  # handed to the request, answered there
             self.error, item = e, ("error", e)
@@ -135,95 +150,6 @@ class Job:
             self.on_end(self)
         finally:
             self._put(*item)
-
-
-# ---------------------------------------------------------------- text
-def stop_cut(text: str, stops: Sequence[str]) -> int | None:
-    """Where `text` is cut: at the start of the stop string that is complete first (the
-    one a generator meets first), the longer one on a tie; None without a match."""
-    best: tuple[int, int] | None = None
-    for s in stops:
-        i = text.find(s)
-        if i >= 0 and (best is None or (i + len(s), i) < best):
-            best = (i + len(s), i)
-    return best[1] if best else None
-
-
-def _held(text: str, needles: Sequence[str]) -> int:
-    """The longest suffix of `text` that is a proper prefix of a needle (held back)."""
-    best = 0
-    for n in needles:
-        for k in range(min(len(n) - 1, len(text)), best, -1):
-            if text.endswith(n[:k]):
-                best = k
-                break
-    return best
-
-
-class TextShaper:
-    """Streamed text to (field, delta) pairs: reasoning_content before the family's
-    think_end, content after it, cut at the first stop string. A tail that may still
-    become think_end or a stop string is held back until it is decided."""
-
-    def __init__(self, think_end: str, stops: Sequence[str] = ()) -> None:
-        self.end, self.stops = think_end, tuple(stops)
-        self.text = ""
-        self.sent = {REASONING: 0, CONTENT: 0}
-        self.stopped = False
-
-    def fields(self, final: bool = False) -> tuple[dict[str, str], bool]:
-        text = self.text
-        at = text.find(self.end)
-        if at < 0:
-            keep = len(text) if final else len(text) - _held(text, [self.end])
-            return {REASONING: text[:keep], CONTENT: ""}, False
-        content = text[at + len(self.end):].lstrip()
-        cut = stop_cut(content, self.stops)
-        if cut is not None:
-            return {REASONING: text[:at], CONTENT: content[:cut]}, True
-        if not final:
-            content = content[:len(content) - _held(content, self.stops)]
-        return {REASONING: text[:at], CONTENT: content}, False
-
-    def _emit(self, final: bool) -> list[tuple[str, str]]:
-        parts, self.stopped = self.fields(final)
-        out = []
-        for name, part in parts.items():
-            if len(part) > self.sent[name]:
-                out.append((name, part[self.sent[name]:]))
-                self.sent[name] = len(part)
-        return out
-
-    def feed(self, role: str, delta: str) -> list[tuple[str, str]]:
-        """One listener item; ("rerouted", text) goes to rewind()."""
-        if self.stopped:
-            return []
-        if role == REROUTED:
-            raise ValueError("use rewind() for a rerouted item")
-        self.text += delta
-        return self._emit(final=False)
-
-    def flush(self) -> list[tuple[str, str]]:
-        return [] if self.stopped else self._emit(final=True)
-
-    def rewind(self, void: str) -> list[tuple[str, str]]:
-        """The last len(void) characters fed are void (the small server failed mid-turn).
-        Returns, per field, the part of them the client was already sent."""
-        if self.stopped or not void or not self.text.endswith(void):
-            return []
-        full, _ = self.fields(final=True)
-        shown = {name: part[:self.sent[name]] for name, part in full.items()}
-        self.text = self.text[:-len(void)]
-        now, _ = self.fields(final=True)
-        out = []
-        for name in (REASONING, CONTENT):
-            keep = 0
-            while keep < min(len(shown[name]), len(now[name])) and shown[name][keep] == now[name][keep]:
-                keep += 1
-            if keep < len(shown[name]):
-                out.append((name, shown[name][keep:]))
-                self.sent[name] = keep
-        return out
 
 
 # ---------------------------------------------------------------- health

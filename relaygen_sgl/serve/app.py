@@ -5,9 +5,10 @@ GET /health, GET /metrics (Prometheus), GET /openapi.json. Each relay runs in it
 thread; at most `max_concurrency` run and `max_queue` more wait, past that 429 with
 Retry-After. A body must arrive within `body_timeout_s` (else 408). A client that goes
 away, or a request past its deadline, stops its relay (the stream to SGLang is closed,
-which aborts the request there). Errors use OpenAI's error JSON; no traceback, file path
-or file content ever reaches a client. Every request gets one access-log line
-(serve/observe.py).
+which aborts the request there). Errors use OpenAI's error JSON; no traceback, file path,
+file content or SGLang address ever reaches a client. Every request gets one access-log
+line (serve/observe.py). The process around the app (uvicorn, its connection limit and
+deadlines) is serve/server.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.core.run_settings import DEFAULT_BUDGET
 from relaygen_sgl.serve.admission import Busy, Gate, Health, Job
-from relaygen_sgl.serve.observe import KEY, METRICS_TYPE, Metrics, Observe, Outcome
+from relaygen_sgl.serve.observe import KEY, METRICS_TYPE, Metrics, Observe, Outcome, log_path
 from relaygen_sgl.serve.protocol import (
     BODY_TIMEOUT_S,
     ERROR_SCHEMA,
@@ -47,6 +48,7 @@ from relaygen_sgl.serve.stream import Gone, JobStream, complete, sse, timeout_er
 log = logging.getLogger("relaygen.serve")
 POLL_S = 0.25  # how often a waiting request checks its client and deadline
 DEFAULT_REQUEST_TOKENS = 4096  # max_tokens of a chat request without one, as vLLM's and SGLang's servers leave it short
+CONNECTION_HEADROOM = 128  # connections beyond the relays' slots and queue: keep-alive pools, /health, /metrics
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,17 @@ class ServeSettings:
     max_queue: int = 64  # requests waiting for a slot; past this, 429
     health_interval_s: float = 30.0  # background check when no request said how the servers are; 0: none
     body_timeout_s: float = BODY_TIMEOUT_S  # a request body must arrive within this after its headers, else 408
+    header_timeout_s: float = 10.0  # a request's head must arrive within this of its first byte (or of the
+    # connection opening), else the connection is closed
+    send_timeout_s: float = 30.0  # a response its client reads nothing of for this long is cut off
+    max_connections: int | None = None  # uvicorn's limit_concurrency: past it, a request gets 503 (None: the
+    # relays' slots and queue plus CONNECTION_HEADROOM)
+
+    @property
+    def connection_limit(self) -> int:
+        if self.max_connections is not None:
+            return self.max_connections
+        return self.max_concurrency + self.max_queue + CONNECTION_HEADROOM
 
     @property
     def request_default(self) -> int:
@@ -167,7 +180,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
-        path = request.url.path[:200]
+        path = log_path(request.scope)  # as sent, escaped
         if e.status_code == 404:
             err = ApiError(404, f"unknown URL ({request.method} {path})", code="not_found")
         elif e.status_code == 405:
@@ -179,7 +192,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> Response:
-        return ApiError(422, "invalid request parameters", code="invalid_value").response()
+        return ApiError(400, "invalid request parameters", code="invalid_value").response()
 
     @app.exception_handler(Exception)
     async def internal(_: Request, e: Exception) -> Response:
@@ -218,10 +231,11 @@ def _add_info_routes(app: FastAPI, s: ServeSettings, health: Health, metrics: Me
 def _error_responses() -> dict[str, Any]:
     """The chat route's error answers, for /openapi.json."""
     return {str(code): {"description": what, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
-            for code, what in ((400, "malformed or unsupported"), (401, "missing or wrong API key"),
+            for code, what in ((400, "malformed, an unknown field, a value of the wrong type or out of range, or "
+                                     "unsupported"), (401, "missing or wrong API key"),
                                (404, "unknown model"), (408, "the body did not arrive in time"),
-                               (413, "body over 1 MiB"), (415, "not JSON"),
-                               (422, "a value out of range"), (429, "at capacity; see Retry-After"),
+                               (413, "body over 1 MiB"), (415, "not declared as JSON (Content-Type: application/json)"),
+                               (429, "at capacity; see Retry-After"),
                                (502, "an SGLang server failed"), (504, "past the deadline"))}
 
 
@@ -273,22 +287,3 @@ def _add_chat_route(app: FastAPI, relay: Any, s: ServeSettings, allowed: dict[st
         if req.stream:
             return JobStream(sse(relay, job, req, deadline, s.model_name, request), job)
         return await complete(relay, job, req, deadline, s.model_name, request)
-
-
-def serve(relay: Any, host: str, port: int, settings: ServeSettings | None = None, *, api_key: str | None = None,
-          profiles: Mapping[str, CueProfile] | None = None) -> None:
-    import sys
-
-    import uvicorn
-
-    app = create_app(relay, settings, api_key=api_key, profiles=profiles)
-    # our own lines (the access log at info) to stderr; uvicorn's only from warning up,
-    # and its access log off: ours has the relay's numbers
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("relaygen.serve")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=30,
-                timeout_graceful_shutdown=10)

@@ -6,17 +6,22 @@ job, a stream that reached its end, why the request ended early), and the outerm
 middleware turns it into the access line and the request counters once the response is
 over. Relay numbers (tokens, switches, handoffs, latency) are counted when a relay really
 ends, in its own thread, from what it generated, whether or not a client was still there.
-The metrics live in a registry per app, so two apps in one process never share counters.
+The metrics live in a registry per app, so two apps in one process never share counters;
+their names follow Prometheus' conventions (a unit or `_total` suffix, the HTTP status as
+`code`, no `_created` series), with the process' own (memory, CPU, open file descriptors).
+A path is logged as the client sent it, before percent-decoding, with anything but printable
+ASCII escaped: a `%0A` in a URL never starts a new log line.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
@@ -31,6 +36,7 @@ HANDOFF_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RELAY_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 METRICS_TYPE = CONTENT_TYPE_LATEST
+_UNPRINTABLE = re.compile(rb"[^\x21-\x7e]")
 
 
 @dataclass
@@ -61,11 +67,31 @@ def relay_outcome(job: Any) -> str:
     return {"disconnect": "cancelled", "deadline": "timeout"}.get(job.reason or "", "failed")
 
 
+def log_path(scope: Any) -> str:
+    """The request's path as sent (percent-encoded), non-printable bytes escaped, cut to 200."""
+    raw = scope.get("raw_path") or str(scope.get("path", "")).encode("utf-8", "surrogateescape")
+    return _UNPRINTABLE.sub(lambda m: b"%%%02X" % m.group()[0], raw[:200]).decode("ascii")
+
+
+class _WithoutCreated:
+    """A registry's metrics without their `_created` samples (a timestamp per series, which
+    Prometheus' text format would show as a gauge of its own)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Any:
+        for metric in self.registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
 class Metrics:
     def __init__(self, gate: Any) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total ...
         self.requests = Counter("relaygen_requests", "HTTP requests answered, by route and status code",
-                                ["route", "status"], registry=r)
+                                ["route", "code"], registry=r)
         running = Gauge("relaygen_relays_running", "Relays generating now", registry=r)
         running.set_function(lambda: gate.running)
         queued = Gauge("relaygen_relays_queued", "Requests waiting for a free relay slot", registry=r)
@@ -78,14 +104,14 @@ class Metrics:
                               registry=r)
         self.prompt_tokens = Counter("relaygen_prompt_tokens", "Prompt tokens of the relays", registry=r)
         self.switches = Counter("relaygen_switches", "Switches between the two models", registry=r)
-        self.large_share = Histogram("relaygen_large_share", "Share of a relay's completion tokens the large "
-                                     "model wrote", buckets=SHARE_BUCKETS, registry=r)
+        self.large_share = Histogram("relaygen_large_share_ratio", "Share of a relay's completion tokens the large "
+                                     "model wrote (0 to 1)", buckets=SHARE_BUCKETS, registry=r)
         self.handoff = Histogram("relaygen_handoff_seconds", "From the end of one model's turn to the first token "
                                  "of the other's", buckets=HANDOFF_BUCKETS, registry=r)
         self.latency = Histogram("relaygen_relay_seconds", "Relay run time, from its start to its end, by method",
                                  ["method"], buckets=RELAY_BUCKETS, registry=r)
         self.rejections = Counter("relaygen_rejections", "Requests refused before a relay started: 408 (the body "
-                                  "did not arrive in time), 413 (too large), 429 (at capacity)", ["status"],
+                                  "did not arrive in time), 413 (too large), 429 (at capacity)", ["code"],
                                   registry=r)
         for role in ROLES:  # every series a dashboard plots exists from the first scrape
             self.tokens.labels(role)
@@ -124,13 +150,13 @@ class Metrics:
             self.rejections.labels(str(status)).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))  # type: ignore[arg-type]
 
 
 def access_line(method: str, path: str, status: int, seconds: float, out: Outcome) -> str:
     """`POST /v1/chat/completions 200 2.41s stream relay switches=4 large_share=0.38 tokens=96
     (large 36, small 60)`, plus why it ended early when it did."""
-    parts = [f"{method} {path[:200]} {status} {seconds:.3f}s"]
+    parts = [f"{method} {path} {status} {seconds:.3f}s"]
     if out.stream:
         parts.append("stream")
     res = relay_of(out.job)
@@ -183,5 +209,5 @@ class Observe:
         finally:
             status = status or 499  # the app returned without answering: nobody was there to answer
             self.metrics.request_ended(scope.get("path", ""), status)
-            log.info("%s", access_line(scope.get("method", ""), scope.get("path", ""), status,
+            log.info("%s", access_line(scope.get("method", ""), log_path(scope), status,
                                        time.monotonic() - t0, out))

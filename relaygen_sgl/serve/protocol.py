@@ -1,10 +1,15 @@
 """The request side of `relaygen serve`: OpenAI-shaped errors, the body read under its
 size limit, a chat completions request validated into its RunSettings, and the
-OpenAPI schema of that request (what /openapi.json declares)."""
+OpenAPI schema of that request (what /openapi.json declares).
+
+A request is refused as OpenAI refuses it: 400 for a field this server does not know (it
+is named, a near miss suggested), for a value of the wrong type or out of range, and for
+a feature it does not do; 415 unless the body is declared application/json."""
 
 from __future__ import annotations
 
 import asyncio
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +25,23 @@ from relaygen_sgl.core.run_settings import SEED_MAX, SEED_MIN, TEMPERATURE_MAX, 
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 30.0  # --body-timeout: the whole body must arrive within this after the headers
 CLOSE = {"connection": "close"}  # a body left unread: the connection cannot carry another request
-MAX_STOPS = 4  # OpenAI's limit on stop sequences
+MAX_STOPS = 4  # OpenAI's limit on stop sequences (SGLang's /generate takes 32)
+# Each stop string's length: the text held back for a stop string and the tail searched on each
+# delta are this long at most (serve/shaper.py). SGLang caps each stop_regex pattern at 256
+# bytes (MAX_STOP_REGEX_LEN) and the length of its plain stop strings not at all.
+MAX_STOP_CHARS = 256
 RELAY_KEYS = ("method", "profile", "answer_role", "timeout")
 ROLES_IN = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# the request fields read below, by what becomes of them
+USED = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+        "stream", "stream_options", "relay")
+REFUSED = ("n", "tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs", "response_format",
+           "logit_bias", "frequency_penalty", "presence_penalty", "modalities", "audio", "reasoning_effort",
+           "verbosity", "web_search_options", "ignore_eos")  # unless absent, null or the value that changes nothing
+# OpenAI's fields that change nothing in the answer (ids, storage, routing and latency hints): taken and ignored
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier",
+           "prediction")
+FIELDS = USED + REFUSED + IGNORED
 
 
 class ApiError(Exception):
@@ -47,15 +66,16 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 async def read_json(request: Request, limit: int = MAX_BODY_BYTES, timeout_s: float | None = BODY_TIMEOUT_S) -> Any:
-    """The body as JSON: 415 unless it is declared application/json (a missing header is
-    taken as JSON), 413 past `limit` bytes (counted while reading, so a chunked body is
-    stopped too), 408 when all of it has not arrived `timeout_s` after the headers (a
-    client that stalls holds a connection and a task, nothing more, and not for long), 400
-    when it does not parse. A client that leaves mid-body raises Starlette's
-    ClientDisconnect."""
-    ctype = request.headers.get("content-type")
-    if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, "the body must be JSON (Content-Type: application/json)", code="unsupported_media_type")
+    """The body as JSON: 415 unless it is declared application/json (a body without the
+    header too: a browser posts one cross-site without asking first), 413 past `limit`
+    bytes (counted while reading, so a chunked body is stopped too), 408 when all of it
+    has not arrived `timeout_s` after the headers (a client that stalls holds a connection
+    and a task, nothing more, and not for long), 400 when it does not parse. A client
+    that leaves mid-body raises Starlette's ClientDisconnect."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "the body must be JSON, sent with 'Content-Type: application/json'",
+                       code="unsupported_media_type", headers=CLOSE)
     length = request.headers.get("content-length")
     if length is not None:
         if not length.strip().isdigit():
@@ -97,7 +117,7 @@ def _typed(body: dict[str, Any], key: str, integer: bool, param: str | None = No
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok_type or isinstance(value, bool):
         param = param or key
-        raise ApiError(422, f"{param} must be {'an integer' if integer else 'a number'}", param=param,
+        raise ApiError(400, f"{param} must be {'an integer' if integer else 'a number'}", param=param,
                        code="invalid_type")
     return value
 
@@ -111,7 +131,7 @@ def _number(body: dict[str, Any], key: str, *, integer: bool, lo: float, hi: flo
     param = param or key
     if not (lo < value if lo_open else lo <= value) or not value <= hi:
         low = f"> {lo}" if lo_open else f">= {lo}"
-        raise ApiError(422, f"{param} must be {low} and <= {hi}", param=param, code="invalid_value")
+        raise ApiError(400, f"{param} must be {low} and <= {hi}", param=param, code="invalid_value")
     return value
 
 
@@ -182,6 +202,23 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise no("modalities", "output other than text")
     if body.get("audio") is not None:
         raise no("audio", "audio output")
+    if body.get("ignore_eos") not in (None, False):  # SGLang's and vLLM's extension (bench_serving sends it)
+        raise no("ignore_eos", "ignoring EOS (an EOS inside the relay's thinking closes it)")
+    for key, what in (("reasoning_effort", "a reasoning effort (the relay's thinking is bounded by max_tokens)"),
+                      ("verbosity", "a verbosity"), ("web_search_options", "web search")):
+        if body.get(key) is not None:
+            raise no(key, what)
+
+
+def _refuse_unknown(body: dict[str, Any]) -> None:
+    """A field OpenAI's chat completions do not have (a typo such as max_token would
+    otherwise leave its setting at the default without a word)."""
+    for key in body:
+        if key not in FIELDS:
+            near = difflib.get_close_matches(key, FIELDS, n=1) if len(key) <= 100 else []
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ApiError(400, f"Unknown parameter: {_short(key, 60)}{hint}", param=key[:80],
+                           code="unknown_parameter")
 
 
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:
@@ -193,6 +230,9 @@ def _stops(body: dict[str, Any]) -> tuple[str, ...]:
             or not 1 <= len(stops) <= MAX_STOPS:
         raise ApiError(400, f"stop must be a non-empty string or a list of 1 to {MAX_STOPS} non-empty strings",
                        param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"stop: each stop string must be at most {MAX_STOP_CHARS} characters, got "
+                            f"{max(len(s) for s in stops)}", param="stop", code="invalid_value")
     return tuple(stops)
 
 
@@ -223,10 +263,11 @@ def _relay_options(body: dict[str, Any], profiles: Mapping[str, CueProfile], tim
 
 def parse_request(body: Any, *, model_name: str, max_budget: int, default_max_tokens: int,
                   profiles: Mapping[str, CueProfile], timeout_s: float) -> ChatRequest:
-    """Validate a chat completion request body (400 malformed or unsupported, 404 unknown
-    model, 422 out of range)."""
+    """Validate a chat completion request body (400 malformed, unknown, out of range or
+    unsupported; 404 unknown model)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
+    _refuse_unknown(body)
     model = body.get("model")
     if model is not None and model != model_name:
         raise ApiError(404, f"the model {_short(model)} does not exist; this server serves {model_name!r}",
@@ -255,7 +296,7 @@ def parse_request(body: Any, *, model_name: str, max_budget: int, default_max_to
         settings = RunSettings.of(values)
     except SettingError as e:
         param = f"relay.{e.setting}" if e.setting in ("method", "answer_role") else e.setting
-        raise ApiError(422, str(e), param=param, code="invalid_value") from None
+        raise ApiError(400, str(e), param=param, code="invalid_value") from None
     return ChatRequest(messages=messages, settings=settings, stream=bool(stream),
                        include_usage=bool((opts or {}).get("include_usage", False)), stops=stops,
                        timeout_s=relay["timeout"], profile_name=profile_name)
@@ -269,9 +310,8 @@ def chat_schema(model_name: str, max_budget: int, profile_names: list[str], time
         "role": {"type": "string", "enum": list(ROLES_IN)},
         "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
         "name": {"type": "string"}}}
-    stop = {"anyOf": [{"type": "string", "minLength": 1},
-                      {"type": "array", "minItems": 1, "maxItems": MAX_STOPS,
-                       "items": {"type": "string", "minLength": 1}}]}
+    one_stop = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+    stop = {"anyOf": [one_stop, {"type": "array", "minItems": 1, "maxItems": MAX_STOPS, "items": one_stop}]}
     relay = {"type": "object", "additionalProperties": False, "properties": {
         "method": {"type": "string", "enum": list(METHODS)},
         "profile": {"type": "string", "enum": profile_names},
@@ -279,7 +319,8 @@ def chat_schema(model_name: str, max_budget: int, profile_names: list[str], time
         "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": timeout_s,
                     "description": "seconds; at most the server's --request-timeout"}}}
     tokens = {"type": "integer", "minimum": 1, "maximum": max_budget}
-    return {"type": "object", "required": ["messages"], "properties": {
+    none = {"type": "null", "description": "not supported: absent or null only"}
+    used = {
         "model": {"type": "string", "enum": [model_name]},
         "messages": {"type": "array", "minItems": 1, "items": message},
         "max_tokens": tokens, "max_completion_tokens": tokens,
@@ -287,13 +328,23 @@ def chat_schema(model_name: str, max_budget: int, profile_names: list[str], time
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": -1, "not": {"const": 0}},
         "seed": {"type": "integer", "minimum": SEED_MIN, "maximum": SEED_MAX},
-        "stop": stop, "n": {"type": "integer", "enum": [1]},
-        "stream": {"type": "boolean"},
+        "stop": stop, "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-        "logprobs": {"type": "boolean", "enum": [False]},
-        "response_format": {"type": "object", "required": ["type"],
+        "relay": relay}
+    refused = {  # what each accepts: the value that asks for nothing this server does not do
+        "n": {"type": "integer", "enum": [1]},
+        "tools": {"type": "array", "maxItems": 0}, "functions": {"type": "array", "maxItems": 0},
+        "tool_choice": {"enum": ["none", None]}, "function_call": {"enum": ["none", None]},
+        "logprobs": {"type": "boolean", "enum": [False]}, "top_logprobs": {"enum": [0, None]},
+        "response_format": {"type": "object", "required": ["type"], "additionalProperties": False,
                             "properties": {"type": {"type": "string", "enum": ["text"]}}},
-        "relay": relay}}
+        "logit_bias": {"type": "object", "maxProperties": 0},
+        "frequency_penalty": {"enum": [0, None]}, "presence_penalty": {"enum": [0, None]},
+        "modalities": {"enum": [["text"], None]}, "ignore_eos": {"enum": [False, None]},
+        **{key: none for key in ("audio", "reasoning_effort", "verbosity", "web_search_options")}}
+    ignored = {key: {"description": "accepted and ignored (changes nothing in the answer)"} for key in IGNORED}
+    return {"type": "object", "required": ["messages"], "additionalProperties": False,
+            "properties": {**used, **refused, **ignored}}
 
 
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {

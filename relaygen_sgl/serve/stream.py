@@ -7,23 +7,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from relaygen_sgl.core.errors import ConfigError, EngineRejected, RelayAborted, RelayGenError
+from relaygen_sgl.core.errors import ConfigError, EngineRejected, RelayAborted, RelayGenError, one_line
 from relaygen_sgl.core.result import REROUTED, RelayResult
-from relaygen_sgl.serve.admission import CONTENT, REASONING, Job, TextShaper, stop_cut
+from relaygen_sgl.serve.admission import Job
 from relaygen_sgl.serve.observe import KEY
 from relaygen_sgl.serve.protocol import ApiError, ChatRequest
+from relaygen_sgl.serve.shaper import CONTENT, REASONING, TextShaper, stop_cut
 
 log = logging.getLogger("relaygen.serve")
 POLL_S = 0.25
+_ADDRESS = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")
 
 
 class Deadline(Exception):
@@ -51,7 +54,7 @@ async def events(job: Job, deadline: float, poll: Callable[[], Awaitable[bool]] 
         if now >= deadline:
             raise Deadline
         try:
-            item = await asyncio.wait_for(job.events.get(), min(POLL_S, deadline - now))
+            item = await asyncio.wait_for(job.get(), min(POLL_S, deadline - now))
         except TimeoutError:
             continue
         yield item
@@ -75,16 +78,26 @@ def finish_reason(result: RelayResult) -> str:
     return "length" if result.stats.finish == "budget" else "stop"
 
 
-def engine_error(e: BaseException) -> ApiError:
+def public(message: str, urls: Mapping[str, str]) -> str:
+    """An error's message as a client sees it: each SGLang server's URL as its role, any
+    other address as <server> (the full message goes to the log)."""
+    for role, url in urls.items():
+        if url:
+            message = message.replace(url.rstrip("/"), f"the {role} server")
+    return _ADDRESS.sub("<server>", one_line(message, 1000))
+
+
+def engine_error(e: BaseException, urls: Mapping[str, str]) -> ApiError:
     """A failed relay as an answer: 400 when the request was at fault (SGLang's 4xx), 502
-    when a server failed (the message may name its URL), 500 with no detail otherwise."""
+    when a server failed, 500 with no detail otherwise; no internal address in any."""
     root: BaseException = e
     while isinstance(root, RelayAborted) and root.__cause__ is not None:
         root = root.__cause__
     if isinstance(root, (EngineRejected, ConfigError)):
-        return ApiError(400, str(e))
+        return ApiError(400, public(str(e), urls))
     if isinstance(root, RelayGenError):
-        return ApiError(502, str(e), "server_error", code="engine_error")
+        log.warning("the relay failed: %s", one_line(e, 1000))
+        return ApiError(502, public(str(e), urls), "server_error", code="engine_error")
     log.error("the relay failed", exc_info=e)
     return ApiError(500, f"internal error ({type(root).__name__})", "server_error")
 
@@ -121,6 +134,9 @@ async def complete(relay: Any, job: Job, req: ChatRequest, deadline: float, mode
     except Gone:
         job.stop("disconnect")
         return Response(status_code=499)
+    except BaseException:  # the server shutting down: nobody reads the rest
+        job.stop("disconnect")
+        raise
     assert end is not None
     if end[0] == "done":
         result: RelayResult = end[1]
@@ -132,7 +148,7 @@ async def complete(relay: Any, job: Job, req: ChatRequest, deadline: float, mode
         reasoning, content, finish = parts[REASONING], parts[CONTENT], "stop"
         use = stopped_usage(relay, end[1], shaper.text, last_role)
     else:
-        return engine_error(end[1]).response()
+        return engine_error(end[1], relay.urls).response()
     return JSONResponse({
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
         "model": model_name,
@@ -161,7 +177,7 @@ async def sse(relay: Any, job: Job, req: ChatRequest, deadline: float, model_nam
             if item[0] == "delta" and item[1] == REROUTED:
                 if shaper.stopped:
                     continue
-                here = CONTENT if relay.family.think_end in shaper.text else REASONING
+                here = CONTENT if shaper.answering else REASONING
                 for name, void in shaper.rewind(item[2]) or [(here, "")]:
                     yield chunk({}, relay_event={"type": "small_failed", "field": name, "discard": void})
             elif item[0] == "delta":
@@ -188,7 +204,7 @@ async def sse(relay: Any, job: Job, req: ChatRequest, deadline: float, model_nam
                 if use is not None:
                     yield chunk({}, usage=use)
             else:
-                yield b"data: " + orjson.dumps(engine_error(item[1]).body()) + b"\n\n"
+                yield b"data: " + orjson.dumps(engine_error(item[1], relay.urls).body()) + b"\n\n"
     except Deadline:
         job.stop("deadline")
         yield b"data: " + orjson.dumps(timeout_error(f"of {req.timeout_s:g} s").body()) + b"\n\n"

@@ -387,9 +387,9 @@ def test_metrics_after_five_real_requests_equal_what_the_responses_reported(guar
           f"{moved('relaygen_tokens_total', role='large'):g}, {moved('relaygen_tokens_total', role='small'):g}, "
           f"{moved('relaygen_switches_total'):g}; handoffs {moved('relaygen_handoff_seconds_count'):g} taking "
           f"{moved('relaygen_handoff_seconds_sum'):.3f} s in all")
-    assert moved("relaygen_requests_total", route=route, status="200") == 4
-    assert moved("relaygen_requests_total", route=route, status="429") == 1
-    assert moved("relaygen_rejections_total", status="429") == 1
+    assert moved("relaygen_requests_total", route=route, code="200") == 4
+    assert moved("relaygen_requests_total", route=route, code="429") == 1
+    assert moved("relaygen_rejections_total", code="429") == 1
     assert moved("relaygen_tokens_total", role="large") == large and large > 0
     assert moved("relaygen_tokens_total", role="small") == small
     assert moved("relaygen_switches_total") == switches
