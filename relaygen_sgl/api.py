@@ -147,6 +147,8 @@ def connect(*, preset: str | None = None, large: str | None = None, small: str |
     tokenizer = load_tokenizer(paths["large"])
     check_same_vocabulary(tokenizer, load_tokenizer(paths["small"] or paths["large"]))
     infos = {role: _server_info(e) for role, e in engines.items() if role not in down}
+    for role in infos:  # read now: a run must not wait on an info call to a server that stalls later
+        _ = engines[role].limits
     small_down = SmallDown(small_error, lambda: _small_back(engines["small"], spec)) if small_error else None
     backend = RelayBackend(engines, tokenizer, fam, prof, on_small_failure=on_small_failure,
                            dp_sizes={role: _dp_size(info) for role, info in infos.items()},

@@ -49,6 +49,7 @@ from relaygen_sgl.core.errors import (
 )
 
 _JSON = {"content-type": "application/json"}
+INFO_TIMEOUT_S = 30.0  # longest wait for an info endpoint (/server_info asks the scheduler)
 # meta_info keys that --incremental-streaming-output sends per chunk, like output_ids
 # (tokenizer_manager._INCREMENTAL_STREAMING_META_INFO_KEYS, the logprob ones): the client adds
 # them up, so a Generation's meta holds the whole output's as a non-streamed answer does
@@ -510,9 +511,11 @@ class EngineClient:
     # ------------------------------------------------------------------ JSON endpoints
     def get_json(self, path: str) -> dict[str, Any]:
         what = f"GET {path}"
+        # an info endpoint answers at once or not at all (a stalled scheduler): not an hour's wait
+        timeout = httpx.Timeout(min(self.config.read_timeout_s, INFO_TIMEOUT_S), connect=self.config.connect_timeout_s)
 
         def call(_: _Attempt) -> dict[str, Any]:
-            resp = self._http.get(path)
+            resp = self._http.get(path, timeout=timeout)
             self._check(resp, what)
             out = self._json(resp.content, what)
             if not isinstance(out, dict):

@@ -380,7 +380,7 @@ class RelayBackend(BaseBackend):
         """Run the turn on `on`'s server, seeded there as it can be, the other server kept warm
         meanwhile unless no turn follows, the trajectory is degraded or both roles are one server."""
         sampling = {**spec.sampling, **({"sampling_seed": spec.seed} if spec.seed is not None else {})}
-        extra, add, ok = self._seeds.fields(self.engines[on], spec.seed, sampling)
+        extra, add, ok = self._seeds.fields(self.engines[on], spec.seed, sampling, traj.control.stop)
         traj.unseeded |= not ok
         other = "small" if on == "large" else "large"
         # the turn counts as load on its server while it runs (auto reads it)

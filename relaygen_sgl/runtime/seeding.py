@@ -67,7 +67,10 @@ from typing import Any
 
 from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
 
-from relaygen_sgl.core.errors import ConfigError, EngineError, EngineRejected
+from relaygen_sgl.client.cancel import Stop
+from relaygen_sgl.core.errors import Cancelled, ConfigError, EngineError, EngineRejected
+
+PROBE_TIMEOUT_S = 60.0  # the seeding probe's longest wait (a busy server queues it behind others)
 
 __all__ = ["SeedSupport", "SeededSampler", "processor_str", "seeded_fields", "seeding_mode", "server_supports_seeding",
            "uniform"]
@@ -361,17 +364,19 @@ class SeedSupport:
         self._locks: dict[int, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def fields(self, engine: Any, seed: int | None, sampling: dict[str, Any]) -> tuple[dict, dict, bool]:
+    def fields(self, engine: Any, seed: int | None, sampling: dict[str, Any],
+               stop: Stop | None = None) -> tuple[dict, dict, bool]:
         """(extra, sampling_additions, reproducible) for one request of a run with `seed`
         (the request carries `sampling_seed` already, for a deterministic server). Raises
-        ConfigError, before the request is sent, for a min_p it must not carry (check)."""
+        ConfigError, before the request is sent, for a min_p it must not carry (check).
+        `stop`: the run's, which also ends a probe it waits on (undecided: asked again later)."""
         self.check([engine], sampling)
         if seed is None:
             return {}, {}, True
         extra, add = seeded_fields(int(seed), sampling)
         if not extra:  # greedy: reproducible without help
             return {}, {}, True
-        mode = self.mode(engine)
+        mode = self.mode(engine, stop)
         if mode == "sglang":
             return {}, {}, True
         return (extra, add, True) if mode == "processor" else ({}, {}, False)
@@ -392,7 +397,7 @@ class SeedSupport:
                                   f"--enable-deterministic-inference, where SGLang's sampler asserts min_p == 0 "
                                   f"(the server would stop); leave min_p at 0 or use a server without that flag")
 
-    def mode(self, engine: Any) -> str | None:
+    def mode(self, engine: Any, stop: Stop | None = None) -> str | None:
         """seeding_mode of `engine`'s server, the processor's verified by a seeded request;
         None while a transient failure is under `retry_s` old."""
         key = id(engine)
@@ -408,9 +413,9 @@ class SeedSupport:
                 return None
             try:
                 mode = seeding_mode(self._info(engine))
-                if mode == "processor" and not self._probe(engine):
+                if mode == "processor" and not self._probe(engine, stop):
                     mode = None
-            except EngineError as e:  # EngineRejected is caught in _info and _probe
+            except (EngineError, Cancelled) as e:  # EngineRejected is caught in _info and _probe
                 self._failed_at[key] = self._clock()
                 log.info("seeding on %s undecided (asked again in %.0fs): %s", getattr(engine, "url", engine),
                          self.retry_s, e)
@@ -434,7 +439,7 @@ class SeedSupport:
         return self._infos[key]
 
     @staticmethod
-    def _probe(engine: Any) -> bool:
+    def _probe(engine: Any, stop: Stop | None = None) -> bool:
         """One real seeded request (input [0], one token at temperature 1): True when it came
         back sampled by SeededSampler, which leaves its token the only finite logit, so SGLang
         reports logprob 0 for it; a server that did not run the processor samples from the
@@ -442,7 +447,11 @@ class SeedSupport:
         sampling = {"max_new_tokens": 1, "temperature": 1.0}
         extra, add = seeded_fields(0, sampling)
         try:
-            gen = engine.generate([0], {**sampling, **add}, extra={**extra, "return_logprob": True})
+            # bounded: a stalled server leaves it undecided, not the run waiting for an hour
+            gen = engine.generate([0], {**sampling, **add}, extra={**extra, "return_logprob": True},
+                                  stop=Stop(stop.event if stop is not None else threading.Event(),
+                                            min(time.monotonic() + PROBE_TIMEOUT_S,
+                                                stop.deadline if stop is not None and stop.deadline else 1e18)))
         except EngineRejected as e:
             log.warning("seeding is off on %s: the server refused a seeded request: %s",
                         getattr(engine, "url", engine), e)
