@@ -577,6 +577,14 @@ def test_metrics_follow_prometheus_naming(served):
     assert 'relaygen_rejections_total{code="429"}' in text and "status=" not in text
     for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total"):
         assert f"\n{name} " in text, name
+    # the relays waiting for room in the KV pools are the backend's own count (runtime/pools.py)
+    assert "\nrelaygen_relays_waiting_for_kv 0.0" in text
+    pools = served.relay.backend.pools
+    pools._queue.extend([-1, -2])
+    try:
+        assert "\nrelaygen_relays_waiting_for_kv 2.0" in served.client.get("/metrics", headers=AUTH).text
+    finally:
+        pools._queue.clear()
 
 
 # ---------------------------------------------------------------- fuzz

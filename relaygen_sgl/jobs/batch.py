@@ -203,15 +203,17 @@ def _tokens(rec: dict[str, Any]) -> int:
 
 def run_batch(prompts: list[Prompt], out: Path | Claim, run_one: RunOne, *, concurrency: int = 4,
               progress: bool = True, input_problems: list[str] | None = None,
-              header: dict[str, Any] | None = None, fresh: bool = False, job: str = "batch") -> BatchSummary:
+              header: dict[str, Any] | None = None, fresh: bool = False, job: str = "batch",
+              waiting: Callable[[], int] | None = None) -> BatchSummary:
     """Run `run_one` over the prompts not done yet in `out`, each record written as it comes.
     `out` is held for the run (claim_output, in `job`'s name) unless the caller holds it
     already (a Claim). `header`: the settings the records depend on (output.settings_header),
-    an output written with others refused; `fresh`: its records discarded first."""
+    an output written with others refused; `fresh`: its records discarded first. `waiting`:
+    how many runs wait for room in the KV pools now (shown on the progress bar)."""
     if not isinstance(out, Claim):
         with claim_output(None, out, job=job) as claim:
             return run_batch(prompts, claim, run_one, concurrency=concurrency, progress=progress,
-                             input_problems=input_problems, header=header, fresh=fresh)
+                             input_problems=input_problems, header=header, fresh=fresh, waiting=waiting)
     from tqdm import tqdm
 
     out.start(header, fresh)
@@ -272,7 +274,8 @@ def run_batch(prompts: list[Prompt], out: Path | Claim, run_one: RunOne, *, conc
                 summary.errors += 1
             summary.completion_tokens += _tokens(rec)
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(tok_s=f"{summary.completion_tokens / max(elapsed, 1e-9):.1f}", errors=summary.errors)
+            bar.set_postfix(tok_s=f"{summary.completion_tokens / max(elapsed, 1e-9):.1f}", errors=summary.errors,
+                            **({"kv_wait": waiting()} if waiting is not None else {}))
             bar.update(1)
     except KeyboardInterrupt:
         stop.set()

@@ -148,7 +148,8 @@ def create_app(relay: Any, settings: ServeSettings | None = None, *, api_key: st
     health = Health(relay.engines, s.health_interval_s)
     if getattr(relay, "small_down", None):  # started degraded: /health says so before any request
         health.known["small"] = False
-    metrics = Metrics(gate)
+    pools = getattr(getattr(relay, "backend", None), "pools", None)  # runtime/pools.py, where the relay has one
+    metrics = Metrics(gate, (lambda: pools.waiting) if pools is not None else None)
     app = FastAPI(title="relaygen-sgl", description="The RelayGen relay as an OpenAI-compatible model",
                   docs_url=None, redoc_url=None, lifespan=_lifespan(health))
     app.add_middleware(_Auth, digest=digest)

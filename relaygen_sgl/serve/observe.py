@@ -87,7 +87,7 @@ class _WithoutCreated:
 
 
 class Metrics:
-    def __init__(self, gate: Any) -> None:
+    def __init__(self, gate: Any, kv_waiting: Any = None) -> None:
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total ...
         self.requests = Counter("relaygen_requests", "HTTP requests answered, by route and status code",
@@ -96,6 +96,9 @@ class Metrics:
         running.set_function(lambda: gate.running)
         queued = Gauge("relaygen_relays_queued", "Requests waiting for a free relay slot", registry=r)
         queued.set_function(lambda: gate.waiting)
+        kv = Gauge("relaygen_relays_waiting_for_kv", "Relays started that wait for room in the servers' KV pools "
+                   "(the trajectories in flight fill them)", registry=r)
+        kv.set_function(kv_waiting or (lambda: 0))
         self.relays = Counter("relaygen_relays", "Relays that ended, by outcome (completed, failed, cancelled: "
                               "the client left, timeout: past the request deadline)", ["outcome"], registry=r)
         self.degraded = Counter("relaygen_relays_degraded", "Relays the large model finished alone after the "

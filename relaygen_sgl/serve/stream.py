@@ -75,7 +75,7 @@ def usage(result: RelayResult, extra: tuple[str | None, int] = (None, 0)) -> dic
 
 
 def finish_reason(result: RelayResult) -> str:
-    return "length" if result.stats.finish == "budget" else "stop"
+    return "length" if result.stats.finish in ("budget", "limit") else "stop"  # limit: a KV pool or context
 
 
 def public(message: str, urls: Mapping[str, str]) -> str:
