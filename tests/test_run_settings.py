@@ -63,7 +63,7 @@ def test_the_same_seed_range_in_the_cli_serve_and_the_api(capsys):
     RunSettings(seed=SEED_MIN), RunSettings(seed=SEED_MAX)  # both ends pass
     api = str(pytest.raises(SettingError, RunSettings, seed=-1).value)
     err = serve({"seed": -1})
-    assert err.status == 422 and err.param == "seed" and str(err) == api
+    assert err.status == 400 and err.param == "seed" and str(err) == api
     assert refused_by_cli(capsys, "--seed", "-1") == f"relaygen: --seed: {api}"
     schema = chat_schema("relaygen", 32768, [], 600.0)["properties"]["seed"]
     assert (schema["minimum"], schema["maximum"]) == (SEED_MIN, SEED_MAX)
@@ -74,7 +74,7 @@ def test_serve_passes_the_settings_on_as_they_are_built():
                         model_name="relaygen", max_budget=32768, default_max_tokens=4096, profiles={}, timeout_s=600.0)
     assert req.settings == RunSettings(max_tokens=4096, seed=7, temperature=0.5, answer_role="large")
     assert serve({"relay": {"method": "both"}}).param == "relay.method"
-    assert serve({"seed": True}).status == 422  # a JSON boolean is no integer
+    assert serve({"seed": True}).status == 400  # a JSON boolean is no integer
 
 
 def test_unknown_settings_and_settings_given_twice_are_refused():
