@@ -816,3 +816,17 @@ def test_a_small_server_down_at_start_serves_degraded_and_says_so(fake):
         assert r.json()["choices"][0]["message"]["content"] == "The answer is 5."
         assert sample(scrape(s), "relaygen_relays_degraded") == 1
         assert wait_for(lambda: any("degraded" in line for line in access_lines(records)))
+
+
+def test_a_budget_past_the_kv_pool_gets_a_400_naming_it_before_any_request(served):
+    for h in served.fake.hosts.values():
+        h.kv_tokens = 300
+    for engine in served.relay.backend.engines.values():
+        engine.__dict__.pop("limits", None)  # read again: the pools were set after the relay was made
+    before = served.generate_calls()
+    r = chat(served, {"messages": [{"role": "user", "content": Q}], "max_tokens": 1000})
+    assert r.status_code == 400 and is_openai_error(r), r.text
+    message = r.json()["error"]["message"]
+    assert "KV pool holds 300 tokens" in message and "the largest budget that fits is max_tokens=" in message
+    assert "http://" not in message and served.generate_calls() == before
+    assert chat(served, {"messages": [{"role": "user", "content": Q}], "max_tokens": 100}).status_code == 200
