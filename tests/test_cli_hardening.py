@@ -225,6 +225,34 @@ def test_an_unexpected_exception_is_one_line_and_a_log(monkeypatch, capsys):
     assert cli.main(["status"]) == 1 and capsys.readouterr().err == "relaygen: RelayGenError\n"
 
 
+def test_an_internal_error_report_shows_no_secret_and_its_log_is_private(monkeypatch, capsys):
+    """Issue 30 item 5: serve's --api-key value, the keys in the environment and the servers' key
+    (the home's key file) show as <redacted> in the line and in the log, which is 0600."""
+    import stat
+
+    from relaygen_sgl.core.state import write_key
+
+    write_key(load_settings(), "home-key-333")
+    monkeypatch.setenv("RELAYGEN_API_KEY", "serve-env-key-222")
+
+    def broken(args):
+        raise RuntimeError("failed with home-key-333 and flag-key-111 and serve-env-key-222")
+
+    monkeypatch.setattr(commands, "cmd_serve", broken)
+    assert cli.main(["serve", "--api-key", "flag-key-111", *NOWHERE]) == cli.EXIT_INTERNAL
+    err = capsys.readouterr().err
+    log = err.split("(details in ")[1].strip().rstrip(")")
+    text = open(log).read()
+    assert "serve --api-key <redacted>" in text and "Traceback" in text
+    for secret in ("flag-key-111", "serve-env-key-222", "home-key-333"):
+        assert secret not in err and secret not in text
+    assert err.count("<redacted>") == 3 and stat.S_IMODE(os.stat(log).st_mode) == 0o600
+    monkeypatch.setattr(commands, "cmd_serve", lambda args: 1 / 0)
+    assert cli.main(["serve", "--api-key=flag-key-111", *NOWHERE]) == cli.EXIT_INTERNAL
+    log = capsys.readouterr().err.split("(details in ")[1].strip().rstrip(")")
+    assert "--api-key=<redacted>" in open(log).read()
+
+
 # ---------------------------------------------------------------- SGLang API key
 def test_the_sglang_api_key_reaches_servers_and_clients_but_no_command_line(monkeypatch, tmp_path):
     import stat
@@ -236,13 +264,21 @@ def test_the_sglang_api_key_reaches_servers_and_clients_but_no_command_line(monk
     from relaygen_sgl.servers import launch, processes
 
     monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "s3cret-key")
-    cmd = launch.server_command(load_preset("cpu-tiny"), "large", load_settings(), api_key=sglang_api_key())
-    assert "s3cret-key" not in " ".join(cmd.argv) and "--api-key" not in cmd.argv
-    config = cmd.argv[cmd.argv.index("--config") + 1]
-    assert open(config).read() == 'api-key: "s3cret-key"\n' and stat.S_IMODE(os.stat(config).st_mode) == 0o600
     shown = subprocess.run([sys.executable, "-m", "relaygen_sgl.cli", "server-command", "small", "cpu-tiny"],
                            capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0 and "--config" in shown.stdout and "s3cret-key" not in shown.stdout
+    assert shown.returncode == 0 and "s3cret-key" not in shown.stdout + shown.stderr
+    argv = shown.stdout.splitlines()
+    config = argv[argv.index("--config") + 1]
+    assert config == str(load_settings().run_dir / "sglang-api-key.yaml") and "--api-key" not in argv
+    # SGLang's --config reader (YAML) takes the file as the flag; it is JSON, read by the clients too
+    assert json.loads(open(config).read()) == {"api-key": "s3cret-key"}
+    assert stat.S_IMODE(os.stat(config).st_mode) == 0o600
+    assert sglang_api_key() == "s3cret-key"
+    monkeypatch.delenv("RELAYGEN_SGLANG_API_KEY")
+    assert sglang_api_key() == "s3cret-key"  # from the file, with nothing in the environment
+    cmd = launch.server_command(load_preset("cpu-tiny"), "large", load_settings(), key_file=config)
+    assert cmd.argv[-2:] == ("--config", config)
+    monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "s3cret-key")
 
     seen = []
     transport = httpx.MockTransport(lambda req: seen.append(req.headers.get("authorization"))

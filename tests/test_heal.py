@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,20 +25,35 @@ from relaygen_sgl.servers.processes import start_server, start_ticks
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class Started(list):
+    """The ports started, in order; `commands` what `up` asked to run, `keys` the keys its health
+    checks sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands: list[ServerCommand] = []
+        self.keys: list[str | None] = []
+        self.pids: list[int] = []
+
+
 @pytest.fixture
 def stand_ins(monkeypatch):
-    """Every server `up` starts is a `sleep`; it answers while its URL is in `answering`."""
+    """Every server `up` starts is a `sleep` (holding what the server would inherit: the key file's
+    locked descriptor); it answers while its URL is in `answering`."""
     answering: set[str] = set()
-    started: list[int] = []
+    started = Started()
 
     def fake_start(cmd, log):
         port = int(cmd.argv[cmd.argv.index("--port") + 1])
-        proc = start_server(ServerCommand(argv=("sleep", "120"), env={}), log)
+        proc = start_server(ServerCommand(argv=("sleep", "120"), env={}, pass_fds=cmd.pass_fds), log)
         started.append(port)
+        started.commands.append(cmd)
+        started.pids.append(proc.pid)
         answering.add(f"http://127.0.0.1:{port}")
         return proc
 
     def fake_answers(url, timeout_s=30.0, api_key=None):
+        started.keys.append(api_key)
         return url in answering
 
     monkeypatch.setattr(stack, "check_models", lambda preset, settings: None)
@@ -214,3 +230,144 @@ def test_healing_on_a_shared_gpu_keeps_the_fractions_of_the_first_plan(stand_ins
     assert [k["role"] for k in healed["kept"]] == ["large"] and [s["role"] for s in healed["started"]] == ["small"]
     fraction = [a[a.index("--mem-fraction-static") + 1] for a in seen]
     assert len(fraction) == 3 and fraction[2] == fraction[1] == "0.549"
+
+
+# ---------------------------------------------------------------- a key by default (issue 30 item 1)
+def _home_files_others_can_read(settings) -> list[Path]:
+    return [p for p in settings.home.rglob("*") if p.is_file() and p.stat().st_mode & 0o044]
+
+
+def test_up_requires_a_random_key_by_default_that_every_client_finds_and_down_removes(stand_ins, monkeypatch):
+    from relaygen_sgl.core.config import sglang_api_key
+    from relaygen_sgl.core.state import key_in_use, key_path
+
+    monkeypatch.delenv("RELAYGEN_SGLANG_API_KEY", raising=False)
+    settings, answering, started = stand_ins
+    first = stack.up(load_preset("cpu-tiny"), settings)
+    path = key_path(settings)
+    key = json.loads(path.read_text())["api-key"]
+    assert len(key) >= 32 and (path.stat().st_mode & 0o777) == 0o600
+    assert first["api_key"] is True and sglang_api_key() == key  # the one lookup every client makes
+    for cmd in started.commands:  # the file, never the key, on the command line; the lock inherited
+        assert cmd.argv[-2:] == ("--config", str(path)) and key not in " ".join(cmd.argv) and cmd.pass_fds
+    assert set(started.keys) == {key}  # each health check sent it
+    assert key_in_use(settings)  # the servers hold the file's lock while they run
+    shown = json.dumps(stack.status(settings)) + settings.state_file.read_text()
+    assert key not in shown and not [p for p in _home_files_others_can_read(settings) if key in p.read_text()]
+    again = stack.up(load_preset("cpu-tiny"), settings)  # nothing to start: the same key
+    assert again["started"] == [] and json.loads(path.read_text())["api-key"] == key
+    stack.restart(settings, "small")
+    assert json.loads(path.read_text())["api-key"] == key and started.commands[-1].argv[-1] == str(path)
+    stack.down(settings)
+    assert not path.exists() and not key_in_use(settings)
+
+
+def test_no_api_key_starts_keyless_with_a_warning_and_loopback_only(stand_ins, monkeypatch, capsys):
+    from relaygen_sgl.core.state import key_path
+
+    monkeypatch.delenv("RELAYGEN_SGLANG_API_KEY", raising=False)
+    settings, answering, started = stand_ins
+    assert cli.main(["up", "--preset", "cpu-tiny", "--no-api-key"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "without an API key (--no-api-key)" in warning[0] and "run code" in warning[0]
+    assert not key_path(settings).exists() and all("--config" not in c.argv for c in started.commands)
+    assert _recorded(settings)["large"]["port"] == 30000 and not json.loads(settings.state_file.read_text())["api_key"]
+    _kill9(_recorded(settings)["small"]["pid"])
+    answering.discard("http://127.0.0.1:30001")
+    healed = stack.up(load_preset("cpu-tiny"), settings)  # a heal keeps the servers' setting
+    assert [s["role"] for s in healed["started"]] == ["small"] and "--config" not in started.commands[-1].argv
+    assert healed["api_key"] is False and not key_path(settings).exists()
+    stack.down(settings)
+    with pytest.raises(ConfigError, match="--host 0.0.0.0 is reachable from other machines"):
+        stack.up(load_preset("cpu-tiny"), settings, host="0.0.0.0", keyless=True)
+    monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "k-123")
+    with pytest.raises(ConfigError, match="--no-api-key and .RELAYGEN_SGLANG_API_KEY ask for opposite things"):
+        stack.up(load_preset("cpu-tiny"), settings, keyless=True)
+    assert started == [30000, 30001, 30001]
+
+
+def test_a_key_in_the_environment_is_the_servers_key_and_another_one_later_is_refused(stand_ins, monkeypatch):
+    from relaygen_sgl.core.state import key_path
+
+    settings, _, started = stand_ins
+    monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "chosen-key-1")
+    stack.up(load_preset("cpu-tiny"), settings)
+    assert json.loads(key_path(settings).read_text()) == {"api-key": "chosen-key-1"}
+    monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "another-key-2")
+    with pytest.raises(StackError, match=r"run with the API key in .*sglang-api-key.yaml, not \$RELAYGEN_SGLANG"):
+        stack.up(load_preset("cpu-tiny"), settings)
+    assert set(started.keys) == {"chosen-key-1"}
+
+
+def test_a_failed_up_stops_what_it_started_removes_the_key_file_and_shows_no_key(stand_ins, monkeypatch):
+    """Issue 30 item 5: SGLang logs its arguments, the key included; the lines a failure quotes
+    show <redacted>, the log is scrubbed, and the key file goes with the servers."""
+    from relaygen_sgl.core.state import key_in_use, key_path
+    from relaygen_sgl.servers.processes import tail
+
+    monkeypatch.delenv("RELAYGEN_SGLANG_API_KEY", raising=False)
+    settings, _, started = stand_ins
+
+    def dies(url, proc, log, timeout, role, api_key):
+        with open(log, "a") as f:
+            f.write(f"server_args={{'api_key': '{api_key}', 'port': 30000}}\nRuntimeError: boom\n")
+        raise LaunchError(f"the {role} server exited with code 1 during start-up; last lines of {log}:\n{tail(log)}")
+
+    monkeypatch.setattr(stack, "wait_healthy", dies)
+    with pytest.raises(LaunchError) as failed:
+        stack.up(load_preset("cpu-tiny"), settings)
+    assert "'api_key': '<redacted>'" in str(failed.value) and "RuntimeError: boom" in str(failed.value)
+    log = next((settings.run_dir / "logs").glob("*large*"))
+    assert "'api_key': '****" in log.read_text()
+    assert not key_path(settings).exists() and not key_in_use(settings) and not settings.state_file.exists()
+    assert started == [30000, 30001]
+    assert all(start_ticks(p) is None for p in started.pids)
+
+
+def test_serve_sh_requires_the_homes_key_and_removes_its_files_when_the_server_exits(tmp_path):
+    """launch/serve.sh as `up`: the home's key file (0600, its lock inherited by the server, which
+    reads it with --config and finds it in use), a private TMPDIR; both gone once the server exits.
+    The server here is a stand-in: $PYTHON runs relaygen's helper for real and checks the rest."""
+    from relaygen_sgl.core.config import KEY_FILE
+
+    home = tmp_path / "home"
+    fake = tmp_path / "python"
+    # the helper's argv names the interpreter it ran in: this script takes its place
+    fake.write_text(f"""#!/bin/bash
+if [ "$2" = relaygen_sgl.cli ]; then
+  out=$({sys.executable} "$@") || exit $?
+  printf '%s\\n' "$out" | awk -v me="$0" '!done && !/^export /{{print me; done=1; next}} {{print}}'
+  exit 0
+fi
+[ "$2" = sglang.launch_server ] || exit 99
+exec {sys.executable} - "$@" <<'PY'
+import fcntl, json, os, sys
+if "--config" not in sys.argv:
+    print(json.dumps({{"argv": sys.argv}}))
+    sys.exit(0)
+cfg = sys.argv[sys.argv.index("--config") + 1]
+fd = os.open(cfg, os.O_RDONLY)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    in_use = False
+except BlockingIOError:
+    in_use = True
+print(json.dumps({{"cfg": cfg, "mode": os.stat(cfg).st_mode & 0o777, "key": json.load(open(cfg))["api-key"],
+                  "in_use": in_use, "tmp": os.environ["TMPDIR"], "argv": sys.argv}}))
+PY
+""")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "RELAYGEN_SGLANG_API_KEY"}
+    env.update(PYTHON=str(fake), RELAYGEN_HOME=str(home))
+    out = subprocess.run([str(ROOT / "launch" / "serve.sh"), "small", "cpu-tiny"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["cfg"] == str(home / "run" / KEY_FILE) and seen["mode"] == 0o600 and seen["in_use"]
+    assert len(seen["key"]) >= 32 and seen["key"] not in " ".join(seen["argv"]) + out.stderr
+    assert os.path.basename(seen["tmp"]).startswith("relaygen-small-")
+    assert not os.path.exists(seen["tmp"]) and not os.path.exists(seen["cfg"])
+    keyless = subprocess.run([str(ROOT / "launch" / "serve.sh"), "small", "cpu-tiny", "--no-api-key"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert keyless.returncode == 0 and "--config" not in json.loads(keyless.stdout)["argv"]
+    assert "relaygen: warning: the SGLang servers take requests without an API key" in keyless.stderr

@@ -4,7 +4,10 @@ typed library functions and prints; errors travel up to cli.main as RelayGenErro
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 
 import orjson
 
@@ -87,14 +90,38 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+KEYLESS_WARNING = ("the SGLang servers take requests without an API key (--no-api-key): any local user, container "
+                   "neighbour or web page open in a browser here can run code as you through them (SGLang unpickles "
+                   "what a client sends for --enable-custom-logit-processor)")
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP end `up`/`restart` as Ctrl-C does: what it started is stopped and the key
+    file removed (a KeyboardInterrupt unwinds through their cleanup; the default would skip it)."""
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from relaygen_sgl.core.config import load_preset, load_settings
     from relaygen_sgl.servers.stack import up, up_lines
 
     preset = load_preset(args.preset)
     sys.stderr.write("" if args.dry_run else f"starting {preset.name}: {preset.description}\n")
-    out = up(preset, load_settings(), host=args.host, timeout_s=args.timeout, kv_tokens=args.kv_tokens,
-             replicas={"large": args.replicas_large, "small": args.replicas_small}, dry_run=args.dry_run)
+    with _interruptible():
+        out = up(preset, load_settings(), host=args.host, timeout_s=args.timeout, kv_tokens=args.kv_tokens,
+                 replicas={"large": args.replicas_large, "small": args.replicas_small}, dry_run=args.dry_run,
+                 keyless=True if args.no_api_key else None)
+    if not args.dry_run and out.get("api_key") is False:
+        sys.stderr.write(f"relaygen: warning: {KEYLESS_WARNING}\n")
     if args.json:
         _emit_json(out)
     else:
@@ -106,16 +133,25 @@ def cmd_server_command(args: argparse.Namespace) -> int:
     """For launch/serve.sh: `export K=V` lines, then the argv of one server of the plan
     `relaygen up` makes (servers.launch.role_command), one item per line. With $DRY_RUN set
     and no GPU visible, devices 0..N-1 are assumed; a note goes to stderr. The second server on
-    a shared GPU is sized from what is free now, once the first listens on its port."""
+    a shared GPU is sized from what is free now, once the first listens on its port. The server
+    requires the home's API key as `up`'s do (the argv names its file after --config; written
+    now unless a server uses it already: stack.hand_key), unless --no-api-key; a dry run
+    writes nothing."""
     import os
 
     from relaygen_sgl.core.config import load_preset, load_settings
     from relaygen_sgl.servers.launch import role_command
     from relaygen_sgl.servers.processes import port_in_use
+    from relaygen_sgl.servers.stack import hand_key
 
-    cmd, note = role_command(load_preset(args.preset), args.role, load_settings(), host=args.host,
-                             assume=bool(os.environ.get("DRY_RUN")),
-                             listening=lambda port: port_in_use(port, args.host))
+    settings, dry = load_settings(), bool(os.environ.get("DRY_RUN"))
+    keyed = not args.no_api_key
+    cmd, note = role_command(load_preset(args.preset), args.role, settings, host=args.host, assume=dry,
+                             listening=lambda port: port_in_use(port, args.host), keyed=keyed, key_file=not dry)
+    if keyed and not dry:
+        hand_key(settings)
+    if not keyed:
+        sys.stderr.write(f"relaygen: warning: {KEYLESS_WARNING}\n")
     if note:
         sys.stderr.write(f"relaygen: note: {note}\n")
     for key, value in cmd.env.items():
@@ -160,11 +196,20 @@ def cmd_restart(args: argparse.Namespace) -> int:
     from relaygen_sgl.core.config import load_settings
     from relaygen_sgl.servers.stack import restart, up_lines
 
-    out = restart(load_settings(), args.role, timeout_s=args.timeout)
+    with _interruptible():
+        out = restart(load_settings(), args.role, timeout_s=args.timeout)
     if args.json:
         _emit_json(out)
     else:
         print("\n".join(up_lines(out)))
+    return 0
+
+
+def cmd_with_key(args: argparse.Namespace) -> int:
+    """The router's launcher (servers.launch.router_command): MODULE run with --api-key from KEY_FILE."""
+    from relaygen_sgl.servers.launch import run_with_key
+
+    run_with_key(args.key_file, args.module, args.args)
     return 0
 
 

@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer, start the dead or missing ones")
     up.add_argument("--preset", required=True)
     up.add_argument("--host", default=LOOPBACK,
-                    help="bind address; beyond loopback needs $RELAYGEN_SGLANG_API_KEY (the servers run client code)")
+                    help="bind address; beyond loopback needs $RELAYGEN_SGLANG_API_KEY, a key the remote clients "
+                         "can be given (the servers run client code)")
+    up.add_argument("--no-api-key", action="store_true",
+                    help="start the servers without an API key (by default they require $RELAYGEN_SGLANG_API_KEY or "
+                         "a random key in $RELAYGEN_HOME/run, which this machine's clients read): anyone who can "
+                         "reach them can run code as you; loopback only")
     up.add_argument("--timeout", type=float, default=None, help="seconds to wait for health (default: preset's)")
     up.add_argument("--replicas-large", type=_positive_int, default=1,
                     help="servers for the large role; >1 puts SGLang's cache-aware router in front")
@@ -112,7 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("role", choices=ROLES)
     sc.add_argument("preset")
     sc.add_argument("host", nargs="?", default=LOOPBACK)
+    sc.add_argument("--no-api-key", action="store_true")
     sc.set_defaults(func=c.cmd_server_command)
+
+    # the router's launcher (servers.launch.router_command), not a user command
+    wk = sub.add_parser("with-key")
+    wk.add_argument("key_file")
+    wk.add_argument("module")
+    wk.add_argument("args", nargs=argparse.REMAINDER)
+    wk.set_defaults(func=c.cmd_with_key)
 
     st = sub.add_parser("status", help="show the servers `up` started")
     st.add_argument("--json", action="store_true")
@@ -337,23 +350,55 @@ def _not_utf8(argv: Sequence[str]) -> str | None:
     return None
 
 
+SECRET_FLAGS = ("--api-key",)  # flags whose value is a secret (serve's key)
+SECRET_ENV = ("RELAYGEN_SGLANG_API_KEY", "RELAYGEN_API_KEY")  # variables holding one
+
+
+def _secrets(argv: Sequence[str]) -> list[str]:
+    """The secrets an error report could show: values of SECRET_FLAGS, of SECRET_ENV, and the
+    SGLang servers' key (core.config.sglang_api_key)."""
+    found = [os.environ.get(name, "") for name in SECRET_ENV]
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in SECRET_FLAGS:
+            found.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+    try:
+        from relaygen_sgl.core.config import sglang_api_key
+
+        found.append(sglang_api_key() or "")
+    except Exception:  # noqa: BLE001 - a report of one error must not fail on another
+        pass
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "<redacted>")
+    return text
+
+
 def _internal_error(e: BaseException, argv: Sequence[str]) -> int:
-    """Last resort: one line on stderr, the traceback in $RELAYGEN_HOME/logs/."""
+    """Last resort: one line on stderr, the traceback in $RELAYGEN_HOME/logs/ (0600). Secrets
+    (an --api-key value, the keys in the environment and the servers' key) show as <redacted>
+    in both."""
     import time
     import traceback
 
     from relaygen_sgl.core.config import load_settings
 
+    secrets = _secrets(argv)
     try:
         folder = load_settings().home / "logs"
         folder.mkdir(parents=True, exist_ok=True)
         log = folder / f"internal-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        log.write_text(f"relaygen {' '.join(argv)}\n" + "".join(traceback.format_exception(e)),
-                       errors="backslashreplace")
+        text = f"relaygen {' '.join(argv)}\n" + "".join(traceback.format_exception(e))
+        with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                       errors="backslashreplace") as f:
+            f.write(_redact(text, secrets))
         where = f"details in {log}"
     except Exception as log_error:  # noqa: BLE001 - the log is a courtesy; the line must still go out
         where = f"no log written: {type(log_error).__name__}: {log_error}"
-    message = one_line(e, 300)
+    message = one_line(_redact(str(e), secrets), 300)
     sys.stderr.write(f"relaygen: internal error: {type(e).__name__}: {message} ({where})\n")
     return EXIT_INTERNAL
 

@@ -5,6 +5,7 @@ launch/presets.toml). Everything here is data or derived from data; nothing runs
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -21,6 +22,9 @@ SMALL_FAILURE_MODES = ("large", "fail")  # on_small_failure: go on with the larg
 LOOPBACK = "127.0.0.1"  # where servers bind and clients connect unless told otherwise
 CVD = "CUDA_VISIBLE_DEVICES"
 API_KEY_ENV = "RELAYGEN_SGLANG_API_KEY"  # SGLang's --api-key, for the servers and every client
+# The key the servers of a home require, while any runs: $RELAYGEN_HOME/run/KEY_FILE, 0600. JSON, which
+# is YAML too: SGLang reads it with --config (the name must end in .yaml), clients with sglang_api_key().
+KEY_FILE = "sglang-api-key.yaml"
 _PKG = Path(__file__).resolve().parent.parent  # the relaygen_sgl package
 _SIZES = {"tp": ("--tp", "--tp-size", "--tensor-parallel-size"),
           "pp": ("--pp-size", "--pipeline-parallel-size"),
@@ -92,11 +96,39 @@ def exposed(host: str, api_key: str | None) -> bool:
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")  # a name that is safe in a file name, a URL and a log
 
 
-def sglang_api_key(environ: dict[str, str] | None = None) -> str | None:
-    """$RELAYGEN_SGLANG_API_KEY, checked: it goes into an HTTP header and a YAML file."""
+def sglang_api_key(environ: dict[str, str] | None = None, settings: Settings | None = None) -> str | None:
+    """The key the SGLang servers require, the one lookup every client makes: $RELAYGEN_SGLANG_API_KEY
+    when set, else the key of the servers this home runs (KEY_FILE in its run folder, which `relaygen
+    up` and launch/serve.sh write and `down` removes), else None. Checked: it goes into an HTTP header."""
+    key = user_api_key(environ)
+    return key if key is not None else read_key_file((settings or load_settings()).run_dir / KEY_FILE)
+
+
+def user_api_key(environ: dict[str, str] | None = None) -> str | None:
+    """$RELAYGEN_SGLANG_API_KEY (a key the user chose, and can give to clients on other machines), checked."""
     key = (os.environ if environ is None else environ).get(API_KEY_ENV) or None
-    if key is not None and not (key.isascii() and key.isprintable() and not any(c.isspace() for c in key)):
+    if key is not None and not valid_key(key):
         raise ConfigError(f"${API_KEY_ENV} must be printable ASCII without spaces")
+    return key
+
+
+def valid_key(key: str) -> bool:
+    return bool(key) and key.isascii() and key.isprintable() and not any(c.isspace() for c in key)
+
+
+def read_key_file(path: Path) -> str | None:
+    """The key in a KEY_FILE ({"api-key": KEY}), or None when there is none; a file that holds
+    no key is a ConfigError naming it."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the servers' API key from {path}: {getattr(e, 'strerror', None) or e}; "
+                          "`relaygen down` removes it") from None
+    key = data.get("api-key") if isinstance(data, dict) else None
+    if not isinstance(key, str) or not valid_key(key):
+        raise ConfigError(f"{path} holds no valid API key; `relaygen down` removes it")
     return key
 
 

@@ -1,16 +1,25 @@
 """What `relaygen up` recorded: the state file's server records (role, URL, pid, log, port,
 kind, when it started and how often `up`/`restart` started it again) and the URL clients use
-per role. Read by `connect()` and written by servers.stack;
-reading needs nothing of server management."""
+per role; and the home's API key file, which its servers and clients read. Read by `connect()`
+and written by servers.stack; reading needs nothing of server management.
+
+The key file (config.KEY_FILE, mode 0600) lives while a server that read it runs: each server
+holds a shared flock on it (an inherited descriptor, see servers.processes.start_server), so
+the key is "in use" while any such server lives, and whoever finds it unused removes it."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from relaygen_sgl.core import files
-from relaygen_sgl.core.config import ROLES, Settings
+from relaygen_sgl.core.config import KEY_FILE, ROLES, Settings, read_key_file
 from relaygen_sgl.core.errors import StackError
 
 
@@ -26,6 +35,8 @@ class ServerRecord:
     devices: str | None = None  # the server's CUDA_VISIBLE_DEVICES, when it got GPUs
     started_at: float | None = None  # time.time() at its start: `status` shows the uptime
     restarts: int = 0  # how often `up` (healing) or `restart` started this process again
+    tmp_dir: str | None = None  # its private TMPDIR (SGLang's IPC sockets), removed once it stopped
+    shm: dict[str, int] | None = None  # its /dev/shm files (name: inode), removed once it stopped
 
 
 def _valid_record(rec: Any) -> bool:
@@ -37,7 +48,10 @@ def _valid_record(rec: Any) -> bool:
             and is_int(rec.get("port")) and rec.get("kind", "server") in ("server", "router")
             and (rec.get("start_ticks") is None or is_int(rec.get("start_ticks")))
             and is_int(rec.get("restarts", 0))
-            and (rec.get("started_at") is None or isinstance(rec["started_at"], (int, float))))
+            and (rec.get("started_at") is None or isinstance(rec["started_at"], (int, float)))
+            and (rec.get("tmp_dir") is None or isinstance(rec["tmp_dir"], str))
+            and (rec.get("shm") is None or (isinstance(rec["shm"], dict)
+                                            and all(is_int(v) for v in rec["shm"].values()))))
 
 
 def read_state(settings: Settings) -> dict[str, Any] | None:
@@ -77,3 +91,83 @@ def role_urls(state: dict[str, Any]) -> dict[str, str]:
         if rec.get("kind", "server") == "router" or rec["role"] not in urls:
             urls[rec["role"]] = rec["url"]
     return urls
+
+
+# ---------------------------------------------------------------- the home's API key file
+def key_path(settings: Settings) -> Path:
+    return settings.run_dir / KEY_FILE
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def write_key(settings: Settings, key: str) -> Path:
+    """The key file holding `key`, replaced at once: created 0600 under a temporary name in the
+    run folder, then renamed over the old one."""
+    path = key_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"api-key": key}) + "\n")  # JSON is YAML: SGLang's --config reads it
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_key(settings: Settings) -> str | None:
+    return read_key_file(key_path(settings))
+
+
+def key_in_use(settings: Settings) -> bool:
+    """A server started with the key file still runs (it holds a shared flock on the file)."""
+    try:
+        fd = os.open(key_path(settings), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
+def remove_key_if_unused(settings: Settings) -> bool:
+    """Remove the key file when no server started with it runs; True when it is gone."""
+    path = key_path(settings)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not replaced meanwhile
+                path.unlink()
+        return True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def key_held(settings: Settings):  # type: ignore[no-untyped-def]
+    """A read-only descriptor of the key file with a shared flock, for the block: while it is
+    held the key counts as in use; a process that inherits it holds the lock as long as it lives."""
+    fd = os.open(key_path(settings), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield fd
+    finally:
+        os.close(fd)

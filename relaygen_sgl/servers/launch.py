@@ -10,14 +10,17 @@ sized by servers.memory.plan_shared, since SGLang sizes a server's cache from th
 when it starts; the second is sized again from what nvidia-smi reports once the first is up
 (size_second), and launch/serve.sh sizes it from what is free when it runs (role_command).
 
-Exposure: SGLang's --enable-custom-logit-processor unpickles code a client sends, so a server
-with it binds beyond loopback only with an API key (check_exposure)."""
+Keys and exposure: SGLang's --enable-custom-logit-processor unpickles code a client sends (dill),
+so every server requires an API key unless the user opts out: the home's key file (config.KEY_FILE,
+0600; SGLang reads it with --config, the router through run_with_key), never a command line. A
+server reachable from other machines needs a key its remote clients know: $RELAYGEN_SGLANG_API_KEY
+(check_exposure)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import runpy
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -36,9 +39,11 @@ from relaygen_sgl.core.config import (
     client_url,
     cpu_shim_dir,
     exposed,
-    sglang_api_key,
+    read_key_file,
+    user_api_key,
 )
 from relaygen_sgl.core.errors import ConfigError, StackError
+from relaygen_sgl.core.state import key_path
 from relaygen_sgl.servers.gpus import GpuMemory, devices_for, gpu_memory
 from relaygen_sgl.servers.memory import (
     Card,
@@ -55,7 +60,7 @@ from relaygen_sgl.servers.memory import (
     trajectories_text,
 )
 
-KEY_PLACEHOLDER = "<api-key-config.yaml>"
+KEY_PLACEHOLDER = "<api-key-config.yaml>"  # the key file's place in a plan that is only shown
 CUSTOM_LOGITS = "--enable-custom-logit-processor"
 DEVICE_ORDER = "CUDA_DEVICE_ORDER"
 
@@ -64,6 +69,7 @@ DEVICE_ORDER = "CUDA_DEVICE_ORDER"
 class ServerCommand:
     argv: tuple[str, ...]
     env: dict[str, str]  # additions to the parent's environment
+    pass_fds: tuple[int, ...] = ()  # descriptors it inherits: the key file's, locked (core.state)
 
 
 def _override(args: tuple[str, ...], flag: str, value: str | None) -> tuple[str, ...]:
@@ -77,33 +83,19 @@ def _override(args: tuple[str, ...], flag: str, value: str | None) -> tuple[str,
     return tuple(out)
 
 
-def auth_config(settings: Settings, name: str, api_key: str) -> Path:
-    """A YAML file for SGLang's --config holding `api_key`: SGLang 0.5.23 reads --api-key from
-    its arguments only (no environment variable), and a file keeps the key out of `ps` and of
-    the command lines printed to logs. Mode 0600 in a 0700 folder."""
-    folder = settings.run_dir / "auth"
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)
-    path = folder / f"{name}.yaml"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(fd, 0o600)
-        f.write(f"api-key: {json.dumps(api_key)}\n")  # the flag's spelling; a JSON string is valid YAML
-    return path
-
-
 def server_command(preset: Preset, role: str, settings: Settings, host: str = LOOPBACK,
                    python: str = sys.executable, port: int | None = None,
-                   kv_tokens: int | None = None, api_key: str | None = None,
+                   kv_tokens: int | None = None, key_file: str | None = None,
                    devices: Sequence[str] | None = None) -> ServerCommand:
-    """With `api_key` the server requires it (written to a --config file, see auth_config);
-    with `devices` (its block from servers.gpus.allocate) it sees only those GPUs."""
+    """With `key_file` the server requires the key in it (SGLang's --config reads the file: 0.5.23
+    takes --api-key from its arguments only, and a file keeps the key out of `ps` and of the command
+    lines printed to logs); with `devices` (its block from servers.gpus.allocate) it sees only those GPUs."""
     spec = preset.roles[role]
     args = _override(spec.args, "--max-total-tokens", str(kv_tokens) if kv_tokens else None)
     argv = (python, "-m", "sglang.launch_server", "--model-path", spec.model_path(settings),
             "--host", host, "--port", str(port or spec.port), *args)
-    if api_key:
-        argv += ("--config", str(auth_config(settings, f"{preset.name}-{role}-{port or spec.port}", api_key)))
+    if key_file:
+        argv += ("--config", key_file)
     env = dict(spec.env)
     if devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
@@ -120,13 +112,28 @@ def server_command(preset: Preset, role: str, settings: Settings, host: str = LO
 
 
 def router_command(worker_urls: list[str], port: int, host: str = LOOPBACK,
-                   python: str = sys.executable) -> ServerCommand:
+                   python: str = sys.executable, key_file: str | None = None) -> ServerCommand:
     """SGLang's own router (sglang-router) in front of a role's replicas. cache_aware sends a
     request to the replica holding the longest matching prefix, so a trajectory's handoffs
-    keep landing where its cache is."""
-    argv = (python, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
+    keep landing where its cache is. With `key_file` the router requires the key from its
+    clients and sends it to its workers (sglang-router 0.3.2's --api-key, measured: 401 without
+    it); it takes the key only as an argument, so `relaygen with-key` reads the file and passes
+    it in-process (run_with_key)."""
+    args = ("sglang_router.launch_router", "--host", host, "--port", str(port),
             "--policy", "cache_aware", "--worker-urls", *worker_urls)
-    return ServerCommand(argv=argv, env={})
+    if key_file:
+        return ServerCommand(argv=(python, "-m", "relaygen_sgl.cli", "with-key", key_file, *args), env={})
+    return ServerCommand(argv=(python, "-m", *args), env={})
+
+
+def run_with_key(key_file: str, module: str, args: Sequence[str]) -> None:
+    """Run `python -m MODULE ARGS --api-key KEY` in this process, the key read from `key_file`:
+    /proc/PID/cmdline (what `ps` shows) keeps the command line this process started with."""
+    key = read_key_file(Path(key_file))
+    if key is None:
+        raise ConfigError(f"no API key file at {key_file}")
+    sys.argv = [module, *args, "--api-key", key]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def replica_port(base: int, index: int) -> int:
@@ -159,25 +166,25 @@ def _sized(cmd: ServerCommand, mem: ServerMemory) -> ServerCommand:
 
 def check_exposure(preset: Preset, host: str, api_key: str | None) -> None:
     """A server with --enable-custom-logit-processor runs code a client sends (SGLang unpickles
-    it): beyond loopback only with an API key. ConfigError (one line, exit 2) otherwise."""
+    it): beyond loopback only with a key its remote clients can be given, `api_key` (the user's
+    $RELAYGEN_SGLANG_API_KEY; a key `up` makes is read by this machine's clients only). ConfigError
+    (one line, exit 2) otherwise."""
     if not exposed(host, api_key or None):
         return
     roles = [role for role, spec in preset.roles.items() if CUSTOM_LOGITS in spec.args]
     if roles:
         raise ConfigError(f"--host {host} is reachable from other machines and the {' and '.join(roles)} "
                           f"server{'s' if len(roles) > 1 else ''} of {preset.name} run client code "
-                          f"({CUSTOM_LOGITS}): set ${API_KEY_ENV} (every server then requires it), or bind "
-                          f"{LOOPBACK}")
+                          f"({CUSTOM_LOGITS}): set ${API_KEY_ENV} (every server then requires it; give it to "
+                          f"the remote clients), or bind {LOOPBACK}")
 
 
-def check_counts(replicas: Mapping[str, int] | None, api_key: str | None) -> dict[str, int]:
-    """Servers per role (default 1), checked."""
+def check_counts(replicas: Mapping[str, int] | None) -> dict[str, int]:
+    """Servers per role (default 1), checked. A key and replicas go together: the router requires
+    the key and passes it on to its workers (router_command)."""
     counts = {role: (replicas or {}).get(role, 1) for role in ROLES}
     if any(n < 1 for n in counts.values()):
         raise StackError("replica counts must be at least 1")
-    if api_key and any(n > 1 for n in counts.values()):
-        raise StackError(f"${API_KEY_ENV} with more than one replica is not supported (SGLang's router would "
-                         "need the key on its command line); unset it or use one replica per role")
     return counts
 
 
@@ -215,15 +222,18 @@ class LaunchPlan:
 def launch_plan(preset: Preset, settings: Settings, host: str = LOOPBACK,
                 replicas: Mapping[str, int] | None = None, kv_tokens: int | None = None,
                 api_key: str | None = None, assume: bool = False, key_file: bool = True,
-                free_gib: float | None = None) -> LaunchPlan:
+                free_gib: float | None = None, keyed: bool = False) -> LaunchPlan:
     """Every process `up` starts, in order. A role with one server serves on its own port;
     with more, replica i on replica_port(base, i) and a router on the role's port, after its
-    workers. With `api_key`, each server requires it: written to a 0600 --config file, or
-    with `key_file=False` (a plan only shown) a placeholder. With `assume` and no GPU
-    visible, devices 0..N-1 are assumed (said in the note); otherwise too few is a ConfigError."""
-    counts = check_counts(replicas, api_key)
+    workers. With `keyed`, each server and router requires the key in the home's key file
+    (state.key_path; whoever starts the plan writes it), or with `key_file=False` (a plan only
+    shown) a placeholder; `api_key` is the user's key, which a host beyond loopback needs
+    (check_exposure). With `assume` and no GPU visible, devices 0..N-1 are assumed (said in
+    the note); otherwise too few is a ConfigError."""
+    counts = check_counts(replicas)
     if key_file:  # a plan to run (a dry run only notes it)
         check_exposure(preset, host, api_key)
+    key = (str(key_path(settings)) if key_file else KEY_PLACEHOLDER) if keyed else None
     devices, note = devices_for(preset, counts, assume=assume)
     memory, card, shared = None, None, None
     if preset.share_device:
@@ -241,19 +251,18 @@ def launch_plan(preset: Preset, settings: Settings, host: str = LOOPBACK,
         ports = [base] if counts[role] == 1 else [replica_port(base, i) for i in range(counts[role])]
         for i, port in enumerate(ports):
             cmd = server_command(preset, role, settings, host=host, port=port, kv_tokens=kv_tokens,
-                                 api_key=api_key if key_file else None, devices=devices[(role, i)])
+                                 key_file=key, devices=devices[(role, i)])
             sizing = memory.servers[role] if memory else None
             if sizing:
                 cmd = _sized(cmd, sizing)
-            if api_key and not key_file:
-                cmd = ServerCommand(argv=(*cmd.argv, "--config", KEY_PLACEHOLDER), env=cmd.env)
             mine = set(devices[(role, i)])
             after = tuple(p.port for p in processes if p.kind == "server"
                           and mine & set(p.command.env.get(CVD, "").split(",")))
             processes.append(Process(role, "server", i, port, cmd, after=after, memory=sizing))
         if counts[role] > 1:
             workers = [client_url(host, p) for p in ports]
-            processes.append(Process(role, "router", counts[role], base, router_command(workers, base, host=host)))
+            processes.append(Process(role, "router", counts[role], base,
+                                     router_command(workers, base, host=host, key_file=key)))
     return LaunchPlan(preset.name, host, counts, tuple(processes), note, shared_device=shared,
                       free_gib=card.free_gib if card is not None else None, memory=memory, card=card,
                       kv_tokens=kv_tokens)
@@ -319,22 +328,24 @@ def card_plans(preset: Preset, kv_tokens: int | None = None) -> dict[str, dict[s
 
 
 def dry_run(preset: Preset, settings: Settings, host: str = LOOPBACK, replicas: Mapping[str, int] | None = None,
-            kv_tokens: int | None = None) -> dict[str, Any]:
+            kv_tokens: int | None = None, keyless: bool = False) -> dict[str, Any]:
     """What `up` would start, in its order: {"preset", "servers": [{"role", "replica", "port",
     "argv", "env", "memory"}], "memory", "cards", "note"}: each server's KV tokens and the
     trajectories of the budget that fit (servers.memory), here and on each card the preset
     names. Starts nothing and writes nothing; the API key is never shown."""
-    key = sglang_api_key()
-    plan = launch_plan(preset, settings, host, replicas, kv_tokens, api_key=key, assume=True, key_file=False)
+    key = None if keyless else user_api_key()
+    plan = launch_plan(preset, settings, host, replicas, kv_tokens, api_key=key, assume=True, key_file=False,
+                       keyed=not keyless)
     memory = memory_plan(preset, plan)
     notes = [plan.note] if plan.note else []
     try:
         check_exposure(preset, host, key)
     except ConfigError as e:
         notes.append(f"a real start would refuse: {e}")
-    if key:
-        notes.append(f"${API_KEY_ENV} is set: `up` passes it in a 0600 file (--config); shown here as "
-                     f"{KEY_PLACEHOLDER}, never printed")
+    auth = None if keyless else (
+        f"every server requires an API key ({'$' + API_KEY_ENV if key else 'a random one'}): `up` writes it to a "
+        f"0600 file the servers and this machine's clients read (--config); shown here as {KEY_PLACEHOLDER}, never "
+        "printed")
     try:
         check_models(preset, settings)
     except ConfigError as e:
@@ -361,28 +372,31 @@ def dry_run(preset: Preset, settings: Settings, host: str = LOOPBACK, replicas: 
     out["memory"] = memory.to_dict()
     if preset.device == "cuda":
         out["cards"] = card_plans(preset, kv_tokens)
-    return {**out, "servers": servers, "note": "; ".join(notes + list(memory.notes)) or None}
+    return {**out, "servers": servers, "auth": auth, "note": "; ".join(notes + list(memory.notes)) or None}
 
 
 def role_command(preset: Preset, role: str, settings: Settings, host: str = LOOPBACK, assume: bool = False,
-                 listening: Callable[[int], bool] | None = None) -> tuple[ServerCommand, str | None]:
+                 listening: Callable[[int], bool] | None = None, keyed: bool = False,
+                 key_file: bool = True) -> tuple[ServerCommand, str | None]:
     """One server of `role`, for launch/serve.sh: the first server of that role in the plan
     `up` makes with one replica per role, so two roles started by hand on one machine do not
     share GPUs. Where only this role fits (a machine for one role) it takes the first visible
     devices; the note says so. The second server on a shared GPU is sized from what is free
-    now (_second_on_device); `listening(port)` tells whether the first one is up."""
-    key = sglang_api_key()
+    now (_second_on_device); `listening(port)` tells whether the first one is up. `keyed` and
+    `key_file` as for launch_plan."""
+    key = user_api_key() if keyed else None
+    check_exposure(preset, host, key)  # a dry run too: what it prints could not start
     if preset.share_device and role != ROLES[0]:
-        return _second_on_device(preset, role, settings, host, key, assume, listening)
+        return _second_on_device(preset, role, settings, host, key, assume, listening, keyed, key_file)
     try:
-        plan = launch_plan(preset, settings, host, api_key=key, assume=assume)
+        plan = launch_plan(preset, settings, host, api_key=key, assume=assume, keyed=keyed, key_file=key_file)
         note = plan.note
     except ConfigError as both:  # not enough for both roles: this one alone?
         alone = dataclasses.replace(preset, roles={**preset.roles,
                                                    **{r: dataclasses.replace(s, gpus=0) for r, s in
                                                       preset.roles.items() if r != role}})
         try:
-            plan = launch_plan(alone, settings, host, api_key=key, assume=assume)
+            plan = launch_plan(alone, settings, host, api_key=key, assume=assume, keyed=keyed, key_file=key_file)
         except ConfigError:
             raise both from None
         note = f"{both}; the {role} server alone takes the first {preset.roles[role].gpus}"
@@ -391,12 +405,12 @@ def role_command(preset: Preset, role: str, settings: Settings, host: str = LOOP
 
 
 def _second_on_device(preset: Preset, role: str, settings: Settings, host: str, key: str | None, assume: bool,
-                      listening: Callable[[int], bool] | None) -> tuple[ServerCommand, str]:
+                      listening: Callable[[int], bool] | None, keyed: bool = False,
+                      key_file: bool = True) -> tuple[ServerCommand, str]:
     """launch/serve.sh for the server that starts second on a shared GPU: the first one is up
     (else one line: start it first), so what nvidia-smi reports free now is what this one may
     take, less its own context, its after-pool allocations and the reserve. With `assume` (a
     dry run) or no nvidia-smi, the plan's estimate for an idle card."""
-    check_exposure(preset, host, key)
     devices, note = devices_for(preset, {r: 1 for r in ROLES}, assume=assume)
     mine = devices[(role, 0)]
     before = preset.roles[ROLES[0]].port
@@ -410,7 +424,8 @@ def _second_on_device(preset: Preset, role: str, settings: Settings, host: str, 
                              why=f"{card.free_gib:.1f} GiB free now (nvidia-smi) with the {ROLES[0]} server up")
     else:
         mem = plan_shared(preset, card).servers[role]
-    cmd = _sized(server_command(preset, role, settings, host=host, api_key=key, devices=mine), mem)
+    config = (str(key_path(settings)) if key_file else KEY_PLACEHOLDER) if keyed else None
+    cmd = _sized(server_command(preset, role, settings, host=host, key_file=config, devices=mine), mem)
     after = (f"start it once the server on port {before} answers a generation (same GPU); {mem.kv_tokens:,} KV tokens "
              f"({trajectories_text(mem.trajectories)} of {mem.trajectory_tokens:,}): {mem.why}")
     return cmd, "; ".join(x for x in (note, after) if x)
@@ -422,6 +437,8 @@ def shell_lines(result: Mapping[str, Any]) -> list[str]:
              "terminal (or add &); a router once its workers answer"]
     if result.get("note"):
         lines.append(f"# note: {result['note']}")
+    if result.get("auth"):
+        lines.append(f"# api key: {result['auth']}")
     if result.get("memory"):
         lines.append(f"# memory (estimated from SGLang 0.5.23's allocation order): {result['memory']['verdict']}")
     for s in result["servers"]:

@@ -1,15 +1,21 @@
 """The processes `relaygen up` starts: who they are (pid plus start time, so a reused pid is
 never taken for ours), how they are stopped (the whole process group, even when its
-leader already died), how one is started and how its health is awaited."""
+leader already died), how one is started and how its health is awaited, and what they leave
+behind: SGLang's /dev/shm files (found through the group's memory maps and open files, by
+inode) and its IPC sockets (in a private TMPDIR each server gets), removed once it stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +130,119 @@ def port_in_use(port: int, host: str = LOOPBACK) -> bool:
 
 def start_server(cmd: ServerCommand, log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # 0600: SGLang logs its resolved arguments, an --api-key included
+    # 0600: SGLang logs its resolved arguments, an --api-key included (scrub_log removes it)
     log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     try:
-        # A session of its own, so `down` can stop the server with all its children.
+        # A session of its own, so `down` can stop the server with all its children. cmd.pass_fds:
+        # the key file's locked descriptor, held as long as the server lives (core.state).
         return subprocess.Popen(cmd.argv, env={**os.environ, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=cmd.pass_fds)
     finally:
         log.close()
+
+
+def private_tmp(name: str) -> str:
+    """A fresh 0700 folder in the system's temporary folder, for one server's TMPDIR: SGLang makes
+    its IPC sockets there (tempfile), so they are private and go with the folder."""
+    return tempfile.mkdtemp(prefix=f"relaygen-{name}-")
+
+
+SHM = Path("/dev/shm")
+
+
+def _shm_inodes(pid: int) -> set[int]:
+    """Inodes of the /dev/shm files process `pid` maps or holds open (a POSIX semaphore is
+    mapped under the temporary name glibc created it with, now deleted: its inode is the
+    sem.* file's)."""
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith(f"{SHM}/") and parts[4].isdigit():
+                    found.add(int(parts[4]))
+    with contextlib.suppress(OSError):
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(fd.path).startswith(f"{SHM}/"):
+                    found.add(os.stat(fd.path).st_ino)
+    return found
+
+
+def _shm_entries() -> dict[str, int]:
+    """/dev/shm's files, name: inode."""
+    try:
+        return {e.name: e.inode() for e in os.scandir(SHM) if e.is_file(follow_symlinks=False)}
+    except OSError:
+        return {}
+
+
+def owned_shm(pgid: int) -> dict[str, int]:
+    """The /dev/shm files (name: inode) the live members of process group `pgid` map or hold open:
+    an SGLang server's load slots (sglang_loads_*) and multiprocessing semaphores (sem.mp-*)."""
+    inodes: set[int] = set()
+    for pid in _members(pgid):
+        inodes |= _shm_inodes(pid)
+    return {name: ino for name, ino in _shm_entries().items() if ino in inodes}
+
+
+def _in_use(inodes: set[int]) -> set[int]:
+    """Which of `inodes` a live process (any) maps or holds open."""
+    used: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            used |= _shm_inodes(int(entry.name)) & inodes
+    return used
+
+
+def remove_leftovers(shm: dict[str, int] | None, tmp_dir: str | None) -> None:
+    """After a server's process group is gone: its /dev/shm files, each only while the name still
+    holds the inode it had and no live process uses it, and its private TMPDIR."""
+    if shm:
+        current = _shm_entries()
+        mine = {name: ino for name, ino in shm.items() if current.get(name) == ino}
+        used = _in_use(set(mine.values()))
+        for name, ino in mine.items():
+            if ino not in used:
+                with contextlib.suppress(FileNotFoundError):
+                    (SHM / name).unlink()
+    if tmp_dir and Path(tmp_dir).name.startswith("relaygen-"):
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def wait_group_gone(pgid: int, timeout_s: float = 10.0) -> None:
+    """Until every member of the group has exited (killed ones release their maps only then)."""
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pgid, os.WNOHANG)
+        time.sleep(0.1)
+
+
+def scrub_log(path: Path, secrets: Iterable[str | None]) -> None:
+    """Overwrite each secret in the log with as many '*', in place: the server appends to the
+    file meanwhile, and a same-length write before its end never moves what it writes."""
+    found = [s.encode() for s in secrets if s]
+    if not found:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+            for secret in found:
+                at = data.find(secret)
+                while at >= 0:
+                    os.pwrite(fd, b"*" * len(secret), at)
+                    at = data.find(secret, at + len(secret))
+        finally:
+            os.close(fd)
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return text
 
 
 def answers_generation(url: str, timeout_s: float = 30.0, api_key: str | None = None) -> bool:
@@ -148,13 +259,16 @@ def tail(path: Path, n: int = 20) -> str:
         return "(no log)"
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, role: str) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float, role: str,
+                 api_key: str | None = None) -> None:
+    """Until the server answers a generation (sent with `api_key`, else sglang_api_key()'s);
+    LaunchError with its log's last lines when it exits first or the time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise LaunchError(f"the {role} server exited with code {proc.returncode} during start-up; "
                               f"last lines of {log_path}:\n{tail(log_path)}")
-        if answers_generation(url, timeout_s=10):
+        if answers_generation(url, timeout_s=10, api_key=api_key):
             return
         time.sleep(2)
     raise LaunchError(f"the {role} server at {url} did not answer a generation within {timeout_s:.0f}s; "

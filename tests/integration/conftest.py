@@ -36,7 +36,9 @@ def cpu_pair(tmp_path_factory) -> Pair:
     roles = {r: dataclasses.replace(s, port=s.port + PORT_SHIFT) for r, s in preset.roles.items()}
     preset = dataclasses.replace(preset, roles=roles)
     settings = Settings(home=tmp_path_factory.mktemp("pair-home"), models_override=REAL_MODELS)
-    st = stack.up(preset, settings)
+    # keyless (`up --no-api-key`; loopback): the tests on the pair talk to it with bare clients;
+    # the default, keyed `up` is tests/integration/test_stack_cli_real.py's
+    st = stack.up(preset, settings, keyless=True)
     pair = Pair(settings, st["large"]["url"], st["small"]["url"], (st["large"]["pid"], st["small"]["pid"]))
     yield pair
     stack.down(settings)
