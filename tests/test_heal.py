@@ -222,14 +222,14 @@ def test_healing_on_a_shared_gpu_keeps_the_fractions_of_the_first_plan(stand_ins
         return real_start(cmd, log)
 
     monkeypatch.setattr(stack, "start_server", spy)
-    first = stack.up(load_preset("qwen3-32b-1.7b-1gpu"), settings)
+    first = stack.up(load_preset("qwen3-32b-1.7b-1gpu-80gb"), settings)
     free["0"] = GpuMemory(10.2, 79.6)  # what nvidia-smi says with the large server up
     _kill9(first["small"]["pid"])
     answering.discard(first["small"]["url"])
-    healed = stack.up(load_preset("qwen3-32b-1.7b-1gpu"), settings)
+    healed = stack.up(load_preset("qwen3-32b-1.7b-1gpu-80gb"), settings)
     assert [k["role"] for k in healed["kept"]] == ["large"] and [s["role"] for s in healed["started"]] == ["small"]
     fraction = [a[a.index("--mem-fraction-static") + 1] for a in seen]
-    assert len(fraction) == 3 and fraction[2] == fraction[1] == "0.549"
+    assert len(fraction) == 3 and fraction[2] == fraction[1] == "0.685"
 
 
 # ---------------------------------------------------------------- a key by default (issue 30 item 1)
