@@ -22,7 +22,7 @@ class Engine:
         self.entered = threading.Event()  # a request reached the server
         self.fail = False
 
-    def generate(self, ids, sampling, extra=None, retries=None):
+    def generate(self, ids, sampling, extra=None, retries=None, stop=None):
         assert sampling == {"max_new_tokens": 0} and retries == 0
         self.sent.append(list(ids))
         self.entered.set()

@@ -250,8 +250,9 @@ def test_a_streaming_client_that_stops_reading_is_cut_off_and_its_relay_stopped(
             assert client.get("/health").status_code == 200
         sock.close()
     assert stopped and took < 10, (stopped, took, delivered)
-    # what fits the socket buffers and uvicorn's 64 KiB write buffer, plus the job's queue
-    assert delivered < MAX_PENDING + 2000, delivered
+    # what fits the socket buffers and uvicorn's 64 KiB write buffer, plus the job's queue: a few
+    # thousand, however the kernel sizes loopback buffers (unbounded, it was 1.39 million in 20 s)
+    assert delivered < 4 * (MAX_PENDING + 2000), delivered
 
 
 # ---------------------------------------------------------------- the connection limit
