@@ -392,6 +392,31 @@ def test_streaming_yields_role_deltas_across_switches(fake):
     assert streamed == "".join(s.text for s in result.segments if s.role != "inserted")
 
 
+def test_a_cue_turn_streams_its_first_token_with_its_first_chunk(fake, monkeypatch):
+    """Only a request's last chunk is held back (a cue cuts only tokens the server sent in
+    it), so the first token reaches the listener as its chunk arrives, not a decode step
+    later; what a cue cuts is still never streamed."""
+    import httpx
+    from doubles import FakeSGLang
+
+    pulled: list[bytes] = []  # stream payloads the client has read so far, all requests
+
+    def paced(payloads: list[bytes], delay_s: float = 0.0) -> httpx.Response:
+        def lines():  # type: ignore[no-untyped-def]
+            for p in [*payloads, b"[DONE]"]:
+                pulled.append(p)
+                yield b"data: " + p + b"\n\n"
+        return httpx.Response(200, content=lines(), headers={"content-type": "text/event-stream"})
+
+    monkeypatch.setattr(FakeSGLang, "_sse", staticmethod(paced))
+    relay, _, _ = setup(fake, THINK, family="qwen3")
+    deltas: list[tuple[str, str, int]] = []
+    result = relay.run(QUESTION, max_tokens=500, on_delta=lambda role, d: deltas.append((role, d, len(pulled))))
+    assert deltas[0][0] == "large" and deltas[0][2] == 1  # sent while the stream's second chunk is unread
+    assert "".join(d for _, d, _ in deltas) == "".join(s.text for s in result.segments if s.role != "inserted")
+    assert [s.matched for s in result.segments if s.finish == "cue"] == ["Therefore", "Thus,"]
+
+
 def test_prefetch_warms_the_other_server_and_never_changes_a_token(fake):
     relay, _, _ = setup(fake, THINK, family="qwen3")
     cold = relay.run(QUESTION, max_tokens=500)

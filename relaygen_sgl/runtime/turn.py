@@ -25,14 +25,16 @@ CUE_WINDOW_TOKENS = 12  # tokens decoded to see whether the next one may complet
 
 
 class _Streamer:
-    """Turns output_ids as they arrive into text deltas, holding back the last token while
-    a cue may still cut it. Decodes a short window, not the whole prefix, per token."""
+    """Turns output_ids as they arrive into text deltas, holding back the last `holdback`
+    tokens while a cue or stop may still cut them (with `hold_last_only`, only in a
+    request's last chunk). Decodes a short window, not the whole prefix, per token."""
 
     WINDOW = 8
 
     def __init__(self, tok: Tokenizer, role: str, sink: DeltaSink | None, holdback: int,
-                 ctx: str = "", stops: Sequence[str] = ()) -> None:
+                 ctx: str = "", stops: Sequence[str] = (), hold_last_only: bool = False) -> None:
         self.tok, self.role, self.sink, self.holdback = tok, role, sink, holdback
+        self.hold_last_only = hold_last_only
         self.sent = 0  # tokens whose text was sent
         # a stop string begun before this turn ends it within its first characters: stream
         # nothing past it (run_turn cuts there too)
@@ -40,10 +42,12 @@ class _Streamer:
         self.watch = bool(self.stops)
         self.frozen_at: int | None = None
 
-    def update(self, ids: Sequence[int], final: bool = False) -> None:
+    def update(self, ids: Sequence[int], final: bool = False, last: bool = True) -> None:
+        """`ids`: the turn's tokens so far; `last`: they end a request (its last chunk)."""
         if self.sink is None:
             return
-        upto = len(ids) if final else max(0, len(ids) - self.holdback)
+        hold = 0 if final or (self.hold_last_only and not last) else self.holdback
+        upto = max(0, len(ids) - hold)
         if self.frozen_at is not None:
             upto = min(upto, self.frozen_at) if not final else upto
         elif self.watch and not final:
@@ -304,11 +308,15 @@ def run_turn(
     assert spec.role is not None
     turn = _Turn(engine, tok, prefix_ids, context_text, spec, stop, limit)
     # held back: the last token while a cue may cut it, or (reference) a stop may cut inside
-    # it; for a plain gen, as many tokens as a stop string may span, since it leaves the text
+    # it; for a plain gen, as many tokens as a stop string may span, since it leaves the text.
+    # A cue cuts only tokens of a request's last chunk (the server stops at the token that
+    # completes its match, and the cut drops that token on), so a cue turn holds back only
+    # there: a token in any earlier chunk, the turn's first included, goes out as it arrives.
     holdback = 1 if spec.reference or (spec.cue_patterns and not spec.plain) else 0
     if spec.plain and spec.stop:
         holdback = max(len(x) for x in spec.stop) + 1
-    streamer = _Streamer(tok, spec.role, sink, holdback, turn.ctx, spec.stop)
+    streamer = _Streamer(tok, spec.role, sink, holdback, turn.ctx, spec.stop,
+                         hold_last_only=not spec.reference and not spec.plain)
     while (remaining := turn.remaining()) > 0:
         base = list(turn.kept)
 
@@ -316,7 +324,7 @@ def run_turn(
             if stop is not None and stop.is_set():
                 raise Cancelled(STOPPED)
             so_far = base + ids
-            streamer.update(so_far)
+            streamer.update(so_far, last=last)
             # The request's last chunk is not offered: what follows it at once is the next
             # request (the handoff, or this turn's next one), which a prefetch would delay.
             if on_ids is not None and not last:
