@@ -521,6 +521,17 @@ def test_an_unknown_field_is_named_in_a_400_and_known_openai_fields_keep_working
     assert "400" in schema["responses"] and "415" in schema["responses"] and "422" not in schema["responses"]
 
 
+def test_sglang_bench_serving_s_body_is_served_and_ignore_eos_true_refused(served):
+    # what `python -m sglang.bench_serving --backend sglang-oai-chat --disable-ignore-eos` sends
+    body = {"model": "relaygen", "messages": [{"role": "user", "content": Q}], "max_completion_tokens": 200,
+            "stream": False, "temperature": 0.0, "ignore_eos": False}
+    r = chat(served, body)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "The answer is 5."
+    r = chat(served, {**body, "ignore_eos": True})
+    assert r.status_code == 400 and is_openai_error(r) and r.json()["error"]["param"] == "ignore_eos"
+    assert r.json()["error"]["code"] == "unsupported"
+
+
 @pytest.mark.parametrize("extra", [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 2}, {"seed": -1},
                                    {"temperature": "hot"}, {"relay": {"timeout": 10**9}}])
 def test_a_value_out_of_range_or_of_the_wrong_type_is_an_openai_400(served, extra):
