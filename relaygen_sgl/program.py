@@ -22,7 +22,7 @@ import sglang as sgl
 from sglang.lang.ir import SglSamplingParams
 
 from relaygen_sgl.core.errors import STOPPED, Cancelled, ConfigError, RelayAborted, RelayGenError
-from relaygen_sgl.core.result import RelayResult
+from relaygen_sgl.core.result import INSERTED, RelayResult
 from relaygen_sgl.core.run_settings import RunSettings
 from relaygen_sgl.runtime.gen_params import gen_params, is_gen_param, relay_gen_kwargs
 from relaygen_sgl.runtime.plan import RelayPlan
@@ -101,6 +101,8 @@ def _loop(s: Any, traj: Trajectory, plan: RelayPlan, policy: RelayPolicy, params
     while True:
         if spec.insert:  # the forced "\n</think>\n\n"
             s += spec.insert
+            if traj.control.on_delta is not None:  # a listener reads the text as written, this too
+                traj.control.on_delta(INSERTED, spec.insert)
         if spec.role is None:
             return spec
         if traj.control.cancel.is_set():

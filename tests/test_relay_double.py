@@ -538,3 +538,14 @@ def test_closing_a_stream_stops_its_relay(fake):
     sent = sum(len(h.requests) for h in fake.hosts.values())
     time.sleep(1.5)
     assert sum(len(h.requests) for h in fake.hosts.values()) == sent == 1  # no turn after the first
+
+
+def test_a_stream_hears_the_text_the_relay_inserts(fake):
+    # thinking reaches its budget: the relay closes it itself, and a listener must see that too
+    # (serve's stream splits reasoning from the answer at it)
+    relay, _, _ = setup(fake, THINK.split("</think>")[0] * 4, family="qwen3")
+    items = list(relay.stream(QUESTION, max_tokens=40))
+    result = items[-1][1]
+    deltas = items[:-1]
+    assert ("inserted", "\n</think>\n\n") in deltas
+    assert "".join(d for _, d in deltas) == result.text
