@@ -283,7 +283,8 @@ class Relay:
                **kwargs: Any) -> Iterator[tuple[str, Any]]:
         """Yield (role, text delta) as tokens arrive, across switches; the last item is
         ("result", RelayResult). An item ("rerouted", text) says the small server failed
-        mid-turn: `text`, already yielded, is void, and the large model's version follows.
+        mid-turn: `text`, already yielded, is void, and the large model's version follows; an
+        item ("inserted", text) is text the relay wrote itself (the "</think>" closing thinking).
         Closing the generator (or dropping it) before its end stops the run: its SGLang
         requests are aborted, as when a `cancel` event is set."""
         q: queue.Queue = queue.Queue()
