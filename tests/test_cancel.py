@@ -46,8 +46,8 @@ class StallingServer:
             while b"\r\n\r\n" not in data:
                 data += conn.recv(65536)
             head, _, body = data.partition(b"\r\n\r\n")
-            length = int(next((h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")),
-                              b"0"))
+            lines = head.split(b"\r\n")
+            length = int(next((h.split(b":")[1] for h in lines if h.lower().startswith(b"content-length")), b"0"))
             while len(body) < length:
                 body += conn.recv(65536)
             line = head.split(b"\r\n")[0].decode()
@@ -56,7 +56,8 @@ class StallingServer:
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
                 return
             if self.mode != "silent":
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
             if self.mode == "streaming":
                 payload = b"data: " + CHUNK + b"\n\n"
                 conn.sendall(b"%x\r\n%s\r\n" % (len(payload), payload))

@@ -62,7 +62,8 @@ def test_batch_of_eight_with_a_malformed_line_and_a_failing_prompt(cpu_pair, tmp
     assert len(recs) == 8
     assert sorted(r["id"] for r in recs if r["status"] == "ok") == [f"p{i}" for i in range(8) if i != 5]
     err = [r for r in recs if r["status"] == "error"]
-    assert [r["id"] for r in err] == ["p5"] and "the prompt alone does not fit" in err[0]["error"]  # refused before any request
+    # refused before any request: the prompt alone passes the context
+    assert [r["id"] for r in err] == ["p5"] and "the prompt alone does not fit" in err[0]["error"]
 
 
 def test_eval_report_matches_its_per_problem_records(cpu_pair, tmp_path):
