@@ -14,16 +14,21 @@ from relaygen_sgl.api import Relay
 from relaygen_sgl.bench.replay import idle_floor
 from relaygen_sgl.bench.report import markdown
 from relaygen_sgl.bench.runner import (
+    PRESSURE_MAX_LEVEL,
     BenchConfig,
     handoff_samples,
     handoff_summary,
+    pressure_level,
     replay_choice,
     replayable,
     run_bench,
     run_floor,
     run_load,
+    run_pressure,
     run_speed,
     spread,
+    warm_handoffs,
+    warm_summary,
 )
 from relaygen_sgl.client.http import ClientConfig, EngineClient
 from relaygen_sgl.core.errors import ConfigError
@@ -41,10 +46,12 @@ def set_tape(fake, relay: Relay, think: str = THINK, chunk_delay_s: float = 0.0)
         h.chunk_delay_s = chunk_delay_s
 
 
-def bench_relay(fake, think: str = THINK, chunk_delay_s: float = 0.0, **kw) -> Relay:
-    """A relay on the two doubles, their tape set (set_tape)."""
-    for url in (LARGE, SMALL):
-        fake.add_host(url, [])
+def bench_relay(fake, think: str = THINK, chunk_delay_s: float = 0.0, pools: tuple[int, int] | None = None,
+                **kw) -> Relay:
+    """A relay on the two doubles, their tape set (set_tape); `pools`: the large and small
+    servers' KV pools (--max-total-tokens), read once when the relay starts."""
+    for i, url in enumerate((LARGE, SMALL)):
+        fake.add_host(url, []).kv_tokens = pools[i] if pools else None
     relay = Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3",
                   client=ClientConfig(retries=0, backoff_s=0), transport=fake.transport, **kw)
     set_tape(fake, relay, think, chunk_delay_s)
@@ -316,8 +323,11 @@ def test_a_whole_bench_on_the_doubles_prints_every_figure_with_its_n(fake, tmp_p
     result = run_bench(cfg, relay, tmp_path, log=lambda m: None)
     saved = orjson.loads((tmp_path / "bench.json").read_bytes())
     assert set(saved) >= {"preset", "config", "machine", "machine_summary", "urls", "profile", "elapsed_s",
-                          "handoff", "overhead", "speedup", "speed", "load", "samples", "elapsed_by_part_s"}
-    assert list(saved["elapsed_by_part_s"]) == ["speed", "live_handoffs", "floor", "replay", "load"]
+                          "handoff", "overhead", "speedup", "speed", "load", "samples", "elapsed_by_part_s",
+                          "pressure"}
+    assert list(saved["elapsed_by_part_s"]) == ["speed", "live_handoffs", "floor", "replay", "load", "pressure"]
+    assert saved["pressure"]["skipped"] == "not asked for (--pressure 0)"  # quick: none unless asked for
+    assert "Not run: not asked for (--pressure 0)." in (tmp_path / "bench.md").read_text()
     assert saved["samples"]["speed_runs_per_method"] == 4 and saved["samples"]["kind"] == "quick"
     ho = saved["handoff"]
     for name in ("prefetch", "tokens"):  # the old keys beside the new spreads
@@ -334,7 +344,8 @@ def test_a_whole_bench_on_the_doubles_prints_every_figure_with_its_n(fake, tmp_p
     assert "Samples (quick run): speed and overhead 2 questions x 2 reps = 4 runs per method" in md
     assert "live handoffs 2 questions x 2 variants; floor 1 trial per idle gap" in md
     assert "load 2 levels (1, 2) x 2 rounds x 3 cases, 40 tokens." in md
-    assert "Time per part (s): speed " in md and ", load " in md
+    assert "No pressure part (--pressure 0)." in md
+    assert "Time per part (s): speed " in md and ", load " in md and ", pressure " in md
     assert "Each cell: median (min-max) over the method's n runs (2 questions x 2 reps" in md
     assert "| relay | 4 | " in md and "(4 relay, 4 single-large, 4 single-small runs)" in md
     h = ho["prefetch"]
@@ -365,6 +376,10 @@ def test_quick_runs_every_part_on_fewer_samples_and_the_full_run_keeps_its_own()
     assert quick.questions * quick.reps >= 2 and quick.handoff_questions >= 2 and quick.floor_trials >= 2
     assert quick.questions >= 2 and len(quick.load_levels) >= 2  # level 1: two trajectories at least
     assert quick.samples()["speed_runs_per_method"] == 4 and quick.samples()["load_cases"] == 3
+    # the pressure part: picked from the pools, 300 tokens, 2 rounds; quick runs none unless asked for
+    assert (full.pressure, full.pressure_max_tokens, full.pressure_rounds) == (None, 300, 2)
+    assert (quick.pressure, quick.pressure_max_tokens, quick.pressure_rounds) == (0, 300, 2)
+    assert full.samples()["pressure"] == "picked" and quick.samples()["pressure"] == 0
     with pytest.raises(ConfigError, match="floor_trials"):
         BenchConfig(preset="p", floor_trials=0)
     with pytest.raises(ConfigError, match="load_levels"):
@@ -413,3 +428,169 @@ def test_a_second_bench_on_the_same_folder_is_refused_and_the_report_is_replaced
     assert refused and refused[0].startswith(f"another relaygen bench is writing {tmp_path} (pid {os.getpid()}, ")
     assert (tmp_path / "bench.md").read_text() == markdown(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "bench.png"]
+
+
+def test_warm_handoffs_count_what_a_turn_reprefilled_beyond_the_floor(fake):
+    """A warm handoff re-prefills the other role's new tokens + 1 (prefetch off): on the double,
+    whose cache keeps everything, every one sits at the floor; a large server that keeps nothing
+    re-prefills, at each warm handoff to it, all it had held."""
+    relay = bench_relay(fake, think=THINK * 3, prefetch="off")
+    kept = relay.run(Q, max_tokens=200)
+    warm = warm_handoffs([kept])
+    roles = [s.role for s in kept.segments if s.role in ("large", "small")]
+    # every change of role but each role's first turn
+    assert len(warm) == sum(a != b for a, b in zip(roles, roles[1:])) - (len(set(roles)) - 1) >= 2
+    assert all(h["beyond_floor"] == 0 and 0 <= h["reprefilled"] - h["new"] <= 1 for h in warm)
+    assert {h["role"] for h in warm} == {"large", "small"}
+
+    class Forgets(list):
+        def append(self, ids):  # the radix cache evicts every entry at once
+            pass
+
+    fake.hosts["large.test:1"].cache = Forgets()
+    lost = relay.run(Q, max_tokens=200)
+    for h in warm_handoffs([lost]):
+        # the double recomputes the last prompt token even of a whole cached prompt: held - 1 is the most
+        assert h["beyond_floor"] == (h["at"] - h["new"] - 1 if h["role"] == "large" else 0)
+    assert any(h["beyond_floor"] > 0 for h in warm_handoffs([lost]))
+    # a single-large run: no handoff; its answer turn after the inserted text is a later turn of its role
+    set_tape(fake, relay, "We add. So 5")  # no "</think>": the program inserts it
+    fake.hosts["large.test:1"].cache = []
+    alone = relay.run(Q, "single-large", max_tokens=200)
+    assert [s.role for s in alone.segments] == ["large", "inserted", "large"]
+    assert warm_handoffs([alone]) == []
+    (answer,) = warm_handoffs([alone], handoffs_only=False)
+    inserted = len(alone.segments[1].token_ids)
+    assert answer["new"] == inserted and answer["reprefilled"] == inserted + 1 and answer["beyond_floor"] == 0
+
+
+def test_warm_summary_gives_median_p90_max_and_the_share_above_the_floor():
+    hs = [{"role": "large", "at": 100 + i, "new": 10, "reprefilled": 11 + b, "beyond_floor": b}
+          for i, b in enumerate([0] * 17 + [5, 40, 275])]
+    w = warm_summary(hs)
+    assert w["handoffs"] == 20 and w["above_floor"] == 3 and w["share_above_floor"] == 0.15
+    b = w["beyond_floor_tokens"]
+    # p90: the nearest rank, the 18th of 20
+    assert (b["median"], b["p90"], b["max"], b["min"], b["n"]) == (0.0, 5.0, 275.0, 0.0, 20)
+    assert w["reprefilled_tokens"]["max"] == 286.0 and w["reprefilled_tokens"]["median"] == 11.0
+    assert [h["beyond_floor"] for h in w["worst"]] == [275, 40, 5, 0, 0]
+    assert warm_summary([])["share_above_floor"] is None and warm_summary([])["worst"] == []
+    assert warm_summary(hs[:17])["worst"] == []  # nothing above the floor: no worst to show
+
+
+def test_the_pressure_level_is_given_or_picked_over_the_smaller_pool():
+    assert pressure_level(0, 2048, [400]) == (0, "not asked for (--pressure 0)")
+    assert pressure_level(16, None, [400]) == (16, None)  # given: run whatever the pools
+    assert pressure_level(None, 2048, [400]) == (11, None)  # 11 x 400 >= 2 x 2048 > 10 x 400
+    # the questions asked in turn: 400 + 1000 + 400 + 1000 + 400 + 1000 = 4200 >= 4096 > 3200
+    assert pressure_level(None, 2048, [400, 1000]) == (6, None)
+    assert pressure_level(None, 100, [400]) == (2, None)  # at least two, to share a pool
+    assert pressure_level(None, 2048, [512]) == (8, None)  # exactly twice the pool is enough
+    level, why = pressure_level(None, 16384, [400])
+    assert level == 82 > PRESSURE_MAX_LEVEL and "--kv-tokens" in why and "--pressure N" in why
+    assert "do not say their KV pools" in pressure_level(None, None, [400])[1]
+    with pytest.raises(ConfigError, match="pressure must be a concurrency >= 0"):
+        BenchConfig(preset="p", pressure=-1)
+    with pytest.raises(ConfigError, match="pressure_max_tokens"):
+        BenchConfig(preset="p", pressure_max_tokens=0)
+
+
+def test_the_pressure_part_runs_both_methods_at_a_level_over_the_pool_interleaved(fake):
+    """Pools of 1024 tokens: the level picked holds twice the smaller one; relay and single-large
+    run it in A B, B A order; the pool gate holds runs back (waited) and never lets more run than
+    fit; nothing fails; the report prints each case and the warm handoffs' statistics."""
+    relay = bench_relay(fake, think=THINK * 2, chunk_delay_s=0.002, pools=(1024, 900), prefetch="off")
+    order = record_runs(relay)
+    cfg = BenchConfig(preset="cpu-tiny", questions=1, pressure_max_tokens=150, pressure_rounds=2)
+    out = run_pressure(relay, [Q], cfg, log=lambda m: None)
+    size = len(relay.tokenizer.encode(relay.plan().render(Q))) + \
+        len(relay.tokenizer.encode(relay.plan().closing_text)) + 150
+    assert out["pools"] == {"large": {"kv_tokens": 1024, "max_input": 1018},
+                            "small": {"kv_tokens": 900, "max_input": 894}}
+    assert out["smaller_pool"] == 900 and out["trajectory_tokens"] == [size] and out["picked"]
+    level = out["level"]
+    assert level == -(-1800 // size) and level * size >= 1800 > (level - 1) * size and "skipped" not in out
+    assert out["in_flight_tokens"] == level * size and out["in_flight_over_pool"] == round(level * size / 900, 2)
+    methods = [m for m, _ in order]
+    assert methods == ["relay"] * level + ["single-large"] * level * 2 + ["relay"] * level  # A B, B A
+    # the gate counts the closing text past what the budget covers: `size` is at most a few tokens over its own
+    fit = {"relay": int(0.9 * 900) // (size - 8), "single-large": int(0.9 * 1024) // (size - 8)}
+    for name in ("relay", "single-large"):
+        d = out[name]
+        assert d["trajectories"] == 2 * level and d["rounds"] == 2 and len(d["tokens_per_s_by_round"]) == 2
+        assert d["failed"] == 0 and d["failures"] == [] and d["degraded"] == 0 and d["at_limit"] == 0
+        assert d["latency_s"]["n"] == 2 * level and d["tokens"] > 0
+        # the relay's trajectories claim both pools (the smaller bounds them), single-large's the large one
+        assert 2 <= d["most_in_flight"] <= fit[name] < level and d["waited"] >= 2
+    # each case counts its own waits: together, every wait of the gate
+    assert out["relay"]["waited"] + out["single-large"]["waited"] == relay.backend.pools.snapshot()["waited"]
+    assert out["relay_over_single_large"] == round(out["relay"]["tokens_per_s"] / out["single-large"]["tokens_per_s"],
+                                                   3)
+    w = out["warm_handoffs"]
+    assert w["handoffs"] >= 2 * level and w["above_floor"] == 0 and w["share_above_floor"] == 0.0  # no eviction
+    assert w["beyond_floor_tokens"]["max"] == 0 and w["reprefilled_tokens"]["n"] == w["handoffs"]
+    result = {"preset": "p", "elapsed_s": 1, "machine": {"cpu": "c", "versions": {}},
+              "handoff": {"replay": {f: {"handoffs": 0} for f in ("tokens", "text", "chat")}},
+              "overhead": {"relay_e2e_over_server_time": spread([1.0]), "target": 1.05},
+              "speed": {m: {k: spread([1.0]) for k in ("latency_s", "completion_tokens", "s_per_token", "large_share",
+                                                       "switches")} for m in ("relay", "single-large", "single-small")},
+              "speedup": {"measured_per_token": 1, "measured_latency": 1, "predicted": 1, "relay_large_share": 1,
+                          "t_small_over_t_large": 1}, "load": {}, "pressure": out}
+    md = markdown(result)
+    assert "## Under pressure (pools smaller than the trajectories in flight)" in md
+    assert (f"KV pools (tokens): large 1024, small 900. {level} concurrent trajectories (picked), each question's in "
+            f"turn, of {size} tokens at their whole size (prompt, closing text and a 150-token budget): "
+            f"{level * size} tokens, {out['in_flight_over_pool']}x the smaller pool.") in md
+    r = out["relay"]
+    assert (f"| relay | {2 * level} (2) | {r['tokens_per_s']} ({r['tokens_per_s_by_round'][0]}, "
+            f"{r['tokens_per_s_by_round'][1]}) |") in md
+    t = r["warm_turns"]
+    assert (f"| 0 | 0 | 0 | {r['waited']} | {r['most_in_flight']} | 0 of {t['handoffs']} (max 0.0) | "
+            f"{out['relay_over_single_large']} |") in md
+    # every later turn: the relay's handoffs and more; single-large's answer turn after the inserted text
+    assert t["handoffs"] >= w["handoffs"] and out["single-large"]["warm_turns"]["handoffs"] == 2 * level
+    assert out["single-large"]["warm_turns"]["above_floor"] == 0
+    rp = w["reprefilled_tokens"]
+    assert f"| {w['handoffs']} | 0.0, 0.0, 0.0 | 0 (0.0%) | {rp['median']}, {rp['p90']}, {rp['max']} |" in md
+
+
+def test_a_pressure_run_that_fails_is_counted_not_raised(fake):
+    relay = bench_relay(fake, pools=(1024, 1024), prefetch="off")
+    fake.hosts["large.test:1"].fail_on = {1, 2}  # the first two /generate requests on the large server
+    fake.hosts["large.test:1"].fail_status = 400  # refused: no retry
+    cfg = BenchConfig(preset="cpu-tiny", questions=1, pressure=3, pressure_max_tokens=60, pressure_rounds=1)
+    out = run_pressure(relay, [Q], cfg, log=lambda m: None)
+    assert out["level"] == 3 and not out["picked"]
+    failed = out["relay"]["failed"] + out["single-large"]["failed"]
+    assert failed == 2 and out["relay"]["trajectories"] == 3
+    assert len(out["relay"]["failures"]) == out["relay"]["failed"]
+    assert out["relay"]["latency_s"]["n"] + out["single-large"]["latency_s"]["n"] == 6 - failed
+
+
+def test_the_bench_flags_reach_the_config_and_a_bad_level_is_one_line(monkeypatch, tmp_path, capsys):
+    """--pressure (0 included), --pressure-max-tokens and --pressure-rounds end up in the
+    BenchConfig run_bench gets; a negative level is refused by the config, one line, exit 2."""
+    from contextlib import nullcontext
+
+    from relaygen_sgl.cli.main import main
+
+    seen = []
+    stand_in = SimpleNamespace(preset=SimpleNamespace(name="cpu-tiny"))
+    monkeypatch.setattr("relaygen_sgl.cli.commands.open_relay", lambda args: nullcontext(stand_in))
+
+    def fake_run_bench(cfg, relay, out, log):
+        seen.append(cfg)
+        (out / "bench.md").write_text("report\n")
+        return {"elapsed_s": 1}
+
+    monkeypatch.setattr("relaygen_sgl.bench.runner.run_bench", fake_run_bench)
+    base = ["bench", "--preset", "cpu-tiny", "--out", str(tmp_path)]
+    assert main([*base, "--quick", "--pressure", "16", "--pressure-max-tokens", "200", "--pressure-rounds", "1"]) == 0
+    assert (seen[-1].kind, seen[-1].pressure, seen[-1].pressure_max_tokens, seen[-1].pressure_rounds) == \
+        ("quick", 16, 200, 1)
+    assert main([*base, "--pressure", "0"]) == 0 and seen[-1].pressure == 0 and seen[-1].kind == "full"
+    assert main(base) == 0 and seen[-1].pressure is None  # picked from the pools
+    capsys.readouterr()
+    assert main([*base, "--pressure", "-2"]) != 0 and len(seen) == 3
+    err = capsys.readouterr().err
+    assert "pressure must be a concurrency >= 0" in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -20,6 +20,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines += _speed(r["speed"], r.get("samples") or {})
     lines += _speedup(r["speedup"], r["speed"])
     lines += _throughput(r["load"])
+    lines += _pressure(r.get("pressure"))
     return "\n".join(lines) + "\n"
 
 
@@ -50,6 +51,12 @@ def _samples(n: dict[str, Any], parts: dict[str, float]) -> list[str]:
             f"server; replay: per question, the relay with the most switches; load "
             f"{_count(len(levels), 'level')} ({', '.join(map(str, levels))}) x {_count(n['load_rounds'], 'round')} "
             f"x {n['load_cases']} cases, {n['load_max_tokens']} tokens.")
+    if n and "pressure" in n:
+        level = n["pressure"]
+        what = "a concurrency picked from the pools" if level == "picked" else f"{level} concurrent"
+        lines.append("No pressure part (--pressure 0)." if level == 0 else
+                     f"Pressure: {what} x {_count(n['pressure_rounds'], 'round')} x 2 cases, "
+                     f"{n['pressure_max_tokens']} tokens.")
     if parts:
         lines.append("Time per part (s): " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in parts.items()) + ".")
     return [*lines, ""] if lines else []
@@ -237,6 +244,55 @@ def _throughput_rows(level: str, by: dict[str, Any]) -> list[str]:
         rows.append(f"| {level} | {name} | {d.get('prefetch', '')} | {n} | {tps} | {d['p50_latency_s']} | "
                     f"{d['p95_latency_s']} | {d.get('prefetch_requests', '')} | {ratio} |")
     return rows
+
+
+def _pressure(p: dict[str, Any] | None) -> list[str]:
+    """The pressure part: the pools, the level, each case's tokens/s, failures and waits, then the
+    warm handoffs' re-prefill beyond the floor; one line when it did not run."""
+    if not p:
+        return []
+    pools = ", ".join(f"{role} {d['kv_tokens']}" for role, d in p["pools"].items())
+    lines = ["", "## Under pressure (pools smaller than the trajectories in flight)", "",
+             f"KV pools (tokens): {pools}. {p['level']} concurrent trajectories"
+             f"{' (picked)' if p.get('picked') else ''}, each question's in turn, of "
+             f"{', '.join(map(str, p['trajectory_tokens']))} tokens at their whole size (prompt, closing text and a "
+             f"{p['max_tokens']}-token budget): {p['in_flight_tokens']} tokens, {p['in_flight_over_pool']}x the "
+             "smaller pool."]
+    if p.get("skipped"):
+        return [*lines, "", f"Not run: {p['skipped']}."]
+    lines += ["", "tokens/s pooled over the rounds (each round's in brackets; the order reversed each round), every "
+                  "run from flushed caches; failed: runs that raised; waited: runs the pool gate held back; in "
+                  "flight: the most trajectories the gate let run at once; later turns above the floor: a role's "
+                  "turns after its first (handoffs, and the answer after inserted text) that re-prefilled more "
+                  "than the tokens written since + 1, of all such turns, and the most tokens beyond.", "",
+              "| method | n | tokens/s | latency (s): median (min-max) | failed | degraded | at limit | waited | "
+              "in flight | later turns above the floor | relay / single-large |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("relay", "single-large"):
+        d = p[name]
+        rounds = d["tokens_per_s_by_round"]
+        tps = f"{d['tokens_per_s']} ({', '.join(map(str, rounds))})" if len(rounds) > 1 else d["tokens_per_s"]
+        ratio = p["relay_over_single_large"] if name == "relay" else ""
+        t = d.get("warm_turns")
+        turns = f"{t['above_floor']} of {t['handoffs']} (max {t['beyond_floor_tokens']['max']})" if t else "n/a"
+        lines.append(f"| {name} | {d['trajectories']} ({d['rounds']}) | {tps} | {_spread_text(d['latency_s'])} | "
+                     f"{d['failed']} | {d['degraded']} | {d['at_limit']} | {d['waited']} | {d['most_in_flight']} | "
+                     f"{turns} | {ratio} |")
+    for name in ("relay", "single-large"):
+        if p[name]["failures"]:
+            lines += ["", f"First failures ({name}): " + "; ".join(p[name]["failures"])]
+    w = p["warm_handoffs"]
+    b, r = w["beyond_floor_tokens"], w["reprefilled_tokens"]
+    lines += ["", "Warm handoffs of the relays (a role's turn after the other's, where it had a turn before): "
+                  "re-prefilled beyond the floor, the other role's new tokens + 1 (more: the receiving server had "
+                  "evicted part of the trajectory).", "",
+              "| n | beyond the floor: median, p90, max | above the floor | re-prefilled: median, p90, max |",
+              "|---|---|---|---|"]
+    share = ("n/a" if w["share_above_floor"] is None else
+             f"{w['above_floor']} ({round(100 * w['share_above_floor'], 1)}%)")
+    lines.append(f"| {w['handoffs']} | {b['median']}, {b['p90']}, {b['max']} | {share} | "
+                 f"{r['median']}, {r['p90']}, {r['max']} |")
+    return lines
 
 
 def plot(r: dict[str, Any], path: Path) -> None:

@@ -26,7 +26,7 @@ from relaygen_sgl.client.http import EngineClient
 from relaygen_sgl.core import files
 from relaygen_sgl.core.config import METHODS
 from relaygen_sgl.core.datasets import load_problems
-from relaygen_sgl.core.errors import ConfigError
+from relaygen_sgl.core.errors import ConfigError, RelayGenError
 from relaygen_sgl.core.result import RelayResult, Segment
 from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, RunSettings
 
@@ -54,6 +54,12 @@ class BenchConfig:
     load_rounds: int = 2
     # The floor's requests per idle gap and server (bench.replay.idle_floor).
     floor_trials: int = FLOOR_TRIALS
+    # The pressure part: relay and single-large at `pressure` concurrent trajectories whose
+    # whole size exceeds the smaller KV pool (None: picked from the pools, pressure_level; 0: not run),
+    # each trajectory's budget `pressure_max_tokens`, in `pressure_rounds` rounds (A B, B A).
+    pressure: int | None = None
+    pressure_max_tokens: int = 300
+    pressure_rounds: int = 2
     # "full" (the published numbers) or "quick" (the same parts on fewer samples): named in the report
     kind: str = "full"
     # every run's settings but what each part sets itself (method, budget, seed, prefetch mode):
@@ -62,10 +68,13 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for name in ("questions", "reps", "max_tokens", "load_max_tokens", "handoff_questions", "load_rounds",
-                     "floor_trials"):
+                     "floor_trials", "pressure_max_tokens", "pressure_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"bench {name} must be a positive integer, got {value!r}")
+        if self.pressure is not None and (not isinstance(self.pressure, int) or self.pressure < 0):
+            raise ConfigError(f"bench pressure must be a concurrency >= 0 (0: no pressure part) or None (picked "
+                              f"from the pools), got {self.pressure!r}")
         if not self.load_levels or any(not isinstance(v, int) or v < 1 for v in self.load_levels):
             raise ConfigError(f"bench load_levels must be positive integers, got {self.load_levels!r}")
 
@@ -84,10 +93,12 @@ class BenchConfig:
         8 min on cpu-tiny, 2 cores: docs/usage/bench.md): 2 questions x 2 reps at 128 tokens for
         speed and overhead; 6 questions x 2 variants of live handoffs at 128 tokens (shorter
         relays hand off at a cue too rarely); 4 floor trials per gap; load at 1, 4 and 16
-        concurrent, 96 tokens, one round (the load part is most of the time: 3 cases x 3 levels)."""
+        concurrent, 96 tokens, one round (the load part is most of the time: 3 cases x 3 levels). No
+        pressure part unless asked for: on 2048-token pools it alone takes 12 min at 16 concurrent
+        (docs/usage/bench.md), and on larger pools the level it would pick is past PRESSURE_MAX_LEVEL."""
         return cls(preset=preset, questions=2, reps=2, max_tokens=128, load_levels=(1, 4, 16),
                    load_max_tokens=96, dataset="amc23", handoff_questions=6, load_rounds=1, floor_trials=4,
-                   kind="quick")
+                   pressure=0, kind="quick")
 
     def samples(self) -> dict[str, Any]:
         """How many samples each part rests on, as configured (the report's header; each figure
@@ -97,7 +108,9 @@ class BenchConfig:
                 "handoff_questions": self.handoff_questions, "handoff_variants": 2,
                 "floor_trials_per_gap": self.floor_trials, "load_levels": list(self.load_levels),
                 "load_rounds": self.load_rounds, "load_max_tokens": self.load_max_tokens,
-                "load_cases": len(self.load_prefetch or (None,)) + 1}
+                "load_cases": len(self.load_prefetch or (None,)) + 1,
+                "pressure": "picked" if self.pressure is None else self.pressure,
+                "pressure_max_tokens": self.pressure_max_tokens, "pressure_rounds": self.pressure_rounds}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -403,6 +416,180 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
     return out
 
 
+# The picked pressure level: trajectories at their whole size hold this many times the smaller
+# pool (about half of them wait for the pool at the start), and the most it picks: on larger
+# pools the part would run for long (a note says to start the pair with a smaller --kv-tokens).
+PRESSURE_OVER = 2.0
+PRESSURE_MAX_LEVEL = 32
+
+
+def tail(values: list[float]) -> dict[str, float]:
+    """spread() with the 90th percentile."""
+    return {**spread(values), "p90": _pct(values, 0.9)}
+
+
+def warm_handoffs(results: list[RelayResult], handoffs_only: bool = True) -> list[dict[str, Any]]:
+    """Every turn that follows the other role's turn where the receiving role had a turn before
+    (its server then holds the trajectory up to that turn's end): the tokens written since
+    (`new`: the other role's and any inserted text), what the turn re-prefilled, and
+    `beyond_floor`, what it re-prefilled beyond new + 1 (the +1: the receiving role's last
+    token, whose KV it never computed), 0 where a prefetch or a cut follower left less. A
+    turn above the floor found part of what its server held evicted. `handoffs_only=False`:
+    every turn of a role that had one before, the same role's after inserted text too (a
+    single-large run's answer turn)."""
+    out = []
+    for res in results:
+        pos, ends, prev = len(res.prompt_ids), {}, None  # ends: role -> where its last turn ended
+        for seg in res.segments:
+            if seg.role in ("large", "small"):
+                if seg.role in ends and (prev != seg.role or not handoffs_only):
+                    new = pos - ends[seg.role]
+                    out.append({"role": seg.role, "at": pos, "new": new, "reprefilled": seg.reprefilled,
+                                "beyond_floor": max(0, seg.reprefilled - new - 1)})
+                prev = seg.role
+                ends[seg.role] = pos + len(seg.token_ids)
+            pos += len(seg.token_ids)
+    return out
+
+
+def warm_summary(handoffs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per warm handoff: re-prefilled tokens and those beyond the floor (median, p90, min, max,
+    n), the share above the floor, and the worst five."""
+    beyond = [h["beyond_floor"] for h in handoffs]
+    over = sum(b > 0 for b in beyond)
+    return {"handoffs": len(handoffs), "reprefilled_tokens": tail([float(h["reprefilled"]) for h in handoffs]),
+            "beyond_floor_tokens": tail([float(b) for b in beyond]), "above_floor": over,
+            "share_above_floor": round(over / len(handoffs), 4) if handoffs else None,
+            "worst": sorted(handoffs, key=lambda h: -h["beyond_floor"])[:5] if over else []}
+
+
+def pool_sizes(relay: Relay) -> dict[str, dict[str, int | None]]:
+    """Each server's KV pool and longest input (/server_info, client/http.py Limits), by role."""
+    return {role: {"kv_tokens": eng.limits.kv_tokens, "max_input": eng.limits.max_input}
+            for role, eng in server_roles(relay).items()}
+
+
+def in_flight(sizes: list[int], level: int) -> int:
+    """Tokens `level` trajectories hold at their whole size, the i-th asking question i % len(sizes)."""
+    return sum(sizes[i % len(sizes)] for i in range(level))
+
+
+def pressure_level(given: int | None, pool: int | None, sizes: list[int]) -> tuple[int, str | None]:
+    """The part's concurrency and why it is not run (None: it runs): `given`, else the fewest
+    trajectories that at their whole size (`sizes`: per question, asked in turn) hold
+    PRESSURE_OVER times the smaller pool."""
+    if given == 0:
+        return 0, "not asked for (--pressure 0)"
+    if given is not None:
+        return given, None
+    if pool is None:
+        return 0, "the servers do not say their KV pools (/server_info: a router in front?); give --pressure N"
+    level = 2
+    while in_flight(sizes, level) < PRESSURE_OVER * pool:
+        level += 1
+    if level > PRESSURE_MAX_LEVEL:
+        return level, (f"pools of {pool} tokens take {level} concurrent trajectories of up to {max(sizes)} tokens, "
+                       f"more than the {PRESSURE_MAX_LEVEL} the bench picks; start the pair with a smaller "
+                       f"--kv-tokens (e.g. 2048) or give --pressure N")
+    return level, None
+
+
+def run_pressure(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """Relay and single-large at a concurrency whose trajectories, at their whole size (prompt,
+    closing text and budget), exceed the smaller KV pool: the pool gate (runtime/pools.py) makes
+    the runs wait their turn, and each server's radix cache evicts to make room. Per case: the
+    tokens/s (pooled over `cfg.pressure_rounds` rounds, A B then B A, each run from flushed
+    caches), the runs that failed (raised), ended degraded or at a server's limit, the runs that
+    waited for the pool and the most trajectories in flight; then per warm handoff of the relays
+    what it re-prefilled beyond the floor (warm_summary)."""
+    pools = pool_sizes(relay)
+    known = [p["kv_tokens"] for p in pools.values() if p["kv_tokens"] is not None]
+    pool = min(known) if known else None
+    probe = relay.plan(settings=cfg.run("relay", cfg.pressure_max_tokens, 0))
+    closing = len(relay.tokenizer.encode(probe.closing_text))
+    sizes = [len(relay.tokenizer.encode(probe.render(q))) + closing + cfg.pressure_max_tokens for q in questions]
+    level, skipped = pressure_level(cfg.pressure, pool, sizes)
+    whole = in_flight(sizes, level)
+    out: dict[str, Any] = {"pools": pools, "smaller_pool": pool, "trajectory_tokens": sizes, "level": level,
+                           "picked": cfg.pressure is None, "max_tokens": cfg.pressure_max_tokens,
+                           "in_flight_tokens": whole,
+                           "in_flight_over_pool": round(whole / pool, 2) if pool and level else None}
+    if skipped:
+        log(f"pressure: skipped, {skipped}")
+        return {**out, "skipped": skipped}
+    qs = [questions[i % len(questions)] for i in range(level)]
+    cases = ("relay", "single-large")
+    done: dict[str, list[dict[str, Any]]] = {method: [] for method in cases}
+    for rnd in range(cfg.pressure_rounds):
+        for method in cases if rnd % 2 == 0 else cases[::-1]:
+            done[method].append(_pressure_round(relay, method, qs, cfg))
+            d = done[method][-1]
+            log(f"pressure {level} {method}: {d['tokens'] / d['wall']:.1f} tok/s, {len(d['failed'])} failed, "
+                f"{d['waited']} waited, at most {d['peak']} in flight")
+    for method in cases:
+        rounds = done[method]
+        results = [r for d in rounds for r in d["results"]]
+        tokens, wall = sum(d["tokens"] for d in rounds), sum(d["wall"] for d in rounds)
+        failed = [f for d in rounds for f in d["failed"]]
+        out[method] = {"trajectories": level * len(rounds), "rounds": len(rounds), "wall_s": round(wall, 3),
+                       "tokens": tokens, "tokens_per_s": round(tokens / wall, 2) if wall else 0.0,
+                       "tokens_per_s_by_round": [round(d["tokens"] / d["wall"], 2) for d in rounds],
+                       "tokens_per_s_spread": spread([d["tokens"] / d["wall"] for d in rounds]),
+                       "latency_s": spread([r.stats.e2e_s for r in results]),
+                       "failed": len(failed), "failures": failed[:5],
+                       "degraded": sum(r.degraded is not None for r in results),
+                       "at_limit": sum(any(s.finish == "limit" for s in r.segments) for r in results),
+                       "waited": sum(d["waited"] for d in rounds), "most_in_flight": max(d["peak"] for d in rounds),
+                       # every later turn of a role, handoff or not: single-large's answer turn after the
+                       # inserted text finds its thinking evicted too
+                       "warm_turns": warm_summary(warm_handoffs(results, handoffs_only=False))}
+        if method == "relay":
+            out["warm_handoffs"] = warm_summary(warm_handoffs([r for r in results if r.degraded is None]))
+    base = out["single-large"]["tokens_per_s"]
+    out["relay_over_single_large"] = round(out["relay"]["tokens_per_s"] / base, 3) if base else None
+    return out
+
+
+def _pressure_round(relay: Relay, method: str, questions: list[str], cfg: BenchConfig) -> dict[str, Any]:
+    """One round of one case: every question at once from flushed caches; the results, the
+    failures (RelayGenError, as one line each), wall time, tokens, the runs the pool gate held
+    back and the most trajectories it let run at once (sampled every 50 ms)."""
+    results: list[RelayResult] = []
+    failed: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int, q: str) -> None:
+        try:
+            r = relay.run(q, settings=cfg.run(method, cfg.pressure_max_tokens, i))
+        except RelayGenError as e:
+            with lock:
+                failed.append(f"{type(e).__name__}: {e}")
+            return
+        with lock:
+            results.append(r)
+
+    for e in servers_of(relay):
+        e.flush_cache(timeout_s=30)
+    gate = relay.backend.pools
+    waited, peak, over = gate.snapshot()["waited"], [0], threading.Event()
+
+    def watch() -> None:
+        while not over.wait(0.05):
+            peak[0] = max(peak[0], gate.snapshot()["running"])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(questions)) as workers:
+        list(workers.map(lambda a: one(*a), enumerate(questions)))
+    wall = time.perf_counter() - t0
+    over.set()
+    watcher.join()
+    return {"results": results, "failed": failed, "wall": wall,
+            "tokens": sum(r.stats.large_tokens + r.stats.small_tokens for r in results),
+            "waited": gate.snapshot()["waited"] - waited, "peak": peak[0]}
+
+
 def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every part, then the report in `out_dir`, held for the whole run (OUT/bench.lock): a
     second bench on it is refused before it measures anything (two would skew each other)."""
@@ -440,12 +627,14 @@ def _run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str
     lap("replay")
     load = run_load(relay, questions, cfg, log)
     lap("load")
+    pressure = run_pressure(relay, questions, cfg, log)
+    lap("pressure")
     result = {
         "preset": cfg.preset, "config": asdict(cfg), "machine": machine.describe(), "machine_summary": machine.short(),
         "urls": relay.urls, "profile": relay.profile.name, "elapsed_s": round(time.perf_counter() - t0, 1),
         "elapsed_by_part_s": parts, "samples": cfg.samples(),
         "handoff": handoff, "overhead": speed.pop("overhead"), "speedup": speed.pop("speedup"), "speed": speed,
-        "load": load,
+        "load": load, "pressure": pressure,
     }
     write_report(result, out_dir)
     return result

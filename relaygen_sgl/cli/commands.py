@@ -8,6 +8,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 
@@ -278,7 +279,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         summary = run_batch(report.prompts, out, run_one, concurrency=args.concurrency,
                             progress=not args.no_progress, input_problems=report.problems, header=header,
-                            fresh=args.fresh)
+                            fresh=args.fresh, waiting=_kv_waiting(r))
     line = (f"{summary.ok} ok, {summary.errors} error(s), {summary.skipped_done} already done, "
             f"{summary.completion_tokens} tokens in {summary.elapsed_s:.1f}s -> {args.out}")
     if summary.interrupted:
@@ -350,9 +351,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         family = r.family.name
         published = published_for(r.preset.name if r.preset is not None else "", family, args.dataset)
         header = {"dataset": args.dataset, "preset": preset, "k": args.k, "limit": args.limit,
-                  "max_tokens": settings.max_tokens, "cue_match": settings.cue_match,
+                  "max_tokens": settings.budget, "cue_match": settings.cue_match,
                   "machine": machine.short(), "machine_detail": machine.describe(),
-                  **protocol_header(settings.protocol, k=args.k, max_tokens=settings.max_tokens,
+                  **protocol_header(settings.protocol, k=args.k, max_tokens=settings.budget,
                                     concurrency=concurrency, seeded=seeded), "seed": settings.seed,
                   "published": published}
         result = report(out, header)  # DIR still held: no other eval changes what it reads
@@ -390,7 +391,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = BenchConfig.quick(name) if args.quick else BenchConfig(preset=name)
         overrides = {k: v for k, v in (("questions", args.questions), ("max_tokens", args.max_tokens),
                                        ("dataset", args.dataset), ("load_prefetch", args.load_prefetch),
-                                       ("load_rounds", args.load_rounds)) if v}
+                                       ("load_rounds", args.load_rounds),
+                                       ("pressure_max_tokens", args.pressure_max_tokens),
+                                       ("pressure_rounds", args.pressure_rounds)) if v}
+        if args.pressure is not None:  # 0 (no pressure part) is a value
+            overrides["pressure"] = args.pressure
         overrides["settings"] = settings
         if overrides:
             import dataclasses
@@ -486,3 +491,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                          f"{next(iter(rep.failed.values()))}); rerun the same command to retry them\n")
         return 1
     return 0
+
+
+def _kv_waiting(relay: Any) -> Any:
+    """How many of the relay's runs wait for room in the KV pools (runtime/pools.py), for a
+    progress bar; None where the relay has no pools (a stand-in)."""
+    pools = getattr(getattr(relay, "backend", None), "pools", None)
+    return (lambda: pools.waiting) if pools is not None else None
