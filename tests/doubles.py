@@ -27,18 +27,24 @@ managers/schedule_batch.py, managers/scheduler_components/output_streamer.py):
 /tokenize and /health_generate answer as SGLang does; Host.api_key asks for SGLang's
 `Authorization: Bearer` key on everything but the health routes.
 Its "model" reads each next token from a tape per host, indexed by absolute position.
+
+running() serves an ASGI app (serve's) on a real uvicorn, for tests that need real sockets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import re._parser as sre_parse
+import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import orjson
+import uvicorn
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -493,3 +499,27 @@ class FakeSGLang:
             if tok == self.eos_id or (tok in sp.get("stop_token_ids", ()) and not sp.get("ignore_eos")):
                 return out, {"type": "stop", "matched": tok}  # FINISH_MATCHED_TOKEN
         return out, {"type": "length", "length": max_new}
+
+
+@contextlib.contextmanager
+def running(app, config: uvicorn.Config | None = None, timeout: float = 60,
+            sndbuf: int | None = None) -> Iterator[httpx.Client]:
+    """A client (read timeout `timeout` s) to `app` in uvicorn on an ephemeral 127.0.0.1 port.
+    `config` is how uvicorn runs it (default: uvicorn's own, warnings only); `sndbuf` sets the
+    listening socket's send buffer, which accepted connections inherit."""
+    sock = socket.socket()
+    if sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(config or uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=timeout) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -13,8 +13,7 @@ import httpx
 import openai
 import orjson
 import pytest
-import uvicorn
-from doubles import LARGE, SMALL
+from doubles import LARGE, SMALL, running
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.cli import main as cli
@@ -81,24 +80,6 @@ class Served:
 
     def oai(self, key: str = "sekret") -> openai.OpenAI:
         return openai.OpenAI(api_key=key, base_url=str(self.client.base_url) + "/v1", max_retries=0)
-
-
-@contextlib.contextmanager
-def running(app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=60) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture

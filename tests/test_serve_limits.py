@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import httpx
 import orjson
 import pytest
-import uvicorn
+from doubles import running
 
 from relaygen_sgl.core.errors import STOPPED, Cancelled, EngineUnreachable
 from relaygen_sgl.core.result import RelayResult, RelayStats, Segment
@@ -73,21 +73,8 @@ def serving(relay: ScriptedRelay, sndbuf: int | None = None, **settings):
     """(app, port): the app in uvicorn as `serve` runs it, on an ephemeral port."""
     s = ServeSettings(health_interval_s=0, **settings)
     app = create_app(relay, s)
-    sock = socket.socket()
-    if sndbuf is not None:  # accepted connections inherit it: a client that stops reading fills it soon
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, s))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield app, sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    with running(app, uvicorn_config(app, "127.0.0.1", 0, s), sndbuf=sndbuf) as client:
+        yield app, client.base_url.port
 
 
 def wait_for(cond, timeout: float) -> bool:

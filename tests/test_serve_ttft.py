@@ -5,15 +5,11 @@ next one arrives never comes."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
-import time
 
 import httpx
 import orjson
-import uvicorn
-from doubles import LARGE, SMALL, FakeSGLang
+from doubles import LARGE, SMALL, FakeSGLang, running
 
 from relaygen_sgl.api import Relay
 from relaygen_sgl.client.http import ClientConfig
@@ -21,24 +17,6 @@ from relaygen_sgl.serve.app import create_app
 
 THINK = "First we add 2 and 3 to get 5. Therefore the sum is 5. Thus, the answer is 5.</think>\n\nThe answer is 5."
 Q = "What is 2 + 3?"
-
-
-@contextlib.contextmanager
-def running(app):  # type: ignore[no-untyped-def]
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=10) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_the_first_token_is_streamed_before_the_servers_second_chunk(fake, monkeypatch):
@@ -61,7 +39,7 @@ def test_the_first_token_is_streamed_before_the_servers_second_chunk(fake, monke
     for h in fake.hosts.values():
         h.tape = ids + relay.tokenizer.encode(THINK) + [fake.eos_id]
     fields = {"reasoning_content": "", "content": ""}
-    with running(create_app(relay, health_interval_s=0)) as client, client.stream(
+    with running(create_app(relay, health_interval_s=0), timeout=10) as client, client.stream(
             "POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": Q}], "stream": True,
                                                   "max_tokens": 200}) as resp:
         assert resp.status_code == 200
