@@ -822,3 +822,20 @@ def test_a_budget_past_the_kv_pool_gets_a_400_naming_it_before_any_request(serve
     assert "KV pool holds 300 tokens" in message and "the largest budget that fits is max_tokens=" in message
     assert "http://" not in message and served.generate_calls() == before
     assert chat(served, {"messages": [{"role": "user", "content": Q}], "max_tokens": 100}).status_code == 200
+
+
+def test_a_request_without_max_tokens_on_small_pools_gets_what_fits(served):
+    """serve's default (4096) where it fits, else the largest budget that does: a 200, not a
+    400 asking the client for a max_tokens it never gave; a max_tokens given is kept or refused."""
+    for h in served.fake.hosts.values():
+        h.kv_tokens = 300
+    for engine in served.relay.backend.engines.values():
+        engine.__dict__.pop("limits", None)  # read again: the pools were set after the relay was made
+    r = chat(served, {"messages": [{"role": "user", "content": Q}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "The answer is 5."
+    asked = [req["sampling_params"]["max_new_tokens"] + len(req["input_ids"])
+             for h in served.fake.hosts.values() for req in h.requests if "input_ids" in req]
+    assert asked and max(asked) < 300, asked
+    too_large = chat(served, {"messages": [{"role": "user", "content": Q}], "max_completion_tokens": 1000})
+    assert too_large.status_code == 400 and "the largest budget that fits is max_tokens=" in too_large.text

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_BUDGET,
                     help=f"the most max_tokens a request may ask for (default {DEFAULT_BUDGET})")
     sv.add_argument("--default-max-tokens", type=_positive_int, default=4096,
-                    help="max_tokens for a request that gives none (default 4096, at most --max-tokens)")
+                    help="max_tokens for a request that gives none (default 4096, at most --max-tokens; "
+                         "less where the servers' pools hold less)")
     sv.add_argument("--request-timeout", type=_non_negative_float, default=600.0, metavar="SECONDS",
                     help="deadline per request, queue wait included (default 600); relay.timeout may shorten it")
     sv.add_argument("--max-concurrency", type=_positive_int, default=16, help="relays running at once (default 16)")

@@ -109,6 +109,7 @@ class ChatRequest:
     stops: tuple[str, ...] = ()
     timeout_s: float = 600.0
     profile_name: str | None = field(default=None)
+    budget_given: bool = True  # False: max_tokens is serve's default, cut to what fits where the pools hold less
 
 
 def _typed(body: dict[str, Any], key: str, integer: bool, param: str | None = None) -> Any:
@@ -299,7 +300,7 @@ def parse_request(body: Any, *, model_name: str, max_budget: int, default_max_to
         raise ApiError(400, str(e), param=param, code="invalid_value") from None
     return ChatRequest(messages=messages, settings=settings, stream=bool(stream),
                        include_usage=bool((opts or {}).get("include_usage", False)), stops=stops,
-                       timeout_s=relay["timeout"], profile_name=profile_name)
+                       timeout_s=relay["timeout"], profile_name=profile_name, budget_given=max_tokens is not None)
 
 
 def chat_schema(model_name: str, max_budget: int, profile_names: list[str], timeout_s: float) -> dict[str, Any]:
