@@ -44,6 +44,7 @@ def test_published_numbers_for_the_same_pair_and_another():
     same = published_for("qwen3-32b-1.7b", "qwen3", "aime25")
     assert same["same_pair"] and same["pass_at_1"]["relay"] == 68.33 and same["speed"]["relay"]["speedup"] == 1.29
     assert published_for("qwen3-32b-1.7b-1gpu", "qwen3", "gpqa-ref:/x.csv")["pass_at_1"]["single-large"] == 64.58
+    assert published_for("qwen3-32b-1.7b-1gpu-80gb", "qwen3", "math500")["same_pair"]
     other = published_for("cpu-tiny", "smollm2", "math500")
     assert not other["same_pair"] and other["label"].startswith("Qwen3-32B")
     assert published_for("cpu-tiny", "smollm2", "amc23") is None  # not in Tables 2 and 3
