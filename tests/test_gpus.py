@@ -16,9 +16,9 @@ from test_cli import one_line_error, run_cli
 
 from relaygen_sgl.cli import main as cli
 from relaygen_sgl.core import config
-from relaygen_sgl.core.config import load_preset, load_settings, parallel_size, preset_names
+from relaygen_sgl.core.config import load_preset, load_settings, parallel_size, parallel_sizes, preset_names
 from relaygen_sgl.core.errors import ConfigError
-from relaygen_sgl.servers import stack
+from relaygen_sgl.servers import memory, stack
 from relaygen_sgl.servers.gpus import Visible, allocate, devices_for, visible_devices
 from relaygen_sgl.servers.launch import dry_run, server_command
 
@@ -88,6 +88,8 @@ def test_every_gpu_preset_says_gpus_matching_its_parallel_sizes():
     assert load_preset(QWEN).roles["large"].gpus == 2 and load_preset(QWEN).roles["small"].gpus == 1
     assert parallel_size(["--tp", "2", "--dp-size=2"]) == 4
     assert parallel_size(["--tp", "4", "--dp", "4", "--enable-dp-attention"]) == 4
+    assert parallel_sizes(["--tensor-parallel-size=4", "--dp-size", "2"]) == {"tp": 4, "pp": 1, "dp": 2}
+    assert memory.shape(load_preset(QWEN), "large").tp == 2  # the memory plan reads the same spellings
 
 
 def _with_preset_data(monkeypatch, name: str, edit) -> None:  # type: ignore[no-untyped-def]
@@ -100,6 +102,17 @@ def test_a_preset_env_with_cuda_visible_devices_is_refused(monkeypatch):
     _with_preset_data(monkeypatch, QWEN, lambda p: p["large"].update(env={"CUDA_VISIBLE_DEVICES": "0,1"}))
     with pytest.raises(ConfigError, match=r"qwen3-32b-1.7b.large: env sets CUDA_VISIBLE_DEVICES; give `gpus = N`"):
         load_preset(QWEN)
+
+
+def test_a_presets_cards_are_read_with_it_and_checked(monkeypatch):
+    assert load_preset("qwen3-32b-1.7b-1gpu").cards == ("H200",) and load_preset("cpu-tiny").cards == ()
+    assert [c.key for c in memory.preset_cards(load_preset(QWEN))] == ["H100-80GB", "A100-80GB", "H200"]
+    _with_preset_data(monkeypatch, QWEN, lambda p: p.update(cards="H200"))
+    with pytest.raises(ConfigError, match="cards must be a list of card names"):
+        load_preset(QWEN)
+    _with_preset_data(monkeypatch, QWEN, lambda p: p.update(cards=["H200", "B300"]))
+    with pytest.raises(ConfigError, match=r"unknown cards \['B300'\]; known: "):
+        memory.preset_cards(load_preset(QWEN))
 
 
 @pytest.mark.parametrize(("gpus", "match"), [(4, "gpus = 4 but its args use 2"), (0, "a cuda server needs"),

@@ -146,7 +146,7 @@ def _replay_sglang(plan: memory.MemoryPlan, preset, card, free: float) -> float:
 @pytest.mark.parametrize("name", SHARED)
 def test_every_named_card_replays_sglangs_allocation_order_with_the_reserve_left(name):
     preset = load_preset(name)
-    cards = memory.preset_cards(name)
+    cards = memory.preset_cards(preset)
     assert cards
     for card in cards:
         plan = memory.plan_shared(preset, card)
@@ -161,9 +161,9 @@ def test_every_gpu_preset_names_only_cards_it_fits_and_the_rest_are_refused_or_s
     for name in preset_names():
         preset = load_preset(name)
         if preset.device != "cuda":
-            assert not memory.preset_cards(name)
+            assert not memory.preset_cards(preset)
             continue
-        named = {c.key for c in memory.preset_cards(name)}
+        named = {c.key for c in memory.preset_cards(preset)}
         assert named, f"{name} names no cards"
         for card in memory.cards().values():
             try:
@@ -220,8 +220,9 @@ def test_dry_run_json_puts_both_on_device_0_large_first_with_fractions_kv_and_wh
     assert plan["shared_device"] == "0" and plan["sequential"] is True
     assert large["env"]["CUDA_VISIBLE_DEVICES"] == small["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert "starts_after" not in large and small["starts_after"] == ["large server on port 30000 answers (same GPU)"]
-    card = memory.preset_cards(name)[0]
-    expect = memory.plan_shared(load_preset(name), card)
+    preset = load_preset(name)
+    card = memory.preset_cards(preset)[0]
+    expect = memory.plan_shared(preset, card)
     for s in (large, small):
         assert float(_flag(s["argv"], "--mem-fraction-static")) == s["mem_fraction_static"] == \
             s["memory"]["mem_fraction_static"] and 0 < s["mem_fraction_static"] < 1
@@ -255,7 +256,7 @@ def test_every_preset_dry_run_shows_kv_tokens_and_trajectories_per_server(name, 
         few = json.loads(run_cli("up", "--preset", name, "--dry-run", "--json", "--kv-tokens", "8192").stdout)
         assert few["memory"]["trajectories"] == 1
     else:
-        assert set(plan["cards"]) == {c.key for c in memory.preset_cards(name)}
+        assert set(plan["cards"]) == {c.key for c in memory.preset_cards(preset)}
         assert all(c["trajectories"] >= 1 for c in plan["cards"].values()), plan["cards"]
     lines = run_cli("up", "--preset", name, "--dry-run", env_extra=env).stdout
     assert "# memory (estimated from SGLang 0.5.23's allocation order): " in lines and "# KV cache: " in lines
@@ -430,7 +431,7 @@ def test_serve_sh_for_the_second_server_on_a_gpu_says_to_start_it_after_the_firs
     assert small.env["CUDA_VISIBLE_DEVICES"] == "0" and "--mem-fraction-static" in small.argv
     assert "start it once the server on port 30000 answers a generation (same GPU)" in note
     assert int(_flag(small.argv, "--max-total-tokens")) == memory.plan_shared(
-        load_preset(H200), memory.preset_cards(H200)[0]).servers["small"].kv_tokens
+        load_preset(H200), memory.preset_cards(load_preset(H200))[0]).servers["small"].kv_tokens
     large, note = role_command(load_preset(H200), "large", load_settings())
     assert "start it once" not in (note or "")
 
@@ -479,7 +480,7 @@ def test_the_docs_table_is_what_the_plan_computes():
             assert [plan.servers[r].kv_tokens for r in ROLES] == kv, (name, card_cell)
             assert plan.servers["large"].trajectory_tokens == int(trajectory.replace(",", ""))
             assert plan.trajectories == int(at_once)
-    named = {(n, c.key) for n in preset_names() for c in memory.preset_cards(n)}
+    named = {(n, c.key) for n in preset_names() for c in memory.preset_cards(load_preset(n))}
     assert seen == named  # every preset and card it names, and only those
 
 

@@ -132,9 +132,8 @@ def read_key_file(path: Path) -> str | None:
     return key
 
 
-def parallel_size(args: Sequence[str]) -> int:
-    """GPUs one SGLang server with these args uses: tp x pp x dp (dp not counted with
-    --enable-dp-attention, where the DP attention groups live inside the TP group)."""
+def parallel_sizes(args: Sequence[str]) -> dict[str, int]:
+    """tp, pp and dp as these SGLang args give them, in any of SGLang's spellings (1 where absent)."""
     sizes = {"tp": 1, "pp": 1, "dp": 1}
     for i, arg in enumerate(args):
         flag, eq, value = arg.partition("=")
@@ -145,9 +144,14 @@ def parallel_size(args: Sequence[str]) -> int:
                     sizes[name] = int(text)
                 except ValueError:
                     raise ConfigError(f"{flag} needs an integer, got {text!r}") from None
-    if "--enable-dp-attention" in args:
-        sizes["dp"] = 1
-    return sizes["tp"] * sizes["pp"] * sizes["dp"]
+    return sizes
+
+
+def parallel_size(args: Sequence[str]) -> int:
+    """GPUs one SGLang server with these args uses: tp x pp x dp (dp not counted with
+    --enable-dp-attention, where the DP attention groups live inside the TP group)."""
+    sizes = parallel_sizes(args)
+    return sizes["tp"] * sizes["pp"] * (1 if "--enable-dp-attention" in args else sizes["dp"])
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,7 @@ class Preset:
     share_device: bool = False
     min_free_gib: float | None = None  # free memory per GPU the plan needs (doctor; a shared dry run assumes it)
     runtime_reserve_gib: float = 0.0  # shared device: left free for both servers' activations and CUDA graphs
+    cards: tuple[str, ...] = ()  # the GPUs a cuda preset fits: keys of memory.toml [cards] (servers/memory.py)
 
     def url(self, role: str, host: str = LOOPBACK) -> str:
         return client_url(host, self.roles[role].port)
@@ -344,6 +349,9 @@ def load_preset(name: str) -> Preset:
         raise ConfigError(f"preset {name}: share_device must be true or false")
     if share:
         _check_shared(name, roles, device, spec.get("runtime_reserve_gib"))
+    cards = spec.get("cards", [])
+    if not isinstance(cards, list) or not all(isinstance(c, str) for c in cards):
+        raise ConfigError(f"preset {name}: cards must be a list of card names (memory.toml [cards])")
     min_free = spec.get("min_free_gib")
     if min_free is not None and not _positive_number(min_free):
         raise ConfigError(f"preset {name}: min_free_gib must be a number > 0")
@@ -352,7 +360,7 @@ def load_preset(name: str) -> Preset:
                   startup_timeout_s=float(spec.get("startup_timeout_s", 600)),
                   prefetch_every=every, prefetch_auto_every=auto_every, **loads, share_device=share,
                   min_free_gib=None if min_free is None else float(min_free),
-                  runtime_reserve_gib=float(spec.get("runtime_reserve_gib", 0.0)))
+                  runtime_reserve_gib=float(spec.get("runtime_reserve_gib", 0.0)), cards=tuple(cards))
 
 
 def check_models(preset: Preset, settings: Settings) -> None:

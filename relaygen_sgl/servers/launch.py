@@ -151,7 +151,7 @@ def device_card(preset: Preset, devices: Sequence[str], assumed: bool = False,
     if mem:
         least = min(mem, key=lambda m: m.free_gib)
         return measured_card(least.name, least.total_gib * 1024, least.free_gib * 1024)
-    named = preset_cards(preset.name)
+    named = preset_cards(preset)
     if not named:
         raise ConfigError(f"preset {preset.name} names no cards (`cards` in launch/presets.toml) and nvidia-smi "
                           f"reports none of GPU {','.join(devices) or '-'}")
@@ -316,7 +316,7 @@ def devices_memory(preset: Preset, blocks: Mapping[tuple[str, int], Sequence[str
 def card_plans(preset: Preset, kv_tokens: int | None = None) -> dict[str, dict[str, Any]]:
     """The plan on each card the preset names, in brief: KV tokens per role and trajectories."""
     out: dict[str, dict[str, Any]] = {}
-    for card in preset_cards(preset.name):
+    for card in preset_cards(preset):
         try:
             mp = plan_for_card(preset, card, kv_tokens)
         except ConfigError as e:

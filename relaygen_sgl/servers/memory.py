@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from relaygen_sgl.core.config import ROLES, Preset, data_path
+from relaygen_sgl.core.config import ROLES, Preset, data_path, parallel_sizes
 from relaygen_sgl.core.errors import ConfigError
 
 GIB = float(1 << 30)
@@ -168,14 +168,13 @@ def measured_card(name: str, total_mib: float, free_mib: float) -> Card:
                 free_mib=free_mib)
 
 
-def preset_cards(name: str) -> tuple[Card, ...]:
+def preset_cards(preset: Preset) -> tuple[Card, ...]:
     """The cards a GPU preset names (`cards` in presets.toml): the ones its plan fits."""
-    raw = tomllib.loads(data_path("presets.toml").read_text(encoding="utf-8")).get(name, {})
     found = cards()
-    unknown = [c for c in raw.get("cards", ()) if c not in found]
+    unknown = [c for c in preset.cards if c not in found]
     if unknown:
-        raise ConfigError(f"preset {name}: unknown cards {unknown}; known: {', '.join(found)}")
-    return tuple(found[c] for c in raw.get("cards", ()))
+        raise ConfigError(f"preset {preset.name}: unknown cards {unknown}; known: {', '.join(found)}")
+    return tuple(found[c] for c in preset.cards)
 
 
 # ---------------------------------------------------------------- a server's shape, from its args
@@ -241,7 +240,7 @@ def shape(preset: Preset, role: str, kv_tokens: int | None = None) -> Shape:
         cap = kv_tokens
     context = _int(args, "--context-length") or m.context
     running = _int(args, "--max-running-requests")
-    return Shape(model=m, tp=_int(args, "--tp", "--tp-size", "--tensor-parallel-size") or 1,
+    return Shape(model=m, tp=parallel_sizes(args)["tp"],
                  dtype_bytes=DTYPE_BYTES[dtype], kv_dtype_bytes=DTYPE_BYTES[dtype if kv_dtype == "auto" else kv_dtype],
                  context=context, fraction=float(f) if (f := _flag(args, "--mem-fraction-static")) else None,
                  max_total_tokens=cap, max_running_requests=running if running or not speculative else
