@@ -4,8 +4,10 @@ processes whose answers the test decides; the real pair is in tests/integration/
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -297,6 +299,36 @@ def test_a_key_in_the_environment_is_the_servers_key_and_another_one_later_is_re
     with pytest.raises(StackError, match=r"run with the API key in .*sglang-api-key.yaml, not \$RELAYGEN_SGLANG"):
         stack.up(load_preset("cpu-tiny"), settings)
     assert set(started.keys) == {"chosen-key-1"}
+
+
+def _sglang_api_key(cmd: ServerCommand) -> str:
+    """The --api-key SGLang 0.5.23 parses from a server's --config file: each key of it becomes
+    `--KEY VALUE` before argparse (utils/server_args_config_parser.py _add_scalar_arg)."""
+    config = json.loads(Path(cmd.argv[cmd.argv.index("--config") + 1]).read_text())
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--api-key")
+    return parser.parse_args([arg for k, v in config.items() for arg in (f"--{k}", str(v))]).api_key
+
+
+def test_up_right_after_down_gives_its_servers_a_key_sglang_parses_and_keeps_the_file(stand_ins, monkeypatch):
+    """`up` after `down` makes a new random key. One url-safe key in 64 began with '-', which
+    SGLang's argument parser takes for an option (`--api-key: expected one argument`): the
+    servers exited and the failed `up` removed the key file. Here the random bytes are such a key's."""
+    from relaygen_sgl.core.state import key_in_use, key_path, read_key
+
+    monkeypatch.delenv("RELAYGEN_SGLANG_API_KEY", raising=False)
+    settings, _, started = stand_ins
+    stack.up(load_preset("cpu-tiny"), settings)
+    stack.down(settings)
+    monkeypatch.setattr(secrets, "token_bytes", lambda n=None: b"\xfb" * (n or 32))  # url-safe: "-" first
+    stack.up(load_preset("cpu-tiny"), settings)
+    key = read_key(settings)
+    assert key and [_sglang_api_key(cmd) for cmd in started.commands[-2:]] == [key, key]
+    assert key_path(settings).exists() and key_in_use(settings)  # held by the servers while they run
+    stack.down(settings)
+    monkeypatch.setenv("RELAYGEN_SGLANG_API_KEY", "-chosen")
+    with pytest.raises(ConfigError, match=r"RELAYGEN_SGLANG_API_KEY must .* not begin with '-'"):
+        stack.up(load_preset("cpu-tiny"), settings)
 
 
 def test_a_failed_up_stops_what_it_started_removes_the_key_file_and_shows_no_key(stand_ins, monkeypatch):

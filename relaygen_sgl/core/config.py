@@ -108,12 +108,14 @@ def user_api_key(environ: dict[str, str] | None = None) -> str | None:
     """$RELAYGEN_SGLANG_API_KEY (a key the user chose, and can give to clients on other machines), checked."""
     key = (os.environ if environ is None else environ).get(API_KEY_ENV) or None
     if key is not None and not valid_key(key):
-        raise ConfigError(f"${API_KEY_ENV} must be printable ASCII without spaces")
+        raise ConfigError(f"${API_KEY_ENV} must be printable ASCII without spaces and not begin with '-'")
     return key
 
 
 def valid_key(key: str) -> bool:
-    return bool(key) and key.isascii() and key.isprintable() and not any(c.isspace() for c in key)
+    """A key SGLang and its router take as `--api-key KEY`: a leading '-' reads as an option there."""
+    return bool(key) and key.isascii() and key.isprintable() and not any(c.isspace() for c in key) \
+        and not key.startswith("-")
 
 
 def read_key_file(path: Path) -> str | None:

@@ -99,7 +99,8 @@ def key_path(settings: Settings) -> Path:
 
 
 def new_key() -> str:
-    return secrets.token_urlsafe(32)
+    """256 random bits in hex: never a leading '-', which SGLang's argument parser takes for an option."""
+    return secrets.token_hex(32)
 
 
 def write_key(settings: Settings, key: str) -> Path:
