@@ -513,15 +513,17 @@ def test_the_pressure_part_runs_both_methods_at_a_level_over_the_pool_interleave
     assert out["in_flight_tokens"] == level * size and out["in_flight_over_pool"] == round(level * size / 900, 2)
     methods = [m for m, _ in order]
     assert methods == ["relay"] * level + ["single-large"] * level * 2 + ["relay"] * level  # A B, B A
-    # the gate counts the closing text past what the budget covers: `size` is at most a few tokens over its own
-    fit = {"relay": int(0.9 * 900) // (size - 8), "single-large": int(0.9 * 1024) // (size - 8)}
+    # the gate claims the shared prompt once and what each trajectory is expected to write, learned from
+    # those that ended (runtime/pools.py): more run at once than whole sizes fit; the first wait for those
+    whole = {"relay": int(0.9 * 900) // size, "single-large": int(0.9 * 1024) // size}
     for name in ("relay", "single-large"):
         d = out[name]
         assert d["trajectories"] == 2 * level and d["rounds"] == 2 and len(d["tokens_per_s_by_round"]) == 2
         assert d["failed"] == 0 and d["failures"] == [] and d["degraded"] == 0 and d["at_limit"] == 0
         assert d["latency_s"]["n"] == 2 * level and d["tokens"] > 0
         # the relay's trajectories claim both pools (the smaller bounds them), single-large's the large one
-        assert 2 <= d["most_in_flight"] <= fit[name] < level and d["waited"] >= 2
+        assert whole[name] < d["most_in_flight"] <= level
+    assert out["relay"]["waited"] >= 1  # the first round, before any trajectory ended
     # each case counts its own waits: together, every wait of the gate
     assert out["relay"]["waited"] + out["single-large"]["waited"] == relay.backend.pools.snapshot()["waited"]
     assert out["relay_over_single_large"] == round(out["relay"]["tokens_per_s"] / out["single-large"]["tokens_per_s"],

@@ -27,7 +27,7 @@ from relaygen_sgl.core import files
 from relaygen_sgl.core.config import METHODS
 from relaygen_sgl.core.datasets import load_problems
 from relaygen_sgl.core.errors import ConfigError, RelayGenError
-from relaygen_sgl.core.result import RelayResult, Segment
+from relaygen_sgl.core.result import RelayResult, Segment, warm_turns
 from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, RunSettings
 
 
@@ -429,27 +429,8 @@ def tail(values: list[float]) -> dict[str, float]:
 
 
 def warm_handoffs(results: list[RelayResult], handoffs_only: bool = True) -> list[dict[str, Any]]:
-    """Every turn that follows the other role's turn where the receiving role had a turn before
-    (its server then holds the trajectory up to that turn's end): the tokens written since
-    (`new`: the other role's and any inserted text), what the turn re-prefilled, and
-    `beyond_floor`, what it re-prefilled beyond new + 1 (the +1: the receiving role's last
-    token, whose KV it never computed), 0 where a prefetch or a cut follower left less. A
-    turn above the floor found part of what its server held evicted. `handoffs_only=False`:
-    every turn of a role that had one before, the same role's after inserted text too (a
-    single-large run's answer turn)."""
-    out = []
-    for res in results:
-        pos, ends, prev = len(res.prompt_ids), {}, None  # ends: role -> where its last turn ended
-        for seg in res.segments:
-            if seg.role in ("large", "small"):
-                if seg.role in ends and (prev != seg.role or not handoffs_only):
-                    new = pos - ends[seg.role]
-                    out.append({"role": seg.role, "at": pos, "new": new, "reprefilled": seg.reprefilled,
-                                "beyond_floor": max(0, seg.reprefilled - new - 1)})
-                prev = seg.role
-                ends[seg.role] = pos + len(seg.token_ids)
-            pos += len(seg.token_ids)
-    return out
+    """The warm turns (core/result.py warm_turns) of every result."""
+    return [t for res in results for t in warm_turns(len(res.prompt_ids), res.segments, handoffs_only)]
 
 
 def warm_summary(handoffs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -540,6 +521,8 @@ def run_pressure(relay: Relay, questions: list[str], cfg: BenchConfig, log: Call
                        "degraded": sum(r.degraded is not None for r in results),
                        "at_limit": sum(any(s.finish == "limit" for s in r.segments) for r in results),
                        "waited": sum(d["waited"] for d in rounds), "most_in_flight": max(d["peak"] for d in rounds),
+                       # warm turns the gate heard were evicted (runtime/pools.py), its own count of the above
+                       "gate_heard_evicted": sum(d["evicted"] for d in rounds),
                        # every later turn of a role, handoff or not: single-large's answer turn after the
                        # inserted text finds its thinking evicted too
                        "warm_turns": warm_summary(warm_handoffs(results, handoffs_only=False))}
@@ -553,7 +536,8 @@ def run_pressure(relay: Relay, questions: list[str], cfg: BenchConfig, log: Call
 def _pressure_round(relay: Relay, method: str, questions: list[str], cfg: BenchConfig) -> dict[str, Any]:
     """One round of one case: every question at once from flushed caches; the results, the
     failures (RelayGenError, as one line each), wall time, tokens, the runs the pool gate held
-    back and the most trajectories it let run at once (sampled every 50 ms)."""
+    back, the most trajectories it let run at once (sampled every 50 ms) and the evicted copies
+    it heard of."""
     results: list[RelayResult] = []
     failed: list[str] = []
     lock = threading.Lock()
@@ -571,7 +555,7 @@ def _pressure_round(relay: Relay, method: str, questions: list[str], cfg: BenchC
     for e in servers_of(relay):
         e.flush_cache(timeout_s=30)
     gate = relay.backend.pools
-    waited, peak, over = gate.snapshot()["waited"], [0], threading.Event()
+    before, peak, over = gate.snapshot(), [0], threading.Event()
 
     def watch() -> None:
         while not over.wait(0.05):
@@ -587,7 +571,8 @@ def _pressure_round(relay: Relay, method: str, questions: list[str], cfg: BenchC
     watcher.join()
     return {"results": results, "failed": failed, "wall": wall,
             "tokens": sum(r.stats.large_tokens + r.stats.small_tokens for r in results),
-            "waited": gate.snapshot()["waited"] - waited, "peak": peak[0]}
+            "waited": gate.snapshot()["waited"] - before["waited"], "peak": peak[0],
+            "evicted": gate.snapshot()["evicted"] - before["evicted"]}
 
 
 def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -46,6 +46,29 @@ class Segment:
                 "rerouted_from": self.rerouted_from, **(self.logprobs or {})}
 
 
+def warm_turns(prompt_tokens: int, segments: list[Segment], handoffs_only: bool = True) -> list[dict[str, Any]]:
+    """Every turn that follows the other role's turn where the receiving role had a turn before
+    (its server then holds the trajectory up to that turn's end): its segment's index, the
+    tokens written since (`new`: the other role's and any inserted text), what the turn
+    re-prefilled, and `beyond_floor`, what it re-prefilled beyond new + 1 (the +1: the receiving
+    role's last token, whose KV it never computed), 0 where a prefetch or a cut follower left
+    less. A turn above the floor found part of what its server held evicted.
+    `handoffs_only=False`: every turn of a role that had one before, the same role's after
+    inserted text too (a single-large run's answer turn)."""
+    out = []
+    pos, ends, prev = prompt_tokens, {}, None  # ends: role -> where its last turn ended
+    for i, seg in enumerate(segments):
+        if seg.role in ROLES:
+            if seg.role in ends and (prev != seg.role or not handoffs_only):
+                new = pos - ends[seg.role]
+                out.append({"segment": i, "role": seg.role, "at": pos, "new": new, "reprefilled": seg.reprefilled,
+                            "beyond_floor": max(0, seg.reprefilled - new - 1)})
+            prev = seg.role
+            ends[seg.role] = pos + len(seg.token_ids)
+        pos += len(seg.token_ids)
+    return out
+
+
 @dataclass
 class RelayStats:
     large_tokens: int

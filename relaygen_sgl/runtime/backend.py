@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -32,12 +32,12 @@ from relaygen_sgl.client.tokenizer import Tokenizer
 from relaygen_sgl.core.config import ROLES, SMALL_FAILURE_MODES, Family
 from relaygen_sgl.core.cues import CueProfile, load_profile
 from relaygen_sgl.core.errors import ConfigError, DoesNotFit, EngineFailed, EngineRejected, EngineUnreachable
-from relaygen_sgl.core.result import REROUTED, Segment
+from relaygen_sgl.core.result import REROUTED, Segment, warm_turns
 from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, RunSettings
 from relaygen_sgl.runtime.choices import score_choices
 from relaygen_sgl.runtime.gen_params import gen_params
 from relaygen_sgl.runtime.plan import RelayPlan, RunControl
-from relaygen_sgl.runtime.pools import PoolGate
+from relaygen_sgl.runtime.pools import Claim, PoolGate
 from relaygen_sgl.runtime.prefetch import DEFAULT_WORKERS, Prefetching, PrefetchRule, Server
 from relaygen_sgl.runtime.seeding import SeedSupport
 from relaygen_sgl.runtime.trajectory import KEY, Trajectory
@@ -191,7 +191,7 @@ class RelayBackend(BaseBackend):
         if tightest is None:
             return plan
         most, role, limits = tightest
-        fixed = prompt_tokens + self._closing_tokens(plan)
+        fixed = self.whole_size(plan, prompt_tokens) - plan.budget
         fits = max(0, most - fixed)
         if plan.settings.max_tokens is None and fits:
             return replace(plan, default_budget=min(plan.default_budget, fits))
@@ -209,14 +209,21 @@ class RelayBackend(BaseBackend):
         """Tokens the text that closes thinking adds past the budget (what it does not count for)."""
         return max(0, len(self.tokenizer.encode(plan.closing_text)) - plan.rules.close_cost())
 
+    def whole_size(self, plan: RelayPlan, prompt_tokens: int) -> int:
+        """The most a trajectory from this prompt can become: the prompt, the text that closes
+        thinking (past the budget) and the budget."""
+        return prompt_tokens + self._closing_tokens(plan) + plan.budget
+
     @contextmanager
     def admitted(self, plan: RelayPlan, traj: Trajectory) -> Iterator[None]:
-        """Run the block (a relay's turns) once the trajectory, at the most it can become, fits
-        every KV pool it will use beside the trajectories in flight (runtime/pools.py)."""
-        size = len(traj.ids) + self._closing_tokens(plan) + plan.budget
-        needs = {self._server(role, traj): (size, kv) for role in self._roles_in_play(traj, plan.method)
+        """Run the block (a relay's turns) once the trajectory fits every KV pool it will use
+        beside the trajectories in flight, each claiming its prompt (once, where they share it)
+        and what it is expected to write (runtime/pools.py)."""
+        pools = {self._server(role, traj): kv for role in self._roles_in_play(traj, plan.method)
                  if (kv := self.engines[role].limits.kv_tokens) is not None}
-        with self.pools.hold(needs, traj.control.stop):
+        ids = traj.ids
+        claim = Claim(pools, (hash(tuple(ids)), len(ids)), self.whole_size(plan, len(ids)), traj.tokens)
+        with self.pools.hold(claim, traj.control.stop):
             yield
 
     def _server(self, role: str, traj: Trajectory) -> Server:
@@ -334,7 +341,19 @@ class RelayBackend(BaseBackend):
         self._seeds.check(self.servers.values(), spec.sampling)  # min_p refused before any request
         seg = self._routed(traj, spec, ids, text, sink)
         traj.add(seg)
+        self._observe(traj, spec)
         return seg
+
+    def _observe(self, traj: Trajectory, spec: TurnSpec) -> None:
+        """Tell the pool gate whether the turn just added, where its server had the trajectory
+        before, found that copy whole (core/result.py warm_turns). Not where the copy was never
+        the server's to keep: a degraded trajectory, one server in both roles, or the reference's
+        re-rendered prefix (other ids than the server cached)."""
+        if traj.degraded or self.one_server or spec.prefix_ids:
+            return
+        turns = warm_turns(len(traj.prompt_ids), traj.segments, handoffs_only=False)
+        if turns and turns[-1]["segment"] == len(traj.segments) - 1:
+            self.pools.observe(evicted=turns[-1]["beyond_floor"] > 0)
 
     def _plain(self, s: StreamExecutor, sp: SglSamplingParams) -> TurnSpec:
         """A plain gen as a turn: every field as RuntimeEndpoint sends it (constrained decoding,
@@ -391,11 +410,16 @@ class RelayBackend(BaseBackend):
                     spec.prefetch, self.engines[other], self._pin(other, traj), ids,
                     prefix=traj.last_writer != other,  # else it has all but a token
                     receiver=self._server(other, traj), sender=self._server(on, traj), stop=traj.control.stop)
+
+            def heard(so_far: list[int], cue_next: Callable[[], bool]) -> None:
+                traj.writing = len(so_far)  # the pool gate reads the trajectory's size as it grows
+                if pf is not None:
+                    pf.offer(so_far, cue_next)
+
             try:
                 return run_turn(self.engines[on], self.tokenizer, ids, text, replace(
                     spec, role=on, extra={**spec.extra, **self._pin(on, traj), **extra}, sampling={**sampling, **add}),
-                    sink=sink, stop=traj.control.stop, on_ids=pf.offer if pf is not None else None,
-                    limit=self.request_limit(traj))
+                    sink=sink, stop=traj.control.stop, on_ids=heard, limit=self.request_limit(traj))
             finally:
                 if pf is not None:
                     pf.close()

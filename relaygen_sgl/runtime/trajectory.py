@@ -40,12 +40,18 @@ class Trajectory:
         self.t0 = time.perf_counter()
         self.ttft: float | None = None
         self._last_end: float | None = None  # when the last model turn finished
+        self.writing = 0  # tokens the turn in progress has streamed so far (the pool gate reads it)
 
     # ------------------------------------------------------------------ reading
     @property
     def ids(self) -> list[int]:
         """The whole trajectory: prompt, then every segment's ids."""
         return [*self.prompt_ids, *(t for s in self.segments for t in s.token_ids)]
+
+    def tokens(self) -> int:
+        """How many tokens the trajectory holds, the turn in progress included: what a server
+        writing it has in its KV pool (runtime/pools.py reads it as the trajectory grows)."""
+        return len(self.prompt_ids) + sum(len(s.token_ids) for s in self.segments) + self.writing
 
     @property
     def completion_ids(self) -> list[int]:
@@ -92,6 +98,7 @@ class Trajectory:
             segment.handoff_s = round(first_token_at - self._last_end, 4)
         self._last_end = now
         self.segments.append(segment)
+        self.writing = 0
         self.consumed += len(segment.text)
 
     def fork(self, sid: str, at_chars: int) -> Trajectory:
