@@ -12,7 +12,7 @@ from doubles import LARGE, QUESTION, SMALL
 
 from relaygen_sgl.core.errors import ConfigError, EngineUnreachable
 from relaygen_sgl.core.run_settings import RunSettings
-from relaygen_sgl.runtime.prefetch import LOADS_PATH, Prefetcher, Prefetching, PrefetchRule, ReportedLoad
+from relaygen_sgl.runtime.prefetch import CLOSING_LEAD, LOADS_PATH, Prefetcher, Prefetching, PrefetchRule, ReportedLoad
 
 
 class Engine:
@@ -449,7 +449,9 @@ def test_auto_sends_nothing_to_a_server_running_more_turns_than_the_threshold(fa
             busy.shutdown(wait=True)
         assert res.segments[0].role == "large" and res.segments[0].completion_tokens >= 5
         sent = [r for r in during if r["sampling_params"]["max_new_tokens"] == 0]
-        assert bool(sent) == expect_prefetch, (threshold, len(sent))
+        # the closing send before the budget's certain handoff goes out whatever the load (below)
+        closing = relay.backend.prefetching.snapshot()["closing"]
+        assert bool(len(sent) - closing) == expect_prefetch, (threshold, len(sent), closing)
         if not expect_prefetch:
             assert relay.backend.prefetching.snapshot()["declined"] > 0
         relay.close()
@@ -482,7 +484,9 @@ def test_the_cpu_presets_auto_sends_the_prompt_only(fake):
         h.chunk_delay_s = 0.005
     res = relay.run(QUESTION, max_tokens=80)
     assert "small" in [s.role for s in res.segments]
-    assert [r["input_ids"] for r in prefetches(fake.hosts["small.test:2"])] == [res.prompt_ids]
+    sent = [r["input_ids"] for r in prefetches(fake.hosts["small.test:2"])]
+    # the prompt, and beyond it only the closing send before thinking's budget hands over (if it did)
+    assert sent[0] == res.prompt_ids and len(sent) - 1 == relay.backend.prefetching.snapshot()["closing"] <= 1
     assert prefetches(fake.hosts["large.test:1"]) == []
 
 
@@ -518,3 +522,37 @@ def test_a_speculative_server_is_known_from_its_server_info(fake):
     with Relay(preset="cpu-tiny", large=LARGE, small=SMALL, family="qwen3", transport=fake.transport,
                client=ClientConfig(retries=0, backoff_s=0.0)) as r:
         assert r.backend.prefetching.speculative == frozenset({LARGE})
+
+
+def _no_cues(fake, prefetch: str):
+    """A relay whose large turn never meets a cue (none in its profile), on auto's CPU rule: no
+    spacing, no prefetch while the receiver runs anything (the CPU presets' prefetch_max_load 0)."""
+    relay = relay_on(fake, prefetch, PrefetchRule(every=2, auto_every=0, max_load=0))
+    prompt = relay.tokenizer.encode(relay.plan("relay").render(QUESTION))
+    for host in fake.hosts.values():  # thinking that goes on past any budget here, without a cue
+        host.tape = prompt + relay.tokenizer.encode("and then we add some more numbers " * 40) + [fake.eos_id]
+        host.chunk_delay_s = 0.01  # the turn's last tokens take long enough for the send to go out
+    return relay
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_a_turn_whose_budget_end_hands_over_prefetches_once_before_it(fake, mode):
+    # thinking that runs to its budget is closed and the small model answers: that handoff is
+    # certain, so the large turn warms the small server once, CLOSING_LEAD tokens before its end,
+    # whatever auto would say; the answer turn then re-prefills only the tail (and the closing text)
+    relay = _no_cues(fake, mode)
+    plan = relay.plan("relay", max_tokens=64)
+    res = relay.run(QUESTION, "relay", max_tokens=64, prefetch=mode)
+    think, answer = res.segments[0], res.segments[-1]
+    assert think.role == "large" and think.finish == "length" and answer.role == "small"
+    small = fake.hosts["small.test:2"]
+    sent = [len(r["input_ids"]) for r in small.requests if r["sampling_params"]["max_new_tokens"] == 0]
+    closing = relay.backend.prefetching.snapshot()["closing"]
+    if mode == "off":
+        assert sent == [] and closing == 0 and answer.reprefilled > CLOSING_LEAD + 10
+        return
+    turn = plan.think_budget  # the large turn's max_tokens: thinking's budget
+    assert closing == 1
+    # the prompt first (auto's prefix send, declined only under load), then the trajectory at the closing point
+    assert sent[-1] == len(res.prompt_ids) + turn - CLOSING_LEAD
+    assert answer.reprefilled <= CLOSING_LEAD + 8  # the tail, the closing text and the +1

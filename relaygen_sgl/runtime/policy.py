@@ -10,6 +10,8 @@ thinking, the closing text, the reserve) the plan's rules decide (runtime/protoc
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from relaygen_sgl.core.result import Segment
 from relaygen_sgl.runtime.plan import RelayPlan
 from relaygen_sgl.runtime.turn import TurnSpec
@@ -46,11 +48,19 @@ class RelayPolicy:
 
     def large(self) -> TurnSpec:
         left = self.think_left
-        return self.turn("large", left, self.plan.large_stops, self.plan.cue_patterns,
-                         min(self.plan.min_large_tokens, left))
+        return self._thinking(self.turn("large", left, self.plan.large_stops, self.plan.cue_patterns,
+                                        min(self.plan.min_large_tokens, left)))
 
     def small(self) -> TurnSpec:
-        return self.turn("small", self.think_left, self.plan.small_stops)
+        return self._thinking(self.turn("small", self.think_left, self.plan.small_stops))
+
+    def _thinking(self, spec: TurnSpec) -> TurnSpec:
+        """A thinking turn, marked where running to its max_tokens hands the trajectory to the
+        other role: thinking's budget is then closed and the answer role, the other, answers."""
+        answers = self.plan.answer and self.plan.reserve > 0 and not self.single_role
+        if answers and self.plan.answer_role != spec.role:
+            return replace(spec, hands_over_at_budget=True)
+        return spec
 
     def same(self, role: str) -> TurnSpec:
         return self.large() if role == "large" else self.small()

@@ -65,6 +65,10 @@ DEFAULT_WORKERS = 64  # prefetches in flight at once, all trajectories together 
 # HTTP process. More than that in flight to one server lengthens every pause there and saves
 # each handoff no more than one pass.
 MAX_IN_FLIGHT_PER_SERVER = 4
+# Tokens before a turn's budget end at which the certain handoff that follows it is prefetched
+# (TurnSpec.hands_over_at_budget): the receiving server prefills the trajectory while the turn's
+# last tokens are written, and the handoff re-prefills only those.
+CLOSING_LEAD = 16
 # How long a server's reported load stands before it is asked again. SGLang republishes it at
 # every prefill pass, when idle, and every 15th decode step (--load-snapshot-publish-interval),
 # a fraction of a second on a GPU, so a reading a second old is about as fresh as asking at every offer,
@@ -245,20 +249,22 @@ class Prefetching:
             return Counter(self._counts)
 
     def start(self, mode: str, engine: EngineClient, extra: dict[str, Any] | None, base: Sequence[int], *,
-              prefix: bool, receiver: Server, sender: Server, stop: Stop | None = None) -> Prefetcher | None:
+              prefix: bool, receiver: Server, sender: Server, stop: Stop | None = None,
+              closing_at: int | None = None) -> Prefetcher | None:
         """A Prefetcher for one turn (None where nothing would be sent). `receiver`: the server
         it warms (`engine`); `sender`: the one the turn runs on (its load already counts the turn);
-        `stop`: the run's, which ends a prefetch in flight with the run."""
+        `stop`: the run's, which ends a prefetch in flight with the run. `closing_at`: the turn's
+        length at which its handoff is certain to come CLOSING_LEAD tokens later (Prefetcher)."""
         if mode == "off":
             return None
         every = self.rule.spacing(mode)
-        if every == 0 and not prefix:
+        if every == 0 and not prefix and closing_at is None:
             return None
         if mode == "auto":
             self.reported.watch(engine)
         gate = (lambda: self.allows(receiver, sender)) if mode == "auto" else None
         return Prefetcher(lambda fn: self.submit(fn, receiver), engine, extra, base, every, prefix, gate, self.count,
-                          stop)
+                          stop, closing_at)
 
     def load_on(self, server: Server) -> int:
         """Requests running on `server` now: this process's turns, and other clients' as the
@@ -328,11 +334,14 @@ class Prefetcher:
     def __init__(self, submit: Callable[[Callable[[], None]], bool], engine: EngineClient,
                  extra: dict[str, Any] | None, base: Sequence[int], every: int = 1, prefix: bool = True,
                  gate: Callable[[], bool] | None = None, count: Callable[[str], None] | None = None,
-                 stop: Stop | None = None) -> None:
+                 stop: Stop | None = None, closing_at: int | None = None) -> None:
         """`prefix`: send `base` now, so that (on the first turn) the small server's prefill of
         the prompt overlaps the large model's turn. Then at each multiple of `every` tokens of
         the turn (0: none). `gate` (auto): asked before each send. `submit` runs a send on a
-        worker, or refuses (False). `stop`: the run's (a send in flight ends with the run)."""
+        worker, or refuses (False). `stop`: the run's (a send in flight ends with the run).
+        `closing_at`: the turn's length from which one send goes out ungated: the handoff that
+        follows the turn's budget is certain, so its prefill is work the receiving server must do
+        anyway, done here while it may be idle (counted as "closing")."""
         self.submit, self.engine, self.extra, self.base = submit, engine, extra or None, base
         self.stop = stop
         self.every, self.gate = every, gate
@@ -342,6 +351,7 @@ class Prefetcher:
         self._running = False  # ... and its request has gone to the server
         self._sent = 0  # length of the longest prefix sent
         self._due = every  # the turn's length at which the next offer may send
+        self.closing_at = closing_at
         self.closed = False
         if prefix:
             self._offer([])
@@ -353,24 +363,34 @@ class Prefetcher:
         room at the server is free, or the next token may complete a cue (`cue_next()`, asked
         last: it decodes). Then the handoff may come one token later, and it recomputes the
         cue's last token anyway (the +1): a prefetch now would only keep the receiving server
-        busy when it comes. Whichever way it goes, the next chance is the next multiple."""
+        busy when it comes. Whichever way it goes, the next chance is the next multiple. From
+        `closing_at` on, each offer tries the closing send until one goes out."""
+        if self.closing_at is not None and len(turn_ids) >= self.closing_at:
+            if self._offer(turn_ids, closing=True):
+                self.closing_at = None
+                self.count("closing")
+            return
         if not self.every or len(turn_ids) < self._due:
             return
         self._due = (len(turn_ids) // self.every + 1) * self.every
         self._offer(turn_ids, cue_next)
 
-    def _offer(self, turn_ids: Sequence[int], cue_next: Callable[[], bool] = lambda: False) -> None:
+    def _offer(self, turn_ids: Sequence[int], cue_next: Callable[[], bool] = lambda: False,
+               closing: bool = False) -> bool:
+        """Submit a send of the prefix through `turn_ids`; whether it went out."""
         with self._lock:
             if self.closed or self._busy or len(self.base) + len(turn_ids) <= self._sent:
-                return
-            if (self.gate is not None and not self.gate()) or cue_next():
-                return
+                return False
+            if not closing and ((self.gate is not None and not self.gate()) or cue_next()):
+                return False
             self._busy = True
             ids = [*self.base, *turn_ids]
             before, self._sent = self._sent, len(ids)
         if not self.submit(lambda: self._send(ids)):
             with self._lock:
                 self._busy, self._sent = False, before
+            return False
+        return True
 
     def close(self) -> None:
         """The turn is over: nothing more is sent (a request in flight finishes on its own, and

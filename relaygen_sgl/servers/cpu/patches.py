@@ -30,8 +30,6 @@ PATCHES = {
     "sglang.srt.layers.quantization.unquant": Patch(
         "RELAYGEN_LINEAR", "few-rows-fastest", "UnquantizedLinearMethod", "apply",
         "relaygen_sgl.servers.cpu.linear:few_rows_fastest"),
-    "sglang.srt.model_executor.model_runner": Patch(
-        "RELAYGEN_WEIGHTS", "shared", "ModelRunner", "load_model", "relaygen_sgl.servers.cpu.weights:shared_copy"),
 }
 
 
