@@ -78,7 +78,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from relaygen_sgl.core.config import LOOPBACK, METHODS, ROLES
-    from relaygen_sgl.core.run_settings import DEFAULT_BUDGET
+    from relaygen_sgl.core.run_settings import DEFAULT_BUDGET, DEFAULT_REQUEST_TOKENS
 
     p = _Parser(prog="relaygen", description="RelayGen on SGLang: large/small model switching at switch cues.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -233,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "a path's name is its file stem); the shipped profiles are always allowed")
     sv.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_BUDGET,
                     help=f"the most max_tokens a request may ask for (default {DEFAULT_BUDGET})")
-    sv.add_argument("--default-max-tokens", type=_positive_int, default=4096,
-                    help="max_tokens for a request that gives none (default 4096, at most --max-tokens; "
-                         "less where the servers' pools hold less)")
+    sv.add_argument("--default-max-tokens", type=_positive_int, default=DEFAULT_REQUEST_TOKENS,
+                    help=f"max_tokens for a request that gives none (default {DEFAULT_REQUEST_TOKENS}, at most "
+                         "--max-tokens; less where the servers' pools hold less)")
     sv.add_argument("--request-timeout", type=_non_negative_float, default=600.0, metavar="SECONDS",
                     help="deadline per request, queue wait included (default 600); relay.timeout may shorten it")
     sv.add_argument("--max-concurrency", type=_positive_int, default=16, help="relays running at once (default 16)")

@@ -18,6 +18,9 @@ from relaygen_sgl.core.errors import ConfigError
 from relaygen_sgl.core.reference import DEFAULT_PROTOCOL, PROTOCOLS, REFERENCE
 
 DEFAULT_BUDGET = 32768  # completion tokens across both models, as in the paper
+# max_tokens of a `relaygen serve` chat request that gives none, as vLLM's and SGLang's servers
+# leave it short (or what the servers' pools hold, where that is less)
+DEFAULT_REQUEST_TOKENS = 4096
 # Tokens kept for the answer (at most a quarter of the budget): thinking is closed when only
 # this many are left, as Qwen3's documentation does at a thinking budget (force </think>, then
 # let the model answer); a worked final answer fits in it.

@@ -127,6 +127,8 @@ class Job:
         return item
 
     def _delta(self, role: str, text: str) -> None:
+        if self.cancel.is_set():  # stopped: nobody needs the rest
+            return
         while not self._room.acquire(timeout=PUT_POLL_S):
             if self.cancel.is_set() or self._loop.is_closed():  # stopped: nobody needs the rest
                 return

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from relaygen_sgl.core.cues import CueProfile
-from relaygen_sgl.core.run_settings import DEFAULT_BUDGET
+from relaygen_sgl.core.run_settings import DEFAULT_BUDGET, DEFAULT_REQUEST_TOKENS
 from relaygen_sgl.serve.admission import Busy, Gate, Health, Job
 from relaygen_sgl.serve.observe import KEY, METRICS_TYPE, Metrics, Observe, Outcome, log_path
 from relaygen_sgl.serve.protocol import (
@@ -47,7 +47,6 @@ from relaygen_sgl.serve.stream import Gone, JobStream, complete, sse, timeout_er
 
 log = logging.getLogger("relaygen.serve")
 POLL_S = 0.25  # how often a waiting request checks its client and deadline
-DEFAULT_REQUEST_TOKENS = 4096  # max_tokens of a chat request without one, as vLLM's and SGLang's servers leave it short
 CONNECTION_HEADROOM = 128  # connections beyond the relays' slots and queue: keep-alive pools, /health, /metrics
 
 
@@ -55,7 +54,8 @@ CONNECTION_HEADROOM = 128  # connections beyond the relays' slots and queue: kee
 class ServeSettings:
     model_name: str = "relaygen"
     max_budget: int = DEFAULT_BUDGET  # --max-tokens: the most a request may ask for
-    default_max_tokens: int | None = None  # a request without max_tokens gets this (None: 4096), at most max_budget
+    default_max_tokens: int | None = None  # a request without max_tokens gets this (None: DEFAULT_REQUEST_TOKENS),
+    # at most max_budget
     request_timeout_s: float = 600.0  # deadline per request, queue wait included
     max_concurrency: int = 16  # relays running at once
     max_queue: int = 64  # requests waiting for a slot; past this, 429

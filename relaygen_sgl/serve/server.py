@@ -14,6 +14,7 @@ stops its relay like a client that left.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -26,21 +27,48 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.serve.app import ServeSettings, create_app
 from relaygen_sgl.serve.observe import KEY, Outcome
+from relaygen_sgl.serve.protocol import ApiError
 
 KEEP_ALIVE_S = 30  # an idle keep-alive connection is closed after this
 
 
 class Connection(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a deadline for a request's head and one for a
-    response its client stopped reading (class attributes: each server gets a subclass)."""
+    response its client stopped reading, and its connection limit answered in OpenAI's shape
+    (class attributes: each server gets a subclass)."""
 
     header_timeout_s = 10.0
     send_timeout_s = 30.0
+    # past this many connections (or requests running), a request gets 503 with an OpenAI error
+    # body; uvicorn's own limit_concurrency answers plain text, which OpenAI clients cannot read
+    connection_limit: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
+        if self.connection_limit is not None:
+            self.app = self._limited(self.app)
+
+    def _limited(self, app: Any) -> Any:
+        async def limited(scope: Any, receive: Any, send: Any) -> None:
+            # counted as uvicorn counts them, but here this connection and this request's task are
+            # already in: past the limit is more than it
+            limit = self.connection_limit
+            if scope["type"] == "http" and limit is not None and (len(self.connections) > limit
+                                                                   or len(self.tasks) > limit):
+                self.logger.warning("Exceeded concurrency limit.")
+                err = ApiError(503, f"the server holds {limit} connections at most; retry later", "server_error",
+                               code="too_many_connections")
+                body = json.dumps(err.body()).encode()
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await app(scope, receive, send)
+
+        return limited
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -92,6 +120,10 @@ class Connection(H11Protocol):
         if isinstance(out, Outcome) and not out.note:
             out.note = f"client read nothing for {self.send_timeout_s:g} s: cut off"
         self.transport.abort()  # its write buffer is dropped; the app sees the client gone
+        if isinstance(out, Outcome) and out.job is not None:
+            # now, not when the app next looks for the client: until then its stream would
+            # go on taking the relay's deltas into a connection that is gone
+            out.job.stop("disconnect")
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:
@@ -103,8 +135,9 @@ def uvicorn_config(app: Any, host: str, port: int, s: ServeSettings) -> uvicorn.
     """How `serve` runs `app`: uvicorn's own access log off (the app logs each request),
     its warnings on."""
     protocol = type("Connection", (Connection,), {"header_timeout_s": s.header_timeout_s,
-                                                  "send_timeout_s": s.send_timeout_s})
-    return uvicorn.Config(app, host=host, port=port, http=protocol, limit_concurrency=s.connection_limit,
+                                                  "send_timeout_s": s.send_timeout_s,
+                                                  "connection_limit": s.connection_limit})
+    return uvicorn.Config(app, host=host, port=port, http=protocol, limit_concurrency=None,
                           timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=10, log_level="warning",
                           access_log=False)
 
