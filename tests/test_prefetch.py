@@ -556,3 +556,21 @@ def test_a_turn_whose_budget_end_hands_over_prefetches_once_before_it(fake, mode
     # the prompt first (auto's prefix send, declined only under load), then the trajectory at the closing point
     assert sent[-1] == len(res.prompt_ids) + turn - CLOSING_LEAD
     assert answer.reprefilled <= CLOSING_LEAD + 8  # the tail, the closing text and the +1
+
+
+def test_prefetch_workers_carry_their_name_for_the_os():
+    # a process's idle prefetch workers stay; named for the OS, they can be told from its other
+    # threads from outside (/proc/PID/task/*/comm, ps -L), as the serve leak check does
+    import pathlib
+
+    prefetching = Prefetching(PrefetchRule(), workers=1)
+    names: list[str] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        names.append(pathlib.Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip())
+        done.set()
+
+    assert prefetching.submit(probe)
+    assert done.wait(5)
+    assert names == ["relaygen-prefet"]

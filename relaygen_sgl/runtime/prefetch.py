@@ -127,6 +127,18 @@ class ServerLoad:
             return sum(n for (u, _), n in self._n.items() if u == url)
 
 
+def _os_thread_name(name: str) -> None:
+    """Name the calling thread for the OS too (`ps -L`, /proc/PID/task/*/comm; 15 bytes): Python
+    before 3.14 names its threads only for itself, so a process's prefetch workers, idle ones
+    included, could not be told from its other threads from outside."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME (Linux)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class ReportedLoad:
     """Other clients' requests per server, from what SGLang reports (/v1/loads: each DP rank's
     running and waiting requests, which the HTTP process reads from the scheduler's
@@ -227,7 +239,8 @@ class Prefetching:
         self.load = ServerLoad()
         self.workers = workers
         self.per_server = per_server
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="relaygen-prefetch")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="relaygen-prefetch",
+                                        initializer=_os_thread_name, initargs=("relaygen-prefetch",))
         self._free = threading.BoundedSemaphore(workers)
         self._in_flight: Counter[Server] = Counter()  # submitted and not over, per receiving server
         self._flight_lock = threading.Lock()

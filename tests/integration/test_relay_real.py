@@ -24,7 +24,9 @@ def relay_run(cpu_pair):
         # cached tokens would hide the handoffs' re-prefill this module accounts for
         for engine in r.backend.servers.values():
             engine.flush_cache(timeout_s=30)
-        res = r.run(QUESTION, max_tokens=RUN_TOKENS, seed=RUN_SEED)
+        # no prefetch: each handoff then re-prefills exactly the token-id floor this module checks
+        # (auto's closing send before thinking's budget end would leave the next turn less)
+        res = r.run(QUESTION, max_tokens=RUN_TOKENS, seed=RUN_SEED, prefetch="off")
         if not ({"large", "small"} <= {s.role for s in res.segments} and res.stats.switches >= 2):
             pytest.fail(f"seed {RUN_SEED} at {RUN_TOKENS} tokens no longer switches twice ({res.stats.switches} "
                         "switches): the model, the cue profile or the sampler changed; pick another seed")

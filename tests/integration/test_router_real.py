@@ -80,7 +80,8 @@ def test_handoffs_through_the_router_reprefill_only_the_other_roles_tokens(route
     with Relay(preset="cpu-tiny", large=st["large"]["url"], small=st["small"]["url"]) as r:
         checked = 0
         for seed in SEEDS:
-            res = r.run(QUESTION, max_tokens=MAX_TOKENS, seed=seed)
+            # no prefetch: the floor exactly (auto's closing send would leave the next turn less)
+            res = r.run(QUESTION, max_tokens=MAX_TOKENS, seed=seed, prefetch="off")
             last_end: dict[str, int] = {}
             last_cut: dict[str, int] = {}
             pos = 0
