@@ -351,8 +351,15 @@ class RelayBackend(BaseBackend):
         re-rendered prefix (other ids than the server cached)."""
         if traj.degraded or self.one_server or spec.prefix_ids:
             return
-        turns = warm_turns(len(traj.prompt_ids), traj.segments, handoffs_only=False)
-        if turns and turns[-1]["segment"] == len(traj.segments) - 1:
+        segs, last = traj.segments, len(traj.segments) - 1
+        # from the role's previous turn on: the whole trajectory again at every turn would be
+        # quadratic in its turns
+        before = next((j for j in range(last - 1, -1, -1) if segs[j].role == segs[last].role), None)
+        if before is None:
+            return
+        at = len(traj.prompt_ids) + sum(len(s.token_ids) for s in segs[:before])
+        turns = warm_turns(at, segs[before:], handoffs_only=False)
+        if turns and turns[-1]["segment"] == last - before:
             self.pools.observe(evicted=turns[-1]["beyond_floor"] > 0)
 
     def _plain(self, s: StreamExecutor, sp: SglSamplingParams) -> TurnSpec:

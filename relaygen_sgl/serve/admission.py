@@ -127,12 +127,10 @@ class Job:
         return item
 
     def _delta(self, role: str, text: str) -> None:
-        if self.cancel.is_set():  # stopped: nobody needs the rest
-            return
-        while not self._room.acquire(timeout=PUT_POLL_S):
-            if self.cancel.is_set() or self._loop.is_closed():  # stopped: nobody needs the rest
+        while not self.cancel.is_set() and not self._loop.is_closed():  # stopped: nobody needs the rest
+            if self._room.acquire(timeout=PUT_POLL_S):
+                self._put("delta", role, text)
                 return
-        self._put("delta", role, text)
 
     def _put(self, *item: Any) -> None:
         try:

@@ -14,7 +14,6 @@ stops its relay like a client that left.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -55,16 +54,11 @@ class Connection(H11Protocol):
             # counted as uvicorn counts them, but here this connection and this request's task are
             # already in: past the limit is more than it
             limit = self.connection_limit
-            if scope["type"] == "http" and limit is not None and (len(self.connections) > limit
-                                                                   or len(self.tasks) > limit):
+            if scope["type"] == "http" and (len(self.connections) > limit or len(self.tasks) > limit):
                 self.logger.warning("Exceeded concurrency limit.")
                 err = ApiError(503, f"the server holds {limit} connections at most; retry later", "server_error",
-                               code="too_many_connections")
-                body = json.dumps(err.body()).encode()
-                await send({"type": "http.response.start", "status": 503,
-                            "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                               code="too_many_connections", headers={"connection": "close"})
+                await err.response()(scope, receive, send)
                 return
             await app(scope, receive, send)
 
