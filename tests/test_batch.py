@@ -192,3 +192,25 @@ def test_a_batch_holds_its_output_and_ties_it_to_the_settings_it_was_written_wit
     again = run_batch(prompts, out, run_one, progress=False, header={**header, "max_tokens": 9}, fresh=True)
     assert (again.ok, again.skipped_done) == (2, 0) and read_settings(out)["max_tokens"] == 9
     assert len(records(out)) == 2
+
+
+def test_the_default_budget_is_recorded_where_it_is_the_runs_budget(tmp_path):
+    from relaygen_sgl.core.run_settings import DEFAULT_BUDGET, RunSettings
+    from relaygen_sgl.jobs.output import settings_header, settings_path
+
+    given = settings_header(RunSettings(max_tokens=64, default_max_tokens=9))
+    assert given["max_tokens"] == 64 and "default_max_tokens" not in given  # no run's budget then
+    default = settings_header(RunSettings(default_max_tokens=9), program="relay")
+    assert default["max_tokens"] is None and default["default_max_tokens"] == 9
+    out = tmp_path / "out.jsonl"
+    prompts = [Prompt("a", "q", 1)]
+    header = settings_header(RunSettings(), program="relay")
+    assert run_batch(prompts, out, lambda p: {"text": "x"}, progress=False, header=header).ok == 1
+    # an output whose settings were written before the default was a setting ran on DEFAULT_BUDGET
+    old = {k: v for k, v in orjson.loads(settings_path(out).read_bytes()).items() if k != "default_max_tokens"}
+    settings_path(out).write_bytes(orjson.dumps(old))
+    assert run_batch(prompts, out, lambda p: {"text": "x"}, progress=False, header=header).skipped_done == 1
+    other = settings_header(RunSettings(default_max_tokens=DEFAULT_BUDGET // 2), program="relay")
+    with pytest.raises(ConfigError, match=f"default_max_tokens={DEFAULT_BUDGET}; this run has "
+                                          f"default_max_tokens={DEFAULT_BUDGET // 2}"):
+        run_batch(prompts, out, lambda p: {"text": "x"}, progress=False, header=other)

@@ -181,14 +181,24 @@ def test_load_levels_run_every_question_in_waves_and_interleave(fake):
     relay = bench_relay(fake, prefetch="off")
     qs = [Q, "What is 3 + 2?", "What is 1 + 4?"]
     order = record_runs(relay)
+    questions: list[tuple[str, str]] = []
+    inner = relay.run
+    relay.run = lambda q, settings: (  # type: ignore[method-assign]
+        questions.append((settings.method, q)) or inner(q, settings=settings))
     cfg = BenchConfig(preset="cpu-tiny", questions=3, load_levels=(1, 2, 4), load_max_tokens=60, load_prefetch=(),
                       load_rounds=1)
     out = run_load(relay, qs, cfg, log=lambda m: None)
     # level 1: each question once, one after another; 2: two waves of 2; 4: one wave of 4
     assert [out[k]["relay"]["trajectories"] for k in ("1", "2", "4")] == [3, 4, 4]
     assert all(out[k]["relay"]["trajectories"] == out[k]["single-large"]["trajectories"] for k in out)
-    firsts = [order[i][0] for i in (0, 6, 14)]  # the first run of each level (3+3, then 4+4)
-    assert firsts == ["relay", "single-large", "relay"]
+    # wave by wave, the two cases on the same questions back to back, the order reversed every
+    # wave: level 1's three waves of one, level 2's two of two, level 4's one of four
+    assert [m for m, _ in order] == ["relay", "single-large", "single-large", "relay", "relay", "single-large",
+                                     *["single-large"] * 2, *["relay"] * 4, *["single-large"] * 2,
+                                     *["relay"] * 4, *["single-large"] * 4]
+    asked = [q for _, q in questions]
+    assert asked[:6] == [qs[0], qs[0], qs[1], qs[1], qs[2], qs[2]]
+    assert sorted(asked[6:8]) == sorted(asked[8:10]) == sorted([qs[0], qs[1]])
     for k in out:
         by = out[k]
         assert by["relay"]["tokens"] > 0 and by["relay_over_single_large"] == round(
@@ -207,13 +217,14 @@ def test_the_load_part_runs_the_relay_once_per_prefetch_mode_interleaved(fake):
     cfg = BenchConfig(preset="cpu-tiny", questions=2, load_levels=(1, 2), load_max_tokens=60,
                       load_prefetch=("auto", "on", "off"), load_rounds=1)
     out = run_load(relay, qs, cfg, log=lambda m: None)
-    # both servers, before each of the 4 runs (two trajectories each) of each of the 2 levels
-    assert flushes == [n for n in range(0, 16, 2) for _ in range(2)]
-    # per level: relay auto, on, off, single-large, two trajectories each; the next level reversed
-    assert [order[i] for i in (0, 2, 4, 6)] == [("relay", "auto"), ("relay", "on"), ("relay", "off"),
-                                                ("single-large", None)]
-    assert [order[i] for i in (8, 10, 12, 14)] == [("single-large", None), ("relay", "off"), ("relay", "on"),
-                                                   ("relay", "auto")]
+    # both servers, before each run: level 1's two waves of one trajectory x 4 cases, then level
+    # 2's one wave of two x 4 cases
+    assert flushes == [n for n in [*range(8), 8, 10, 12, 14] for _ in range(2)]
+    # wave by wave: relay auto, on, off, single-large on the first wave, reversed on the next; level 2's
+    # one wave goes on from there (reversed again)
+    a, on, off, c = ("relay", "auto"), ("relay", "on"), ("relay", "off"), ("single-large", None)
+    assert order[:8] == [a, on, off, c, c, off, on, a]
+    assert order[8::2] == [c, off, on, a]
     for by in out.values():
         assert by["relay"]["prefetch"] == "auto" and by["relay (prefetch off)"]["prefetch_requests"] == 0
         assert by["single-large"]["prefetch_requests"] == 0
@@ -292,8 +303,20 @@ def test_the_load_part_pools_its_rounds_in_reversed_order(fake):
     assert cfg.load_rounds == 2
     out = run_load(relay, qs, cfg, log=lambda m: None)
     a, b, c = ("relay", "auto"), ("relay", "off"), ("single-large", None)
-    # two trajectories per run; level 1: A B C then C B A; level 2 starts reversed
-    assert order[::2] == [a, b, c, c, b, a, c, b, a, a, b, c]
+    # level 1: two waves of one per round, A B C then C B A, wave after wave; level 2: one wave of
+    # two per round, starting reversed
+    assert order[:12] == [a, b, c, c, b, a, a, b, c, c, b, a]
+    assert order[12::2] == [c, b, a, a, b, c]
+    assert [out[k]["relay"]["waves"] for k in ("1", "2")] == [4, 2]
+    # level 2: one wave per round, so the paired ratios are the rounds' own: their median, the mean of two
+    two = out["2"]
+    ratios = [r / s for r, s in zip(two["relay"]["tokens_per_s_by_round"],
+                                    two["single-large"]["tokens_per_s_by_round"])]
+    pair = two["relay_over_single_large_paired"]
+    assert pair["n"] == 2 and abs(pair["median"] - sum(ratios) / 2) < 0.01
+    assert abs(pair["min"] - min(ratios)) < 0.01 and abs(pair["max"] - max(ratios)) < 0.01
+    assert out["1"]["relay_over_single_large_paired"]["n"] == 4
+    assert out["1"]["relay (prefetch off)"]["over_single_large_paired"]["n"] == 4
     for by in out.values():
         for name in ("relay", "relay (prefetch off)", "single-large"):
             d = by[name]
@@ -362,6 +385,10 @@ def test_a_whole_bench_on_the_doubles_prints_every_figure_with_its_n(fake, tmp_p
     assert "| chat | 0 | n/a | n/a | n/a |" in md
     load = saved["load"]["2"]["single-large"]
     assert f"| 2 | single-large | off | {load['trajectories']} (2) | " in md
+    two = saved["load"]["2"]
+    pair = two["relay_over_single_large_paired"]
+    assert (f" | {two['relay_over_single_large']}; paired {pair['median']:.3f} ({pair['min']:.3f}-{pair['max']:.3f}), "
+            f"n 2 |") in md
 
 
 def test_quick_runs_every_part_on_fewer_samples_and_the_full_run_keeps_its_own():
@@ -371,11 +398,11 @@ def test_quick_runs_every_part_on_fewer_samples_and_the_full_run_keeps_its_own()
         ("full", 3, 2, 512, (1, 2, 4, 16), 256, 12, 2, 8, ("auto", "off"))
     assert (quick.kind, quick.questions, quick.reps, quick.max_tokens, quick.load_levels, quick.load_max_tokens,
             quick.handoff_questions, quick.load_rounds, quick.floor_trials, quick.load_prefetch) == \
-        ("quick", 2, 2, 128, (1, 4, 16), 96, 6, 1, 4, ("auto", "off"))
+        ("quick", 2, 2, 128, (1, 4, 16), 96, 6, 2, 4, ("auto",))
     # every part keeps at least two samples to spread over
     assert quick.questions * quick.reps >= 2 and quick.handoff_questions >= 2 and quick.floor_trials >= 2
     assert quick.questions >= 2 and len(quick.load_levels) >= 2  # level 1: two trajectories at least
-    assert quick.samples()["speed_runs_per_method"] == 4 and quick.samples()["load_cases"] == 3
+    assert quick.samples()["speed_runs_per_method"] == 4 and quick.samples()["load_cases"] == 2
     # the pressure part: picked from the pools, 300 tokens, 2 rounds; quick runs none unless asked for
     assert (full.pressure, full.pressure_max_tokens, full.pressure_rounds) == (None, 300, 2)
     assert (quick.pressure, quick.pressure_max_tokens, quick.pressure_rounds) == (0, 300, 2)

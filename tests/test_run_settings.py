@@ -7,7 +7,7 @@ import pytest
 
 from relaygen_sgl.cli import main as cli
 from relaygen_sgl.core.errors import EXIT_USAGE, ConfigError
-from relaygen_sgl.core.run_settings import SEED_MAX, SEED_MIN, RunSettings, SettingError
+from relaygen_sgl.core.run_settings import DEFAULT_BUDGET, SEED_MAX, SEED_MIN, RunSettings, SettingError
 from relaygen_sgl.serve.protocol import ApiError, chat_schema, parse_request
 
 NOWHERE = ("--large", "http://127.0.0.1:9", "--small", "http://127.0.0.1:9")  # never reached
@@ -72,7 +72,12 @@ def test_the_same_seed_range_in_the_cli_serve_and_the_api(capsys):
 def test_serve_passes_the_settings_on_as_they_are_built():
     req = parse_request({"messages": HI, "seed": 7, "temperature": 0.5, "relay": {"answer_role": "large"}},
                         model_name="relaygen", max_budget=32768, default_max_tokens=4096, profiles={}, timeout_s=600.0)
-    assert req.settings == RunSettings(max_tokens=4096, seed=7, temperature=0.5, answer_role="large")
+    # no max_tokens: serve's default as the default budget, which the backend cuts to what the pools hold
+    assert req.settings == RunSettings(default_max_tokens=4096, seed=7, temperature=0.5, answer_role="large")
+    assert req.settings.max_tokens is None and req.settings.budget == 4096
+    given = parse_request({"messages": HI, "max_tokens": 9}, model_name="relaygen", max_budget=32768,
+                          default_max_tokens=4096, profiles={}, timeout_s=600.0)
+    assert given.settings.max_tokens == given.settings.budget == 9
     assert serve({"relay": {"method": "both"}}).param == "relay.method"
     assert serve({"seed": True}).status == 400  # a JSON boolean is no integer
 
@@ -88,3 +93,11 @@ def test_unknown_settings_and_settings_given_twice_are_refused():
     assert RunSettings.given(None, {"seed": 3}, method="single-small") == RunSettings(seed=3, method="single-small")
     with pytest.raises(SettingError):
         base.but(seed=True)
+
+
+def test_the_default_budget_is_a_setting_checked_like_the_budget():
+    assert RunSettings().budget == DEFAULT_BUDGET and RunSettings(default_max_tokens=64).budget == 64
+    assert RunSettings(max_tokens=8, default_max_tokens=64).budget == 8
+    for bad in (0, -3, True, 2.5, "64"):
+        with pytest.raises(SettingError, match="default_max_tokens must be an integer >= 1"):
+            RunSettings(default_max_tokens=bad)

@@ -211,9 +211,11 @@ def _throughput(load: dict[str, Any]) -> list[str]:
     """One row per level and method (the relay under each prefetch mode, then single-large); after
     the table, each prefetch-mode ratio gathered over the levels into one sentence."""
     lines = ["## Throughput under load", "",
-             "tokens/s pooled over the rounds of each case (all tokens over all wall time; each round's in "
-             "brackets), the rounds' order reversed each time; p50 and p95 latency over every trajectory of those "
-             "rounds; n: trajectories (rounds) behind both.", "",
+             "The cases run wave by wave in turn (a wave: the level's trajectories at once), the order reversed "
+             "each wave. tokens/s pooled over each case's waves (all tokens over all wall time; each round's in "
+             "brackets); p50 and p95 latency over every trajectory; n: trajectories (rounds) behind both. "
+             "relay / single-large: pooled; paired: the ratio of the same wave's two runs, which ran back to "
+             "back, median (min-max) over the waves.", "",
              "| concurrent | method | prefetch | n | tokens/s | p50 latency (s) | p95 latency (s) | "
              "prefetch requests | relay / single-large |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -221,7 +223,7 @@ def _throughput(load: dict[str, Any]) -> list[str]:
     for level, by in load.items():
         lines += _throughput_rows(level, by)
         for key, value in by.items():
-            if key.startswith("relay_") and "_over_" in key and key != "relay_over_single_large":
+            if key.startswith("relay_") and "_over_" in key and not key.startswith("relay_over_single_large"):
                 compared.setdefault(key, []).append(f"{value} ({level})")
     for key, values in compared.items():
         first, other = key[len("relay_"):].split("_over_")
@@ -236,14 +238,22 @@ def _throughput_rows(level: str, by: dict[str, Any]) -> list[str]:
     rows = []
     for name in names:
         d = by[name]
-        ratio = (by.get("relay_over_single_large") if name == "relay" else
-                 "" if name == "single-large" else d.get("over_single_large"))
+        pooled, pair = ((by.get("relay_over_single_large"), by.get("relay_over_single_large_paired"))
+                        if name == "relay" else (d.get("over_single_large"), d.get("over_single_large_paired")))
+        ratio = "" if name == "single-large" else f"{pooled}{_paired(pair)}"
         rounds = d.get("tokens_per_s_by_round") or []
         tps = f"{d['tokens_per_s']} ({', '.join(map(str, rounds))})" if len(rounds) > 1 else d["tokens_per_s"]
         n = f"{d['trajectories']} ({d.get('rounds', 1)})" if "trajectories" in d else ""
         rows.append(f"| {level} | {name} | {d.get('prefetch', '')} | {n} | {tps} | {d['p50_latency_s']} | "
                     f"{d['p95_latency_s']} | {d.get('prefetch_requests', '')} | {ratio} |")
     return rows
+
+
+def _paired(pair: dict[str, float] | None) -> str:
+    """The paired ratios of a load row (median (min-max), n waves), after its pooled ratio."""
+    if not pair or not pair.get("n"):
+        return ""
+    return f"; paired {pair['median']:.3f} ({pair['min']:.3f}-{pair['max']:.3f}), n {pair['n']}"
 
 
 def _pressure(p: dict[str, Any] | None) -> list[str]:

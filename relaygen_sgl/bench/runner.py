@@ -93,12 +93,14 @@ class BenchConfig:
         8 min on cpu-tiny, 2 cores: docs/usage/bench.md): 2 questions x 2 reps at 128 tokens for
         speed and overhead; 6 questions x 2 variants of live handoffs at 128 tokens (shorter
         relays hand off at a cue too rarely); 4 floor trials per gap; load at 1, 4 and 16
-        concurrent, 96 tokens, one round (the load part is most of the time: 3 cases x 3 levels). No
+        concurrent, 96 tokens, the relay (prefetch auto) and single-large in 2 rounds (at 4 and 16
+        one wave per round: from one pair of runs the ratio moves with the machine's drift; the
+        comparison with prefetch off is the full run's). No
         pressure part unless asked for: on 2048-token pools it alone takes 12 min at 16 concurrent
         (docs/usage/bench.md), and on larger pools the level it would pick is past PRESSURE_MAX_LEVEL."""
         return cls(preset=preset, questions=2, reps=2, max_tokens=128, load_levels=(1, 4, 16),
-                   load_max_tokens=96, dataset="amc23", handoff_questions=6, load_rounds=1, floor_trials=4,
-                   pressure=0, kind="quick")
+                   load_max_tokens=96, dataset="amc23", handoff_questions=6, load_rounds=2, floor_trials=4,
+                   load_prefetch=(DEFAULT_PREFETCH,), pressure=0, kind="quick")
 
     def samples(self) -> dict[str, Any]:
         """How many samples each part rests on, as configured (the report's header; each figure
@@ -350,11 +352,16 @@ def load_variant(mode: str) -> str:
 
 
 def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    """tokens/s at each concurrency: every question at least once, in waves of `level`
+    """tokens/s at each concurrency: every question at least once per round, in waves of `level`
     trajectories (so level 1 is not one sample), the relay (once per prefetch mode of
-    cfg.load_prefetch) and single-large interleaved, in `cfg.load_rounds` rounds per level, the
-    order reversed from round to round and level to level (A B C, C B A, ...), each case's
-    tokens/s pooled over its rounds (all tokens over all wall time; `tokens_per_s_by_round`).
+    cfg.load_prefetch) and single-large interleaved WAVE BY WAVE (each case runs the same wave's
+    questions in turn, the order reversed from wave to wave, round to round and level to level:
+    A B C, C B A, ...), in `cfg.load_rounds` rounds per level. A case's tokens/s is pooled over
+    its waves (all tokens over all wall time; `tokens_per_s_by_round` per round), and each ratio
+    to single-large comes twice: pooled, and paired (`..._paired`: median, min, max, n of the
+    ratios of the same wave's runs, which ran back to back). This machine's speed drifts by 10%
+    and more within minutes (docs/results.md); interleaving wave by wave puts both cases under
+    the same drift, and the paired median does not follow one wave that ran slow.
     The first mode's relay is "relay"; each further one is load_variant(mode), with its
     tokens/s over single-large, and the first's over it (`relay_<first>_over_<mode>`).
     Every run starts from flushed caches: the live handoffs before end on flushed ones, so
@@ -368,52 +375,74 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
     for k, level in enumerate(cfg.load_levels):
         count = -(-max(level, len(questions)) // level) * level
         qs = [questions[i % len(questions)] for i in range(count)]
-        done: dict[str, list[dict[str, Any]]] = {name: [] for _, _, name in runs}
+        waves = [list(enumerate(qs))[w:w + level] for w in range(0, count, level)]
+        # done[name][round][wave]: one run of `level` trajectories
+        done: dict[str, list[list[dict[str, Any]]]] = {name: [[] for _ in range(cfg.load_rounds)]
+                                                       for _, _, name in runs}
         for rnd in range(cfg.load_rounds):
-            for method, mode, name in runs if (k + rnd) % 2 == 0 else runs[::-1]:
-                lat: list[float] = []
-                tokens = 0
-                lock = threading.Lock()
-
-                def one(i: int, q: str) -> None:
-                    nonlocal tokens
-                    r = relay.run(q, settings=cfg.run(method, cfg.load_max_tokens, i, mode))
-                    with lock:
-                        lat.append(r.stats.e2e_s)
-                        tokens += r.stats.large_tokens + r.stats.small_tokens
-
-                for e in engines:
-                    e.flush_cache(timeout_s=30)
-                sent = relay.backend.prefetching.snapshot()["sent"]
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(max_workers=level) as pool:
-                    list(pool.map(lambda a: one(*a), enumerate(qs)))
-                wall = time.perf_counter() - t0
-                done[name].append({"tokens": tokens, "wall": wall, "lat": lat,
-                                   "sent": relay.backend.prefetching.snapshot()["sent"] - sent})
-                log(f"load {level} {name}: {tokens / wall:.1f} tok/s")
+            for w, wave in enumerate(waves):
+                g = k + rnd * len(waves) + w
+                for method, mode, name in runs if g % 2 == 0 else runs[::-1]:
+                    done[name][rnd].append(_load_wave(relay, engines, wave, cfg, method, mode))
+                    d = done[name][rnd][-1]
+                    log(f"load {level} {name} (round {rnd + 1}, wave {w + 1}/{len(waves)}): "
+                        f"{d['tokens'] / d['wall']:.1f} tok/s")
         by: dict[str, Any] = {}
         for method, mode, name in runs:
             rounds = done[name]
-            tokens, wall = sum(d["tokens"] for d in rounds), sum(d["wall"] for d in rounds)
-            lat = [x for d in rounds for x in d["lat"]]
-            by[name] = {"trajectories": count * len(rounds), "rounds": len(rounds), "wall_s": round(wall, 3),
-                        "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
-                        "tokens_per_s_by_round": [round(d["tokens"] / d["wall"], 2) for d in rounds],
+            flat = [d for r in rounds for d in r]
+            tokens, wall = sum(d["tokens"] for d in flat), sum(d["wall"] for d in flat)
+            lat = [x for d in flat for x in d["lat"]]
+            by_round = [sum(d["tokens"] for d in r) / sum(d["wall"] for d in r) for r in rounds]
+            by[name] = {"trajectories": count * len(rounds), "rounds": len(rounds), "waves": len(flat),
+                        "wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+                        "tokens_per_s_by_round": [round(x, 2) for x in by_round],
                         "p50_latency_s": _pct(lat, 0.5), "p95_latency_s": _pct(lat, 0.95),
-                        "latency_s": spread(lat),
-                        "tokens_per_s_spread": spread([d["tokens"] / d["wall"] for d in rounds]),
+                        "latency_s": spread(lat), "tokens_per_s_spread": spread(by_round),
                         "prefetch": (mode or relay.backend.prefetching.default) if method == "relay" else "off",
-                        "prefetch_requests": sum(d["sent"] for d in rounds)}
+                        "prefetch_requests": sum(d["sent"] for d in flat)}
+
+        def paired(a: str, b: str) -> dict[str, float]:
+            """The ratios of a's and b's tokens/s on the same wave of the same round."""
+            return spread([x["tokens"] / x["wall"] / (y["tokens"] / y["wall"])
+                           for ra, rb in zip(done[a], done[b]) for x, y in zip(ra, rb) if y["tokens"]])
+
         base = by["single-large"]["tokens_per_s"]
         by["relay_over_single_large"] = round(by["relay"]["tokens_per_s"] / base, 3) if base else None
+        by["relay_over_single_large_paired"] = paired("relay", "single-large")
         for m in modes[1:]:
             other = by[load_variant(m)]
             other["over_single_large"] = round(other["tokens_per_s"] / base, 3) if base else None
+            other["over_single_large_paired"] = paired(load_variant(m), "single-large")
             by[f"relay_{modes[0]}_over_{m}"] = (round(by["relay"]["tokens_per_s"] / other["tokens_per_s"], 3)
                                                 if other["tokens_per_s"] else None)
         out[str(level)] = by
     return out
+
+
+def _load_wave(relay: Relay, engines: list[EngineClient], wave: list[tuple[int, str]], cfg: BenchConfig, method: str,
+               mode: str | None) -> dict[str, Any]:
+    """One wave of the load part: its trajectories at once, from flushed caches; tokens, wall
+    time, each trajectory's latency and the prefetch requests sent meanwhile."""
+    lat: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+
+    def one(i: int, q: str) -> None:
+        nonlocal tokens
+        r = relay.run(q, settings=cfg.run(method, cfg.load_max_tokens, i, mode))
+        with lock:
+            lat.append(r.stats.e2e_s)
+            tokens += r.stats.large_tokens + r.stats.small_tokens
+
+    for e in engines:
+        e.flush_cache(timeout_s=30)
+    sent = relay.backend.prefetching.snapshot()["sent"]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+        list(pool.map(lambda a: one(*a), wave))
+    return {"tokens": tokens, "wall": time.perf_counter() - t0, "lat": lat,
+            "sent": relay.backend.prefetching.snapshot()["sent"] - sent}
 
 
 # The picked pressure level: trajectories at their whole size hold this many times the smaller

@@ -197,15 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="budget of the speed part's and the live handoffs' runs (default 512; quick: 128)")
     be.add_argument("--quick", action="store_true",
                     help="every part on fewer samples: 2 questions x 2 reps, 128 tokens, 6 live-handoff questions, "
-                         "4 floor trials, load at 1, 4, 16 in one round of 96 tokens, no pressure part unless "
-                         "--pressure (~8 min on cpu-tiny, 2 cores); without it the full run, for published numbers")
+                         "4 floor trials, load at 1, 4, 16 in two rounds of 96 tokens (the relay with prefetch "
+                         "auto and single-large), no pressure part unless --pressure (~9 min on cpu-tiny, 2 cores); "
+                         "without it the full run, for published numbers")
     be.add_argument("--load-prefetch", type=_prefetch_modes, default=None, metavar="MODES",
                     help="prefetch modes of the load part's relay, comma-separated, each run interleaved with "
-                         "the others and single-large (default auto,off; e.g. auto,on,off); the first is the "
-                         "report's relay")
+                         "the others and single-large (default auto,off; quick: auto; e.g. auto,on,off); the first "
+                         "is the report's relay")
     be.add_argument("--load-rounds", type=_positive_int, default=None, metavar="N",
-                    help="rounds of the load part per concurrency, the order reversed each round, tokens/s "
-                         "pooled over them (default 2; quick: 1)")
+                    help="rounds of the load part per concurrency, each question once per round, the cases "
+                         "taking turns wave by wave, tokens/s pooled over them (default 2)")
     be.add_argument("--pressure", type=_int, default=None, metavar="N",
                     help="the pressure part's concurrency: relay and single-large, interleaved, with N trajectories "
                          "whose whole size exceeds the smaller KV pool (default: picked from the pools, twice the "
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--pressure-max-tokens", type=_positive_int, default=None, metavar="TOKENS",
                     help="budget of each pressure-part trajectory (default 300)")
     be.add_argument("--pressure-rounds", type=_positive_int, default=None, metavar="N",
-                    help="rounds of the pressure part, the order reversed each round (default 2; quick: 1)")
+                    help="rounds of the pressure part, the order reversed each round (default 2)")
     be.add_argument("--out", required=True)
     _add_protocol_args(be, reserve=False)
     _add_client_args(be, on_small_failure="fail")

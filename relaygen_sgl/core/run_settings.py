@@ -67,9 +67,12 @@ class RunSettings:
     backend's prefetch mode, the default answer reserve, no seed, no deadline."""
 
     method: str = "relay"
-    # completion tokens across both models; None: DEFAULT_BUDGET, or what the servers hold
+    # completion tokens across both models; None: default_max_tokens, or what the servers hold
     # where that is less (an explicit budget that does not fit is refused instead)
     max_tokens: int | None = None
+    # the budget of a run that sets no max_tokens, before the servers' pools cut it (serve's
+    # requests without max_tokens: DEFAULT_REQUEST_TOKENS)
+    default_max_tokens: int = DEFAULT_BUDGET
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # -1: no top-k cut
@@ -87,6 +90,7 @@ class RunSettings:
         _choice("method", self.method, METHODS)
         if self.max_tokens is not None:
             _integer("max_tokens", self.max_tokens, 1)
+        _integer("default_max_tokens", self.default_max_tokens, 1)
         if self.temperature is not None:
             _number("temperature", self.temperature, 0.0, TEMPERATURE_MAX)
         if self.top_p is not None:
@@ -139,7 +143,7 @@ class RunSettings:
     @property
     def budget(self) -> int:
         """The budget asked for: max_tokens, else the default."""
-        return DEFAULT_BUDGET if self.max_tokens is None else self.max_tokens
+        return self.default_max_tokens if self.max_tokens is None else self.max_tokens
 
     @property
     def reference(self) -> bool:

@@ -32,7 +32,7 @@ import orjson
 from relaygen_sgl.core import files
 from relaygen_sgl.core.errors import ConfigError, RelayGenError
 from relaygen_sgl.core.records import check_records_file, latest_by_id
-from relaygen_sgl.core.run_settings import RunSettings
+from relaygen_sgl.core.run_settings import DEFAULT_BUDGET, RunSettings
 
 FRESH = "--fresh"  # the one spelling of "start over" in batch, eval and calibrate
 # Run settings that never change a record: prefetch never changes a token, a deadline says
@@ -80,6 +80,8 @@ def settings_header(settings: RunSettings, **context: Any) -> dict[str, Any]:
     """What the records of a run depend on: `context` (the job, the program or data set, the
     preset and profile), then the run settings but the UNRECORDED ones."""
     values = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in UNRECORDED}
+    if settings.max_tokens is not None:  # the default budget is then no run's budget
+        del values["default_max_tokens"]
     return {**context, **values}
 
 
@@ -119,6 +121,8 @@ def read_settings(out: Path) -> dict[str, Any] | None:
                           f"use {FRESH} to start over") from None
     if not isinstance(written, dict):
         raise ConfigError(f"{path} holds no settings (a JSON {type(written).__name__}); use {FRESH} to start over")
+    if "max_tokens" in written and written["max_tokens"] is None and "default_max_tokens" not in written:
+        written["default_max_tokens"] = DEFAULT_BUDGET  # written before the default was a setting: it was this
     return written
 
 

@@ -194,7 +194,7 @@ class RelayBackend(BaseBackend):
         fixed = self.whole_size(plan, prompt_tokens) - plan.budget
         fits = max(0, most - fixed)
         if plan.settings.max_tokens is None and fits:
-            return replace(plan, default_budget=min(plan.default_budget, fits))
+            return replace(plan, fits=fits)
         if fixed + plan.budget <= most:
             return plan
         where = (f"its KV pool holds {limits.kv_tokens} tokens" if limits.kv_tokens is not None

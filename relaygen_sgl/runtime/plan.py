@@ -14,7 +14,7 @@ from relaygen_sgl.client.cancel import Stop
 from relaygen_sgl.core.config import Family
 from relaygen_sgl.core.cues import CueProfile
 from relaygen_sgl.core.errors import ConfigError
-from relaygen_sgl.core.run_settings import DEFAULT_BUDGET, RunSettings
+from relaygen_sgl.core.run_settings import RunSettings
 from relaygen_sgl.runtime.protocol import MIN_LARGE_TOKENS, PROTOCOL_RULES, Ours
 
 DeltaSink = Callable[[str, str], None]  # (role, text delta)
@@ -44,17 +44,17 @@ class RelayPlan:
     prefetch: str  # the mode: the settings' own, else the backend's default
     control: RunControl = field(default_factory=RunControl, compare=False, repr=False)
     min_large_tokens: int = MIN_LARGE_TOKENS
-    # the budget of a run that set none: the default, or what the servers hold where less
-    # (RelayBackend.fit, once the prompt is known)
-    default_budget: int = DEFAULT_BUDGET
+    # the largest budget the servers hold for this run's prompt, where a run that set none
+    # must keep within it (RelayBackend.fit, once the prompt is known); None: not cut
+    fits: int | None = None
 
     def __post_init__(self) -> None:
         self.rules.check(self)
 
     # the settings, read where the relay uses them
     method = property(lambda self: self.settings.method)
-    budget = property(lambda self: self.default_budget if self.settings.max_tokens is None
-                      else self.settings.max_tokens)
+    budget = property(lambda self: self.settings.budget if self.settings.max_tokens is not None or self.fits is None
+                      else min(self.settings.budget, self.fits))
     seed = property(lambda self: self.settings.seed)
     answer = property(lambda self: self.settings.answer)
     answer_role = property(lambda self: self.settings.answer_role)
@@ -64,7 +64,7 @@ class RelayPlan:
     def but(self, **changes: Any) -> RelayPlan:
         """The same plan with some settings changed (e.g. a fork's branch seed)."""
         return RelayPlan(self.settings.but(**changes), self.profile, self.family, self.tokenizer_path,
-                         self.prefetch, self.control, self.min_large_tokens, self.default_budget)
+                         self.prefetch, self.control, self.min_large_tokens, self.fits)
 
     @property
     def rules(self) -> Ours:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relaygen_sgl.core.config import ROLES
-from relaygen_sgl.core.errors import DoesNotFit, EngineFailed, EngineUnreachable
+from relaygen_sgl.core.errors import EngineFailed, EngineUnreachable
 
 MAX_PENDING = 256  # deltas a job may have queued for its client; past that its relay waits (or drops them once stopped)
 PUT_POLL_S = 0.25  # how often a waiting relay checks whether it was stopped
@@ -96,9 +96,8 @@ class Job:
     slows its own relay, never the server's memory), and once stopped it drops them."""
 
     def __init__(self, relay: Any, question: list[dict[str, str]], settings: Any,
-                 on_end: Callable[[Job], None], fit_default: bool = False) -> None:
+                 on_end: Callable[[Job], None]) -> None:
         self.relay, self.question, self.settings = relay, question, settings
-        self.fit_default = fit_default  # settings.max_tokens is serve's default, not the client's
         self.on_end = on_end
         self.cancel = threading.Event()
         self.reason: str | None = None  # why it was stopped: stop | disconnect | deadline
@@ -138,21 +137,11 @@ class Job:
         except RuntimeError:  # the loop is closed: nobody listens any more
             pass
 
-    def _run(self) -> Any:
-        """The relay; where serve's default budget (not the client's) does not fit the servers'
-        pools, the largest that does (DoesNotFit is raised before any request: nothing to undo)."""
-        try:
-            return self.relay.run(self.question, settings=self.settings, on_delta=self._delta, cancel=self.cancel)
-        except DoesNotFit as e:
-            if not self.fit_default or not 0 < e.fits < self.settings.max_tokens:
-                raise
-            self.settings = self.settings.but(max_tokens=e.fits)
-        return self.relay.run(self.question, settings=self.settings, on_delta=self._delta, cancel=self.cancel)
-
     def _work(self) -> None:
         item: tuple[Any, ...]
         try:
-            result = self._run()
+            result = self.relay.run(self.question, settings=self.settings, on_delta=self._delta,
+                                    cancel=self.cancel)
             self.result, item = result, ("done", result)
         except BaseException as e:  # handed to the request, answered there
             self.error, item = e, ("error", e)

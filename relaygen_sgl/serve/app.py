@@ -279,7 +279,7 @@ def _add_chat_route(app: FastAPI, relay: Any, s: ServeSettings, allowed: dict[st
             out.note = "client left while queued"
             return Response(status_code=499)
         try:
-            job = Job(relay, req.messages, req.settings, on_end=ended, fit_default=not req.budget_given)
+            job = Job(relay, req.messages, req.settings, on_end=ended)
             job.start()
         except BaseException:
             gate.release()

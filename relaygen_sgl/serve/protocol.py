@@ -109,7 +109,6 @@ class ChatRequest:
     stops: tuple[str, ...] = ()
     timeout_s: float = 600.0
     profile_name: str | None = field(default=None)
-    budget_given: bool = True  # False: max_tokens is serve's default, cut to what fits where the pools hold less
 
 
 def _typed(body: dict[str, Any], key: str, integer: bool, param: str | None = None) -> Any:
@@ -284,7 +283,8 @@ def parse_request(body: Any, *, model_name: str, max_budget: int, default_max_to
     stops = _stops(body)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, key, integer=True, lo=1, hi=max_budget)  # this server's cap
-    values: dict[str, Any] = {"max_tokens": max_tokens if max_tokens is not None else default_max_tokens}
+    # without max_tokens: serve's default, cut by the backend to what the servers' pools hold
+    values: dict[str, Any] = {"max_tokens": max_tokens, "default_max_tokens": default_max_tokens}
     for name, integer in (("temperature", False), ("top_p", False), ("seed", True), ("top_k", True)):
         if body.get(name) is not None:
             values[name] = _typed(body, name, integer)
@@ -300,7 +300,7 @@ def parse_request(body: Any, *, model_name: str, max_budget: int, default_max_to
         raise ApiError(400, str(e), param=param, code="invalid_value") from None
     return ChatRequest(messages=messages, settings=settings, stream=bool(stream),
                        include_usage=bool((opts or {}).get("include_usage", False)), stops=stops,
-                       timeout_s=relay["timeout"], profile_name=profile_name, budget_given=max_tokens is not None)
+                       timeout_s=relay["timeout"], profile_name=profile_name)
 
 
 def chat_schema(model_name: str, max_budget: int, profile_names: list[str], timeout_s: float) -> dict[str, Any]:
