@@ -12,7 +12,7 @@ from doubles import LARGE, QUESTION, SMALL
 
 from relaygen_sgl.core.errors import ConfigError, EngineUnreachable
 from relaygen_sgl.core.run_settings import RunSettings
-from relaygen_sgl.runtime.prefetch import CLOSING_LEAD, LOADS_PATH, Prefetcher, Prefetching, PrefetchRule, ReportedLoad
+from relaygen_sgl.runtime.prefetch import LOADS_PATH, Prefetcher, Prefetching, PrefetchRule, ReportedLoad
 
 
 class Engine:
@@ -524,10 +524,10 @@ def test_a_speculative_server_is_known_from_its_server_info(fake):
         assert r.backend.prefetching.speculative == frozenset({LARGE})
 
 
-def _no_cues(fake, prefetch: str):
+def _no_cues(fake, prefetch: str, closing_lead: int = 16):
     """A relay whose large turn never meets a cue (none in its profile), on auto's CPU rule: no
     spacing, no prefetch while the receiver runs anything (the CPU presets' prefetch_max_load 0)."""
-    relay = relay_on(fake, prefetch, PrefetchRule(every=2, auto_every=0, max_load=0))
+    relay = relay_on(fake, prefetch, PrefetchRule(every=2, auto_every=0, max_load=0, closing_lead=closing_lead))
     prompt = relay.tokenizer.encode(relay.plan("relay").render(QUESTION))
     for host in fake.hosts.values():  # thinking that goes on past any budget here, without a cue
         host.tape = prompt + relay.tokenizer.encode("and then we add some more numbers " * 40) + [fake.eos_id]
@@ -535,12 +535,14 @@ def _no_cues(fake, prefetch: str):
     return relay
 
 
-@pytest.mark.parametrize("mode", ["auto", "off"])
-def test_a_turn_whose_budget_end_hands_over_prefetches_once_before_it(fake, mode):
+@pytest.mark.parametrize("mode, lead", [("auto", 16), ("auto", 10), ("off", 16)])
+def test_a_turn_whose_budget_end_hands_over_prefetches_once_before_it(fake, mode, lead):
     # thinking that runs to its budget is closed and the small model answers: that handoff is
-    # certain, so the large turn warms the small server once, CLOSING_LEAD tokens before its end,
-    # whatever auto would say; the answer turn then re-prefills only the tail (and the closing text)
-    relay = _no_cues(fake, mode)
+    # certain, so the large turn warms the small server once, the preset's closing lead of tokens
+    # before its end, whatever auto would say; the answer turn then re-prefills only the tail (and
+    # the closing text)
+    CLOSING_LEAD = lead
+    relay = _no_cues(fake, mode, lead)
     plan = relay.plan("relay", max_tokens=64)
     res = relay.run(QUESTION, "relay", max_tokens=64, prefetch=mode)
     think, answer = res.segments[0], res.segments[-1]

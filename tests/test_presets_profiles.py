@@ -157,7 +157,8 @@ def test_cpu_presets_space_the_prefetch_gpu_presets_send_one_per_64_tokens():
 
 @pytest.mark.parametrize("key,value", [("prefetch_auto_every", -1), ("prefetch_auto_every", "0"),
                                        ("prefetch_max_load", -2), ("prefetch_max_load", 1.5),
-                                       ("prefetch_max_load_speculative", True)])
+                                       ("prefetch_max_load_speculative", True), ("prefetch_closing_lead", -1),
+                                       ("prefetch_closing_lead", "16")])
 def test_the_auto_prefetch_keys_are_checked(monkeypatch, key, value):
     import relaygen_sgl.core.config as config
 
@@ -175,3 +176,14 @@ def test_auto_prefetch_thresholds_per_preset():
         p = load_preset(n)
         expect = ((0, 0, -1) if p.device == "cpu" else (None, -1, -1) if p.share_device else (None, 0, -1))
         assert (p.prefetch_auto_every, p.prefetch_max_load, p.prefetch_max_load_speculative) == expect, n
+
+
+def test_the_closing_lead_is_preset_data_and_reaches_the_prefetch_rule(monkeypatch):
+    import relaygen_sgl.core.config as config
+    from relaygen_sgl.runtime.prefetch import PrefetchRule
+
+    assert {load_preset(n).prefetch_closing_lead for n in preset_names()} == {16}
+    raw = config._raw()
+    raw["cpu-tiny"]["prefetch_closing_lead"] = 5
+    monkeypatch.setattr(config, "_raw", lambda: raw)
+    assert PrefetchRule.of(load_preset("cpu-tiny")).closing_lead == 5

@@ -223,6 +223,10 @@ class Preset:
     prefetch_auto_every: int | None = None
     prefetch_max_load: int = 0
     prefetch_max_load_speculative: int = -1
+    # Tokens before thinking's budget end at which its certain handoff to the answer role is
+    # prefetched, whatever auto says (runtime/prefetch.py): time for the receiver to prefill what it
+    # lacks before the handoff comes, which then re-prefills about these many tokens.
+    prefetch_closing_lead: int = 16
     # Both servers on one device (one GPU): started one after the other, their memory fractions
     # computed by the plan, and no prefetch (the two would contend for the same GPU).
     share_device: bool = False
@@ -341,6 +345,9 @@ def load_preset(name: str) -> Preset:
     auto_every = spec.get("prefetch_auto_every")
     if auto_every is not None and (not isinstance(auto_every, int) or isinstance(auto_every, bool) or auto_every < 0):
         raise ConfigError(f"preset {name}: prefetch_auto_every must be an integer >= 0")
+    lead = spec.get("prefetch_closing_lead", 16)
+    if not isinstance(lead, int) or isinstance(lead, bool) or lead < 0:
+        raise ConfigError(f"preset {name}: prefetch_closing_lead must be an integer >= 0")
     loads = {key: spec.get(key, default) for key, default in (("prefetch_max_load", 0),
                                                               ("prefetch_max_load_speculative", -1))}
     for key, value in loads.items():
@@ -360,7 +367,8 @@ def load_preset(name: str) -> Preset:
     return Preset(name=name, description=spec.get("description", ""), device=device,
                   family=spec["family"], profile=spec["profile"], roles=roles,
                   startup_timeout_s=float(spec.get("startup_timeout_s", 600)),
-                  prefetch_every=every, prefetch_auto_every=auto_every, **loads, share_device=share,
+                  prefetch_every=every, prefetch_auto_every=auto_every, **loads, prefetch_closing_lead=lead,
+                  share_device=share,
                   min_free_gib=None if min_free is None else float(min_free),
                   runtime_reserve_gib=float(spec.get("runtime_reserve_gib", 0.0)), cards=tuple(cards))
 

@@ -38,7 +38,7 @@ from relaygen_sgl.runtime.choices import score_choices
 from relaygen_sgl.runtime.gen_params import gen_params
 from relaygen_sgl.runtime.plan import RelayPlan, RunControl
 from relaygen_sgl.runtime.pools import Claim, PoolGate
-from relaygen_sgl.runtime.prefetch import CLOSING_LEAD, DEFAULT_WORKERS, Prefetching, PrefetchRule, Server
+from relaygen_sgl.runtime.prefetch import DEFAULT_WORKERS, Prefetching, PrefetchRule, Server
 from relaygen_sgl.runtime.seeding import SeedSupport
 from relaygen_sgl.runtime.trajectory import KEY, Trajectory
 from relaygen_sgl.runtime.turn import TurnSpec, run_turn
@@ -417,7 +417,8 @@ class RelayBackend(BaseBackend):
                     spec.prefetch, self.engines[other], self._pin(other, traj), ids,
                     prefix=traj.last_writer != other,  # else it has all but a token
                     receiver=self._server(other, traj), sender=self._server(on, traj), stop=traj.control.stop,
-                    closing_at=max(0, spec.max_tokens - CLOSING_LEAD) if spec.hands_over_at_budget else None)
+                    closing_at=(max(0, spec.max_tokens - self.prefetching.rule.closing_lead)
+                                if spec.hands_over_at_budget else None))
 
             def heard(so_far: list[int], cue_next: Callable[[], bool]) -> None:
                 traj.writing = len(so_far)  # the pool gate reads the trajectory's size as it grows

@@ -65,10 +65,6 @@ DEFAULT_WORKERS = 64  # prefetches in flight at once, all trajectories together 
 # HTTP process. More than that in flight to one server lengthens every pause there and saves
 # each handoff no more than one pass.
 MAX_IN_FLIGHT_PER_SERVER = 4
-# Tokens before a turn's budget end at which the certain handoff that follows it is prefetched
-# (TurnSpec.hands_over_at_budget): the receiving server prefills the trajectory while the turn's
-# last tokens are written, and the handoff re-prefills only those.
-CLOSING_LEAD = 16
 # How long a server's reported load stands before it is asked again. SGLang republishes it at
 # every prefill pass, when idle, and every 15th decode step (--load-snapshot-publish-interval),
 # a fraction of a second on a GPU, so a reading a second old is about as fresh as asking at every offer,
@@ -88,6 +84,10 @@ class PrefetchRule:
     max_load: int = 0  # auto sends while at most this many other turns run on the counted server(s); -1: never
     max_load_speculative: int = -1  # the same where the receiving server decodes speculatively
     shared_device: bool = False  # both servers on one device: turns on both count
+    # Tokens before a turn's budget end at which the certain handoff that follows it is prefetched
+    # (TurnSpec.hands_over_at_budget): the receiving server prefills the trajectory while the turn's
+    # last tokens are written, and the handoff re-prefills about these many.
+    closing_lead: int = 16
 
     @classmethod
     def of(cls, preset: Any) -> PrefetchRule:
@@ -95,6 +95,7 @@ class PrefetchRule:
             return cls()
         return cls(every=preset.prefetch_every, auto_every=preset.prefetch_auto_every,
                    max_load=preset.prefetch_max_load, max_load_speculative=preset.prefetch_max_load_speculative,
+                   closing_lead=preset.prefetch_closing_lead,
                    shared_device=preset.device == "cpu" or bool(getattr(preset, "share_device", False)))
 
     def spacing(self, mode: str) -> int:
@@ -267,7 +268,7 @@ class Prefetching:
         """A Prefetcher for one turn (None where nothing would be sent). `receiver`: the server
         it warms (`engine`); `sender`: the one the turn runs on (its load already counts the turn);
         `stop`: the run's, which ends a prefetch in flight with the run. `closing_at`: the turn's
-        length at which its handoff is certain to come CLOSING_LEAD tokens later (Prefetcher)."""
+        length at which its handoff is certain to come the rule's closing_lead tokens later (Prefetcher)."""
         if mode == "off":
             return None
         every = self.rule.spacing(mode)

@@ -131,7 +131,7 @@ class TurnSpec:
     last: bool = False  # no turn follows (the answer): nothing to warm
     # A turn that runs to its max_tokens is followed by the other role's (thinking's budget ends
     # and the answer role answers): that handoff is certain, so the prefetch warms the other
-    # server once shortly before it whatever auto says (runtime/prefetch.py CLOSING_LEAD).
+    # server once shortly before it whatever auto says (the preset's prefetch_closing_lead).
     hands_over_at_budget: bool = False
     # The request's input when it is not the trajectory's ids: the reference re-renders each
     # request after its first from the text so far, re-tokenized, as it re-sent its conversation.
