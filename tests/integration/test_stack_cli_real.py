@@ -229,7 +229,7 @@ def test_no_key_in_ps_status_a_log_or_a_file_others_can_read(stack):
 
 # --- a relay, then the small server killed ------------------------------------------------------
 
-# a bench run the size of a smoke test: each part once (the CLI's `bench --quick` takes ~8 min)
+# a bench run the size of a smoke test: each part once (the CLI's `bench --quick` takes ~10 min)
 TINY_BENCH = ("import dataclasses, sys; from relaygen_sgl.bench import runner; "
               "off = {'pressure': 0} if 'pressure' in {f.name for f in dataclasses.fields(runner.BenchConfig)} "
               "else {}; "
