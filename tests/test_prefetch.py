@@ -541,7 +541,6 @@ def test_a_turn_whose_budget_end_hands_over_prefetches_once_before_it(fake, mode
     # certain, so the large turn warms the small server once, the preset's closing lead of tokens
     # before its end, whatever auto would say; the answer turn then re-prefills only the tail (and
     # the closing text)
-    CLOSING_LEAD = lead
     relay = _no_cues(fake, mode, lead)
     plan = relay.plan("relay", max_tokens=64)
     res = relay.run(QUESTION, "relay", max_tokens=64, prefetch=mode)
@@ -551,13 +550,13 @@ def test_a_turn_whose_budget_end_hands_over_prefetches_once_before_it(fake, mode
     sent = [len(r["input_ids"]) for r in small.requests if r["sampling_params"]["max_new_tokens"] == 0]
     closing = relay.backend.prefetching.snapshot()["closing"]
     if mode == "off":
-        assert sent == [] and closing == 0 and answer.reprefilled > CLOSING_LEAD + 10
+        assert sent == [] and closing == 0 and answer.reprefilled > lead + 10
         return
     turn = plan.think_budget  # the large turn's max_tokens: thinking's budget
     assert closing == 1
     # the prompt first (auto's prefix send, declined only under load), then the trajectory at the closing point
-    assert sent[-1] == len(res.prompt_ids) + turn - CLOSING_LEAD
-    assert answer.reprefilled <= CLOSING_LEAD + 8  # the tail, the closing text and the +1
+    assert sent[-1] == len(res.prompt_ids) + turn - lead
+    assert answer.reprefilled <= lead + 8  # the tail, the closing text and the +1
 
 
 def test_prefetch_workers_carry_their_name_for_the_os():
