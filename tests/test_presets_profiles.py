@@ -157,7 +157,7 @@ def test_cpu_presets_space_the_prefetch_gpu_presets_send_one_per_64_tokens():
 
 @pytest.mark.parametrize("key,value", [("prefetch_auto_every", -1), ("prefetch_auto_every", "0"),
                                        ("prefetch_max_load", -2), ("prefetch_max_load", 1.5),
-                                       ("prefetch_max_load_speculative", True), ("prefetch_closing_lead", -1),
+                                       ("prefetch_max_load_speculative", True), ("prefetch_closing_lead", 0),
                                        ("prefetch_closing_lead", "16")])
 def test_the_auto_prefetch_keys_are_checked(monkeypatch, key, value):
     import relaygen_sgl.core.config as config

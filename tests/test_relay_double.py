@@ -363,6 +363,9 @@ def test_a_budget_past_the_pool_is_refused_before_any_request(fake):
     # a run that sets no budget gets what the pair holds, not the 32768 default
     res = relay.run(QUESTION)
     assert res.stats.budget == err.value.fits
+    # a default smaller than what the pools hold is kept as it is
+    res = relay.run(QUESTION, default_max_tokens=err.value.fits - 3)
+    assert res.stats.budget == err.value.fits - 3
 
 
 def test_a_turn_at_the_pool_ends_the_run_with_its_work_kept(fake, monkeypatch):

@@ -90,7 +90,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, preset: str) -> BenchConfig:
         """Every part of the full run on fewer samples, each figure still a spread with its n (about
-        8 min on cpu-tiny, 2 cores: docs/usage/bench.md): 2 questions x 2 reps at 128 tokens for
+        10 min on cpu-tiny, 2 cores: docs/usage/bench.md): 2 questions x 2 reps at 128 tokens for
         speed and overhead; 6 questions x 2 variants of live handoffs at 128 tokens (shorter
         relays hand off at a cue too rarely); 4 floor trials per gap; load at 1, 4 and 16
         concurrent, 96 tokens, the relay (prefetch auto) and single-large in 2 rounds (at 4 and 16
@@ -355,10 +355,13 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
     """tokens/s at each concurrency: every question at least once per round, in waves of `level`
     trajectories (so level 1 is not one sample), the relay (once per prefetch mode of
     cfg.load_prefetch) and single-large interleaved WAVE BY WAVE (each case runs the same wave's
-    questions in turn, the order reversed from wave to wave, round to round and level to level:
-    A B C, C B A, ...), in `cfg.load_rounds` rounds per level. A case's tokens/s is pooled over
-    its waves (all tokens over all wall time; `tokens_per_s_by_round` per round), and each ratio
-    to single-large comes twice: pooled, and paired (`..._paired`: median, min, max, n of the
+    questions in turn, the order reversed from one wave to the next, counted across the level's
+    rounds: A B C, C B A, ...), in `cfg.load_rounds` rounds per level; each wave starts from
+    flushed caches and lasts as long as its slowest trajectory (load figures from before this
+    wave-by-wave order, when `level` workers took trajectories as they freed, are not comparable).
+    A case's tokens/s is pooled over its waves (all tokens over all wall time;
+    `tokens_per_s_by_round` per round), and each ratio to single-large comes twice: pooled,
+    and paired (`..._paired`: median, min, max, n of the
     ratios of the same wave's runs, which ran back to back). This machine's speed drifts by 10%
     and more within minutes (docs/results.md); interleaving wave by wave puts both cases under
     the same drift, and the paired median does not follow one wave that ran slow.

@@ -346,8 +346,8 @@ def load_preset(name: str) -> Preset:
     if auto_every is not None and (not isinstance(auto_every, int) or isinstance(auto_every, bool) or auto_every < 0):
         raise ConfigError(f"preset {name}: prefetch_auto_every must be an integer >= 0")
     lead = spec.get("prefetch_closing_lead", 16)
-    if not isinstance(lead, int) or isinstance(lead, bool) or lead < 0:
-        raise ConfigError(f"preset {name}: prefetch_closing_lead must be an integer >= 0")
+    if not isinstance(lead, int) or isinstance(lead, bool) or lead < 1:  # 0 would never send it
+        raise ConfigError(f"preset {name}: prefetch_closing_lead must be an integer >= 1")
     loads = {key: spec.get(key, default) for key, default in (("prefetch_max_load", 0),
                                                               ("prefetch_max_load_speculative", -1))}
     for key, value in loads.items():
