@@ -52,6 +52,7 @@ from typing import Any
 
 from relaygen_sgl.client.cancel import Stop
 from relaygen_sgl.client.http import EngineClient
+from relaygen_sgl.core.config import Preset
 from relaygen_sgl.core.errors import ConfigError, EngineRejected, RelayGenError
 from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, PREFETCH_MODES
 
@@ -87,7 +88,7 @@ class PrefetchRule:
     # Tokens before a turn's budget end at which the certain handoff that follows it is prefetched
     # (TurnSpec.hands_over_at_budget): the receiving server prefills the trajectory while the turn's
     # last tokens are written, and the handoff re-prefills about these many.
-    closing_lead: int = 16
+    closing_lead: int = Preset.__dataclass_fields__["prefetch_closing_lead"].default
 
     @classmethod
     def of(cls, preset: Any) -> PrefetchRule:
