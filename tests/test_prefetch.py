@@ -3,6 +3,7 @@ auto's load rule, the workers, and which runs prefetch at all on the SGLang doub
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -255,7 +256,7 @@ def test_on_a_shared_device_the_senders_other_turns_count_too():
 
 
 def test_the_spacing_per_mode_and_the_preset_data():
-    from relaygen_sgl.core.config import load_preset
+    from relaygen_sgl.core.config import Preset, load_preset
 
     rule = PrefetchRule(every=2, auto_every=0)
     assert rule.spacing("on") == 2 and rule.spacing("auto") == 0 and PrefetchRule(every=3).spacing("auto") == 3
@@ -263,6 +264,11 @@ def test_the_spacing_per_mode_and_the_preset_data():
     assert cpu == PrefetchRule(every=2, auto_every=0, max_load=0, max_load_speculative=-1, shared_device=True)
     gpu = PrefetchRule.of(load_preset("qwen3-32b-1.7b"))
     assert gpu == PrefetchRule(every=64, auto_every=None, max_load=0, max_load_speculative=-1, shared_device=False)
+    # a rule without a preset holds the Preset fields' defaults: one default for each key
+    preset_defaults = {f.name: f.default for f in dataclasses.fields(Preset) if f.name.startswith("prefetch_")}
+    keys = ("every", "auto_every", "max_load", "max_load_speculative", "closing_lead")
+    assert {f"prefetch_{k}": getattr(PrefetchRule(), k) for k in keys} == preset_defaults
+    assert PrefetchRule.of(None) == PrefetchRule()
     # the mode is its string throughout: a bool or another word is refused where settings are made
     for bad in ("sometimes", True, False):
         with pytest.raises(ConfigError, match="prefetch must be one of auto, on, off"):

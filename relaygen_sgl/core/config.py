@@ -321,7 +321,7 @@ def _check_shared(name: str, roles: dict[str, RoleSpec], device: str, reserve: A
         raise ConfigError(f"preset {name}: share_device needs runtime_reserve_gib > 0")
 
 
-def _default(key: str) -> Any:
+def preset_default(key: str) -> Any:
     """A preset key's default: the Preset field's own (one place for it)."""
     return Preset.__dataclass_fields__[key].default
 
@@ -344,16 +344,16 @@ def load_preset(name: str) -> Preset:
     for role in roles.values():
         if role.local_model and role.local_model not in raw.get("local_models", {}):
             raise ConfigError(f"preset {name}: unknown local model {role.local_model!r}")
-    every = spec.get("prefetch_every", _default("prefetch_every"))
+    every = spec.get("prefetch_every", preset_default("prefetch_every"))
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ConfigError(f"preset {name}: prefetch_every must be an integer >= 1")
     auto_every = spec.get("prefetch_auto_every")
     if auto_every is not None and (not isinstance(auto_every, int) or isinstance(auto_every, bool) or auto_every < 0):
         raise ConfigError(f"preset {name}: prefetch_auto_every must be an integer >= 0")
-    lead = spec.get("prefetch_closing_lead", _default("prefetch_closing_lead"))
+    lead = spec.get("prefetch_closing_lead", preset_default("prefetch_closing_lead"))
     if not isinstance(lead, int) or isinstance(lead, bool) or lead < 1:  # 0 would never send it
         raise ConfigError(f"preset {name}: prefetch_closing_lead must be an integer >= 1")
-    loads = {key: spec.get(key, _default(key)) for key in ("prefetch_max_load", "prefetch_max_load_speculative")}
+    loads = {key: spec.get(key, preset_default(key)) for key in ("prefetch_max_load", "prefetch_max_load_speculative")}
     for key, value in loads.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < -1:
             raise ConfigError(f"preset {name}: {key} must be an integer >= -1 (-1: auto never prefetches)")

@@ -52,7 +52,7 @@ from typing import Any
 
 from relaygen_sgl.client.cancel import Stop
 from relaygen_sgl.client.http import EngineClient
-from relaygen_sgl.core.config import Preset
+from relaygen_sgl.core.config import preset_default
 from relaygen_sgl.core.errors import ConfigError, EngineRejected, RelayGenError
 from relaygen_sgl.core.run_settings import DEFAULT_PREFETCH, PREFETCH_MODES
 
@@ -80,15 +80,18 @@ Server = tuple[str, int | None]  # (URL, DP rank the trajectory is pinned to): o
 class PrefetchRule:
     """A preset's prefetch data (presets.toml says how each value was chosen)."""
 
-    every: int = 1  # tokens between prefetches (on; auto too unless auto_every says otherwise)
-    auto_every: int | None = None  # auto's spacing; 0: only the prefix at a turn's start
-    max_load: int = 0  # auto sends while at most this many other turns run on the counted server(s); -1: never
-    max_load_speculative: int = -1  # the same where the receiving server decodes speculatively
+    # Defaults are the Preset fields' own (config.preset_default): a rule with no preset is the
+    # default preset's.
+    every: int = preset_default("prefetch_every")  # tokens between prefetches (on; auto too unless auto_every says)
+    auto_every: int | None = preset_default("prefetch_auto_every")  # auto's spacing; 0: the turn-start prefix only
+    # auto sends while at most this many other turns run on the counted server(s); -1: never
+    max_load: int = preset_default("prefetch_max_load")
+    max_load_speculative: int = preset_default("prefetch_max_load_speculative")  # where the receiver speculates
     shared_device: bool = False  # both servers on one device: turns on both count
     # Tokens before a turn's budget end at which the certain handoff that follows it is prefetched
     # (TurnSpec.hands_over_at_budget): the receiving server prefills the trajectory while the turn's
     # last tokens are written, and the handoff re-prefills about these many.
-    closing_lead: int = Preset.__dataclass_fields__["prefetch_closing_lead"].default
+    closing_lead: int = preset_default("prefetch_closing_lead")
 
     @classmethod
     def of(cls, preset: Any) -> PrefetchRule:
