@@ -596,6 +596,20 @@ def test_a_pressure_run_that_fails_is_counted_not_raised(fake):
     assert out["relay"]["latency_s"]["n"] + out["single-large"]["latency_s"]["n"] == 6 - failed
 
 
+def test_a_load_run_that_fails_is_counted_and_shown_not_raised(fake):
+    relay = bench_relay(fake, prefetch="off")
+    fake.hosts["large.test:1"].fail_on = {1}  # the first /generate request on the large server
+    fake.hosts["large.test:1"].fail_status = 400  # refused: no retry
+    cfg = BenchConfig(preset="cpu-tiny", questions=2, load_levels=(2,), load_max_tokens=60, load_prefetch=(),
+                      load_rounds=1)
+    out = run_load(relay, [Q, "What is 3 + 2?"], cfg, log=lambda m: None)
+    relay_run = out["2"]["relay"]  # the wave's order starts with the relay
+    assert relay_run["failed"] == 1 and len(relay_run["failures"]) == 1 and out["2"]["single-large"]["failed"] == 0
+    assert relay_run["latency_s"]["n"] == 1 and out["2"]["single-large"]["latency_s"]["n"] == 2
+    rows = [line for line in markdown(report_with(out)).splitlines() if line.startswith("| 2 |")]
+    assert "| 2 (1), 1 failed |" in rows[0] and "failed" not in rows[-1]
+
+
 def test_the_bench_flags_reach_the_config_and_a_bad_level_is_one_line(monkeypatch, tmp_path, capsys):
     """--pressure (0 included), --pressure-max-tokens and --pressure-rounds end up in the
     BenchConfig run_bench gets; a negative level is refused by the config, one line, exit 2."""

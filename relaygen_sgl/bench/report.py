@@ -213,7 +213,8 @@ def _throughput(load: dict[str, Any]) -> list[str]:
     lines = ["## Throughput under load", "",
              "The cases run wave by wave in turn (a wave: the level's trajectories at once), the order reversed "
              "each wave. tokens/s pooled over each case's waves (all tokens over all wall time; each round's in "
-             "brackets); p50 and p95 latency over every trajectory; n: trajectories (rounds) behind both. "
+             "brackets); p50 and p95 latency over every trajectory; n: trajectories (rounds) behind both, and "
+             "the runs that failed (raised; their tokens are not counted, their wall time is). "
              "relay / single-large: pooled; paired: the ratio of the same wave's two runs, which ran back to "
              "back, median (min-max) over the waves.", "",
              "| concurrent | method | prefetch | n | tokens/s | p50 latency (s) | p95 latency (s) | "
@@ -244,6 +245,7 @@ def _throughput_rows(level: str, by: dict[str, Any]) -> list[str]:
         rounds = d.get("tokens_per_s_by_round") or []
         tps = f"{d['tokens_per_s']} ({', '.join(map(str, rounds))})" if len(rounds) > 1 else d["tokens_per_s"]
         n = f"{d['trajectories']} ({d.get('rounds', 1)})" if "trajectories" in d else ""
+        n += f", {d['failed']} failed" if d.get("failed") else ""
         rows.append(f"| {level} | {name} | {d.get('prefetch', '')} | {n} | {tps} | {d['p50_latency_s']} | "
                     f"{d['p95_latency_s']} | {d.get('prefetch_requests', '')} | {ratio} |")
     return rows

@@ -370,7 +370,6 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
     Every run starts from flushed caches: the live handoffs before end on flushed ones, so
     otherwise the first run of level 1 alone would prefill its prompts cold and read slower
     than the next runs of the same relays."""
-    engines = servers_of(relay)
     modes = tuple(cfg.load_prefetch) or (None,)
     runs = [("relay", modes[0], "relay"), *(("relay", m, load_variant(m)) for m in modes[1:]),
             ("single-large", None, "single-large")]
@@ -386,16 +385,18 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
             for w, wave in enumerate(waves):
                 g = k + rnd * len(waves) + w
                 for method, mode, name in runs if g % 2 == 0 else runs[::-1]:
-                    done[name][rnd].append(_load_wave(relay, engines, wave, cfg, method, mode))
-                    d = done[name][rnd][-1]
+                    d = _wave(relay, [(q, cfg.run(method, cfg.load_max_tokens, i, mode)) for i, q in wave])
+                    done[name][rnd].append(d)
+                    failed = f", {len(d['failed'])} failed" if d["failed"] else ""
                     log(f"load {level} {name} (round {rnd + 1}, wave {w + 1}/{len(waves)}): "
-                        f"{d['tokens'] / d['wall']:.1f} tok/s")
+                        f"{d['tokens'] / d['wall']:.1f} tok/s{failed}")
         by: dict[str, Any] = {}
         for method, mode, name in runs:
             rounds = done[name]
             flat = [d for r in rounds for d in r]
             tokens, wall = sum(d["tokens"] for d in flat), sum(d["wall"] for d in flat)
-            lat = [x for d in flat for x in d["lat"]]
+            lat = [r.stats.e2e_s for d in flat for r in d["results"]]
+            failed = [f for d in flat for f in d["failed"]]
             by_round = [sum(d["tokens"] for d in r) / sum(d["wall"] for d in r) for r in rounds]
             by[name] = {"trajectories": count * len(rounds), "rounds": len(rounds), "waves": len(flat),
                         "wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
@@ -403,7 +404,8 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
                         "p50_latency_s": _pct(lat, 0.5), "p95_latency_s": _pct(lat, 0.95),
                         "latency_s": spread(lat), "tokens_per_s_spread": spread(by_round),
                         "prefetch": (mode or relay.backend.prefetching.default) if method == "relay" else "off",
-                        "prefetch_requests": sum(d["sent"] for d in flat)}
+                        "prefetch_requests": sum(d["sent"] for d in flat),
+                        "failed": len(failed), "failures": failed[:5]}
 
         def paired(a: str, b: str) -> dict[str, float]:
             """The ratios of a's and b's tokens/s on the same wave of the same round."""
@@ -423,29 +425,49 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
     return out
 
 
-def _load_wave(relay: Relay, engines: list[EngineClient], wave: list[tuple[int, str]], cfg: BenchConfig, method: str,
-               mode: str | None) -> dict[str, Any]:
-    """One wave of the load part: its trajectories at once, from flushed caches; tokens, wall
-    time, each trajectory's latency and the prefetch requests sent meanwhile."""
-    lat: list[float] = []
-    tokens = 0
+def _wave(relay: Relay, runs: list[tuple[str, RunSettings]]) -> dict[str, Any]:
+    """Runs of the load and pressure parts: all at once, from flushed caches. Returns the results,
+    the failures (RelayGenError, one line each: counted, not raised, so one run lost does not lose
+    the part), wall time, tokens, the prefetch requests sent meanwhile, the runs the pool gate held
+    back, the most trajectories it let run at once (sampled every 50 ms) and the evicted copies it
+    heard of."""
+    results: list[RelayResult] = []
+    failed: list[str] = []
     lock = threading.Lock()
 
-    def one(i: int, q: str) -> None:
-        nonlocal tokens
-        r = relay.run(q, settings=cfg.run(method, cfg.load_max_tokens, i, mode))
+    def one(question: str, settings: RunSettings) -> None:
+        try:
+            r = relay.run(question, settings=settings)
+        except RelayGenError as e:
+            with lock:
+                failed.append(f"{type(e).__name__}: {e}")
+            return
         with lock:
-            lat.append(r.stats.e2e_s)
-            tokens += r.stats.large_tokens + r.stats.small_tokens
+            results.append(r)
 
-    for e in engines:
+    for e in servers_of(relay):
         e.flush_cache(timeout_s=30)
-    sent = relay.backend.prefetching.snapshot()["sent"]
+    gate, prefetching = relay.backend.pools, relay.backend.prefetching
+    before, sent, peak, over = gate.snapshot(), prefetching.snapshot()["sent"], [0], threading.Event()
+
+    def watch() -> None:
+        while not over.wait(0.05):
+            peak[0] = max(peak[0], gate.snapshot()["running"])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(wave)) as pool:
-        list(pool.map(lambda a: one(*a), wave))
-    return {"tokens": tokens, "wall": time.perf_counter() - t0, "lat": lat,
-            "sent": relay.backend.prefetching.snapshot()["sent"] - sent}
+    with ThreadPoolExecutor(max_workers=len(runs)) as workers:
+        list(workers.map(lambda a: one(*a), runs))
+    wall = time.perf_counter() - t0
+    over.set()
+    watcher.join()
+    after = gate.snapshot()
+    return {"results": results, "failed": failed, "wall": wall,
+            "tokens": sum(r.stats.large_tokens + r.stats.small_tokens for r in results),
+            "sent": prefetching.snapshot()["sent"] - sent,
+            "waited": after["waited"] - before["waited"], "peak": peak[0],
+            "evicted": after["evicted"] - before["evicted"]}
 
 
 # The picked pressure level: trajectories at their whole size hold this many times the smaller
@@ -535,8 +557,8 @@ def run_pressure(relay: Relay, questions: list[str], cfg: BenchConfig, log: Call
     done: dict[str, list[dict[str, Any]]] = {method: [] for method in cases}
     for rnd in range(cfg.pressure_rounds):
         for method in cases if rnd % 2 == 0 else cases[::-1]:
-            done[method].append(_pressure_round(relay, method, qs, cfg))
-            d = done[method][-1]
+            d = _wave(relay, [(q, cfg.run(method, cfg.pressure_max_tokens, i)) for i, q in enumerate(qs)])
+            done[method].append(d)
             log(f"pressure {level} {method}: {d['tokens'] / d['wall']:.1f} tok/s, {len(d['failed'])} failed, "
                 f"{d['waited']} waited, at most {d['peak']} in flight")
     for method in cases:
@@ -563,48 +585,6 @@ def run_pressure(relay: Relay, questions: list[str], cfg: BenchConfig, log: Call
     base = out["single-large"]["tokens_per_s"]
     out["relay_over_single_large"] = round(out["relay"]["tokens_per_s"] / base, 3) if base else None
     return out
-
-
-def _pressure_round(relay: Relay, method: str, questions: list[str], cfg: BenchConfig) -> dict[str, Any]:
-    """One round of one case: every question at once from flushed caches; the results, the
-    failures (RelayGenError, as one line each), wall time, tokens, the runs the pool gate held
-    back, the most trajectories it let run at once (sampled every 50 ms) and the evicted copies
-    it heard of."""
-    results: list[RelayResult] = []
-    failed: list[str] = []
-    lock = threading.Lock()
-
-    def one(i: int, q: str) -> None:
-        try:
-            r = relay.run(q, settings=cfg.run(method, cfg.pressure_max_tokens, i))
-        except RelayGenError as e:
-            with lock:
-                failed.append(f"{type(e).__name__}: {e}")
-            return
-        with lock:
-            results.append(r)
-
-    for e in servers_of(relay):
-        e.flush_cache(timeout_s=30)
-    gate = relay.backend.pools
-    before, peak, over = gate.snapshot(), [0], threading.Event()
-
-    def watch() -> None:
-        while not over.wait(0.05):
-            peak[0] = max(peak[0], gate.snapshot()["running"])
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(questions)) as workers:
-        list(workers.map(lambda a: one(*a), enumerate(questions)))
-    wall = time.perf_counter() - t0
-    over.set()
-    watcher.join()
-    return {"results": results, "failed": failed, "wall": wall,
-            "tokens": sum(r.stats.large_tokens + r.stats.small_tokens for r in results),
-            "waited": gate.snapshot()["waited"] - before["waited"], "peak": peak[0],
-            "evicted": gate.snapshot()["evicted"] - before["evicted"]}
 
 
 def run_bench(cfg: BenchConfig, relay: Relay, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
