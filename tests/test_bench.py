@@ -237,7 +237,10 @@ def test_the_load_part_runs_the_relay_once_per_prefetch_mode_interleaved(fake):
     md = markdown(report_with(out))
     assert "| 2 | relay (prefetch off) | off |" in md and "| 1 | relay | auto |" in md
     assert (f"with prefetch auto over the same relays with prefetch off, interleaved in this run (concurrent): "
-            f"{out['1']['relay_auto_over_off']} (1), {out['2']['relay_auto_over_off']} (2)") in md
+            f"{out['1']['relay_auto_over_off']}; paired ") in md
+    pair = out["2"]["relay_auto_over_off_paired"]
+    assert (f"{out['2']['relay_auto_over_off']}; paired {pair['median']:.3f} ({pair['min']:.3f}-{pair['max']:.3f}), "
+            f"n {pair['n']} (2).") in md
 
 
 def report_with(load):
@@ -315,7 +318,11 @@ def test_the_load_part_pools_its_rounds_in_reversed_order(fake):
     pair = two["relay_over_single_large_paired"]
     assert pair["n"] == 2 and abs(pair["median"] - sum(ratios) / 2) < 0.01
     assert abs(pair["min"] - min(ratios)) < 0.01 and abs(pair["max"] - max(ratios)) < 0.01
-    assert out["1"]["relay_over_single_large_paired"]["n"] == 4
+    offs = [r / o for r, o in zip(two["relay"]["tokens_per_s_by_round"],
+                                  two["relay (prefetch off)"]["tokens_per_s_by_round"])]
+    auto_off = two["relay_auto_over_off_paired"]
+    assert auto_off["n"] == 2 and abs(auto_off["median"] - sum(offs) / 2) < 0.01
+    assert out["1"]["relay_over_single_large_paired"]["n"] == 4 == out["1"]["relay_auto_over_off_paired"]["n"]
     assert out["1"]["relay (prefetch off)"]["over_single_large_paired"]["n"] == 4
     for by in out.values():
         for name in ("relay", "relay (prefetch off)", "single-large"):

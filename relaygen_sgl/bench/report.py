@@ -224,8 +224,9 @@ def _throughput(load: dict[str, Any]) -> list[str]:
     for level, by in load.items():
         lines += _throughput_rows(level, by)
         for key, value in by.items():
-            if key.startswith("relay_") and "_over_" in key and not key.startswith("relay_over_single_large"):
-                compared.setdefault(key, []).append(f"{value} ({level})")
+            if (key.startswith("relay_") and "_over_" in key and not key.startswith("relay_over_single_large")
+                    and not key.endswith("_paired")):
+                compared.setdefault(key, []).append(f"{value}{_paired(by.get(key + '_paired'))} ({level})")
     for key, values in compared.items():
         first, other = key[len("relay_"):].split("_over_")
         lines += ["", f"Relay tokens/s with prefetch {first} over the same relays with prefetch {other}, "

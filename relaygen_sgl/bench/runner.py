@@ -421,6 +421,7 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
             other["over_single_large_paired"] = paired(load_variant(m), "single-large")
             by[f"relay_{modes[0]}_over_{m}"] = (round(by["relay"]["tokens_per_s"] / other["tokens_per_s"], 3)
                                                 if other["tokens_per_s"] else None)
+            by[f"relay_{modes[0]}_over_{m}_paired"] = paired("relay", load_variant(m))
         out[str(level)] = by
     return out
 
