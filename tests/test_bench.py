@@ -405,7 +405,7 @@ def test_quick_runs_every_part_on_fewer_samples_and_the_full_run_keeps_its_own()
         ("full", 3, 2, 512, (1, 2, 4, 16), 256, 12, 2, 8, ("auto", "off"))
     assert (quick.kind, quick.questions, quick.reps, quick.max_tokens, quick.load_levels, quick.load_max_tokens,
             quick.handoff_questions, quick.load_rounds, quick.floor_trials, quick.load_prefetch) == \
-        ("quick", 2, 2, 128, (1, 4, 16), 96, 6, 2, 4, ("auto",))
+        ("quick", 2, 2, 128, (1, 2, 4, 16), 96, 6, 2, 4, ("auto",))
     # every part keeps at least two samples to spread over
     assert quick.questions * quick.reps >= 2 and quick.handoff_questions >= 2 and quick.floor_trials >= 2
     assert quick.questions >= 2 and len(quick.load_levels) >= 2  # level 1: two trajectories at least

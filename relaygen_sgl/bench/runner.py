@@ -92,13 +92,13 @@ class BenchConfig:
         """Every part of the full run on fewer samples, each figure still a spread with its n (about
         10 min on cpu-tiny, 2 cores: docs/usage/bench.md): 2 questions x 2 reps at 128 tokens for
         speed and overhead; 6 questions x 2 variants of live handoffs at 128 tokens (shorter
-        relays hand off at a cue too rarely); 4 floor trials per gap; load at 1, 4 and 16
-        concurrent, 96 tokens, the relay (prefetch auto) and single-large in 2 rounds (at 4 and 16
-        one wave per round: from one pair of runs the ratio moves with the machine's drift; the
-        comparison with prefetch off is the full run's). No
-        pressure part unless asked for: on 2048-token pools it alone takes 12 min at 16 concurrent
+        relays hand off at a cue too rarely); 4 floor trials per gap; load at the full run's
+        levels (1, 2, 4, 16 concurrent), 96 tokens, the relay (prefetch auto) and single-large in
+        2 rounds (at 2, 4 and 16 one wave per round: from one pair of runs the ratio moves with the
+        machine's drift; the comparison with prefetch off is the full run's). No pressure part
+        unless asked for: on 2048-token pools it alone takes 12 min at 16 concurrent
         (docs/usage/bench.md), and on larger pools the level it would pick is past PRESSURE_MAX_LEVEL."""
-        return cls(preset=preset, questions=2, reps=2, max_tokens=128, load_levels=(1, 4, 16),
+        return cls(preset=preset, questions=2, reps=2, max_tokens=128, load_levels=(1, 2, 4, 16),
                    load_max_tokens=96, dataset="amc23", handoff_questions=6, load_rounds=2, floor_trials=4,
                    load_prefetch=(DEFAULT_PREFETCH,), pressure=0, kind="quick")
 

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="budget of the speed part's and the live handoffs' runs (default 512; quick: 128)")
     be.add_argument("--quick", action="store_true",
                     help="every part on fewer samples: 2 questions x 2 reps, 128 tokens, 6 live-handoff questions, "
-                         "4 floor trials, load at 1, 4, 16 in two rounds of 96 tokens (the relay with prefetch "
+                         "4 floor trials, load at 1, 2, 4, 16 in two rounds of 96 tokens (the relay with prefetch "
                          "auto and single-large), no pressure part unless --pressure (~10 min on cpu-tiny, 2 cores); "
                          "without it the full run, for published numbers")
     be.add_argument("--load-prefetch", type=_prefetch_modes, default=None, metavar="MODES",
