@@ -613,8 +613,14 @@ def test_a_load_run_that_fails_is_counted_and_shown_not_raised(fake):
     relay_run = out["2"]["relay"]  # the wave's order starts with the relay
     assert relay_run["failed"] == 1 and len(relay_run["failures"]) == 1 and out["2"]["single-large"]["failed"] == 0
     assert relay_run["latency_s"]["n"] == 1 and out["2"]["single-large"]["latency_s"]["n"] == 2
-    rows = [line for line in markdown(report_with(out)).splitlines() if line.startswith("| 2 |")]
+    md = markdown(report_with(out))
+    rows = [line for line in md.splitlines() if line.startswith("| 2 |")]
     assert "| 2 (1), 1 failed |" in rows[0] and "failed" not in rows[-1]
+    assert f"First failures (concurrent 2, relay): {relay_run['failures'][0]}" in md
+    # the one wave had a failed relay run: its ratio would measure the failure, so no paired ratio
+    pair = out["2"]["relay_over_single_large_paired"]
+    assert pair["n"] == 0 and pair["skipped"] == 1
+    assert "; paired: none (1 wave with a failed run left out)" in rows[0]
 
 
 def test_the_bench_flags_reach_the_config_and_a_bad_level_is_one_line(monkeypatch, tmp_path, capsys):

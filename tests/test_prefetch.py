@@ -268,6 +268,7 @@ def test_the_spacing_per_mode_and_the_preset_data():
     preset_defaults = {f.name: f.default for f in dataclasses.fields(Preset) if f.name.startswith("prefetch_")}
     keys = ("every", "auto_every", "max_load", "max_load_speculative", "closing_lead")
     assert {f"prefetch_{k}": getattr(PrefetchRule(), k) for k in keys} == preset_defaults
+    assert [getattr(PrefetchRule(), k) for k in keys] == [1, None, 0, -1, 16]
     assert PrefetchRule.of(None) == PrefetchRule()
     # the mode is its string throughout: a bool or another word is refused where settings are made
     for bad in ("sometimes", True, False):

@@ -214,7 +214,8 @@ def _throughput(load: dict[str, Any]) -> list[str]:
              "The cases run wave by wave in turn (a wave: the level's trajectories at once), the order reversed "
              "each wave. tokens/s pooled over each case's waves (all tokens over all wall time; each round's in "
              "brackets); p50 and p95 latency over every trajectory; n: trajectories (rounds) behind both, and "
-             "the runs that failed (raised; their tokens are not counted, their wall time is). "
+             "the runs that failed (raised; their tokens are not counted, their wall time is; the paired ratios "
+             "leave out the waves where a run of either case failed). "
              "relay / single-large: pooled; paired: the ratio of the same wave's two runs, which ran back to "
              "back, median (min-max) over the waves.", "",
              "| concurrent | method | prefetch | n | tokens/s | p50 latency (s) | p95 latency (s) | "
@@ -227,6 +228,9 @@ def _throughput(load: dict[str, Any]) -> list[str]:
             if (key.startswith("relay_") and "_over_" in key and not key.startswith("relay_over_single_large")
                     and not key.endswith("_paired")):
                 compared.setdefault(key, []).append(f"{value}{_paired(by.get(key + '_paired'))} ({level})")
+    failures = [f"First failures (concurrent {level}, {name}): " + "; ".join(d["failures"])
+                for level, by in load.items() for name, d in by.items() if isinstance(d, dict) and d.get("failures")]
+    lines += [x for f in failures for x in ("", f)]
     for key, values in compared.items():
         first, other = key[len("relay_"):].split("_over_")
         lines += ["", f"Relay tokens/s with prefetch {first} over the same relays with prefetch {other}, "
@@ -253,10 +257,12 @@ def _throughput_rows(level: str, by: dict[str, Any]) -> list[str]:
 
 
 def _paired(pair: dict[str, float] | None) -> str:
-    """The paired ratios of a load row (median (min-max), n waves), after its pooled ratio."""
+    """The paired ratios of a load row (median (min-max), n waves), after its pooled ratio; the
+    waves left out for a failed run, where there were any."""
+    skipped = f" ({_count(pair['skipped'], 'wave')} with a failed run left out)" if pair and pair.get("skipped") else ""
     if not pair or not pair.get("n"):
-        return ""
-    return f"; paired {pair['median']:.3f} ({pair['min']:.3f}-{pair['max']:.3f}), n {pair['n']}"
+        return f"; paired: none{skipped}" if skipped else ""
+    return f"; paired {pair['median']:.3f} ({pair['min']:.3f}-{pair['max']:.3f}), n {pair['n']}{skipped}"
 
 
 def _pressure(p: dict[str, Any] | None) -> list[str]:

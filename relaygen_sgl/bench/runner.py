@@ -408,9 +408,13 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
                         "failed": len(failed), "failures": failed[:5]}
 
         def paired(a: str, b: str) -> dict[str, float]:
-            """The ratios of a's and b's tokens/s on the same wave of the same round."""
-            return spread([x["tokens"] / x["wall"] / (y["tokens"] / y["wall"])
-                           for ra, rb in zip(done[a], done[b]) for x, y in zip(ra, rb) if y["tokens"]])
+            """The ratios of a's and b's tokens/s on the same wave of the same round, over the waves
+            where no run of either failed (a failed run adds wall time and no tokens: its wave's
+            ratio would measure the failure); `skipped`: the waves left out."""
+            pairs = [(x, y) for ra, rb in zip(done[a], done[b]) for x, y in zip(ra, rb)]
+            kept = [(x, y) for x, y in pairs if not x["failed"] and not y["failed"] and y["tokens"]]
+            return {**spread([x["tokens"] / x["wall"] / (y["tokens"] / y["wall"]) for x, y in kept]),
+                    "skipped": len(pairs) - len(kept)}
 
         base = by["single-large"]["tokens_per_s"]
         by["relay_over_single_large"] = round(by["relay"]["tokens_per_s"] / base, 3) if base else None
@@ -426,12 +430,13 @@ def run_load(relay: Relay, questions: list[str], cfg: BenchConfig, log: Callable
     return out
 
 
-def _wave(relay: Relay, runs: list[tuple[str, RunSettings]]) -> dict[str, Any]:
+def _wave(relay: Relay, runs: list[tuple[str, RunSettings]], watch: bool = False) -> dict[str, Any]:
     """Runs of the load and pressure parts: all at once, from flushed caches. Returns the results,
     the failures (RelayGenError, one line each: counted, not raised, so one run lost does not lose
     the part), wall time, tokens, the prefetch requests sent meanwhile, the runs the pool gate held
-    back, the most trajectories it let run at once (sampled every 50 ms) and the evicted copies it
-    heard of."""
+    back and the evicted copies it heard of; with `watch` (the pressure part), also the most
+    trajectories it let run at once, sampled every 50 ms (a thread the load part does without:
+    on 2 cores it would take time from the runs it measures)."""
     results: list[RelayResult] = []
     failed: list[str] = []
     lock = threading.Lock()
@@ -451,18 +456,22 @@ def _wave(relay: Relay, runs: list[tuple[str, RunSettings]]) -> dict[str, Any]:
     gate, prefetching = relay.backend.pools, relay.backend.prefetching
     before, sent, peak, over = gate.snapshot(), prefetching.snapshot()["sent"], [0], threading.Event()
 
-    def watch() -> None:
+    def sample() -> None:
         while not over.wait(0.05):
             peak[0] = max(peak[0], gate.snapshot()["running"])
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    watcher = threading.Thread(target=sample, daemon=True)
+    if watch:
+        watcher.start()
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(runs)) as workers:
-        list(workers.map(lambda a: one(*a), runs))
+    try:
+        with ThreadPoolExecutor(max_workers=len(runs)) as workers:
+            list(workers.map(lambda a: one(*a), runs))
+    finally:  # an error that is not the engine's ends the part, and the sampling with it
+        over.set()
+        if watch:
+            watcher.join()
     wall = time.perf_counter() - t0
-    over.set()
-    watcher.join()
     after = gate.snapshot()
     return {"results": results, "failed": failed, "wall": wall,
             "tokens": sum(r.stats.large_tokens + r.stats.small_tokens for r in results),
@@ -558,7 +567,7 @@ def run_pressure(relay: Relay, questions: list[str], cfg: BenchConfig, log: Call
     done: dict[str, list[dict[str, Any]]] = {method: [] for method in cases}
     for rnd in range(cfg.pressure_rounds):
         for method in cases if rnd % 2 == 0 else cases[::-1]:
-            d = _wave(relay, [(q, cfg.run(method, cfg.pressure_max_tokens, i)) for i, q in enumerate(qs)])
+            d = _wave(relay, [(q, cfg.run(method, cfg.pressure_max_tokens, i)) for i, q in enumerate(qs)], watch=True)
             done[method].append(d)
             log(f"pressure {level} {method}: {d['tokens'] / d['wall']:.1f} tok/s, {len(d['failed'])} failed, "
                 f"{d['waited']} waited, at most {d['peak']} in flight")
