@@ -222,15 +222,16 @@ def _throughput(load: dict[str, Any]) -> list[str]:
              "prefetch requests | relay / single-large |",
              "|---|---|---|---|---|---|---|---|---|"]
     compared: dict[str, list[str]] = {}  # "relay_auto_over_off" -> "0.99 (1)", ...
+    failures: list[str] = []
     for level, by in load.items():
         lines += _throughput_rows(level, by)
         for key, value in by.items():
             if (key.startswith("relay_") and "_over_" in key and not key.startswith("relay_over_single_large")
                     and not key.endswith("_paired")):
                 compared.setdefault(key, []).append(f"{value}{_paired(by.get(key + '_paired'))} ({level})")
-    failures = [f"First failures (concurrent {level}, {name}): " + "; ".join(d["failures"])
-                for level, by in load.items() for name, d in by.items() if isinstance(d, dict) and d.get("failures")]
-    lines += [x for f in failures for x in ("", f)]
+            if isinstance(value, dict) and value.get("failures"):
+                failures += ["", f"First failures (concurrent {level}, {key}): " + "; ".join(value["failures"])]
+    lines += failures
     for key, values in compared.items():
         first, other = key[len("relay_"):].split("_over_")
         lines += ["", f"Relay tokens/s with prefetch {first} over the same relays with prefetch {other}, "

@@ -460,8 +460,8 @@ def _wave(relay: Relay, runs: list[tuple[str, RunSettings]], watch: bool = False
         while not over.wait(0.05):
             peak[0] = max(peak[0], gate.snapshot()["running"])
 
-    watcher = threading.Thread(target=sample, daemon=True)
-    if watch:
+    watcher = threading.Thread(target=sample, daemon=True) if watch else None
+    if watcher:
         watcher.start()
     t0 = time.perf_counter()
     try:
@@ -469,7 +469,7 @@ def _wave(relay: Relay, runs: list[tuple[str, RunSettings]], watch: bool = False
             list(workers.map(lambda a: one(*a), runs))
     finally:  # an error that is not the engine's ends the part, and the sampling with it
         over.set()
-        if watch:
+        if watcher:
             watcher.join()
     wall = time.perf_counter() - t0
     after = gate.snapshot()

@@ -288,7 +288,7 @@ def _role(preset: str, role: str, raw: Any) -> RoleSpec:
         raise ConfigError(f"preset {preset}.{role}: env sets {CVD}; give `gpus = N` (GPUs per server) instead: "
                           f"devices are allocated at `relaygen up`, within the user's own {CVD}")
     gpus = raw.get("gpus", 0)
-    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
+    if not _integer_from(gpus, 0):
         raise ConfigError(f"preset {preset}.{role}: gpus must be an integer >= 0")
     if gpus and gpus != parallel_size(args):
         raise ConfigError(f"preset {preset}.{role}: gpus = {gpus} but its args use {parallel_size(args)} "
@@ -302,6 +302,11 @@ def _role(preset: str, role: str, raw: Any) -> RoleSpec:
 
 def _positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _integer_from(value: Any, lo: int) -> bool:
+    """An integer (TOML's; a bool is not one) of at least `lo`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
 
 
 def _check_shared(name: str, roles: dict[str, RoleSpec], device: str, reserve: Any) -> None:
@@ -345,17 +350,17 @@ def load_preset(name: str) -> Preset:
         if role.local_model and role.local_model not in raw.get("local_models", {}):
             raise ConfigError(f"preset {name}: unknown local model {role.local_model!r}")
     every = spec.get("prefetch_every", preset_default("prefetch_every"))
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+    if not _integer_from(every, 1):
         raise ConfigError(f"preset {name}: prefetch_every must be an integer >= 1")
     auto_every = spec.get("prefetch_auto_every")
-    if auto_every is not None and (not isinstance(auto_every, int) or isinstance(auto_every, bool) or auto_every < 0):
+    if auto_every is not None and not _integer_from(auto_every, 0):
         raise ConfigError(f"preset {name}: prefetch_auto_every must be an integer >= 0")
     lead = spec.get("prefetch_closing_lead", preset_default("prefetch_closing_lead"))
-    if not isinstance(lead, int) or isinstance(lead, bool) or lead < 1:  # 0 would never send it
+    if not _integer_from(lead, 1):  # 0 would never send it
         raise ConfigError(f"preset {name}: prefetch_closing_lead must be an integer >= 1")
     loads = {key: spec.get(key, preset_default(key)) for key in ("prefetch_max_load", "prefetch_max_load_speculative")}
     for key, value in loads.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        if not _integer_from(value, -1):
             raise ConfigError(f"preset {name}: {key} must be an integer >= -1 (-1: auto never prefetches)")
     share = spec.get("share_device", False)
     if not isinstance(share, bool):
